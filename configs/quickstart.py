@@ -1,0 +1,31 @@
+"""Raw text to a fine-tuned model on CPU in a few minutes.
+
+  python launch.py --config=configs/quickstart.py --workdir=/tmp/sft-quickstart
+
+Data: the signatures and docstrings of this Python's standard library, read from its source files.
+A short next-token pretraining phase on that raw text, then SFT on questions about the APIs
+("What does `json.dumps` do?", "Which module defines `dumps`?", "What is the signature of ...?"),
+with the loss on answer tokens only. Held-out APIs measure response loss and exact match.
+Run it again with the same --workdir to resume from the last checkpoint.
+"""
+
+from sft.config import base_config
+
+
+def get_config():
+  c = base_config()
+  # A 2M-parameter model: about half a second per step on two CPU cores.
+  c.model.d_model = 192
+  c.model.num_layers = 4
+  c.model.num_heads = 3
+  c.model.num_kv_heads = 1
+  c.model.head_dim = 64
+  c.model.mlp_dim = 512
+  c.train.seq_len = 128
+  c.train.batch_size = 16
+  c.train.pretrain_steps = 100
+  c.train.sft_steps = 300
+  c.train.lr = 3e-3
+  c.eval.every_steps = 100
+  c.checkpoint.every_steps = 100
+  return c

@@ -1,0 +1,87 @@
+"""Every key a run reads, with its default. Experiment files under `configs/` start from here.
+
+Configs are locked by the launcher, so a mistyped `--config.train.stpes=5` fails instead of being
+ignored, and ConfigDict refuses values of the wrong type.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # parameter init and data order
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "stdlib"  # the embedded default: API questions from the Python standard library
+  c.data.eval_fraction = 0.05  # share of APIs held out (by a hash of their name)
+  c.data.salt = ""  # changes which APIs are held out, deterministically
+
+  c.tokenizer = ml_collections.ConfigDict()
+  c.tokenizer.vocab_size = 2048  # SentencePiece vocabulary trained on the raw text, saved in the workdir
+
+  c.model = ml_collections.ConfigDict()
+  c.model.d_model = 256
+  c.model.num_layers = 4
+  c.model.num_heads = 4
+  c.model.num_kv_heads = 2  # grouped-query attention: num_heads / num_kv_heads query heads share a kv head
+  c.model.head_dim = 64
+  c.model.mlp_dim = 768
+  c.model.rope_theta = 10_000.0
+  c.model.norm_eps = 1e-6
+  c.model.tie_embeddings = True  # the output layer reuses the token embedding
+  c.model.dtype = "float32"  # activations; "bfloat16" on TPUs and GPUs
+  c.model.param_dtype = "float32"
+  c.model.remat = False  # recompute activations in the backward pass to save memory
+
+  c.train = ml_collections.ConfigDict()
+  c.train.seq_len = 256  # tokens per packed row
+  c.train.batch_size = 16  # rows per step, over all processes
+  c.train.pretrain_steps = 0  # next-token steps on the raw text before SFT (0: SFT alone)
+  c.train.sft_steps = 200  # steps on chat records, loss on assistant tokens only
+  c.train.lr = 1e-3  # peak learning rate of each phase
+  c.train.warmup_steps = 20  # linear warmup at the start of each phase
+  c.train.final_lr_fraction = 0.1  # cosine decay ends at lr * this
+  c.train.b1 = 0.9
+  c.train.b2 = 0.95
+  c.train.eps = 1e-8
+  c.train.weight_decay = 0.1  # AdamW, not applied to norm scales
+  c.train.grad_clip_norm = 1.0  # global-norm clipping
+  c.train.log_every = 10  # steps between metric lines (each one waits for the device)
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every_steps = 100  # also at the start and at the end
+  c.eval.batch_size = 16  # rows per eval step, over all processes
+  c.eval.num_generations = 64  # held-out prompts answered greedily for exact match
+  c.eval.max_new_tokens = 48
+  c.eval.num_samples_to_print = 5
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_steps = 100  # and always at the end
+  c.checkpoint.max_to_keep = 2
+
+  # Devices are arranged as (data, fsdp, tensor); -1 takes all devices left over.
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+
+  # Logical axis name -> mesh axes. Changing the parallelism is an edit here, never in the model.
+  c.sharding_rules = [
+      ("batch", ("data", "fsdp")),
+      ("embed", "fsdp"),
+      ("heads", "tensor"),
+      ("kv_heads", "tensor"),
+      ("mlp", "tensor"),
+      ("vocab", "tensor"),
+      ("length", None),
+      ("head_dim", None),
+      ("layers", None),
+  ]
+  return c
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work, with the reason and the key to change. The launcher prints it
+  without a traceback."""

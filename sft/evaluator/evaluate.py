@@ -1,0 +1,108 @@
+"""Held-out evaluation: response loss, perplexity and token accuracy; exact match of greedy answers."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from sft import pipeline
+from sft.evaluator.generate import make_greedy_generate, pad_prompts, strip_generation
+from sft.evaluator.metrics import exact_match, mean_token_f1
+from sft.model import Transformer
+from sft.pipeline.tokenizer import PAD_ID, Tokenizer
+from sft.trainer.sharding import global_batch
+
+
+@dataclasses.dataclass
+class Sample:
+  prompt: str
+  reference: str
+  prediction: str
+
+
+class Evaluator:
+  """Built once per run: the eval batches and generation prompts are fixed, so every eval compares alike."""
+
+  def __init__(
+      self,
+      records: Sequence[dict[str, Any]],
+      *,
+      tokenizer: Tokenizer,
+      model: Transformer,
+      eval_step: Callable,
+      batch_sharding,
+      seq_len: int,
+      batch_size: int,
+      num_generations: int,
+      max_new_tokens: int,
+  ):
+    if not records:
+      raise ValueError("the eval split is empty: there is nothing to evaluate on")
+    process_count = jax.process_count()
+    local = pipeline.eval_batches(
+        records,
+        tokenizer=tokenizer,
+        seq_len=seq_len,
+        batch_size=batch_size // process_count,
+        process_index=jax.process_index(),
+        process_count=process_count,
+    )
+    # Every process must run the same number of steps: pad the short ones with empty batches.
+    most = int(np.max(multihost_utils.process_allgather(np.int32(len(local))))) if process_count > 1 else len(local)
+    local += [pipeline.empty_batch(batch_size // process_count, seq_len)] * (most - len(local))
+    self._batches = local
+    self._batch_sharding = batch_sharding
+    self._eval_step = eval_step
+    self._tokenizer = tokenizer
+
+    # An even spread over the eval set (records come grouped by module), the same at every eval.
+    stride = max(len(records) // max(num_generations, 1), 1)
+    chosen = list(records[::stride])[:num_generations]
+    rendered = [pipeline.render_prompt(r["messages"], tokenizer) for r in chosen]
+    self._prompts = [p for p, _ in rendered]
+    self._references = [ref for _, ref in rendered]
+    self._generate = make_greedy_generate(
+        model, max_new_tokens=max_new_tokens, stop_id=tokenizer.end_id, pad_id=PAD_ID
+    )
+
+  @property
+  def num_batches(self) -> int:
+    return len(self._batches)
+
+  def loss_metrics(self, params) -> dict[str, float]:
+    totals = None
+    for batch in self._batches:
+      sums = self._eval_step(params, global_batch(batch, self._batch_sharding))
+      totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
+    totals = jax.device_get(totals)
+    n = max(float(totals["loss_tokens"]), 1.0)
+    loss = float(totals["nll_sum"]) / n
+    return {
+        "eval/loss": loss,
+        "eval/perplexity": math.exp(min(loss, 50.0)),
+        "eval/accuracy": float(totals["correct_sum"]) / n,
+        "eval/loss_tokens": float(totals["loss_tokens"]),
+    }
+
+  def generation_metrics(self, params) -> tuple[dict[str, float], list[Sample]]:
+    if not self._prompts:
+      return {}, []
+    tokens_bp, lengths_b = pad_prompts(self._prompts, PAD_ID)
+    generated_bn = np.asarray(jax.device_get(self._generate(params, tokens_bp, lengths_b)))
+    predictions = [
+        self._tokenizer.decode(strip_generation(row, self._tokenizer.end_id, PAD_ID)) for row in generated_bn
+    ]
+    samples = [
+        Sample(self._tokenizer.decode(p[1:]), ref, pred)
+        for p, ref, pred in zip(self._prompts, self._references, predictions)
+    ]
+    metrics = {
+        "eval/exact_match": exact_match(predictions, self._references),
+        "eval/token_f1": mean_token_f1(predictions, self._references),
+    }
+    return metrics, samples

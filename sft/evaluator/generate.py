@@ -1,0 +1,88 @@
+"""Greedy generation with a KV cache, as one jitted loop (no host round-trip per token).
+
+Prompts are right-padded to (B, P). Prefill runs the model once over the prompts and fills the cache;
+each row's first answer token comes from the logits at its last real prompt token. Every later step
+feeds one token per row, written at cache slot `prompt_length + i`: slots a row has not written yet
+(its padding included) are overwritten before any query can see them.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sft.config import ConfigError
+from sft.model import Transformer
+from sft.model.transformer import init_cache
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+  """Right-pads token lists: ([[5, 6], [7]], pad 0) -> ([[5, 6], [7, 0]], [2, 1])."""
+  if not prompts or any(len(p) == 0 for p in prompts):
+    raise ValueError("every prompt needs at least one token")
+  lengths = np.asarray([len(p) for p in prompts], np.int32)
+  tokens = np.full((len(prompts), int(lengths.max())), pad_id, np.int32)
+  for row, prompt in enumerate(prompts):
+    tokens[row, : len(prompt)] = prompt
+  return tokens, lengths
+
+
+def greedy_generate(
+    params,
+    prompt_tokens_bp: jax.Array,
+    prompt_lengths_b: jax.Array,
+    *,
+    model: Transformer,
+    max_new_tokens: int,
+    stop_id: int,
+    pad_id: int,
+) -> jax.Array:
+  """Returns (B, max_new_tokens) generated ids: the stop token included, `pad_id` after it."""
+  batch, prompt_len = prompt_tokens_bp.shape
+  cache = init_cache(model.cfg, batch, prompt_len + max_new_tokens)
+  positions_bp = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32), (batch, prompt_len))
+  logits_bpv, cache = model.apply(
+      {"params": params}, prompt_tokens_bp, positions_bp, cache=cache, cache_index_b=jnp.zeros((batch,), jnp.int32)
+  )
+  first_b = jnp.argmax(logits_bpv[jnp.arange(batch), prompt_lengths_b - 1], axis=-1).astype(jnp.int32)
+  out_bn = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first_b)
+
+  def cond(carry):
+    i, _, _, done_b, _ = carry
+    return (i < max_new_tokens) & ~jnp.all(done_b)
+
+  def body(carry):
+    i, last_b, out_bn, done_b, cache = carry
+    slot_b = prompt_lengths_b + i - 1  # where `last_b`, the answer token i - 1, goes
+    logits_b1v, cache = model.apply(
+        {"params": params}, last_b[:, None], slot_b[:, None], cache=cache, cache_index_b=slot_b
+    )
+    next_b = jnp.where(done_b, pad_id, jnp.argmax(logits_b1v[:, 0], axis=-1).astype(jnp.int32))
+    return i + 1, next_b, out_bn.at[:, i].set(next_b), done_b | (next_b == stop_id), cache
+
+  init = (jnp.int32(1), first_b, out_bn, first_b == stop_id, cache)
+  return jax.lax.while_loop(cond, body, init)[2]
+
+
+def make_greedy_generate(model: Transformer, *, max_new_tokens: int, stop_id: int, pad_id: int) -> Callable:
+  """`fn(params, prompt_tokens_bp, prompt_lengths_b) -> (B, max_new_tokens)`, compiled once per prompt shape."""
+  if max_new_tokens < 1:
+    raise ConfigError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+  return jax.jit(
+      functools.partial(greedy_generate, model=model, max_new_tokens=max_new_tokens, stop_id=stop_id, pad_id=pad_id)
+  )
+
+
+def strip_generation(ids: Sequence[int], stop_id: int, pad_id: int) -> list[int]:
+  """Generated ids up to (not including) the stop token, without padding."""
+  out = []
+  for token in ids:
+    if token == stop_id:
+      break
+    if token != pad_id:
+      out.append(int(token))
+  return out

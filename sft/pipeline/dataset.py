@@ -1,0 +1,92 @@
+"""grain pipelines: records -> packed, batched, per-process token arrays.
+
+Train:  source -> this process's shard -> shuffle -> repeat -> tokenize + shift -> first-fit packing
+        -> batch. Deterministic for a seed; its iterator state is checkpointed with the model.
+Eval:   the same without shuffle or repeat, the last batch padded, so one pass sees every example once.
+
+Batches are dicts of int32 arrays of shape (batch_size, seq_len): inputs, targets, loss_mask,
+segment_ids (0 is padding) and positions (restarting at 0 for every packed example).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import grain
+import numpy as np
+
+from sft.pipeline.tokenizer import Tokenizer
+from sft.pipeline.transforms import TokenizeAndShift, tokenize_record, unpack_features
+
+PACKED_FEATURES = ("inputs", "targets", "loss_mask")
+BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
+
+
+def _shard(ds: grain.MapDataset, process_index: int, process_count: int) -> grain.MapDataset:
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
+  return ds[process_index::process_count]
+
+
+def _packed(it: grain.IterDataset, *, seq_len: int, batch_size: int, seed: int, shuffle: bool) -> grain.IterDataset:
+  return grain.experimental.FirstFitPackIterDataset(
+      it,
+      length_struct={name: seq_len for name in PACKED_FEATURES},
+      num_packing_bins=batch_size,
+      shuffle_bins=shuffle,
+      seed=seed,
+  )
+
+
+def train_dataset(
+    records: Sequence[dict[str, Any]],
+    *,
+    tokenizer: Tokenizer,
+    seq_len: int,
+    batch_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> grain.IterDataset:
+  """Endless packed batches of this process's share of `records` (batch_size rows per process)."""
+  if len(records) < process_count:
+    raise ValueError(f"{len(records)} records cannot be shared among {process_count} processes")
+  ds = _shard(grain.MapDataset.source(records), process_index, process_count)
+  # shuffle-then-repeat draws a fresh permutation every epoch.
+  ds = ds.shuffle(seed=seed).repeat(None).map(TokenizeAndShift(tokenizer=tokenizer, max_len=seq_len))
+  it = _packed(ds.to_iter_dataset(), seq_len=seq_len, batch_size=batch_size, seed=seed, shuffle=True)
+  return it.batch(batch_size, drop_remainder=True).map(unpack_features)
+
+
+def pad_batch(batch: dict[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
+  """Adds all-padding rows (segment 0, loss mask 0) up to `batch_size` rows."""
+  missing = batch_size - batch["inputs"].shape[0]
+  if missing < 0:
+    raise ValueError(f"batch has {batch['inputs'].shape[0]} rows, more than {batch_size}")
+  return {k: np.concatenate([v, np.zeros((missing, *v.shape[1:]), v.dtype)]) for k, v in batch.items()}
+
+
+def empty_batch(batch_size: int, seq_len: int) -> dict[str, np.ndarray]:
+  return {k: np.zeros((batch_size, seq_len), np.int32) for k in BATCH_KEYS}
+
+
+def eval_batches(
+    records: Sequence[dict[str, Any]],
+    *,
+    tokenizer: Tokenizer,
+    seq_len: int,
+    batch_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> list[dict[str, np.ndarray]]:
+  """One pass over this process's share of `records`, packed, every batch `batch_size` rows."""
+  ds = _shard(grain.MapDataset.source(records), process_index, process_count)
+  ds = ds.map(TokenizeAndShift(tokenizer=tokenizer, max_len=seq_len))
+  it = _packed(ds.to_iter_dataset(), seq_len=seq_len, batch_size=batch_size, seed=0, shuffle=False)
+  it = it.batch(batch_size, drop_remainder=False).map(unpack_features)
+  return [pad_batch(b, batch_size) for b in it]
+
+
+def count_truncated(records: Sequence[dict[str, Any]], tokenizer: Tokenizer, seq_len: int) -> int:
+  """How many records are longer than `seq_len` next-token pairs (their tails are cut)."""
+  return sum(len(tokenize_record(r, tokenizer)[0]) > seq_len + 1 for r in records)

@@ -1,0 +1,82 @@
+"""Device mesh from the config, logical-axis rules, and placement of batches on the mesh."""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import AxisType, Mesh, NamedSharding
+
+from sft.config import ConfigError
+from sft.model import axes
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A mesh with axes (data, fsdp, tensor). One size may be -1: it takes the devices left over."""
+  unknown = set(shape) - set(MESH_AXES)
+  if unknown:
+    raise ConfigError(f"mesh has unknown axes {sorted(unknown)}; the axes are {MESH_AXES}")
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = [int(shape.get(name, 1)) for name in MESH_AXES]
+  if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+    raise ConfigError(f"mesh sizes must be positive, with at most one -1; got {dict(zip(MESH_AXES, sizes))}")
+  if -1 in sizes:
+    known = math.prod(s for s in sizes if s != -1)
+    if len(devices) % known:
+      raise ConfigError(f"{len(devices)} devices do not divide into a mesh with fixed sizes {dict(zip(MESH_AXES, sizes))}")
+    sizes[sizes.index(-1)] = len(devices) // known
+  if math.prod(sizes) != len(devices):
+    raise ConfigError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, there are {len(devices)}")
+  if devices == list(jax.devices()):
+    # Lays the mesh out along the physical interconnect (matters on TPU slices and GPU hosts).
+    device_grid = mesh_utils.create_device_mesh(sizes, devices)
+  else:
+    device_grid = np.asarray(devices).reshape(sizes)
+  return Mesh(device_grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def logical_rules(rules: Sequence[Sequence], mesh: Mesh) -> tuple[tuple[str, str | tuple[str, ...] | None], ...]:
+  """Checks a config's rules table: known logical names, known mesh axes, no name twice."""
+  checked = []
+  for rule in rules:
+    if len(rule) != 2:
+      raise ConfigError(f"a sharding rule is (logical_name, mesh_axes); got {rule!r}")
+    name, target = rule[0], rule[1]
+    if name not in axes.ALL:
+      raise ConfigError(f"sharding rule for unknown logical axis {name!r}; known: {axes.ALL}")
+    targets = () if target is None else (target,) if isinstance(target, str) else tuple(target)
+    for t in targets:
+      if t not in mesh.axis_names:
+        raise ConfigError(f"sharding rule {name!r} -> {t!r}: no such mesh axis in {mesh.axis_names}")
+    checked.append((name, None if not targets else targets[0] if len(targets) == 1 else targets))
+  names = [n for n, _ in checked]
+  if len(set(names)) != len(names):
+    raise ConfigError(f"a logical axis appears twice in the sharding rules: {names}")
+  return tuple(checked)
+
+
+def logical_sharding(logical_axes: tuple[str | None, ...], mesh: Mesh, rules) -> NamedSharding:
+  return NamedSharding(mesh, nn.logical_to_mesh_axes(logical_axes, rules))
+
+
+def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
+  return logical_sharding((axes.BATCH, axes.LENGTH), mesh, rules)
+
+
+def batch_shards(mesh: Mesh, rules) -> int:
+  """Into how many pieces the batch dimension is split (the global batch must divide by it)."""
+  spec = batch_sharding(mesh, rules).spec
+  first = spec[0] if len(spec) else None
+  names = () if first is None else (first,) if isinstance(first, str) else first
+  return math.prod(mesh.shape[n] for n in names)
+
+
+def global_batch(local_batch: Mapping[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+  """Stitches every process's rows into one global array per key, sharded over the batch axes."""
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}

@@ -1,0 +1,48 @@
+"""Shared fixtures: a small real SentencePiece tokenizer and a tiny model config."""
+
+import os
+import sys
+
+import pytest
+
+# Tests import `sft` and `configs` from the checkout, whatever the working directory.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+from sft.databuilder import api_records, pretrain_texts, read_module  # noqa: E402
+from sft.model import ModelConfig  # noqa: E402
+from sft.pipeline import train_tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def stdlib_sample():
+  """ApiDocs of a few standard-library modules, read from their source."""
+  import inspect
+  import json.decoder
+  import json.encoder
+  import shlex
+  import string
+  import textwrap
+
+  docs = []
+  for module in (json.decoder, json.encoder, shlex, string, textwrap):
+    docs += read_module(inspect.getsource(module), module.__name__)
+  return docs
+
+
+@pytest.fixture(scope="session")
+def tokenizer(stdlib_sample):
+  records, _ = api_records(stdlib_sample)
+  texts = [r["text"] for r in pretrain_texts(stdlib_sample)] + [m["content"] for r in records for m in r["messages"]]
+  return train_tokenizer(texts, vocab_size=512)
+
+
+@pytest.fixture(scope="session")
+def chat_records(stdlib_sample):
+  return api_records(stdlib_sample)[0]
+
+
+@pytest.fixture
+def tiny_model_config():
+  return ModelConfig(vocab_size=512, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64)

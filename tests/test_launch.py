@@ -1,0 +1,65 @@
+"""The launcher end to end on a shrunken quickstart: runs, writes metrics, resumes, rejects bad keys."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = [
+    "--config.tokenizer.vocab_size=512",
+    "--config.model.d_model=32",
+    "--config.model.num_layers=1",
+    "--config.model.num_heads=2",
+    "--config.model.num_kv_heads=1",
+    "--config.model.head_dim=16",
+    "--config.model.mlp_dim=64",
+    "--config.train.seq_len=64",
+    "--config.train.batch_size=4",
+    "--config.train.pretrain_steps=2",
+    "--config.train.log_every=2",
+    "--config.eval.every_steps=4",
+    "--config.eval.batch_size=8",
+    "--config.eval.num_generations=4",
+    "--config.eval.max_new_tokens=4",
+    "--config.checkpoint.every_steps=2",
+    "--config.data.eval_fraction=0.01",
+]
+
+
+def launch(workdir, *overrides):
+  cmd = [sys.executable, "launch.py", "--config=configs/quickstart.py", f"--workdir={workdir}", *TINY, *overrides]
+  return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+
+
+def test_quickstart_runs_then_resumes(tmp_path):
+  first = launch(tmp_path, "--config.train.sft_steps=4")
+  assert first.returncode == 0, first.stderr[-3000:]
+  assert "parameters" in first.stdout and "mesh" in first.stdout and "done in" in first.stdout
+  rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows] == [0, 2, 4, 6]
+  assert rows[1]["phase"] == "pretrain" and rows[2]["phase"] == "sft"
+  assert all(k in rows[-1] for k in ("train/loss", "train/tokens_per_s", "eval/loss", "eval/exact_match"))
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["4", "6"]
+  for name in ("tokenizer.model", "data/train.jsonl", "data/eval.jsonl", "data/summary.json"):
+    assert (tmp_path / name).exists(), name
+
+  second = launch(tmp_path, "--config.train.sft_steps=6")
+  assert second.returncode == 0, second.stderr[-3000:]
+  assert "resumed" in second.stdout and "at step 6" in second.stdout
+  assert "tokenizer: loaded" in second.stdout
+  rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows] == [0, 2, 4, 6, 8]
+
+
+def test_mistyped_config_key_fails_clearly(tmp_path):
+  result = launch(tmp_path, "--config.train.stpes=5")
+  assert result.returncode != 0
+  assert "stpes" in result.stderr
+  assert not (tmp_path / "checkpoints").exists()
+
+
+def test_wrong_type_fails_clearly(tmp_path):
+  result = launch(tmp_path, "--config.train.batch_size=four")
+  assert result.returncode != 0
+  assert "batch_size" in result.stderr
