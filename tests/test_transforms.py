@@ -129,3 +129,10 @@ def test_tokenizer_rejects_a_model_without_control_tokens(tmp_path):
   )
   with pytest.raises(ValueError, match="control tokens"):
     Tokenizer(model.getvalue())
+
+
+def test_a_corrupt_tokenizer_file_is_a_clear_error(tmp_path):
+  path = tmp_path / "tokenizer.model"
+  path.write_bytes(b"not a model")
+  with pytest.raises(ValueError, match="is not a SentencePiece model"):
+    Tokenizer.load(path)

@@ -51,7 +51,10 @@ class Tokenizer:
 
   @classmethod
   def load(cls, path: str | pathlib.Path) -> "Tokenizer":
-    return cls(pathlib.Path(path).read_bytes())
+    try:
+      return cls(pathlib.Path(path).read_bytes())
+    except RuntimeError as err:  # SentencePiece's parse error
+      raise ValueError(f"{path} is not a SentencePiece model ({err}); delete it to train a new one") from None
 
 
 def _lines(texts: Iterable[str]) -> Iterator[str]:

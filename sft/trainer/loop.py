@@ -7,6 +7,7 @@ the latest checkpoint: same data, same tokenizer, the batches that would have co
 from __future__ import annotations
 
 import logging
+import math
 import pathlib
 import sys
 import time
@@ -26,7 +27,7 @@ from sft.trainer import sharding
 from sft.trainer import state as state_lib
 from sft.trainer import step as step_lib
 from sft.trainer.checkpoint import Checkpointer
-from sft.trainer.metrics_log import MetricsLog, eval_line, format_duration, train_line
+from sft.trainer.metrics_log import MetricsLog, Progress, eval_line, format_duration, train_line
 
 log = logging.getLogger("sft")
 
@@ -154,33 +155,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     if start_step == 0:
       metrics_log.write(0, evaluate(0))
-    interval_start, interval_tokens, loop_start, first_timed = time.time(), 0.0, None, None
-    pending = []
+    progress, pending_tokens, last_logged = Progress(total_steps), [], start_step
     for step in range(start_step, total_steps):
       phase = "pretrain" if step < tc.pretrain_steps else "sft"
       batch = sharding.global_batch(next(iterators[phase]), batch_sharding)
       train_state, metrics = train_step(train_state, batch)
-      pending.append(metrics["tokens"])
-      done = step + 1
-      row = {}
+      pending_tokens.append(metrics["tokens"])  # stays on device until the next log line
+      done, row = step + 1, {}
       if done % tc.log_every == 0 or done == total_steps:
-        metrics = jax.device_get(metrics)
-        interval_tokens = float(sum(jax.device_get(pending)))
-        pending = []
-        now = time.time()
-        if loop_start is None:  # the first interval includes compilation: time from its end
-          loop_start, first_timed = now, done
-        rate = (now - loop_start) / (done - first_timed) if done > first_timed else None
-        tokens_per_s = interval_tokens / max(now - interval_start, 1e-9)
-        interval_start = now
-        eta = None if rate is None else rate * (total_steps - done)
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        metrics["perplexity"] = math.exp(min(metrics["loss"], 50.0))
+        tokens = float(sum(jax.device_get(pending_tokens)))
+        tokens_per_s, eta = progress.interval(done, done - last_logged, tokens)
+        pending_tokens, last_logged = [], done
         log.info("%s", train_line(done, total_steps, phase, metrics, tokens_per_s, eta))
         row = {"phase": phase, **{f"train/{k}": v for k, v in metrics.items()}, "train/tokens_per_s": tokens_per_s}
+      paused = time.time()
       if done % config.eval.every_steps == 0 or done == total_steps:
         row.update(evaluate(done))
       if row:
         metrics_log.write(done, row)
       checkpointer.save(done, train_state, iterators, force=done == total_steps)
+      progress.exclude(paused)
   checkpointer.close()
 
   final = metrics_log.history[-1] if metrics_log.history else {}

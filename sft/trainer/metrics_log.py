@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import pathlib
+import time
 from typing import Any
 
 
@@ -54,6 +55,32 @@ def _plain(value: Any) -> Any:
   if isinstance(value, float) and not math.isfinite(value):
     return str(value)
   return value
+
+
+class Progress:
+  """Tokens/s over each log interval and the ETA, with compilation and evaluation time left out."""
+
+  def __init__(self, total_steps: int):
+    self.total_steps = total_steps
+    self._interval_start = time.time()
+    self._timed_steps, self._timed_s = 0, 0.0
+    self._first_interval = True
+
+  def exclude(self, start: float) -> None:
+    """Time since `start` (an eval, a checkpoint) counts neither in tokens/s nor in the step rate."""
+    self._interval_start += time.time() - start
+
+  def interval(self, step: int, steps_in_interval: int, tokens: float) -> tuple[float, float | None]:
+    now = time.time()
+    elapsed = max(now - self._interval_start, 1e-9)
+    self._interval_start = now
+    if self._first_interval:  # includes compiling the step: no rate from it
+      self._first_interval = False
+    else:
+      self._timed_steps += steps_in_interval
+      self._timed_s += elapsed
+    eta = self._timed_s / self._timed_steps * (self.total_steps - step) if self._timed_steps else None
+    return tokens / elapsed, eta
 
 
 def format_duration(seconds: float) -> str:
