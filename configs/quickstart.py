@@ -5,8 +5,9 @@
 Data: the signatures and docstrings of this Python's standard library, read from its source files.
 A short next-token pretraining phase on that raw text, then SFT on questions about the APIs
 ("What does `json.dumps` do?", "Which module defines `dumps`?", "What is the signature of ...?"),
-with the loss on answer tokens only. Held-out APIs measure response loss and exact match.
-Run it again with the same --workdir to resume from the last checkpoint.
+with the loss on answer tokens only. Held-out APIs (chosen by a hash of their name) measure response
+loss and exact match; their questions are never trained on, while the raw pretraining text covers every
+API, as a pretrained model's corpus would. Run it again with the same --workdir to resume.
 """
 
 from sft.config import base_config

@@ -27,7 +27,7 @@ from sft.trainer import sharding
 from sft.trainer import state as state_lib
 from sft.trainer import step as step_lib
 from sft.trainer.checkpoint import Checkpointer
-from sft.trainer.metrics_log import MetricsLog, Progress, eval_line, format_duration, train_line
+from sft.trainer.metrics_log import MetricsLog, Progress, config_summary, eval_line, format_duration, train_line
 
 log = logging.getLogger("sft")
 
@@ -74,7 +74,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   workdir.mkdir(parents=True, exist_ok=True)
   t_start = time.time()
   _ensure_console_handler()
-  log.info("config:\n%s", config)
+  log.info("config:\n%s", config_summary(config))
 
   # Config errors surface before any data is built.
   tc = config.train

@@ -83,6 +83,19 @@ class Progress:
     return tokens / elapsed, eta
 
 
+def config_summary(config) -> str:
+  """One line per config section: `train: batch_size=16 lr=0.003 ...`."""
+  lines = []
+  for key, value in sorted(config.items()):
+    if hasattr(value, "items"):
+      lines.append(f"  {key}: " + " ".join(f"{k}={v}" for k, v in sorted(value.items())))
+    elif isinstance(value, (list, tuple)) and value and isinstance(value[0], (list, tuple)):
+      lines.append(f"  {key}: " + " ".join(f"{a}->{b}" for a, b in value))
+    else:
+      lines.append(f"  {key}: {value}")
+  return "\n".join(lines)
+
+
 def format_duration(seconds: float) -> str:
   seconds = int(max(seconds, 0))
   hours, rest = divmod(seconds, 3600)
