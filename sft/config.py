@@ -29,7 +29,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.head_dim = 64
   c.model.mlp_dim = 768
   c.model.rope_theta = 10_000.0
+  c.model.rope_type = "default"  # "llama3": Llama 3.1 scaling with the rope_* numbers below
+  c.model.rope_factor = 8.0
+  c.model.rope_low_freq_factor = 1.0
+  c.model.rope_high_freq_factor = 4.0
+  c.model.rope_original_max_positions = 8192
   c.model.norm_eps = 1e-6
+  c.model.qkv_bias = False  # biases on q, k, v projections (Qwen2)
+  c.model.qk_norm = False  # RMSNorm on each head's q and k (Qwen3)
+  c.model.sliding_window = 0  # attend at most this many tokens back (0: no limit)
   c.model.tie_embeddings = True  # the output layer reuses the token embedding
   c.model.dtype = "float32"  # activations; "bfloat16" on TPUs and GPUs
   c.model.param_dtype = "float32"

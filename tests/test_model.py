@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from sft.evaluator.generate import make_greedy_generate, pad_prompts
-from sft.model import ModelConfig, Transformer, apply_rope, attention_mask
+from sft.model import ModelConfig, Transformer, apply_rope, attention_mask, decode_mask
 from sft.trainer.step import loss_fn
 
 RNG = np.random.default_rng(0)
@@ -52,10 +52,24 @@ def test_attention_mask_worked_example():
   )  # fmt: skip
 
 
+def test_sliding_window_mask_worked_example():
+  mask = attention_mask(jnp.array([[1, 1, 1, 1]]), sliding_window=2)[0, 0]
+  np.testing.assert_array_equal(
+      mask,
+      [[1, 0, 0, 0],
+       [1, 1, 0, 0],
+       [0, 1, 1, 0],
+       [0, 0, 1, 1]],
+  )  # fmt: skip
+  decode = decode_mask(jnp.array([3]), num_new=1, cache_len=5, sliding_window=2)[0, 0]
+  np.testing.assert_array_equal(decode, [[0, 0, 1, 1, 0]])
+
+
 def test_rope_scores_depend_only_on_relative_position():
   q, k = jax.random.normal(jax.random.key(1), (2, 1, 1, 1, 16))
   def score(pq, pk):
-    return jnp.sum(apply_rope(q, jnp.array([[pq]]), 10_000.0) * apply_rope(k, jnp.array([[pk]]), 10_000.0))
+    inv_freq = 10_000.0 ** (-jnp.arange(0, 16, 2) / 16)
+    return jnp.sum(apply_rope(q, jnp.array([[pq]]), inv_freq) * apply_rope(k, jnp.array([[pk]]), inv_freq))
   np.testing.assert_allclose(score(3, 1), score(13, 11), rtol=1e-5)
   assert not np.isclose(score(3, 1), score(3, 2))
 

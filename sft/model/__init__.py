@@ -1,6 +1,18 @@
 """The model: a pure-functional decoder-only Transformer."""
 
 from sft.model import axes
-from sft.model.transformer import ModelConfig, Transformer, apply_rope, attention_mask, count_params, init_cache
+from sft.model.config import ModelConfig
+from sft.model.layers import apply_rope, attention_mask, decode_mask, rope_inv_freq
+from sft.model.transformer import Transformer, count_params, init_cache
 
-__all__ = ["axes", "ModelConfig", "Transformer", "attention_mask", "apply_rope", "count_params", "init_cache"]
+__all__ = [
+    "axes",
+    "ModelConfig",
+    "Transformer",
+    "apply_rope",
+    "attention_mask",
+    "count_params",
+    "decode_mask",
+    "init_cache",
+    "rope_inv_freq",
+]

@@ -1,0 +1,143 @@
+"""Hugging Face `config.json` <-> `ModelConfig`, for the Llama, Mistral, Qwen2 and Qwen3 families.
+
+Every field is either carried over, known not to change the forward pass, or refused: a field this
+module does not know stops the load, because a silent default could change the model's maths.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sft.config import ConfigError
+from sft.model.config import ModelConfig
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+# Fields that do not change logits: ids, bookkeeping, and what only the PyTorch runtime reads.
+_INERT = {
+    "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "use_cache",
+    "bos_token_id", "eos_token_id", "pad_token_id", "initializer_range", "max_position_embeddings",
+    "pretraining_tp", "output_attentions", "output_hidden_states", "return_dict", "_name_or_path",
+    "max_window_layers", "attn_implementation", "_attn_implementation_autoset", "tokenizer_class",
+    "chunk_size_feed_forward", "is_encoder_decoder",
+    "id2label", "label2id", "problem_type", "finetuning_task", "task_specific_params", "add_cross_attention",
+    "tie_encoder_decoder", "torchscript", "use_bfloat16", "prefix", "sep_token_id", "decoder_start_token_id",
+    "cross_attention_hidden_size", "is_decoder", "layer_types",
+}
+# Fields read below (each family reads a subset; the others must be absent or neutral).
+_READ = {
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "rms_norm_eps", "tie_word_embeddings", "hidden_act", "rope_theta",
+    "rope_scaling", "rope_parameters", "attention_bias", "mlp_bias", "attention_dropout", "sliding_window",
+    "use_sliding_window",
+}
+
+
+def _rope(hf: dict[str, Any]) -> dict[str, Any]:
+  """rope fields from either layout: v4 (`rope_theta`, `rope_scaling`) or v5 (`rope_parameters`)."""
+  params = dict(hf.get("rope_parameters") or {})
+  scaling = dict(hf.get("rope_scaling") or {})
+  theta = params.pop("rope_theta", hf.get("rope_theta", 10_000.0))
+  merged = {**scaling, **params}
+  rope_type = merged.pop("rope_type", merged.pop("type", "default"))
+  out: dict[str, Any] = {"rope_theta": float(theta), "rope_type": rope_type}
+  if rope_type == "llama3":
+    out.update(
+        rope_factor=float(merged["factor"]),
+        rope_low_freq_factor=float(merged["low_freq_factor"]),
+        rope_high_freq_factor=float(merged["high_freq_factor"]),
+        rope_original_max_positions=int(merged["original_max_position_embeddings"]),
+    )
+  elif rope_type != "default":
+    raise ConfigError(f"rope type {rope_type!r} is not supported (supported: default, llama3)")
+  return out
+
+
+def _require(hf: dict[str, Any], key: str, allowed, why: str) -> None:
+  value = hf.get(key, allowed[0])
+  if value not in allowed:
+    raise ConfigError(f"config.json has {key}={value!r}: {why}")
+
+
+def from_hf_config(hf: dict[str, Any], *, dtype: str = "float32", param_dtype: str = "float32") -> ModelConfig:
+  """The `ModelConfig` of a Hugging Face config.json dict, or a ConfigError naming what cannot be carried."""
+  family = hf.get("model_type")
+  if family not in FAMILIES:
+    raise ConfigError(f"model_type {family!r} is not supported; supported: {FAMILIES}")
+  unknown = sorted(set(hf) - _INERT - _READ)
+  if unknown:
+    raise ConfigError(f"config.json has fields sft does not know, which might change the model: {unknown}")
+  _require(hf, "hidden_act", ("silu",), "only SwiGLU with SiLU is implemented")
+  _require(hf, "mlp_bias", (False,), "MLP biases are not implemented")
+  _require(hf, "attention_dropout", (0.0, 0), "attention dropout is not implemented")
+  _require(hf, "use_sliding_window", (False,), f"{family} sliding-window layers are not implemented")
+  if family in ("llama", "qwen3"):
+    _require(hf, "attention_bias", (False,), "a bias on the output projection is not implemented")
+  layer_types = set(hf.get("layer_types") or ["full_attention"])
+  if family != "mistral" and layer_types != {"full_attention"}:
+    raise ConfigError(f"config.json has layer_types {sorted(layer_types)}: only full attention is implemented for {family}")
+
+  heads = int(hf["num_attention_heads"])
+  sliding_window = hf.get("sliding_window") if family == "mistral" else None
+  return ModelConfig(
+      vocab_size=int(hf["vocab_size"]),
+      d_model=int(hf["hidden_size"]),
+      num_layers=int(hf["num_hidden_layers"]),
+      num_heads=heads,
+      num_kv_heads=int(hf.get("num_key_value_heads") or heads),
+      head_dim=int(hf.get("head_dim") or hf["hidden_size"] // heads),
+      mlp_dim=int(hf["intermediate_size"]),
+      norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+      qkv_bias=family == "qwen2",
+      qk_norm=family == "qwen3",
+      sliding_window=int(sliding_window or 0),
+      tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+      dtype=dtype,
+      param_dtype=param_dtype,
+      **_rope(hf),
+  )
+
+
+def to_hf_config(cfg: ModelConfig, family: str, *, torch_dtype: str = "float32") -> dict[str, Any]:
+  """A config.json dict that `transformers` loads into the same model."""
+  if family not in FAMILIES:
+    raise ConfigError(f"family must be one of {FAMILIES}, got {family!r}")
+  if cfg.qkv_bias != (family == "qwen2") or cfg.qk_norm != (family == "qwen3"):
+    raise ConfigError(f"this model (qkv_bias={cfg.qkv_bias}, qk_norm={cfg.qk_norm}) is not a {family} model")
+  if cfg.sliding_window and family != "mistral":
+    raise ConfigError(f"sliding_window={cfg.sliding_window} can only be exported as a mistral model")
+  architecture = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+  rope: dict[str, Any] = {"rope_theta": cfg.rope_theta, "rope_type": cfg.rope_type}
+  if cfg.rope_type == "llama3":
+    rope.update(
+        factor=cfg.rope_factor,
+        low_freq_factor=cfg.rope_low_freq_factor,
+        high_freq_factor=cfg.rope_high_freq_factor,
+        original_max_position_embeddings=cfg.rope_original_max_positions,
+    )
+  out = {
+      "architectures": [architecture[family]],
+      "model_type": family,
+      "vocab_size": cfg.vocab_size,
+      "hidden_size": cfg.d_model,
+      "intermediate_size": cfg.mlp_dim,
+      "num_hidden_layers": cfg.num_layers,
+      "num_attention_heads": cfg.num_heads,
+      "num_key_value_heads": cfg.num_kv_heads,
+      "head_dim": cfg.head_dim,
+      "hidden_act": "silu",
+      "rms_norm_eps": cfg.norm_eps,
+      "tie_word_embeddings": cfg.tie_embeddings,
+      "rope_parameters": rope,
+      "attention_dropout": 0.0,
+      "torch_dtype": torch_dtype,
+  }
+  if family == "mistral":
+    out["sliding_window"] = cfg.sliding_window or None
+  if family == "qwen2":
+    out["use_sliding_window"] = False
+  if family in ("llama", "qwen3"):
+    out["attention_bias"] = False
+  if family == "llama":
+    out["mlp_bias"] = False
+  return out

@@ -1,0 +1,196 @@
+"""Hugging Face safetensors checkpoints <-> sft parameter trees.
+
+Loading reads one tensor at a time and places each parameter straight into its `NamedSharding`
+(every device receives only its own slice), so no device ever holds a full copy of the model.
+Only safetensors and JSON are read: never pickles, never remote code.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+from typing import Any, Callable, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+
+from sft.hf import safetensors_io
+from sft.hf.config import from_hf_config, to_hf_config
+from sft.model import ModelConfig, Transformer
+
+Convert = Callable[[np.ndarray, ModelConfig], np.ndarray]
+_same: Convert = lambda w, c: w
+
+
+def _heads(n_attr: str) -> tuple[Convert, Convert]:
+  """(D, n*H) projection weights stored by HF as (n*H, D) <-> sft's (D, n, H)."""
+  return (
+      lambda w, c: w.T.reshape(c.d_model, getattr(c, n_attr), c.head_dim),
+      lambda p, c: p.reshape(c.d_model, -1).T,
+  )
+
+
+def _head_bias(n_attr: str) -> tuple[Convert, Convert]:
+  return (lambda w, c: w.reshape(getattr(c, n_attr), c.head_dim), lambda p, c: p.reshape(-1))
+
+
+_transpose: tuple[Convert, Convert] = (lambda w, c: w.T, lambda p, c: p.T)
+
+# sft path under params["layers"] -> (HF name inside model.layers.{i}., to sft, to HF)
+LAYER_TENSORS: dict[tuple[str, ...], tuple[str, Convert, Convert]] = {
+    ("attn", "q"): ("self_attn.q_proj.weight", *_heads("num_heads")),
+    ("attn", "k"): ("self_attn.k_proj.weight", *_heads("num_kv_heads")),
+    ("attn", "v"): ("self_attn.v_proj.weight", *_heads("num_kv_heads")),
+    ("attn", "o"): (
+        "self_attn.o_proj.weight",
+        lambda w, c: w.T.reshape(c.num_heads, c.head_dim, c.d_model),
+        lambda p, c: p.reshape(-1, c.d_model).T,
+    ),
+    ("attn", "q_bias"): ("self_attn.q_proj.bias", *_head_bias("num_heads")),
+    ("attn", "k_bias"): ("self_attn.k_proj.bias", *_head_bias("num_kv_heads")),
+    ("attn", "v_bias"): ("self_attn.v_proj.bias", *_head_bias("num_kv_heads")),
+    ("attn", "q_norm", "scale"): ("self_attn.q_norm.weight", _same, _same),
+    ("attn", "k_norm", "scale"): ("self_attn.k_norm.weight", _same, _same),
+    ("attn_norm", "scale"): ("input_layernorm.weight", _same, _same),
+    ("mlp_norm", "scale"): ("post_attention_layernorm.weight", _same, _same),
+    ("mlp", "gate"): ("mlp.gate_proj.weight", *_transpose),
+    ("mlp", "up"): ("mlp.up_proj.weight", *_transpose),
+    ("mlp", "down"): ("mlp.down_proj.weight", *_transpose),
+}
+TOP_TENSORS: dict[tuple[str, ...], tuple[str, Convert, Convert]] = {
+    ("embedding",): ("model.embed_tokens.weight", _same, _same),
+    ("final_norm", "scale"): ("model.norm.weight", _same, _same),
+    ("unembed",): ("lm_head.weight", *_transpose),
+}
+# Present in some checkpoints, never needed: rotary tables that older versions saved as buffers.
+_IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+
+
+def _path(key_path) -> tuple[str, ...]:
+  return tuple(k.key for k in key_path)
+
+
+def abstract_params(cfg: ModelConfig) -> Any:
+  dummy = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+  return nn.unbox(jax.eval_shape(Transformer(cfg).init, jax.random.key(0), dummy, dummy, dummy))["params"]
+
+
+def hf_names(cfg: ModelConfig) -> dict[tuple[str, ...], list[str]]:
+  """sft parameter path -> the HF tensor names it is made of (one per layer for stacked layers)."""
+  names = {}
+  for key_path, _ in jax.tree_util.tree_flatten_with_path(abstract_params(cfg))[0]:
+    path = _path(key_path)
+    if path[0] == "layers":
+      hf = LAYER_TENSORS[path[1:]][0]
+      names[path] = [f"model.layers.{i}.{hf}" for i in range(cfg.num_layers)]
+    else:
+      names[path] = [TOP_TENSORS[path][0]]
+  return names
+
+
+def _check_names(files: Mapping[str, Any], expected: set[str], cfg: ModelConfig, folder) -> None:
+  present = set(files)
+  missing = sorted(expected - present)
+  extra = sorted(n for n in present - expected if not _IGNORED.fullmatch(n))
+  if cfg.tie_embeddings and "lm_head.weight" in extra:
+    extra.remove("lm_head.weight")  # tied checkpoints may store a copy; the embedding is used
+  if missing or extra:
+    raise ValueError(f"{folder}: tensors missing: {missing[:20]}{' ...' if len(missing) > 20 else ''}; "
+                     f"unexpected: {extra[:20]}{' ...' if len(extra) > 20 else ''}")
+
+
+def load_params(folder: str | pathlib.Path, cfg: ModelConfig, shardings: Any = None) -> Any:
+  """The parameters in `folder`, as the tree `Transformer(cfg)` uses, placed per `shardings`
+  (a matching tree of NamedShardings) or on the default device."""
+  folder = pathlib.Path(folder)
+  files = safetensors_io.open_checkpoint(folder)
+  names = hf_names(cfg)
+  _check_names(files, {n for group in names.values() for n in group}, cfg, folder)
+  abstract = abstract_params(cfg)
+  flat_shardings = {}
+  if shardings is not None:
+    flat_shardings = {_path(kp): s for kp, s in jax.tree_util.tree_flatten_with_path(shardings)[0]}
+
+  def load(key_path, leaf):
+    path = _path(key_path)
+    to_sft = (LAYER_TENSORS[path[1:]] if path[0] == "layers" else TOP_TENSORS[path])[1]
+    host = np.empty(leaf.shape, leaf.dtype)
+    parts = [host[i] for i in range(cfg.num_layers)] if path[0] == "layers" else [host]
+    for name, part in zip(names[path], parts):
+      want = _hf_shape(path, part.shape, cfg)
+      if files[name].shape(name) != want:
+        raise ValueError(f"{folder}: tensor {name} has shape {files[name].shape(name)}, the config needs {want}")
+      part[...] = to_sft(files[name].get(name), cfg).astype(leaf.dtype)
+    sharding = flat_shardings.get(path)
+    if sharding is None:
+      return jnp.asarray(host)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+  return jax.tree_util.tree_map_with_path(load, abstract)
+
+
+def _hf_shape(path: tuple[str, ...], sft_shape: tuple[int, ...], cfg: ModelConfig) -> tuple[int, ...]:
+  to_hf = (LAYER_TENSORS[path[1:]] if path[0] == "layers" else TOP_TENSORS[path])[2]
+  return tuple(to_hf(np.empty(sft_shape, np.uint8), cfg).shape)  # views only: no data is touched
+
+
+def load_model(folder: str | pathlib.Path, *, dtype: str = "float32", param_dtype: str = "float32", shardings=None):
+  """(ModelConfig, params) of a Hugging Face model folder."""
+  folder = pathlib.Path(folder)
+  config_path = folder / "config.json"
+  if not config_path.exists():
+    raise FileNotFoundError(f"{folder} has no config.json")
+  cfg = from_hf_config(json.loads(config_path.read_text()), dtype=dtype, param_dtype=param_dtype)
+  return cfg, load_params(folder, cfg, shardings)
+
+
+def _host(x) -> np.ndarray:
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    x = multihost_utils.process_allgather(x, tiled=True)
+  return np.asarray(jax.device_get(x))
+
+
+def to_hf_tensors(params: Any, cfg: ModelConfig) -> dict[str, np.ndarray]:
+  """HF tensor name -> numpy array, for every parameter."""
+  names = hf_names(cfg)
+  tensors = {}
+  for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    path = _path(key_path)
+    to_hf = (LAYER_TENSORS[path[1:]] if path[0] == "layers" else TOP_TENSORS[path])[2]
+    value = _host(leaf)
+    parts = [value[i] for i in range(cfg.num_layers)] if path[0] == "layers" else [value]
+    for name, part in zip(names[path], parts):
+      tensors[name] = np.ascontiguousarray(to_hf(part, cfg))
+  return tensors
+
+
+def export_model(
+    params: Any, cfg: ModelConfig, folder: str | pathlib.Path, family: str, *, max_shard_bytes: int = 5 * 2**30
+) -> pathlib.Path:
+  """Writes config.json and safetensors (sharded with an index past `max_shard_bytes`) that
+  `transformers` loads as the same model. Only process 0 writes."""
+  folder = pathlib.Path(folder)
+  torch_dtype = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[cfg.param_dtype]
+  hf_config = to_hf_config(cfg, family, torch_dtype=torch_dtype)
+  tensors = to_hf_tensors(params, cfg)
+  if jax.process_index() != 0:
+    return folder
+  folder.mkdir(parents=True, exist_ok=True)
+  (folder / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+  shards = list(safetensors_io.iter_shards(tensors, max_shard_bytes))
+  metadata = {"format": "pt"}  # what transformers expects of a PyTorch-loadable file
+  if len(shards) == 1:
+    safetensors_io.save_file(shards[0], folder / "model.safetensors", metadata)
+    return folder
+  weight_map = {}
+  for i, shard in enumerate(shards, 1):
+    name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+    safetensors_io.save_file(shard, folder / name, metadata)
+    weight_map.update({tensor: name for tensor in shard})
+  index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())}, "weight_map": weight_map}
+  (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+  return folder

@@ -1,0 +1,68 @@
+"""ModelConfig: every number that changes the model's maths, checked when it is built."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from sft.config import ConfigError
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+ROPE_TYPES = ("default", "llama3")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Shapes and numerics of the model. Built from the `model` section of a run config, or from a
+  Hugging Face config.json by `sft.hf`."""
+
+  vocab_size: int
+  d_model: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  mlp_dim: int
+  rope_theta: float = 10_000.0
+  # "llama3": Llama 3.1 frequency scaling with the four numbers below (unused for "default").
+  rope_type: str = "default"
+  rope_factor: float = 8.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_positions: int = 8192
+  norm_eps: float = 1e-6
+  qkv_bias: bool = False  # biases on the q, k, v projections (Qwen2)
+  qk_norm: bool = False  # RMSNorm over each head's q and k before rotary embeddings (Qwen3)
+  sliding_window: int = 0  # a token sees at most this many tokens back, itself included; 0: no limit
+  tie_embeddings: bool = True
+  dtype: str = "float32"  # activations and matmuls
+  param_dtype: str = "float32"  # stored parameters (and optimizer moments)
+  remat: bool = False  # recompute each layer's activations in the backward pass
+
+  def __post_init__(self):
+    for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"model.{name} must be a positive integer, got {value!r}")
+    if self.num_heads % self.num_kv_heads:
+      raise ConfigError(
+          f"model.num_heads ({self.num_heads}) must be a multiple of model.num_kv_heads ({self.num_kv_heads})"
+      )
+    if self.head_dim % 2:
+      raise ConfigError(f"model.head_dim must be even for rotary embeddings, got {self.head_dim}")
+    for name in ("dtype", "param_dtype"):
+      if getattr(self, name) not in DTYPES:
+        raise ConfigError(f"model.{name} must be one of {sorted(DTYPES)}, got {getattr(self, name)!r}")
+    if self.rope_type not in ROPE_TYPES:
+      raise ConfigError(f"model.rope_type must be one of {ROPE_TYPES}, got {self.rope_type!r}")
+    if self.sliding_window < 0:
+      raise ConfigError(f"model.sliding_window must be >= 0 (0: none), got {self.sliding_window}")
+
+  @property
+  def compute_dtype(self):
+    return DTYPES[self.dtype]
+
+  @property
+  def weight_dtype(self):
+    return DTYPES[self.param_dtype]

@@ -1,0 +1,150 @@
+"""The Transformer's parts: masks, rotary embeddings, RMSNorm, attention and the SwiGLU MLP.
+
+Einsum letters: B batch, T query length, S key length, D model, N query heads, K kv heads,
+H head dim, F feed-forward.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sft.model import axes
+from sft.model.config import ModelConfig
+
+
+def param(module: nn.Module, name: str, init, shape, logical_axes, cfg: ModelConfig):
+  return module.param(name, nn.with_logical_partitioning(init, logical_axes), shape, cfg.weight_dtype)
+
+
+def fan_in_init(in_axis, out_axis, scale: float = 1.0):
+  return nn.initializers.variance_scaling(scale, "fan_in", "truncated_normal", in_axis=in_axis, out_axis=out_axis)
+
+
+def _window(query_t1: jax.Array, key_1s: jax.Array, sliding_window: int) -> jax.Array:
+  """key <= query, and within `sliding_window` tokens of it when that is set."""
+  visible = key_1s <= query_t1
+  if sliding_window:
+    visible &= query_t1 - key_1s < sliding_window
+  return visible
+
+
+def attention_mask(segment_ids_bt: jax.Array, sliding_window: int = 0) -> jax.Array:
+  """Causal and segment-aware: a token sees earlier tokens of its own packed example only.
+
+  Returns a bool mask of shape (B, 1, T, T). Padding (segment 0) sees padding, so no row is empty.
+  """
+  index_t = jnp.arange(segment_ids_bt.shape[-1])
+  same_segment_btt = segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :]
+  causal_tt = _window(index_t[:, None], index_t[None, :], sliding_window)
+  return (same_segment_btt & causal_tt)[:, None, :, :]
+
+
+def decode_mask(cache_index_b: jax.Array, num_new: int, cache_len: int, sliding_window: int = 0) -> jax.Array:
+  """(B, 1, T, S): new token t of row b sits at cache_index_b + t and sees cache slots up to there."""
+  query_bt = cache_index_b[:, None] + jnp.arange(num_new)[None, :]
+  return _window(query_bt[:, :, None], jnp.arange(cache_len)[None, None, :], sliding_window)[:, None, :, :]
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+  """(H/2,) rotary frequencies, with Llama 3.1 scaling when `cfg.rope_type == "llama3"`."""
+  inv_freq = 1.0 / cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.float64) / cfg.head_dim)
+  if cfg.rope_type == "llama3":
+    # Long wavelengths are slowed by `factor`, short ones kept, the band between interpolated.
+    low_freq_wavelen = cfg.rope_original_max_positions / cfg.rope_low_freq_factor
+    high_freq_wavelen = cfg.rope_original_max_positions / cfg.rope_high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > low_freq_wavelen, inv_freq / cfg.rope_factor, inv_freq)
+    smooth = (cfg.rope_original_max_positions / wavelen - cfg.rope_low_freq_factor) / (
+        cfg.rope_high_freq_factor - cfg.rope_low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / cfg.rope_factor + smooth * scaled
+    medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    inv_freq = np.where(medium, smoothed, scaled)
+  return inv_freq.astype(np.float32)
+
+
+def apply_rope(x_btnh: jax.Array, positions_bt: jax.Array, inv_freq_h) -> jax.Array:
+  """Rotary embeddings, rotate-half layout (as in Hugging Face Llama), computed in float32."""
+  angle_bth = positions_bt[..., None].astype(jnp.float32) * jnp.asarray(inv_freq_h, jnp.float32)
+  sin_bt1h, cos_bt1h = jnp.sin(angle_bth)[:, :, None, :], jnp.cos(angle_bth)[:, :, None, :]
+  x1, x2 = jnp.split(x_btnh.astype(jnp.float32), 2, axis=-1)
+  rotated = jnp.concatenate([x1 * cos_bt1h - x2 * sin_bt1h, x2 * cos_bt1h + x1 * sin_bt1h], axis=-1)
+  return rotated.astype(x_btnh.dtype)
+
+
+class RMSNorm(nn.Module):
+  """Normalises the last axis in float32; `axis_name` is that axis's logical name."""
+
+  cfg: ModelConfig
+  axis_name: str = axes.EMBED
+
+  @nn.compact
+  def __call__(self, x):
+    scale = param(self, "scale", nn.initializers.ones, (x.shape[-1],), (self.axis_name,), self.cfg)
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.norm_eps)
+    return (normed * scale.astype(jnp.float32)).astype(self.cfg.compute_dtype)
+
+
+class Attention(nn.Module):
+  """Grouped-query attention with rotary embeddings on per-segment positions."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_btd, positions_bt, mask_b1ts, layer_cache=None, cache_index_b=None):
+    """Without a cache, keys are the T inputs (mask (B, 1, T, T)). With `layer_cache` (k, v), each
+    (B, S, K, H), the T new keys are written at `cache_index_b` per row, queries attend to all S
+    cached keys (mask (B, 1, T, S)), and the updated cache is returned alongside the output."""
+    c = self.cfg
+    d, n, k, h = c.d_model, c.num_heads, c.num_kv_heads, c.head_dim
+    w_q = param(self, "q", fan_in_init(0, (1, 2)), (d, n, h), (axes.EMBED, axes.HEADS, axes.HEAD_DIM), c)
+    w_k = param(self, "k", fan_in_init(0, (1, 2)), (d, k, h), (axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM), c)
+    w_v = param(self, "v", fan_in_init(0, (1, 2)), (d, k, h), (axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM), c)
+    w_o = param(self, "o", fan_in_init((0, 1), 2), (n, h, d), (axes.HEADS, axes.HEAD_DIM, axes.EMBED), c)
+    dt = c.compute_dtype
+    q_btnh = jnp.einsum("BTD,DNH->BTNH", x_btd, w_q.astype(dt))
+    k_btkh = jnp.einsum("BTD,DKH->BTKH", x_btd, w_k.astype(dt))
+    v_btkh = jnp.einsum("BTD,DKH->BTKH", x_btd, w_v.astype(dt))
+    if c.qkv_bias:
+      zeros = nn.initializers.zeros
+      q_btnh += param(self, "q_bias", zeros, (n, h), (axes.HEADS, axes.HEAD_DIM), c).astype(dt)
+      k_btkh += param(self, "k_bias", zeros, (k, h), (axes.KV_HEADS, axes.HEAD_DIM), c).astype(dt)
+      v_btkh += param(self, "v_bias", zeros, (k, h), (axes.KV_HEADS, axes.HEAD_DIM), c).astype(dt)
+    if c.qk_norm:
+      q_btnh = RMSNorm(c, axes.HEAD_DIM, name="q_norm")(q_btnh)
+      k_btkh = RMSNorm(c, axes.HEAD_DIM, name="k_norm")(k_btkh)
+    q_btnh = nn.with_logical_constraint(q_btnh, (axes.BATCH, axes.LENGTH, axes.HEADS, axes.HEAD_DIM))
+    inv_freq_h = rope_inv_freq(c)
+    q_btnh = apply_rope(q_btnh, positions_bt, inv_freq_h)
+    k_btkh = apply_rope(k_btkh, positions_bt, inv_freq_h)
+    if layer_cache is not None:
+      write = jax.vmap(lambda cache_skh, new_tkh, i: jax.lax.dynamic_update_slice(cache_skh, new_tkh, (i, 0, 0)))
+      layer_cache = (write(layer_cache[0], k_btkh, cache_index_b), write(layer_cache[1], v_btkh, cache_index_b))
+      k_btkh, v_btkh = layer_cache
+    # jax.nn.dot_product_attention groups the N query heads over the K kv heads itself.
+    out_btnh = jax.nn.dot_product_attention(q_btnh, k_btkh, v_btkh, mask=mask_b1ts)
+    return jnp.einsum("BTNH,NHD->BTD", out_btnh, w_o.astype(dt)), layer_cache
+
+
+class Mlp(nn.Module):
+  """SwiGLU feed-forward."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_btd):
+    c = self.cfg
+    w_gate = param(self, "gate", fan_in_init(0, 1), (c.d_model, c.mlp_dim), (axes.EMBED, axes.MLP), c)
+    w_up = param(self, "up", fan_in_init(0, 1), (c.d_model, c.mlp_dim), (axes.EMBED, axes.MLP), c)
+    w_down = param(self, "down", fan_in_init(0, 1), (c.mlp_dim, c.d_model), (axes.MLP, axes.EMBED), c)
+    dt = c.compute_dtype
+    gate_btf = jnp.einsum("BTD,DF->BTF", x_btd, w_gate.astype(dt))
+    up_btf = jnp.einsum("BTD,DF->BTF", x_btd, w_up.astype(dt))
+    hidden_btf = nn.with_logical_constraint(jax.nn.silu(gate_btf) * up_btf, (axes.BATCH, axes.LENGTH, axes.MLP))
+    return jnp.einsum("BTF,FD->BTD", hidden_btf, w_down.astype(dt))

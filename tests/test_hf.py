@@ -1,0 +1,156 @@
+"""Hugging Face parity: tiny random models made with `transformers` load into sft with the same logits,
+decode the same greedy tokens, and export back to identical tensors."""
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from sft.config import ConfigError  # noqa: E402
+from sft.evaluator.generate import make_greedy_generate, pad_prompts  # noqa: E402
+from sft.hf import export_model, from_hf_config, load_model, safetensors_io  # noqa: E402
+from sft.model import Transformer  # noqa: E402
+
+COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+FAMILIES = {
+    "llama": (transformers.LlamaConfig, dict(rope_theta=10_000.0)),
+    "llama3.1": (
+        transformers.LlamaConfig,
+        dict(
+            rope_theta=500_000.0,
+            # A short original context so that the scaling changes the frequencies the test uses.
+            rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
+        ),
+    ),
+    "mistral": (transformers.MistralConfig, dict(head_dim=16, sliding_window=4)),
+    "qwen2": (transformers.Qwen2Config, dict()),
+    "qwen3": (transformers.Qwen3Config, dict(head_dim=24, tie_word_embeddings=True)),
+}
+LENGTHS = (5, 9, 13)
+
+
+def _hf_model(name, folder):
+  config_cls, extra = FAMILIES[name]
+  config = config_cls(**COMMON, **extra, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+  torch.manual_seed(0)
+  model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+  with torch.no_grad():  # every weight random, norms and biases included, so every mapping matters
+    for p in model.parameters():
+      p.normal_(0.0, 0.2)
+  model.eval()
+  model.save_pretrained(folder)
+  return model
+
+
+def _hf_logits(model, tokens):
+  with torch.no_grad():
+    return model(torch.tensor([tokens])).logits[0].numpy()
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request, tmp_path_factory):
+  folder = tmp_path_factory.mktemp(request.param)
+  hf = _hf_model(request.param, folder)
+  cfg, params = load_model(folder)
+  return request.param, folder, hf, cfg, params
+
+
+def test_logits_match_for_sequences_of_different_lengths(family):
+  name, _, hf, cfg, params = family
+  model = Transformer(cfg)
+  rng = np.random.default_rng(1)
+  for length in LENGTHS:
+    tokens = rng.integers(0, 128, length).tolist()
+    x = jnp.asarray([tokens])
+    ours = model.apply({"params": params}, x, jnp.arange(length)[None], jnp.ones_like(x))[0]
+    np.testing.assert_allclose(ours, _hf_logits(hf, tokens), atol=1e-4, rtol=1e-4, err_msg=f"{name}, length {length}")
+
+
+def test_logits_match_per_segment_in_a_packed_row(family):
+  name, _, hf, cfg, params = family
+  rng = np.random.default_rng(2)
+  sequences = [rng.integers(0, 128, n).tolist() for n in LENGTHS]
+  tokens = sum(sequences, [])
+  segment_ids = sum(([i + 1] * len(s) for i, s in enumerate(sequences)), [])
+  positions = sum((list(range(len(s))) for s in sequences), [])
+  logits = Transformer(cfg).apply(
+      {"params": params}, jnp.asarray([tokens]), jnp.asarray([positions]), jnp.asarray([segment_ids])
+  )[0]
+  start = 0
+  for seq in sequences:
+    np.testing.assert_allclose(logits[start : start + len(seq)], _hf_logits(hf, seq), atol=1e-4, rtol=1e-4, err_msg=name)
+    start += len(seq)
+
+
+def test_greedy_generation_matches_transformers(family):
+  name, _, hf, cfg, params = family
+  prompts = [[5, 6, 7, 8, 9, 10], [3, 4], [11, 12, 13, 14]]
+  tokens, lengths = pad_prompts(prompts, pad_id=0)
+  ours = np.asarray(make_greedy_generate(Transformer(cfg), max_new_tokens=8, stop_id=-1, pad_id=0)(params, tokens, lengths))
+  for prompt, row in zip(prompts, ours):
+    with torch.no_grad():
+      out = hf.generate(torch.tensor([prompt]), max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    assert row.tolist() == out[0, len(prompt) :].tolist(), name
+
+
+def test_export_round_trip_is_exact_and_loads_in_transformers(family, tmp_path):
+  name, folder, hf, cfg, params = family
+  family_name = json.loads((folder / "config.json").read_text())["model_type"]
+  exported = export_model(params, cfg, tmp_path / "out", family_name, max_shard_bytes=40_000)
+  assert (exported / "model.safetensors.index.json").exists()  # small shards force the sharded layout
+  original = safetensors_io.open_checkpoint(folder)
+  again = safetensors_io.open_checkpoint(exported)
+  expected = set(original) - ({"lm_head.weight"} if cfg.tie_embeddings else set())
+  assert set(again) == expected
+  for tensor in expected:
+    np.testing.assert_array_equal(again[tensor].get(tensor), original[tensor].get(tensor), err_msg=tensor)
+
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32).eval()
+  tokens = list(range(3, 3 + LENGTHS[-1]))
+  np.testing.assert_allclose(_hf_logits(reloaded, tokens), _hf_logits(hf, tokens), atol=1e-5, rtol=1e-5)
+  cfg_again, _ = load_model(exported)
+  assert cfg_again == cfg
+
+
+def test_bfloat16_checkpoints_load(tmp_path):
+  hf = _hf_model("qwen2", tmp_path / "f32")
+  hf.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+  cfg, params = load_model(tmp_path / "bf16", param_dtype="bfloat16")
+  assert jax.tree.leaves(params)[0].dtype == jnp.bfloat16
+  reference = hf.state_dict()["model.layers.0.self_attn.q_proj.bias"].float().numpy()
+  np.testing.assert_array_equal(np.asarray(params["layers"]["attn"]["q_bias"][0], np.float32).reshape(-1), reference)
+
+
+def test_bad_checkpoints_are_clear_errors(tmp_path):
+  _hf_model("llama", tmp_path)
+  config = json.loads((tmp_path / "config.json").read_text())
+  with pytest.raises(ConfigError, match="hidden_act"):
+    from_hf_config({**config, "hidden_act": "gelu"})
+  with pytest.raises(ConfigError, match="fields sft does not know"):
+    from_hf_config({**config, "new_magic": 1})
+  with pytest.raises(ConfigError, match="rope type 'yarn'"):
+    from_hf_config({**config, "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}})
+  with pytest.raises(ConfigError, match="model_type"):
+    from_hf_config({**config, "model_type": "gpt2"})
+
+  tensors = {n: f.get(n) for n, f in safetensors_io.open_checkpoint(tmp_path).items()}
+  broken = dict(tensors)
+  del broken["model.layers.1.mlp.up_proj.weight"]
+  broken["model.layers.0.extra.weight"] = np.zeros(3, np.float32)
+  safetensors_io.save_file(broken, tmp_path / "model.safetensors")
+  with pytest.raises(ValueError, match=r"missing: \['model.layers.1.mlp.up_proj.weight'\].*unexpected: \['model.layers.0.extra.weight'\]"):
+    load_model(tmp_path)
+  tensors["model.norm.weight"] = np.zeros(65, np.float32)
+  safetensors_io.save_file(tensors, tmp_path / "model.safetensors")
+  with pytest.raises(ValueError, match=r"model.norm.weight has shape \(65,\), the config needs \(64,\)"):
+    load_model(tmp_path)
+  (tmp_path / "model.safetensors").unlink()
+  (tmp_path / "pytorch_model.bin").write_bytes(b"pickle")
+  with pytest.raises(FileNotFoundError, match="never pickles"):
+    load_model(tmp_path)
