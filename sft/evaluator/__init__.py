@@ -1,5 +1,6 @@
 """The evaluator: held-out loss and perplexity, greedy generation, text metrics."""
 
 from sft.evaluator.evaluate import Evaluator, Sample
-from sft.evaluator.generate import greedy_generate, make_greedy_generate, pad_prompts, strip_generation
+from sft.evaluator.generate import generate, make_generate, make_greedy_generate, pad_prompts, strip_generation
 from sft.evaluator.metrics import exact_match, mean_token_f1, normalize, token_f1
+from sft.evaluator.sampling import Sampler

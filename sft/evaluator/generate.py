@@ -1,4 +1,4 @@
-"""Greedy generation with a KV cache, as one jitted loop (no host round-trip per token).
+"""Generation with a KV cache (greedy or sampled), as one jitted loop (no host round-trip per token).
 
 Prompts are right-padded to (B, P). Prefill runs the model once over the prompts and fills the cache;
 each row's first answer token comes from the logits at its last real prompt token. Every later step
@@ -16,8 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from sft.config import ConfigError
+from sft.evaluator.sampling import Sampler
 from sft.model import Transformer
 from sft.model.transformer import init_cache
+
+GREEDY = Sampler()
 
 
 def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -31,25 +34,31 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarr
   return tokens, lengths
 
 
-def greedy_generate(
+def generate(
     params,
     prompt_tokens_bp: jax.Array,
     prompt_lengths_b: jax.Array,
+    rng: jax.Array,
     *,
     model: Transformer,
     max_new_tokens: int,
-    stop_id: int,
+    stop_ids: tuple[int, ...],
     pad_id: int,
+    sampler: Sampler = GREEDY,
 ) -> jax.Array:
-  """Returns (B, max_new_tokens) generated ids: the stop token included, `pad_id` after it."""
+  """Returns (B, max_new_tokens) generated ids: a stop token included, `pad_id` after it."""
   batch, prompt_len = prompt_tokens_bp.shape
+  stop_s = jnp.asarray(stop_ids or (-1,), jnp.int32)
   cache = init_cache(model.cfg, batch, prompt_len + max_new_tokens)
   positions_bp = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32), (batch, prompt_len))
   logits_bpv, cache = model.apply(
       {"params": params}, prompt_tokens_bp, positions_bp, cache=cache, cache_index_b=jnp.zeros((batch,), jnp.int32)
   )
-  first_b = jnp.argmax(logits_bpv[jnp.arange(batch), prompt_lengths_b - 1], axis=-1).astype(jnp.int32)
+  first_b = sampler(logits_bpv[jnp.arange(batch), prompt_lengths_b - 1], jax.random.fold_in(rng, 0))
   out_bn = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first_b)
+
+  def is_stop(tokens_b):
+    return jnp.any(tokens_b[:, None] == stop_s[None, :], axis=-1)
 
   def cond(carry):
     i, _, _, done_b, _ = carry
@@ -61,20 +70,30 @@ def greedy_generate(
     logits_b1v, cache = model.apply(
         {"params": params}, last_b[:, None], slot_b[:, None], cache=cache, cache_index_b=slot_b
     )
-    next_b = jnp.where(done_b, pad_id, jnp.argmax(logits_b1v[:, 0], axis=-1).astype(jnp.int32))
-    return i + 1, next_b, out_bn.at[:, i].set(next_b), done_b | (next_b == stop_id), cache
+    next_b = jnp.where(done_b, pad_id, sampler(logits_b1v[:, 0], jax.random.fold_in(rng, i)))
+    return i + 1, next_b, out_bn.at[:, i].set(next_b), done_b | is_stop(next_b), cache
 
-  init = (jnp.int32(1), first_b, out_bn, first_b == stop_id, cache)
+  init = (jnp.int32(1), first_b, out_bn, is_stop(first_b), cache)
   return jax.lax.while_loop(cond, body, init)[2]
 
 
-def make_greedy_generate(model: Transformer, *, max_new_tokens: int, stop_id: int, pad_id: int) -> Callable:
-  """`fn(params, prompt_tokens_bp, prompt_lengths_b) -> (B, max_new_tokens)`, compiled once per prompt shape."""
+def make_generate(
+    model: Transformer, *, max_new_tokens: int, stop_ids: tuple[int, ...], pad_id: int, sampler: Sampler = GREEDY
+) -> Callable:
+  """`fn(params, prompt_tokens_bp, prompt_lengths_b, rng) -> (B, max_new_tokens)`, compiled once per shape."""
   if max_new_tokens < 1:
     raise ConfigError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
   return jax.jit(
-      functools.partial(greedy_generate, model=model, max_new_tokens=max_new_tokens, stop_id=stop_id, pad_id=pad_id)
+      functools.partial(
+          generate, model=model, max_new_tokens=max_new_tokens, stop_ids=tuple(stop_ids), pad_id=pad_id, sampler=sampler
+      )
   )
+
+
+def make_greedy_generate(model: Transformer, *, max_new_tokens: int, stop_id: int, pad_id: int) -> Callable:
+  """`fn(params, prompt_tokens_bp, prompt_lengths_b) -> (B, max_new_tokens)`: greedy, one stop token."""
+  fn = make_generate(model, max_new_tokens=max_new_tokens, stop_ids=(stop_id,), pad_id=pad_id)
+  return lambda params, tokens_bp, lengths_b: fn(params, tokens_bp, lengths_b, jax.random.key(0))
 
 
 def strip_generation(ids: Sequence[int], stop_id: int, pad_id: int) -> list[int]:
