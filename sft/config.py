@@ -38,6 +38,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.qkv_bias = False  # biases on q, k, v projections (Qwen2)
   c.model.qk_norm = False  # RMSNorm on each head's q and k (Qwen3)
   c.model.sliding_window = 0  # attend at most this many tokens back (0: no limit)
+  c.model.sliding_window_pattern = 1  # p > 1: every p-th layer attends fully, the others use the window
+  c.model.norm_plus_one = False  # RMSNorm scales by (1 + w) (Gemma)
+  c.model.embed_scale = False  # embeddings times sqrt(d_model) (Gemma)
+  c.model.mlp_activation = "silu"  # "silu" or "gelu_tanh" (Gemma)
+  c.model.query_pre_attn_scalar = 0.0  # scores scaled by its -1/2 power; 0: head_dim
+  c.model.attn_logit_softcap = 0.0  # 0: off (Gemma 2 uses 50)
+  c.model.final_logit_softcap = 0.0  # 0: off (Gemma 2 uses 30)
+  c.model.sandwich_norms = False  # norms on attention and MLP outputs too (Gemma 2)
   c.model.tie_embeddings = True  # the output layer reuses the token embedding
   c.model.dtype = "float32"  # activations; "bfloat16" on TPUs and GPUs
   c.model.param_dtype = "float32"

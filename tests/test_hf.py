@@ -14,7 +14,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from sft.config import ConfigError  # noqa: E402
 from sft.evaluator.generate import make_greedy_generate, pad_prompts  # noqa: E402
-from sft.hf import export_model, from_hf_config, load_model, safetensors_io  # noqa: E402
+from sft.hf import export_model, from_hf_config, load_model, safetensors_io, to_hf_config  # noqa: E402
 from sft.model import Transformer  # noqa: E402
 
 COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
@@ -31,6 +31,12 @@ FAMILIES = {
     "mistral": (transformers.MistralConfig, dict(head_dim=16, sliding_window=4)),
     "qwen2": (transformers.Qwen2Config, dict()),
     "qwen3": (transformers.Qwen3Config, dict(head_dim=24, tie_word_embeddings=True)),
+    "gemma": (transformers.GemmaConfig, dict(head_dim=16)),
+    "gemma2": (
+        transformers.Gemma2Config,
+        # Small caps and window so that soft-capping and the alternating sliding window all act.
+        dict(head_dim=16, sliding_window=4, query_pre_attn_scalar=24, attn_logit_softcapping=5.0, final_logit_softcapping=3.0),
+    ),
 }
 LENGTHS = (5, 9, 13)
 
@@ -138,6 +144,9 @@ def test_bad_checkpoints_are_clear_errors(tmp_path):
     from_hf_config({**config, "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}})
   with pytest.raises(ConfigError, match="model_type"):
     from_hf_config({**config, "model_type": "gpt2"})
+  qwen3 = from_hf_config({**config, "model_type": "qwen3"})
+  with pytest.raises(ConfigError, match="cannot express"):
+    to_hf_config(qwen3, "llama")  # its q/k norms have no place in a Llama checkpoint
 
   tensors = {n: f.get(n) for n, f in safetensors_io.open_checkpoint(tmp_path).items()}
   broken = dict(tensors)

@@ -1,4 +1,5 @@
-"""Hugging Face `config.json` <-> `ModelConfig`, for the Llama, Mistral, Qwen2 and Qwen3 families.
+"""Hugging Face `config.json` <-> `ModelConfig`, for the Llama, Mistral, Qwen2, Qwen3, Gemma and
+Gemma 2 families.
 
 Every field is either carried over, known not to change the forward pass, or refused: a field this
 module does not know stops the load, because a silent default could change the model's maths.
@@ -6,12 +7,14 @@ module does not know stops the load, because a silent default could change the m
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from sft.config import ConfigError
 from sft.model.config import ModelConfig
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
+_GEMMA = ("gemma", "gemma2")
 
 # Fields that do not change logits: ids, bookkeeping, and what only the PyTorch runtime reads.
 _INERT = {
@@ -22,14 +25,15 @@ _INERT = {
     "chunk_size_feed_forward", "is_encoder_decoder",
     "id2label", "label2id", "problem_type", "finetuning_task", "task_specific_params", "add_cross_attention",
     "tie_encoder_decoder", "torchscript", "use_bfloat16", "prefix", "sep_token_id", "decoder_start_token_id",
-    "cross_attention_hidden_size", "is_decoder", "layer_types",
+    "cross_attention_hidden_size", "is_decoder", "layer_types", "cache_implementation",
 }
 # Fields read below (each family reads a subset; the others must be absent or neutral).
 _READ = {
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "head_dim", "rms_norm_eps", "tie_word_embeddings", "hidden_act", "rope_theta",
     "rope_scaling", "rope_parameters", "attention_bias", "mlp_bias", "attention_dropout", "sliding_window",
-    "use_sliding_window",
+    "use_sliding_window", "hidden_activation", "query_pre_attn_scalar", "attn_logit_softcapping",
+    "final_logit_softcapping", "use_bidirectional_attention",
 }
 
 
@@ -67,22 +71,34 @@ def from_hf_config(hf: dict[str, Any], *, dtype: str = "float32", param_dtype: s
   unknown = sorted(set(hf) - _INERT - _READ)
   if unknown:
     raise ConfigError(f"config.json has fields sft does not know, which might change the model: {unknown}")
-  _require(hf, "hidden_act", ("silu",), "only SwiGLU with SiLU is implemented")
+  gemma = family in _GEMMA
+  if gemma:
+    activation = hf.get("hidden_activation") or "gelu_pytorch_tanh"
+    if activation != "gelu_pytorch_tanh":
+      raise ConfigError(f"config.json has hidden_activation={activation!r}: only gelu_pytorch_tanh is implemented for Gemma")
+    _require(hf, "use_bidirectional_attention", (None, False), "only causal attention is implemented")
+  else:
+    _require(hf, "hidden_act", ("silu",), "only SwiGLU with SiLU is implemented")
   _require(hf, "mlp_bias", (False,), "MLP biases are not implemented")
   _require(hf, "attention_dropout", (0.0, 0), "attention dropout is not implemented")
   _require(hf, "use_sliding_window", (False,), f"{family} sliding-window layers are not implemented")
-  if family in ("llama", "qwen3"):
+  if family in ("llama", "qwen3", "gemma", "gemma2"):
     _require(hf, "attention_bias", (False,), "a bias on the output projection is not implemented")
-  layer_types = set(hf.get("layer_types") or ["full_attention"])
-  if family != "mistral" and layer_types != {"full_attention"}:
-    raise ConfigError(f"config.json has layer_types {sorted(layer_types)}: only full attention is implemented for {family}")
 
-  heads = int(hf["num_attention_heads"])
-  sliding_window = hf.get("sliding_window") if family == "mistral" else None
+  heads, layers = int(hf["num_attention_heads"]), int(hf["num_hidden_layers"])
+  sliding_window, pattern = 0, 1
+  if family == "mistral":
+    sliding_window = int(hf.get("sliding_window") or 0)
+  elif family == "gemma2":
+    sliding_window, pattern = int(hf.get("sliding_window") or 0), 2
+  expected_types = ["sliding_attention" if sliding_window and (pattern <= 1 or i % pattern != pattern - 1) else "full_attention" for i in range(layers)]
+  layer_types = hf.get("layer_types")
+  if layer_types is not None and family != "mistral" and list(layer_types) != expected_types:
+    raise ConfigError(f"config.json has layer_types {layer_types}; sft implements {expected_types} for {family}")
   return ModelConfig(
       vocab_size=int(hf["vocab_size"]),
       d_model=int(hf["hidden_size"]),
-      num_layers=int(hf["num_hidden_layers"]),
+      num_layers=layers,
       num_heads=heads,
       num_kv_heads=int(hf.get("num_key_value_heads") or heads),
       head_dim=int(hf.get("head_dim") or hf["hidden_size"] // heads),
@@ -90,23 +106,33 @@ def from_hf_config(hf: dict[str, Any], *, dtype: str = "float32", param_dtype: s
       norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
       qkv_bias=family == "qwen2",
       qk_norm=family == "qwen3",
-      sliding_window=int(sliding_window or 0),
-      tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+      sliding_window=sliding_window,
+      sliding_window_pattern=pattern,
+      norm_plus_one=gemma,
+      embed_scale=gemma,
+      mlp_activation="gelu_tanh" if gemma else "silu",
+      query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar") or 0.0) if family == "gemma2" else 0.0,
+      attn_logit_softcap=float(hf.get("attn_logit_softcapping") or 0.0) if family == "gemma2" else 0.0,
+      final_logit_softcap=float(hf.get("final_logit_softcapping") or 0.0) if family == "gemma2" else 0.0,
+      sandwich_norms=family == "gemma2",
+      tie_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
       dtype=dtype,
       param_dtype=param_dtype,
       **_rope(hf),
   )
 
 
+_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM", "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
+}
+
+
 def to_hf_config(cfg: ModelConfig, family: str, *, torch_dtype: str = "float32") -> dict[str, Any]:
-  """A config.json dict that `transformers` loads into the same model."""
+  """A config.json dict that `transformers` loads into the same model; a ConfigError if `cfg` has
+  maths that `family` cannot express."""
   if family not in FAMILIES:
     raise ConfigError(f"family must be one of {FAMILIES}, got {family!r}")
-  if cfg.qkv_bias != (family == "qwen2") or cfg.qk_norm != (family == "qwen3"):
-    raise ConfigError(f"this model (qkv_bias={cfg.qkv_bias}, qk_norm={cfg.qk_norm}) is not a {family} model")
-  if cfg.sliding_window and family != "mistral":
-    raise ConfigError(f"sliding_window={cfg.sliding_window} can only be exported as a mistral model")
-  architecture = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
   rope: dict[str, Any] = {"rope_theta": cfg.rope_theta, "rope_type": cfg.rope_type}
   if cfg.rope_type == "llama3":
     rope.update(
@@ -115,8 +141,9 @@ def to_hf_config(cfg: ModelConfig, family: str, *, torch_dtype: str = "float32")
         high_freq_factor=cfg.rope_high_freq_factor,
         original_max_position_embeddings=cfg.rope_original_max_positions,
     )
-  out = {
-      "architectures": [architecture[family]],
+  gemma = family in _GEMMA
+  out: dict[str, Any] = {
+      "architectures": [_ARCHITECTURES[family]],
       "model_type": family,
       "vocab_size": cfg.vocab_size,
       "hidden_size": cfg.d_model,
@@ -125,19 +152,35 @@ def to_hf_config(cfg: ModelConfig, family: str, *, torch_dtype: str = "float32")
       "num_attention_heads": cfg.num_heads,
       "num_key_value_heads": cfg.num_kv_heads,
       "head_dim": cfg.head_dim,
-      "hidden_act": "silu",
       "rms_norm_eps": cfg.norm_eps,
       "tie_word_embeddings": cfg.tie_embeddings,
       "rope_parameters": rope,
       "attention_dropout": 0.0,
       "torch_dtype": torch_dtype,
   }
-  if family == "mistral":
-    out["sliding_window"] = cfg.sliding_window or None
-  if family == "qwen2":
-    out["use_sliding_window"] = False
-  if family in ("llama", "qwen3"):
+  if gemma:
+    out["hidden_activation"] = "gelu_pytorch_tanh"
+  else:
+    out["hidden_act"] = "silu"
+  if family in ("llama", "qwen3", "gemma", "gemma2"):
     out["attention_bias"] = False
   if family == "llama":
     out["mlp_bias"] = False
+  if family == "qwen2":
+    out["use_sliding_window"] = False
+  if family in ("mistral", "gemma2"):
+    out["sliding_window"] = cfg.sliding_window or None
+  if family == "gemma2":
+    if cfg.query_pre_attn_scalar and not float(cfg.query_pre_attn_scalar).is_integer():
+      raise ConfigError(f"gemma2 checkpoints store query_pre_attn_scalar as an integer, not {cfg.query_pre_attn_scalar}")
+    out.update(
+        query_pre_attn_scalar=int(cfg.query_pre_attn_scalar or cfg.head_dim),  # transformers wants an int
+        attn_logit_softcapping=cfg.attn_logit_softcap or None,
+        final_logit_softcapping=cfg.final_logit_softcap or None,
+    )
+  comparable = dataclasses.replace(cfg, dtype="float32", param_dtype="float32", remat=False)
+  if gemma and not cfg.query_pre_attn_scalar:
+    comparable = dataclasses.replace(comparable, query_pre_attn_scalar=float(cfg.head_dim) if family == "gemma2" else 0.0)
+  if from_hf_config(out) != comparable:
+    raise ConfigError(f"this model's config has maths a {family} checkpoint cannot express: {cfg}")
   return out

@@ -66,6 +66,22 @@ TOP_TENSORS: dict[tuple[str, ...], tuple[str, Convert, Convert]] = {
     ("final_norm", "scale"): ("model.norm.weight", _same, _same),
     ("unembed",): ("lm_head.weight", *_transpose),
 }
+# Gemma 2 names its four norms differently: post_attention_layernorm is on the attention output.
+SANDWICH_NORMS: dict[tuple[str, ...], tuple[str, Convert, Convert]] = {
+    ("post_attn_norm", "scale"): ("post_attention_layernorm.weight", _same, _same),
+    ("mlp_norm", "scale"): ("pre_feedforward_layernorm.weight", _same, _same),
+    ("post_mlp_norm", "scale"): ("post_feedforward_layernorm.weight", _same, _same),
+}
+
+
+def _layer_tensors(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[str, Convert, Convert]]:
+  return {**LAYER_TENSORS, **SANDWICH_NORMS} if cfg.sandwich_norms else LAYER_TENSORS
+
+
+def _entry(path: tuple[str, ...], cfg: ModelConfig) -> tuple[str, Convert, Convert]:
+  return _layer_tensors(cfg)[path[1:]] if path[0] == "layers" else TOP_TENSORS[path]
+
+
 # Present in some checkpoints, never needed: rotary tables that older versions saved as buffers.
 _IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 
@@ -84,11 +100,8 @@ def hf_names(cfg: ModelConfig) -> dict[tuple[str, ...], list[str]]:
   names = {}
   for key_path, _ in jax.tree_util.tree_flatten_with_path(abstract_params(cfg))[0]:
     path = _path(key_path)
-    if path[0] == "layers":
-      hf = LAYER_TENSORS[path[1:]][0]
-      names[path] = [f"model.layers.{i}.{hf}" for i in range(cfg.num_layers)]
-    else:
-      names[path] = [TOP_TENSORS[path][0]]
+    hf = _entry(path, cfg)[0]
+    names[path] = [f"model.layers.{i}.{hf}" for i in range(cfg.num_layers)] if path[0] == "layers" else [hf]
   return names
 
 
@@ -117,7 +130,7 @@ def load_params(folder: str | pathlib.Path, cfg: ModelConfig, shardings: Any = N
 
   def load(key_path, leaf):
     path = _path(key_path)
-    to_sft = (LAYER_TENSORS[path[1:]] if path[0] == "layers" else TOP_TENSORS[path])[1]
+    to_sft = _entry(path, cfg)[1]
     host = np.empty(leaf.shape, leaf.dtype)
     parts = [host[i] for i in range(cfg.num_layers)] if path[0] == "layers" else [host]
     for name, part in zip(names[path], parts):
@@ -134,7 +147,7 @@ def load_params(folder: str | pathlib.Path, cfg: ModelConfig, shardings: Any = N
 
 
 def _hf_shape(path: tuple[str, ...], sft_shape: tuple[int, ...], cfg: ModelConfig) -> tuple[int, ...]:
-  to_hf = (LAYER_TENSORS[path[1:]] if path[0] == "layers" else TOP_TENSORS[path])[2]
+  to_hf = _entry(path, cfg)[2]
   return tuple(to_hf(np.empty(sft_shape, np.uint8), cfg).shape)  # views only: no data is touched
 
 
@@ -160,7 +173,7 @@ def to_hf_tensors(params: Any, cfg: ModelConfig) -> dict[str, np.ndarray]:
   tensors = {}
   for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
     path = _path(key_path)
-    to_hf = (LAYER_TENSORS[path[1:]] if path[0] == "layers" else TOP_TENSORS[path])[2]
+    to_hf = _entry(path, cfg)[2]
     value = _host(leaf)
     parts = [value[i] for i in range(cfg.num_layers)] if path[0] == "layers" else [value]
     for name, part in zip(names[path], parts):

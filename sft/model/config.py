@@ -10,6 +10,7 @@ from sft.config import ConfigError
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 ROPE_TYPES = ("default", "llama3")
+ACTIVATIONS = ("silu", "gelu_tanh")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +36,15 @@ class ModelConfig:
   qkv_bias: bool = False  # biases on the q, k, v projections (Qwen2)
   qk_norm: bool = False  # RMSNorm over each head's q and k before rotary embeddings (Qwen3)
   sliding_window: int = 0  # a token sees at most this many tokens back, itself included; 0: no limit
+  # 0 or 1: every layer uses the sliding window; p > 1: every p-th layer attends fully (Gemma 2: 2).
+  sliding_window_pattern: int = 1
+  norm_plus_one: bool = False  # RMSNorm scales by (1 + w), w initialised at 0 (Gemma)
+  embed_scale: bool = False  # embeddings multiplied by sqrt(d_model) (Gemma)
+  mlp_activation: str = "silu"  # "silu" (SwiGLU) or "gelu_tanh" (GeGLU, Gemma)
+  query_pre_attn_scalar: float = 0.0  # attention scores scaled by its -1/2 power; 0: head_dim
+  attn_logit_softcap: float = 0.0  # scores -> cap * tanh(scores / cap); 0: off (Gemma 2)
+  final_logit_softcap: float = 0.0  # the same on the output logits (Gemma 2)
+  sandwich_norms: bool = False  # extra RMSNorms on the attention and MLP outputs (Gemma 2)
   tie_embeddings: bool = True
   dtype: str = "float32"  # activations and matmuls
   param_dtype: str = "float32"  # stored parameters (and optimizer moments)
@@ -56,6 +66,13 @@ class ModelConfig:
         raise ConfigError(f"model.{name} must be one of {sorted(DTYPES)}, got {getattr(self, name)!r}")
     if self.rope_type not in ROPE_TYPES:
       raise ConfigError(f"model.rope_type must be one of {ROPE_TYPES}, got {self.rope_type!r}")
+    if self.mlp_activation not in ACTIVATIONS:
+      raise ConfigError(f"model.mlp_activation must be one of {ACTIVATIONS}, got {self.mlp_activation!r}")
+    for name in ("query_pre_attn_scalar", "attn_logit_softcap", "final_logit_softcap"):
+      if getattr(self, name) < 0:
+        raise ConfigError(f"model.{name} must be >= 0 (0: off), got {getattr(self, name)}")
+    if self.sliding_window_pattern < 0:
+      raise ConfigError(f"model.sliding_window_pattern must be >= 0, got {self.sliding_window_pattern}")
     if self.sliding_window < 0:
       raise ConfigError(f"model.sliding_window must be >= 0 (0: none), got {self.sliding_window}")
 
@@ -66,3 +83,9 @@ class ModelConfig:
   @property
   def weight_dtype(self):
     return DTYPES[self.param_dtype]
+
+  def layer_uses_sliding_window(self, layer: int) -> bool:
+    if not self.sliding_window:
+      return False
+    pattern = self.sliding_window_pattern
+    return pattern <= 1 or layer % pattern != pattern - 1

@@ -6,6 +6,7 @@ H head dim, F feed-forward.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
@@ -85,10 +86,32 @@ class RMSNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    scale = param(self, "scale", nn.initializers.ones, (x.shape[-1],), (self.axis_name,), self.cfg)
+    init = nn.initializers.zeros if self.cfg.norm_plus_one else nn.initializers.ones
+    scale = param(self, "scale", init, (x.shape[-1],), (self.axis_name,), self.cfg).astype(jnp.float32)
     x32 = x.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.norm_eps)
-    return (normed * scale.astype(jnp.float32)).astype(self.cfg.compute_dtype)
+    return (normed * (1.0 + scale if self.cfg.norm_plus_one else scale)).astype(self.cfg.compute_dtype)
+
+
+def softcap(x: jax.Array, cap: float) -> jax.Array:
+  """cap * tanh(x / cap): smooth clipping to (-cap, cap); identity when cap is 0."""
+  return cap * jnp.tanh(x / cap) if cap else x
+
+
+def attend(q_btnh, k_bskh, v_bskh, mask_b1ts, cfg: ModelConfig) -> jax.Array:
+  """Softmax attention of N query heads over K kv heads (N = K * G)."""
+  scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
+  if not cfg.attn_logit_softcap:
+    # jax.nn.dot_product_attention groups the query heads over the kv heads itself.
+    return jax.nn.dot_product_attention(q_btnh, k_bskh, v_bskh, mask=mask_b1ts, scale=scale)
+  b, t, n, h = q_btnh.shape
+  k = k_bskh.shape[2]
+  q_btkgh = q_btnh.reshape(b, t, k, n // k, h)
+  scores_bkgts = jnp.einsum("BTKGH,BSKH->BKGTS", q_btkgh, k_bskh).astype(jnp.float32) * scale
+  scores_bkgts = softcap(scores_bkgts, cfg.attn_logit_softcap)
+  scores_bkgts = jnp.where(mask_b1ts[:, :, None], scores_bkgts, jnp.finfo(jnp.float32).min)
+  probs_bkgts = jax.nn.softmax(scores_bkgts, axis=-1).astype(v_bskh.dtype)
+  return jnp.einsum("BKGTS,BSKH->BTKGH", probs_bkgts, v_bskh).reshape(b, t, n, h)
 
 
 class Attention(nn.Module):
@@ -127,13 +150,12 @@ class Attention(nn.Module):
       write = jax.vmap(lambda cache_skh, new_tkh, i: jax.lax.dynamic_update_slice(cache_skh, new_tkh, (i, 0, 0)))
       layer_cache = (write(layer_cache[0], k_btkh, cache_index_b), write(layer_cache[1], v_btkh, cache_index_b))
       k_btkh, v_btkh = layer_cache
-    # jax.nn.dot_product_attention groups the N query heads over the K kv heads itself.
-    out_btnh = jax.nn.dot_product_attention(q_btnh, k_btkh, v_btkh, mask=mask_b1ts)
+    out_btnh = attend(q_btnh, k_btkh, v_btkh, mask_b1ts, c)
     return jnp.einsum("BTNH,NHD->BTD", out_btnh, w_o.astype(dt)), layer_cache
 
 
 class Mlp(nn.Module):
-  """SwiGLU feed-forward."""
+  """Gated feed-forward: SwiGLU, or GeGLU with the tanh GELU."""
 
   cfg: ModelConfig
 
@@ -146,5 +168,6 @@ class Mlp(nn.Module):
     dt = c.compute_dtype
     gate_btf = jnp.einsum("BTD,DF->BTF", x_btd, w_gate.astype(dt))
     up_btf = jnp.einsum("BTD,DF->BTF", x_btd, w_up.astype(dt))
-    hidden_btf = nn.with_logical_constraint(jax.nn.silu(gate_btf) * up_btf, (axes.BATCH, axes.LENGTH, axes.MLP))
+    act = jax.nn.silu if c.mlp_activation == "silu" else functools.partial(jax.nn.gelu, approximate=True)
+    hidden_btf = nn.with_logical_constraint(act(gate_btf) * up_btf, (axes.BATCH, axes.LENGTH, axes.MLP))
     return jnp.einsum("BTF,FD->BTD", hidden_btf, w_down.astype(dt))

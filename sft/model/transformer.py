@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from sft.model import axes
 from sft.model.config import ModelConfig
-from sft.model.layers import Attention, Mlp, RMSNorm, attention_mask, decode_mask, fan_in_init, param
+from sft.model.layers import Attention, Mlp, RMSNorm, attention_mask, decode_mask, fan_in_init, param, softcap
 
 
 class Block(nn.Module):
@@ -27,12 +27,20 @@ class Block(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_btd, positions_bt, mask_b1ts, layer_cache, cache_index_b):
-    attn_out, layer_cache = Attention(self.cfg, name="attn")(
-        RMSNorm(self.cfg, name="attn_norm")(x_btd), positions_bt, mask_b1ts, layer_cache, cache_index_b
+  def __call__(self, x_btd, positions_bt, masks, layer_cache, cache_index_b, is_sliding):
+    c = self.cfg
+    full_mask_b1ts, sliding_mask_b1ts = masks
+    mask_b1ts = jnp.where(is_sliding, sliding_mask_b1ts, full_mask_b1ts)
+    attn_out, layer_cache = Attention(c, name="attn")(
+        RMSNorm(c, name="attn_norm")(x_btd), positions_bt, mask_b1ts, layer_cache, cache_index_b
     )
+    if c.sandwich_norms:
+      attn_out = RMSNorm(c, name="post_attn_norm")(attn_out)
     x_btd = x_btd + attn_out
-    x_btd = x_btd + Mlp(self.cfg, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(x_btd))
+    mlp_out = Mlp(c, name="mlp")(RMSNorm(c, name="mlp_norm")(x_btd))
+    if c.sandwich_norms:
+      mlp_out = RMSNorm(c, name="post_mlp_norm")(mlp_out)
+    x_btd = x_btd + mlp_out
     return nn.with_logical_constraint(x_btd, (axes.BATCH, axes.LENGTH, axes.EMBED)), layer_cache
 
 
@@ -58,11 +66,15 @@ class Transformer(nn.Module):
         self, "embedding", nn.initializers.normal(stddev=0.02), (c.vocab_size, c.d_model), (axes.VOCAB, axes.EMBED), c
     )
     x_btd = jnp.take(embedding_vd, tokens_bt, axis=0).astype(c.compute_dtype)
+    if c.embed_scale:
+      x_btd = x_btd * jnp.asarray(c.d_model**0.5, c.compute_dtype)  # rounded to the compute dtype, as Gemma does
     x_btd = nn.with_logical_constraint(x_btd, (axes.BATCH, axes.LENGTH, axes.EMBED))
     if cache is None:
-      mask_b1ts = attention_mask(segment_ids_bt, c.sliding_window)
+      masks = (attention_mask(segment_ids_bt), attention_mask(segment_ids_bt, c.sliding_window))
     else:
-      mask_b1ts = decode_mask(cache_index_b, tokens_bt.shape[1], cache[0].shape[2], c.sliding_window)
+      num_new, cache_len = tokens_bt.shape[1], cache[0].shape[2]
+      masks = (decode_mask(cache_index_b, num_new, cache_len), decode_mask(cache_index_b, num_new, cache_len, c.sliding_window))
+    is_sliding_l = jnp.asarray([c.layer_uses_sliding_window(i) for i in range(c.num_layers)])
 
     block = nn.remat(Block, prevent_cse=False) if c.remat else Block
     # One traced layer scanned L times: compile time does not grow with depth.
@@ -70,11 +82,11 @@ class Transformer(nn.Module):
         block,
         variable_axes={"params": 0},
         split_rngs={"params": True},
-        in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
+        in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, 0),
         length=c.num_layers,
         metadata_params={nn.PARTITION_NAME: axes.LAYERS},
     )(c, name="layers")
-    x_btd, cache = layers(x_btd, positions_bt, mask_b1ts, cache, cache_index_b)
+    x_btd, cache = layers(x_btd, positions_bt, masks, cache, cache_index_b, is_sliding_l)
     x_btd = RMSNorm(c, name="final_norm")(x_btd)
 
     if c.tie_embeddings:
@@ -83,6 +95,7 @@ class Transformer(nn.Module):
       unembed_dv = param(self, "unembed", fan_in_init(0, 1), (c.d_model, c.vocab_size), (axes.EMBED, axes.VOCAB), c)
       logits_btv = jnp.einsum("BTD,DV->BTV", x_btd, unembed_dv.astype(c.compute_dtype))
     logits_btv = nn.with_logical_constraint(logits_btv, (axes.BATCH, axes.LENGTH, axes.VOCAB)).astype(jnp.float32)
+    logits_btv = softcap(logits_btv, c.final_logit_softcap)
     return logits_btv if cache is None else (logits_btv, cache)
 
 
