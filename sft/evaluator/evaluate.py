@@ -11,10 +11,9 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from sft import pipeline
-from sft.evaluator.generate import make_greedy_generate, pad_prompts, strip_generation
+from sft.evaluator.generate import make_generate, pad_prompts, strip_generation
 from sft.evaluator.metrics import exact_match, mean_token_f1
 from sft.model import Transformer
-from sft.pipeline.tokenizer import PAD_ID, Tokenizer
 from sft.trainer.sharding import global_batch
 
 
@@ -32,7 +31,7 @@ class Evaluator:
       self,
       records: Sequence[dict[str, Any]],
       *,
-      tokenizer: Tokenizer,
+      tokenizer,  # Tokenizer or HFTokenizer
       model: Transformer,
       eval_step: Callable,
       batch_sharding,
@@ -63,12 +62,10 @@ class Evaluator:
     # An even spread over the eval set (records come grouped by module), the same at every eval.
     stride = max(len(records) // max(num_generations, 1), 1)
     chosen = list(records[::stride])[:num_generations]
-    rendered = [pipeline.render_prompt(r["messages"], tokenizer) for r in chosen]
+    rendered = [tokenizer.render_prompt(r["messages"]) for r in chosen]
     self._prompts = [p for p, _ in rendered]
     self._references = [ref for _, ref in rendered]
-    self._generate = make_greedy_generate(
-        model, max_new_tokens=max_new_tokens, stop_id=tokenizer.end_id, pad_id=PAD_ID
-    )
+    self._generate = make_generate(model, max_new_tokens=max_new_tokens, stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id)
 
   @property
   def num_batches(self) -> int:
@@ -92,13 +89,12 @@ class Evaluator:
   def generation_metrics(self, params) -> tuple[dict[str, float], list[Sample]]:
     if not self._prompts:
       return {}, []
-    tokens_bp, lengths_b = pad_prompts(self._prompts, PAD_ID)
-    generated_bn = np.asarray(jax.device_get(self._generate(params, tokens_bp, lengths_b)))
-    predictions = [
-        self._tokenizer.decode(strip_generation(row, self._tokenizer.end_id, PAD_ID)) for row in generated_bn
-    ]
+    tok = self._tokenizer
+    tokens_bp, lengths_b = pad_prompts(self._prompts, tok.pad_id)
+    generated_bn = np.asarray(jax.device_get(self._generate(params, tokens_bp, lengths_b, jax.random.key(0))))
+    predictions = [tok.decode(strip_generation(row, tok.stop_ids, tok.pad_id)) for row in generated_bn]
     samples = [
-        Sample(self._tokenizer.decode(p[1:]), ref, pred)
+        Sample(tok.decode(p), ref, pred)
         for p, ref, pred in zip(self._prompts, self._references, predictions)
     ]
     metrics = {

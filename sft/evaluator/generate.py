@@ -96,11 +96,12 @@ def make_greedy_generate(model: Transformer, *, max_new_tokens: int, stop_id: in
   return lambda params, tokens_bp, lengths_b: fn(params, tokens_bp, lengths_b, jax.random.key(0))
 
 
-def strip_generation(ids: Sequence[int], stop_id: int, pad_id: int) -> list[int]:
-  """Generated ids up to (not including) the stop token, without padding."""
+def strip_generation(ids: Sequence[int], stop_ids: int | Sequence[int], pad_id: int) -> list[int]:
+  """Generated ids up to (not including) the first stop token, without padding."""
+  stops = {stop_ids} if isinstance(stop_ids, int) else set(stop_ids)
   out = []
   for token in ids:
-    if token == stop_id:
+    if token in stops:
       break
     if token != pad_id:
       out.append(int(token))

@@ -49,6 +49,28 @@ class Tokenizer:
   def decode(self, ids: Iterable[int]) -> str:
     return self._sp.decode([int(i) for i in ids])
 
+  # The chat protocol the pipeline and evaluator use (HFTokenizer has the same methods).
+  pad_id = PAD_ID
+
+  @property
+  def stop_ids(self) -> tuple[int, ...]:
+    return (self.end_id,)
+
+  def tokenize_chat(self, messages):
+    from sft.pipeline import transforms  # transforms imports this module
+
+    return transforms.tokenize_chat(messages, self)
+
+  def tokenize_text(self, text):
+    from sft.pipeline import transforms
+
+    return transforms.tokenize_text(text, self)
+
+  def render_prompt(self, messages):
+    from sft.pipeline import transforms
+
+    return transforms.render_prompt(messages, self)
+
   @classmethod
   def load(cls, path: str | pathlib.Path) -> "Tokenizer":
     try:

@@ -115,11 +115,14 @@ def shift_and_truncate(tokens: np.ndarray, loss_mask: np.ndarray, max_len: int) 
   }
 
 
-def tokenize_record(record: Mapping[str, Any], tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
+def tokenize_record(record: Mapping[str, Any], tokenizer) -> tuple[np.ndarray, np.ndarray]:
+  """Any tokenizer with `tokenize_chat` and `tokenize_text` (the built-in one or an HFTokenizer)."""
   if "messages" in record:
-    return tokenize_chat(record["messages"], tokenizer)
+    return tokenizer.tokenize_chat(record["messages"])
   if "text" in record:
-    return tokenize_text(record["text"], tokenizer)
+    if not isinstance(record["text"], str) or not record["text"].strip():
+      raise ValueError("invalid text record: empty or non-string text")
+    return tokenizer.tokenize_text(record["text"])
   raise ValueError(f"record has neither 'messages' nor 'text': keys {sorted(record)}")
 
 
@@ -127,7 +130,7 @@ def tokenize_record(record: Mapping[str, Any], tokenizer: Tokenizer) -> tuple[np
 class TokenizeAndShift(grain.transforms.Map):
   """grain transform: record -> {inputs, targets, loss_mask}, truncated to `max_len`."""
 
-  tokenizer: Tokenizer
+  tokenizer: Any  # Tokenizer or HFTokenizer
   max_len: int
 
   def map(self, record):
