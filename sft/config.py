@@ -14,14 +14,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0  # parameter init and data order
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = "stdlib"  # the embedded default: API questions from the Python standard library
+  c.data.source = "stdlib"  # "stdlib": the embedded default (API questions); "dir": data.dir
   c.data.eval_fraction = 0.05  # share of APIs held out (by a hash of their name)
   c.data.salt = ""  # changes which APIs are held out, deterministically
+  c.data.dir = ""  # with source "dir": a folder with train.jsonl, eval.jsonl (and pretrain.jsonl)
 
   c.tokenizer = ml_collections.ConfigDict()
   c.tokenizer.vocab_size = 2048  # SentencePiece vocabulary trained on the raw text, saved in the workdir
 
   c.model = ml_collections.ConfigDict()
+  # A Hugging Face model folder to fine-tune: its config.json replaces the shape keys below, its
+  # tokenizer and chat template replace the trained tokenizer; the result is exported to <workdir>/hf_export.
+  c.model.checkpoint = ""
   c.model.d_model = 256
   c.model.num_layers = 4
   c.model.num_heads = 4

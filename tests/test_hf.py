@@ -2,6 +2,7 @@
 decode the same greedy tokens, and export back to identical tensors."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -163,3 +164,55 @@ def test_bad_checkpoints_are_clear_errors(tmp_path):
   (tmp_path / "pytorch_model.bin").write_bytes(b"pickle")
   with pytest.raises(FileNotFoundError, match="never pickles"):
     load_model(tmp_path)
+
+
+def test_fine_tune_a_local_checkpoint_through_the_launcher(tmp_path):
+  """launch.py with --config.model.checkpoint: HF weights + tokenizer + template in, fine-tuned HF folder out."""
+  import subprocess
+  import sys
+
+  from test_hf_tokenizer import CHATML, make_folder
+
+  model_dir = make_folder(tmp_path / "qwen", CHATML, eos_token="<|im_end|>")
+  config = transformers.Qwen2Config(**{**COMMON, "vocab_size": 400}, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+  torch.manual_seed(0)
+  original = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+  original.save_pretrained(model_dir)
+  data_dir = tmp_path / "data"
+  data_dir.mkdir()
+  rng = np.random.default_rng(0)
+  for name, n in (("train", 64), ("eval", 8)):
+    rows = []
+    for _ in range(n):
+      a, b = rng.integers(0, 20, 2)
+      rows.append({"messages": [{"role": "user", "content": f"What is {a} plus {b}?"}, {"role": "assistant", "content": f"It is {a + b}."}]})
+    (data_dir / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  workdir = tmp_path / "run"
+  cmd = [
+      sys.executable, "launch.py", "--config=configs/quickstart.py", f"--workdir={workdir}",
+      f"--config.model.checkpoint={model_dir}", "--config.data.source=dir", f"--config.data.dir={data_dir}",
+      "--config.train.pretrain_steps=0", "--config.train.sft_steps=12", "--config.train.seq_len=64",
+      "--config.train.batch_size=4", "--config.train.lr=1e-3", "--config.train.log_every=4",
+      "--config.eval.every_steps=12", "--config.eval.batch_size=4", "--config.eval.num_generations=4",
+      "--config.eval.max_new_tokens=6", "--config.checkpoint.every_steps=12",
+  ]
+  result = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=900)
+  assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+  assert "weights: loaded from" in result.stdout and "with its chat template" in result.stdout
+  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert rows[-1]["eval/loss"] < rows[0]["eval/loss"]
+
+  exported = workdir / "hf_export"
+  for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+    assert (exported / name).exists(), name
+  assert json.loads((exported / "tokenizer_config.json").read_text())["chat_template"] == CHATML
+  tuned = transformers.AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32).eval()
+  tokens = list(range(3, 15))
+  assert not np.allclose(_hf_logits(tuned, tokens), _hf_logits(original, tokens), atol=1e-3)
+  _, params = load_model(exported)
+  ours = Transformer(from_hf_config(json.loads((exported / "config.json").read_text()))).apply(
+      {"params": params}, jnp.asarray([tokens]), jnp.arange(len(tokens))[None], jnp.ones((1, len(tokens)), jnp.int32)
+  )[0]
+  np.testing.assert_allclose(ours, _hf_logits(tuned, tokens), atol=1e-4, rtol=1e-4)

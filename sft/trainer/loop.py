@@ -19,11 +19,11 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import NamedSharding, PartitionSpec
 
-from sft import databuilder, pipeline
+from sft import hf, pipeline
 from sft.config import ConfigError
 from sft.evaluator import Evaluator
-from sft.model import ModelConfig, Transformer, count_params
-from sft.trainer import sharding
+from sft.model import Transformer, count_params
+from sft.trainer import sharding, sources
 from sft.trainer import state as state_lib
 from sft.trainer import step as step_lib
 from sft.trainer.checkpoint import Checkpointer
@@ -40,24 +40,6 @@ def _ensure_console_handler() -> None:
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False
-
-
-def load_data(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> tuple[dict[str, list], dict, pipeline.Tokenizer]:
-  """(splits, build summary, tokenizer), built into the workdir on the first run and reused after."""
-  if config.data.source != "stdlib":
-    raise ConfigError(f"data.source must be 'stdlib' (the embedded default), got {config.data.source!r}")
-  splits, summary = databuilder.get_or_build_stdlib_dataset(
-      workdir / "data", eval_fraction=config.data.eval_fraction, salt=config.data.salt
-  )
-  texts = [r["text"] for r in splits["pretrain"]]
-  texts += [m["content"] for r in splits["train"] for m in r["messages"]]
-  tokenizer, trained = pipeline.get_or_train_tokenizer(workdir / "tokenizer.model", texts, config.tokenizer.vocab_size)
-  log.info("tokenizer: %s %s (vocab %d)", "trained" if trained else "loaded", workdir / "tokenizer.model", tokenizer.vocab_size)
-  return splits, summary, tokenizer
-
-
-def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
-  return ModelConfig(vocab_size=vocab_size, **config.model.to_dict())
 
 
 def _check_batch(name: str, batch_size: int, shards: int) -> None:
@@ -78,7 +60,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
   # Config errors surface before any data is built.
   tc = config.train
-  model_cfg = model_config(config, config.tokenizer.vocab_size)
+  model_cfg = sources.model_config(config)
   mesh = sharding.make_mesh(config.mesh.to_dict())
   rules = sharding.logical_rules(config.sharding_rules, mesh)
   shards = sharding.batch_shards(mesh, rules)
@@ -86,7 +68,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   _check_batch("eval.batch_size", config.eval.batch_size, shards)
   log.info("devices: %d x %s, %d process(es); mesh %s", jax.device_count(), jax.devices()[0].platform, jax.process_count(), dict(mesh.shape))
 
-  splits, data_summary, tokenizer = load_data(config, workdir)
+  splits, data_summary = sources.load_splits(config, workdir)
+  tokenizer = sources.load_tokenizer(config, workdir, splits)
+  if tokenizer.vocab_size > model_cfg.vocab_size:
+    raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {model_cfg.vocab_size}")
   log.info("data: %s (dropped: %s)", data_summary["records"], data_summary["dropped_by_reason"])
   for name in ("pretrain", "train"):
     cut = pipeline.count_truncated(splits[name], tokenizer, tc.seq_len)
@@ -114,6 +99,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
           )
       )
       for phase, records in (("pretrain", splits["pretrain"]), ("sft", splits["train"]))
+      if records or phase == "sft"
   }
   checkpointer = Checkpointer(
       workdir / "checkpoints", max_to_keep=config.checkpoint.max_to_keep, save_interval_steps=config.checkpoint.every_steps
@@ -124,6 +110,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         start_step, state_lib.abstract_with_shardings(abstract_state, state_shardings), iterators
     )
     log.info("resumed from %s at step %d", workdir / "checkpoints", start_step)
+  elif config.model.checkpoint:
+    params = hf.load_params(config.model.checkpoint, model_cfg, state_shardings.params)
+    train_state = state_lib.train_state_from_params(params, optimizer, state_shardings)
+    log.info("weights: loaded from %s", config.model.checkpoint)
   else:
     train_state = state_lib.create_train_state(model, optimizer, dummy, state_shardings, jax.random.key(config.seed))
 
@@ -178,6 +168,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       checkpointer.save(done, train_state, iterators, force=done == total_steps)
       progress.exclude(paused)
   checkpointer.close()
+  if config.model.checkpoint:
+    exported = sources.export(config, train_state.params, model_cfg, workdir / "hf_export")
+    log.info("exported the fine-tuned model for transformers to %s", exported)
 
   final = metrics_log.history[-1] if metrics_log.history else {}
   summary = {

@@ -91,6 +91,15 @@ def create_train_state(
   return jax.jit(init, out_shardings=shardings)(rng)
 
 
+def train_state_from_params(params: Any, optimizer: optax.GradientTransformation, shardings: TrainState) -> TrainState:
+  """A fresh train state around given (already placed) parameters, e.g. a loaded checkpoint."""
+
+  def init(params):
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+
+  return jax.jit(init, in_shardings=(shardings.params,), out_shardings=shardings)(params)
+
+
 def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
   """ShapeDtypeStructs that carry their target sharding (what orbax restores into)."""
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
