@@ -51,6 +51,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.final_logit_softcap = 0.0  # 0: off (Gemma 2 uses 30)
   c.model.sandwich_norms = False  # norms on attention and MLP outputs too (Gemma 2)
   c.model.tie_embeddings = True  # the output layer reuses the token embedding
+  c.model.lora_rank = 0  # > 0: train only rank-r adapters on lora_targets; the base weights stay frozen
+  c.model.lora_alpha = 16.0  # adapters are scaled by lora_alpha / lora_rank
+  c.model.lora_dropout = 0.0  # dropout on the adapters' input during training
+  c.model.lora_targets = ("q", "k", "v", "o")  # among q, k, v, o, gate, up, down
   c.model.dtype = "float32"  # activations; "bfloat16" on TPUs and GPUs
   c.model.param_dtype = "float32"
   c.model.remat = False  # recompute activations in the backward pass to save memory

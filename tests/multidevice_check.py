@@ -53,12 +53,14 @@ def main():
   rules = tuple(base_config().sharding_rules)
   multi_losses, multi_params, multi_state = run(mesh_shape={"data": 2, "fsdp": 2, "tensor": 2}, rules=rules)
   q = multi_state.params["layers"]["attn"]["q"]
+  q_specs = [str(x.sharding.spec) for x in jax.tree.leaves(multi_state.opt_state) if x.shape == q.shape]
   param_diff = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(single_params), jax.tree.leaves(multi_params)))
   print(json.dumps({
       "single_losses": single_losses,
       "multi_losses": multi_losses,
       "max_param_diff": param_diff,
       "q_spec": str(q.sharding.spec),
+      "q_moment_specs": q_specs,
       "q_shards": len(q.addressable_shards),
       "q_shard_shape": list(q.addressable_shards[0].data.shape),
   }))

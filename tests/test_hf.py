@@ -166,7 +166,8 @@ def test_bad_checkpoints_are_clear_errors(tmp_path):
     load_model(tmp_path)
 
 
-def test_fine_tune_a_local_checkpoint_through_the_launcher(tmp_path):
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_fine_tune_a_local_checkpoint_through_the_launcher(tmp_path, mode):
   """launch.py with --config.model.checkpoint: HF weights + tokenizer + template in, fine-tuned HF folder out."""
   import subprocess
   import sys
@@ -198,9 +199,12 @@ def test_fine_tune_a_local_checkpoint_through_the_launcher(tmp_path):
       "--config.eval.every_steps=12", "--config.eval.batch_size=4", "--config.eval.num_generations=4",
       "--config.eval.max_new_tokens=6", "--config.checkpoint.every_steps=12",
   ]
+  if mode == "lora":
+    cmd += ["--config.model.lora_rank=4", "--config.train.lr=1e-2", "--config.model.lora_targets=('q','v','gate')"]
   result = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=900)
   assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
   assert "weights: loaded from" in result.stdout and "with its chat template" in result.stdout
+  assert ("LoRA:" in result.stdout) == (mode == "lora")
   rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert rows[-1]["eval/loss"] < rows[0]["eval/loss"]
 
@@ -211,6 +215,11 @@ def test_fine_tune_a_local_checkpoint_through_the_launcher(tmp_path):
   tuned = transformers.AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32).eval()
   tokens = list(range(3, 15))
   assert not np.allclose(_hf_logits(tuned, tokens), _hf_logits(original, tokens), atol=1e-3)
+  if mode == "lora":  # untargeted weights are exactly the originals; targeted ones carry the merged adapters
+    tuned_state, original_state = tuned.state_dict(), original.state_dict()
+    for name in ("model.layers.0.self_attn.k_proj.weight", "model.layers.1.mlp.down_proj.weight", "model.embed_tokens.weight"):
+      assert torch.equal(tuned_state[name], original_state[name]), name
+    assert not torch.equal(tuned_state["model.layers.0.self_attn.q_proj.weight"], original_state["model.layers.0.self_attn.q_proj.weight"])
   _, params = load_model(exported)
   ours = Transformer(from_hf_config(json.loads((exported / "config.json").read_text()))).apply(
       {"params": params}, jnp.asarray([tokens]), jnp.arange(len(tokens))[None], jnp.ones((1, len(tokens)), jnp.int32)

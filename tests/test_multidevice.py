@@ -19,3 +19,4 @@ def test_sharded_step_matches_single_device():
   # The parameters really are split: q (layers, embed, heads, head_dim) over fsdp and tensor.
   assert result["q_spec"] == "P(None, 'fsdp', 'tensor', None)"
   assert result["q_shard_shape"] == [2, 16, 2, 8]
+  assert result["q_moment_specs"] == [result["q_spec"]] * 2  # Adam's mu and nu are split like q

@@ -178,9 +178,14 @@ def to_hf_config(cfg: ModelConfig, family: str, *, torch_dtype: str = "float32")
         attn_logit_softcapping=cfg.attn_logit_softcap or None,
         final_logit_softcapping=cfg.final_logit_softcap or None,
     )
-  comparable = dataclasses.replace(cfg, dtype="float32", param_dtype="float32", remat=False)
+  if cfg.lora_rank:
+    raise ConfigError("merge the LoRA adapters first (sft.model.lora.merge): a checkpoint holds plain weights")
+  # Training-only fields (dtypes, remat, LoRA settings) are not part of the checkpoint's maths.
+  training_only = ("dtype", "param_dtype", "remat", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
+  reloaded = dataclasses.replace(from_hf_config(out), **{k: getattr(cfg, k) for k in training_only})
+  comparable = cfg
   if gemma and not cfg.query_pre_attn_scalar:
-    comparable = dataclasses.replace(comparable, query_pre_attn_scalar=float(cfg.head_dim) if family == "gemma2" else 0.0)
-  if from_hf_config(out) != comparable:
+    comparable = dataclasses.replace(cfg, query_pre_attn_scalar=float(cfg.head_dim) if family == "gemma2" else 0.0)
+  if reloaded != comparable:
     raise ConfigError(f"this model's config has maths a {family} checkpoint cannot express: {cfg}")
   return out

@@ -11,6 +11,7 @@ from sft.config import ConfigError
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 ROPE_TYPES = ("default", "llama3")
 ACTIVATIONS = ("silu", "gelu_tanh")
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,11 +47,17 @@ class ModelConfig:
   final_logit_softcap: float = 0.0  # the same on the output logits (Gemma 2)
   sandwich_norms: bool = False  # extra RMSNorms on the attention and MLP outputs (Gemma 2)
   tie_embeddings: bool = True
+  # LoRA: rank-r adapters beside the `lora_targets` projections, scaled by alpha / r (0: none).
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
+  lora_dropout: float = 0.0  # on the adapter's input, in training only
+  lora_targets: tuple[str, ...] = ("q", "k", "v", "o")
   dtype: str = "float32"  # activations and matmuls
   param_dtype: str = "float32"  # stored parameters (and optimizer moments)
   remat: bool = False  # recompute each layer's activations in the backward pass
 
   def __post_init__(self):
+    object.__setattr__(self, "lora_targets", tuple(self.lora_targets))  # a ConfigDict may hand over a list
     for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim"):
       value = getattr(self, name)
       if not isinstance(value, int) or value <= 0:
@@ -73,6 +80,11 @@ class ModelConfig:
         raise ConfigError(f"model.{name} must be >= 0 (0: off), got {getattr(self, name)}")
     if self.sliding_window_pattern < 0:
       raise ConfigError(f"model.sliding_window_pattern must be >= 0, got {self.sliding_window_pattern}")
+    if self.lora_rank < 0 or not 0.0 <= self.lora_dropout < 1.0:
+      raise ConfigError(f"model.lora_rank must be >= 0 and lora_dropout in [0, 1); got {self.lora_rank}, {self.lora_dropout}")
+    unknown = set(self.lora_targets) - set(LORA_TARGETS)
+    if unknown:
+      raise ConfigError(f"model.lora_targets has {sorted(unknown)}; the projections are {LORA_TARGETS}")
     if self.sliding_window < 0:
       raise ConfigError(f"model.sliding_window must be >= 0 (0: none), got {self.sliding_window}")
 

@@ -26,6 +26,26 @@ def fan_in_init(in_axis, out_axis, scale: float = 1.0):
   return nn.initializers.variance_scaling(scale, "fan_in", "truncated_normal", in_axis=in_axis, out_axis=out_axis)
 
 
+def project(module: nn.Module, name: str, x, spec: str, shape, logical_axes, n_in: int, init, train: bool):
+  """`einsum(spec, x, W)` for the weight `name` of shape `shape` whose first `n_in` axes contract
+  with x; plus, when `name` is a LoRA target, (alpha / r) * (x A) B with B starting at zero."""
+  c = module.cfg
+  w = param(module, name, init, shape, logical_axes, c)
+  y = jnp.einsum(spec, x, w.astype(c.compute_dtype))
+  if not c.lora_rank or name not in c.lora_targets:
+    return y
+  (x_spec, w_spec), out_spec = spec.split("->")[0].split(","), spec.split("->")[1]
+  w_in, w_out = w_spec[:n_in], w_spec[n_in:]
+  mid_spec = "".join(ch for ch in out_spec if ch not in w_out) + "R"
+  r = c.lora_rank
+  a = param(module, f"{name}_lora_a", fan_in_init(tuple(range(n_in)), n_in), (*shape[:n_in], r), (*logical_axes[:n_in], axes.LORA), c)
+  b = param(module, f"{name}_lora_b", nn.initializers.zeros, (r, *shape[n_in:]), (axes.LORA, *logical_axes[n_in:]), c)
+  if c.lora_dropout and train:
+    x = nn.Dropout(c.lora_dropout, deterministic=False)(x)
+  mid = jnp.einsum(f"{x_spec},{w_in}R->{mid_spec}", x, a.astype(c.compute_dtype))
+  return y + (c.lora_alpha / r) * jnp.einsum(f"{mid_spec},R{w_out}->{out_spec}", mid, b.astype(c.compute_dtype))
+
+
 def _window(query_t1: jax.Array, key_1s: jax.Array, sliding_window: int) -> jax.Array:
   """key <= query, and within `sliding_window` tokens of it when that is set."""
   visible = key_1s <= query_t1
@@ -118,6 +138,7 @@ class Attention(nn.Module):
   """Grouped-query attention with rotary embeddings on per-segment positions."""
 
   cfg: ModelConfig
+  train: bool = False
 
   @nn.compact
   def __call__(self, x_btd, positions_bt, mask_b1ts, layer_cache=None, cache_index_b=None):
@@ -126,14 +147,13 @@ class Attention(nn.Module):
     cached keys (mask (B, 1, T, S)), and the updated cache is returned alongside the output."""
     c = self.cfg
     d, n, k, h = c.d_model, c.num_heads, c.num_kv_heads, c.head_dim
-    w_q = param(self, "q", fan_in_init(0, (1, 2)), (d, n, h), (axes.EMBED, axes.HEADS, axes.HEAD_DIM), c)
-    w_k = param(self, "k", fan_in_init(0, (1, 2)), (d, k, h), (axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM), c)
-    w_v = param(self, "v", fan_in_init(0, (1, 2)), (d, k, h), (axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM), c)
-    w_o = param(self, "o", fan_in_init((0, 1), 2), (n, h, d), (axes.HEADS, axes.HEAD_DIM, axes.EMBED), c)
+    def proj(name, x, spec, shape, logical_axes, n_in, init):
+      return project(self, name, x, spec, shape, logical_axes, n_in, init, self.train)
+
+    q_btnh = proj("q", x_btd, "BTD,DNH->BTNH", (d, n, h), (axes.EMBED, axes.HEADS, axes.HEAD_DIM), 1, fan_in_init(0, (1, 2)))
+    k_btkh = proj("k", x_btd, "BTD,DKH->BTKH", (d, k, h), (axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM), 1, fan_in_init(0, (1, 2)))
+    v_btkh = proj("v", x_btd, "BTD,DKH->BTKH", (d, k, h), (axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM), 1, fan_in_init(0, (1, 2)))
     dt = c.compute_dtype
-    q_btnh = jnp.einsum("BTD,DNH->BTNH", x_btd, w_q.astype(dt))
-    k_btkh = jnp.einsum("BTD,DKH->BTKH", x_btd, w_k.astype(dt))
-    v_btkh = jnp.einsum("BTD,DKH->BTKH", x_btd, w_v.astype(dt))
     if c.qkv_bias:
       zeros = nn.initializers.zeros
       q_btnh += param(self, "q_bias", zeros, (n, h), (axes.HEADS, axes.HEAD_DIM), c).astype(dt)
@@ -151,23 +171,24 @@ class Attention(nn.Module):
       layer_cache = (write(layer_cache[0], k_btkh, cache_index_b), write(layer_cache[1], v_btkh, cache_index_b))
       k_btkh, v_btkh = layer_cache
     out_btnh = attend(q_btnh, k_btkh, v_btkh, mask_b1ts, c)
-    return jnp.einsum("BTNH,NHD->BTD", out_btnh, w_o.astype(dt)), layer_cache
+    o_axes = (axes.HEADS, axes.HEAD_DIM, axes.EMBED)
+    return proj("o", out_btnh, "BTNH,NHD->BTD", (n, h, d), o_axes, 2, fan_in_init((0, 1), 2)), layer_cache
 
 
 class Mlp(nn.Module):
   """Gated feed-forward: SwiGLU, or GeGLU with the tanh GELU."""
 
   cfg: ModelConfig
+  train: bool = False
 
   @nn.compact
   def __call__(self, x_btd):
     c = self.cfg
-    w_gate = param(self, "gate", fan_in_init(0, 1), (c.d_model, c.mlp_dim), (axes.EMBED, axes.MLP), c)
-    w_up = param(self, "up", fan_in_init(0, 1), (c.d_model, c.mlp_dim), (axes.EMBED, axes.MLP), c)
-    w_down = param(self, "down", fan_in_init(0, 1), (c.mlp_dim, c.d_model), (axes.MLP, axes.EMBED), c)
-    dt = c.compute_dtype
-    gate_btf = jnp.einsum("BTD,DF->BTF", x_btd, w_gate.astype(dt))
-    up_btf = jnp.einsum("BTD,DF->BTF", x_btd, w_up.astype(dt))
+    def proj(name, x, spec, shape, logical_axes):
+      return project(self, name, x, spec, shape, logical_axes, 1, fan_in_init(0, 1), self.train)
+
+    gate_btf = proj("gate", x_btd, "BTD,DF->BTF", (c.d_model, c.mlp_dim), (axes.EMBED, axes.MLP))
+    up_btf = proj("up", x_btd, "BTD,DF->BTF", (c.d_model, c.mlp_dim), (axes.EMBED, axes.MLP))
     act = jax.nn.silu if c.mlp_activation == "silu" else functools.partial(jax.nn.gelu, approximate=True)
     hidden_btf = nn.with_logical_constraint(act(gate_btf) * up_btf, (axes.BATCH, axes.LENGTH, axes.MLP))
-    return jnp.einsum("BTF,FD->BTD", hidden_btf, w_down.astype(dt))
+    return proj("down", hidden_btf, "BTF,FD->BTD", (c.mlp_dim, c.d_model), (axes.MLP, axes.EMBED))

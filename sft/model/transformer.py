@@ -25,19 +25,20 @@ class Block(nn.Module):
   """Pre-norm residual block; the (carry, per-layer output) signature lets `nn.scan` stack layers."""
 
   cfg: ModelConfig
+  train: bool = False
 
   @nn.compact
   def __call__(self, x_btd, positions_bt, masks, layer_cache, cache_index_b, is_sliding):
     c = self.cfg
     full_mask_b1ts, sliding_mask_b1ts = masks
     mask_b1ts = jnp.where(is_sliding, sliding_mask_b1ts, full_mask_b1ts)
-    attn_out, layer_cache = Attention(c, name="attn")(
+    attn_out, layer_cache = Attention(c, self.train, name="attn")(
         RMSNorm(c, name="attn_norm")(x_btd), positions_bt, mask_b1ts, layer_cache, cache_index_b
     )
     if c.sandwich_norms:
       attn_out = RMSNorm(c, name="post_attn_norm")(attn_out)
     x_btd = x_btd + attn_out
-    mlp_out = Mlp(c, name="mlp")(RMSNorm(c, name="mlp_norm")(x_btd))
+    mlp_out = Mlp(c, self.train, name="mlp")(RMSNorm(c, name="mlp_norm")(x_btd))
     if c.sandwich_norms:
       mlp_out = RMSNorm(c, name="post_mlp_norm")(mlp_out)
     x_btd = x_btd + mlp_out
@@ -55,9 +56,11 @@ class Transformer(nn.Module):
 
   For decoding, pass `cache` (from `init_cache`) and `cache_index_b`, the slot of each row's first new
   token; segment ids are then unused, and (logits, updated cache) is returned.
+  With `train=True`, LoRA dropout is on and needs a "dropout" rng.
   """
 
   cfg: ModelConfig
+  train: bool = False
 
   @nn.compact
   def __call__(self, tokens_bt, positions_bt, segment_ids_bt=None, cache=None, cache_index_b=None):
@@ -81,11 +84,11 @@ class Transformer(nn.Module):
     layers = nn.scan(
         block,
         variable_axes={"params": 0},
-        split_rngs={"params": True},
+        split_rngs={"params": True, "dropout": True},
         in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, 0),
         length=c.num_layers,
         metadata_params={nn.PARTITION_NAME: axes.LAYERS},
-    )(c, name="layers")
+    )(c, self.train, name="layers")
     x_btd, cache = layers(x_btd, positions_bt, masks, cache, cache_index_b, is_sliding_l)
     x_btd = RMSNorm(c, name="final_norm")(x_btd)
 

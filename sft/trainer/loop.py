@@ -6,6 +6,7 @@ the latest checkpoint: same data, same tokenizer, the batches that would have co
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import pathlib
@@ -22,7 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from sft import hf, pipeline
 from sft.config import ConfigError
 from sft.evaluator import Evaluator
-from sft.model import Transformer, count_params
+from sft.model import Transformer, count_params, lora
 from sft.trainer import sharding, sources
 from sft.trainer import state as state_lib
 from sft.trainer import step as step_lib
@@ -83,12 +84,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       (tc.pretrain_steps, state_lib.phase_schedule(tc.lr, tc.pretrain_steps, tc.warmup_steps, tc.final_lr_fraction)),
       (tc.sft_steps, state_lib.phase_schedule(tc.lr, tc.sft_steps, tc.warmup_steps, tc.final_lr_fraction)),
   ])
+  trainable = (lambda params: lora.trainable_mask(params, model_cfg)) if model_cfg.lora_rank else None
   optimizer = state_lib.make_optimizer(
-      schedule, b1=tc.b1, b2=tc.b2, eps=tc.eps, weight_decay=tc.weight_decay, grad_clip_norm=tc.grad_clip_norm
+      schedule, b1=tc.b1, b2=tc.b2, eps=tc.eps, weight_decay=tc.weight_decay, grad_clip_norm=tc.grad_clip_norm,
+      trainable=trainable,
   )
   dummy = (jnp.zeros((1, tc.seq_len), jnp.int32),) * 3
   abstract_state, state_shardings = state_lib.state_shardings(model, optimizer, dummy, mesh, rules)
   log.info("model: %s parameters", f"{count_params(abstract_state.params):,}")
+  if trainable is not None:
+    mask = trainable(abstract_state.params)
+    n_train = sum(x.size for x, t in zip(jax.tree.leaves(abstract_state.params), jax.tree.leaves(mask)) if t)
+    log.info("LoRA: %s trainable adapter parameters (rank %d on %s)", f"{n_train:,}", model_cfg.lora_rank, model_cfg.lora_targets)
 
   local_rows = tc.batch_size // jax.process_count()
   iterators = {
@@ -111,7 +118,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     )
     log.info("resumed from %s at step %d", workdir / "checkpoints", start_step)
   elif config.model.checkpoint:
-    params = hf.load_params(config.model.checkpoint, model_cfg, state_shardings.params)
+    base_cfg = dataclasses.replace(model_cfg, lora_rank=0)
+    params = hf.load_params(config.model.checkpoint, base_cfg, lora.base_params(state_shardings.params))
+    if model_cfg.lora_rank:  # fresh adapters beside the loaded weights
+      fresh = state_lib.create_train_state(model, optimizer, dummy, state_shardings, jax.random.key(config.seed)).params
+      params = lora.with_base(fresh, params)
     train_state = state_lib.train_state_from_params(params, optimizer, state_shardings)
     log.info("weights: loaded from %s", config.model.checkpoint)
   else:
@@ -119,7 +130,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
   replicated = NamedSharding(mesh, PartitionSpec())
   batch_sharding = sharding.batch_sharding(mesh, rules)
-  train_step = step_lib.jit_train_step(model.apply, optimizer, schedule, state_shardings, batch_sharding, replicated)
+  dropout_rng = jax.random.key(config.seed + 1) if model_cfg.lora_dropout else None
+  train_step = step_lib.jit_train_step(
+      Transformer(model_cfg, train=True).apply, optimizer, schedule, state_shardings, batch_sharding, replicated,
+      trainable=trainable, dropout_rng=dropout_rng,
+  )
   eval_step = step_lib.jit_eval_step(model.apply, state_shardings.params, batch_sharding, replicated)
   evaluator = Evaluator(
       splits["eval"], tokenizer=tokenizer, model=model, eval_step=eval_step, batch_sharding=batch_sharding,

@@ -20,7 +20,7 @@ import ml_collections
 
 from sft import databuilder, hf, pipeline
 from sft.config import ConfigError
-from sft.model import ModelConfig
+from sft.model import ModelConfig, lora
 
 log = logging.getLogger("sft")
 # Files that make a Hugging Face folder's tokenizer; copied beside an exported model.
@@ -61,7 +61,8 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
     raise ConfigError(f"model.checkpoint={checkpoint!r} has no config.json")
   cfg = hf.from_hf_config(json.loads(config_path.read_text()), dtype=model["dtype"], param_dtype=model["param_dtype"])
   log.info("model: shape and numerics from %s (the model.* shape keys of the config are not used)", config_path)
-  return dataclasses.replace(cfg, remat=model["remat"])
+  lora = {k: model[k] for k in ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")}
+  return dataclasses.replace(cfg, remat=model["remat"], **lora)
 
 
 def load_tokenizer(config: ml_collections.ConfigDict, workdir: pathlib.Path, splits: dict[str, list]):
@@ -81,7 +82,9 @@ def checkpoint_family(config: ml_collections.ConfigDict) -> str:
 
 
 def export(config: ml_collections.ConfigDict, params: Any, cfg: ModelConfig, folder: pathlib.Path) -> pathlib.Path:
-  """The fine-tuned model as a Hugging Face folder, with the tokenizer and chat template it was trained with."""
+  """The fine-tuned model as a Hugging Face folder (LoRA adapters merged into the weights), with the
+  tokenizer and chat template it was trained with."""
+  params, cfg = lora.merge(params, cfg)
   hf.export_model(params, cfg, folder, checkpoint_family(config))
   for name in TOKENIZER_FILES:
     source = pathlib.Path(config.model.checkpoint) / name

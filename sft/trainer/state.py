@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import flax.struct
@@ -53,12 +53,25 @@ def _decay_mask(params):
 
 
 def make_optimizer(
-    schedule: optax.Schedule, *, b1: float, b2: float, eps: float, weight_decay: float, grad_clip_norm: float
+    schedule: optax.Schedule,
+    *,
+    b1: float,
+    b2: float,
+    eps: float,
+    weight_decay: float,
+    grad_clip_norm: float,
+    trainable: Callable[[Any], Any] | None = None,
 ) -> optax.GradientTransformation:
-  return optax.chain(
+  """AdamW with global-norm clipping; with `trainable` (params -> bool tree), frozen parameters get
+  no update and no optimizer state (LoRA)."""
+  adamw = optax.chain(
       optax.clip_by_global_norm(grad_clip_norm),
       optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=_decay_mask),
   )
+  if trainable is None:
+    return adamw
+  labels = lambda params: jax.tree.map(lambda t: "train" if t else "frozen", trainable(params))
+  return optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()}, labels)
 
 
 def state_shardings(
@@ -70,13 +83,28 @@ def state_shardings(
   abstract_params = nn.unbox(boxed)
   abstract_opt_state = jax.eval_shape(optimizer.init, abstract_params)
   replicated = NamedSharding(mesh, PartitionSpec())
-  # Moments are laid out like the parameters they track; counters are replicated.
-  opt_shardings = optax.tree_map_params(
-      optimizer, lambda _, sharding: sharding, abstract_opt_state, param_shardings, transform_non_params=lambda _: replicated
-  )
+  opt_shardings = _like_params(abstract_opt_state, abstract_params, param_shardings, replicated)
   abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params, opt_state=abstract_opt_state)
   shardings = TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings)
   return abstract, shardings
+
+
+def _like_params(opt_state: Any, abstract_params: Any, param_shardings: Any, default) -> Any:
+  """Shardings for an optimizer state: a leaf whose key path ends with a parameter's path and has its
+  shape (Adam's moments) is laid out like that parameter; anything else (counters) gets `default`.
+  Matching by path also covers states where frozen parameters have no entry (LoRA)."""
+  by_path = {}
+  for (path, leaf), sharding in zip(jax.tree_util.tree_flatten_with_path(abstract_params)[0], jax.tree.leaves(param_shardings)):
+    by_path[tuple(path)] = (leaf.shape, sharding)
+
+  def pick(path, leaf):
+    for start in range(len(path)):
+      match = by_path.get(tuple(path[start:]))
+      if match and match[0] == leaf.shape:
+        return match[1]
+    return default
+
+  return jax.tree_util.tree_map_with_path(pick, opt_state)
 
 
 def create_train_state(

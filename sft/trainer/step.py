@@ -29,8 +29,9 @@ def token_sums(logits_btv: jax.Array, batch: Batch) -> dict[str, jax.Array]:
   }
 
 
-def loss_fn(params, batch: Batch, apply_fn: Callable) -> tuple[jax.Array, dict[str, jax.Array]]:
-  logits_btv = apply_fn({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"])
+def loss_fn(params, batch: Batch, apply_fn: Callable, rngs=None) -> tuple[jax.Array, dict[str, jax.Array]]:
+  kwargs = {"rngs": rngs} if rngs is not None else {}
+  logits_btv = apply_fn({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"], **kwargs)
   sums = token_sums(logits_btv, batch)
   loss = sums["nll_sum"] / jnp.maximum(sums["loss_tokens"], 1.0)
   return loss, sums
@@ -43,9 +44,21 @@ def train_step(
     apply_fn: Callable,
     optimizer: optax.GradientTransformation,
     schedule: optax.Schedule,
+    trainable: Callable | None = None,
+    dropout_rng: jax.Array | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One AdamW update. Metrics are device scalars; the caller decides when to fetch them."""
-  (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, apply_fn)
+  """One AdamW update. Metrics are device scalars; the caller decides when to fetch them.
+
+  With `trainable` (params -> bool tree), frozen parameters are held constant inside the loss, so no
+  gradient is computed for them (LoRA)."""
+
+  def loss_of(params):
+    if trainable is not None:
+      params = jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, trainable(params))
+    rngs = None if dropout_rng is None else {"dropout": jax.random.fold_in(dropout_rng, state.step)}
+    return loss_fn(params, batch, apply_fn, rngs)
+
+  (loss, sums), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = {
@@ -66,11 +79,15 @@ def eval_step(params, batch: Batch, *, apply_fn: Callable) -> dict[str, jax.Arra
   return token_sums(logits_btv, batch)
 
 
-def jit_train_step(apply_fn, optimizer, schedule, state_shardings: TrainState, batch_sharding, replicated) -> Any:
+def jit_train_step(
+    apply_fn, optimizer, schedule, state_shardings: TrainState, batch_sharding, replicated, *, trainable=None, dropout_rng=None
+) -> Any:
   """The compiled update: state donated, laid out as `state_shardings`, metrics replicated."""
 
   def step(state, batch):
-    return train_step(state, batch, apply_fn=apply_fn, optimizer=optimizer, schedule=schedule)
+    return train_step(
+        state, batch, apply_fn=apply_fn, optimizer=optimizer, schedule=schedule, trainable=trainable, dropout_rng=dropout_rng
+    )
 
   return jax.jit(
       step,

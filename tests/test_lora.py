@@ -1,0 +1,92 @@
+"""LoRA: zero-initialised adapters leave the model unchanged, only adapters train, merging is exact."""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec
+
+from sft.config import ConfigError
+from sft.model import ModelConfig, Transformer, lora
+from sft.trainer import sharding
+from sft.trainer import state as state_lib
+from sft.trainer import step as step_lib
+
+BASE = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=48)
+LORA = dataclasses.replace(BASE, lora_rank=4, lora_alpha=8.0, lora_targets=("q", "k", "v", "o", "gate", "up", "down"))
+RNG = np.random.default_rng(0)
+TOKENS = jnp.asarray(RNG.integers(0, 64, (2, 12)), jnp.int32)
+POSITIONS = jnp.broadcast_to(jnp.arange(12), (2, 12))
+SEGMENTS = jnp.ones((2, 12), jnp.int32)
+
+
+def logits(cfg, params):
+  return Transformer(cfg).apply({"params": params}, TOKENS, POSITIONS, SEGMENTS)
+
+
+def init(cfg):
+  return nn.unbox(Transformer(cfg).init(jax.random.key(0), TOKENS, POSITIONS, SEGMENTS)["params"])
+
+
+def test_zero_initialised_adapters_leave_the_model_unchanged():
+  params = init(LORA)
+  assert params["layers"]["attn"]["q_lora_a"].shape == (2, 32, 4)
+  assert params["layers"]["attn"]["q_lora_b"].shape == (2, 4, 4, 8)
+  assert params["layers"]["attn"]["o_lora_a"].shape == (2, 4, 8, 4)
+  assert params["layers"]["mlp"]["down_lora_b"].shape == (2, 4, 32)
+  np.testing.assert_array_equal(logits(LORA, params), logits(BASE, lora.base_params(params)))
+
+
+def test_only_adapters_train_and_merging_is_exact():
+  mesh = sharding.make_mesh({"data": -1})
+  rules = sharding.logical_rules([("batch", "data")], mesh)
+  model = Transformer(LORA, train=True)
+  schedule = state_lib.phase_schedule(1e-2, 20, 1, 1.0)
+  trainable = lambda p: lora.trainable_mask(p, LORA)
+  optimizer = state_lib.make_optimizer(schedule, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, grad_clip_norm=1.0, trainable=trainable)
+  dummy = (jnp.zeros((1, 12), jnp.int32),) * 3
+  _, shardings = state_lib.state_shardings(model, optimizer, dummy, mesh, rules)
+  state = state_lib.create_train_state(model, optimizer, dummy, shardings, jax.random.key(0))
+  before = jax.device_get(state.params)
+
+  # Optimizer moments exist for the adapters only.
+  adapters = sum(x.size for x, t in zip(jax.tree.leaves(before), jax.tree.leaves(trainable(before))) if t)
+  moment_sizes = sum(x.size for x in jax.tree.leaves(state.opt_state) if x.ndim > 0)
+  assert moment_sizes == 2 * adapters
+
+  step = step_lib.jit_train_step(
+      model.apply, optimizer, schedule, shardings, sharding.batch_sharding(mesh, rules),
+      NamedSharding(mesh, PartitionSpec()), trainable=trainable,
+  )
+  batch = {"inputs": TOKENS, "targets": jnp.roll(TOKENS, -1, 1), "loss_mask": SEGMENTS, "segment_ids": SEGMENTS, "positions": POSITIONS}
+  state, first = step(state, batch)
+  for _ in range(15):
+    state, metrics = step(state, batch)
+  assert float(metrics["loss"]) < float(first["loss"])
+  after = jax.device_get(state.params)
+  jax.tree.map(np.testing.assert_array_equal, lora.base_params(after), lora.base_params(before))  # frozen
+  assert not np.array_equal(after["layers"]["attn"]["q_lora_b"], before["layers"]["attn"]["q_lora_b"])
+
+  merged, merged_cfg = lora.merge(after, LORA)
+  assert merged_cfg.lora_rank == 0 and "q_lora_a" not in merged["layers"]["attn"]
+  np.testing.assert_allclose(logits(merged_cfg, merged), logits(LORA, after), atol=1e-5, rtol=1e-5)
+
+
+def test_dropout_acts_in_training_only():
+  cfg = dataclasses.replace(LORA, lora_dropout=0.5)
+  params = jax.tree.map(lambda x: x + 0.1, init(cfg))  # nonzero B so the adapters matter
+  train = Transformer(cfg, train=True)
+  a = train.apply({"params": params}, TOKENS, POSITIONS, SEGMENTS, rngs={"dropout": jax.random.key(1)})
+  b = train.apply({"params": params}, TOKENS, POSITIONS, SEGMENTS, rngs={"dropout": jax.random.key(2)})
+  assert not np.allclose(a, b)
+  np.testing.assert_array_equal(logits(cfg, params), logits(cfg, params))
+
+
+def test_bad_lora_settings_are_clear_errors():
+  with pytest.raises(ConfigError, match="lora_targets"):
+    dataclasses.replace(BASE, lora_rank=4, lora_targets=("qq",))
+  with pytest.raises(ConfigError, match="lora_rank"):
+    dataclasses.replace(BASE, lora_rank=-1)
