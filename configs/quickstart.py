@@ -1,6 +1,6 @@
-"""Raw text to a fine-tuned model on CPU in a few minutes.
+"""python launch.py --config=configs/quickstart.py --workdir=/tmp/sft-quickstart
 
-  python launch.py --config=configs/quickstart.py --workdir=/tmp/sft-quickstart
+Raw text to a fine-tuned model on CPU in a few minutes.
 
 Data: the signatures and docstrings of this Python's standard library, read from its source files.
 A short next-token pretraining phase on that raw text, then SFT on questions about the APIs

@@ -109,3 +109,43 @@ def base_config() -> ml_collections.ConfigDict:
 class ConfigError(ValueError):
   """A config value that cannot work, with the reason and the key to change. The launcher prints it
   without a traceback."""
+
+
+def finetune_config(mode: str) -> ml_collections.ConfigDict:
+  """Fine-tuning a local Hugging Face checkpoint on chat records from a folder.
+
+  mode "full" trains every weight (float32 master weights, bfloat16 compute, rematerialised layers,
+  FSDP over all devices); mode "lora" trains rank-16 adapters on every projection.
+  """
+  if mode not in ("full", "lora"):
+    raise ConfigError(f"the config argument is 'full' or 'lora', got {mode!r}")
+  c = base_config()
+  c.model.checkpoint = "/path/to/hf_model"  # set with --config.model.checkpoint
+  c.data.source = "dir"
+  c.data.dir = "/path/to/data"  # train.jsonl and eval.jsonl in the chat schema, e.g. <workdir>/data of a quickstart run
+  c.model.dtype = "bfloat16"
+  c.model.param_dtype = "float32"
+  c.model.remat = True
+  c.mesh.data = 1
+  c.mesh.fsdp = -1  # parameters, gradients and optimizer state split over every device
+  c.train.seq_len = 2048
+  c.train.batch_size = 32
+  c.train.pretrain_steps = 0
+  c.train.sft_steps = 1000
+  c.train.lr = 2e-5
+  c.train.warmup_steps = 50
+  c.train.weight_decay = 0.0
+  c.train.log_every = 10
+  c.eval.every_steps = 200
+  c.eval.batch_size = 32
+  c.eval.num_generations = 64
+  c.eval.max_new_tokens = 128
+  c.checkpoint.every_steps = 200
+  if mode == "lora":
+    c.model.lora_rank = 16
+    c.model.lora_alpha = 32.0
+    c.model.lora_dropout = 0.05
+    c.model.lora_targets = ("q", "k", "v", "o", "gate", "up", "down")
+    c.model.remat = False
+    c.train.lr = 2e-4
+  return c

@@ -192,11 +192,12 @@ def test_fine_tune_a_local_checkpoint_through_the_launcher(tmp_path, mode):
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   workdir = tmp_path / "run"
   cmd = [
-      sys.executable, "launch.py", "--config=configs/quickstart.py", f"--workdir={workdir}",
+      sys.executable, "launch.py", f"--config=configs/qwen2.py:{mode}", f"--workdir={workdir}",
+      "--config.model.dtype=float32", "--config.eval.every_steps=12",
       f"--config.model.checkpoint={model_dir}", "--config.data.source=dir", f"--config.data.dir={data_dir}",
       "--config.train.pretrain_steps=0", "--config.train.sft_steps=12", "--config.train.seq_len=64",
       "--config.train.batch_size=4", "--config.train.lr=1e-3", "--config.train.log_every=4",
-      "--config.eval.every_steps=12", "--config.eval.batch_size=4", "--config.eval.num_generations=4",
+      "--config.eval.batch_size=4", "--config.eval.num_generations=4",
       "--config.eval.max_new_tokens=6", "--config.checkpoint.every_steps=12",
   ]
   if mode == "lora":

@@ -1,0 +1,13 @@
+"""python launch.py --config=configs/gemma.py:lora --workdir=/tmp/sft-gemma \
+  --config.model.checkpoint=/path/to/hf_model --config.data.dir=/path/to/data
+
+Fine-tune a local Gemma checkpoint (a Hugging Face folder) on chat records, fully or with LoRA.
+The argument is "full" (default) or "lora". The model's shape, tokenizer and chat template come from
+the checkpoint folder; the fine-tuned model is exported to <workdir>/hf_export for transformers.
+"""
+
+from sft.config import finetune_config
+
+
+def get_config(mode: str = "full"):
+  return finetune_config(mode)
