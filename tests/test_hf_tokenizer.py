@@ -101,3 +101,29 @@ def test_matches_transformers_apply_chat_template(tmp_path):
   theirs = reference.apply_chat_template(CHAT, tokenize=True)
   theirs = theirs["input_ids"] if isinstance(theirs, dict) or hasattr(theirs, "keys") else theirs
   assert list(ours) == list(theirs)
+
+
+def test_sentencepiece_tokenizer_model_with_a_template(tmp_path):
+  import io
+
+  import sentencepiece as spm
+
+  model = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter([m["content"] for m in CHAT] * 20), model_writer=model, vocab_size=120, minloglevel=2,
+      user_defined_symbols=["[INST]", "[/INST]"], hard_vocab_limit=False,
+  )
+  (tmp_path / "tokenizer.model").write_bytes(model.getvalue())
+  template = (
+      "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
+      "{% elif m['role'] == 'assistant' %}{{ ' ' + m['content'] + eos_token }}{% endif %}{% endfor %}"
+  )
+  (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template, "bos_token": "<s>", "eos_token": "</s>"}))
+  tok = HFTokenizer(tmp_path)
+  chat = [m for m in CHAT if m["role"] != "system"][:2]
+  text, spans = tok.assistant_spans(chat)
+  assert text[spans[0][0] : spans[0][1]] == " " + chat[1]["content"] + "</s>"
+  tokens, mask = tok.tokenize_chat(chat)
+  learned = tok.decode([t for t, m in zip(tokens, mask) if m])
+  assert learned.strip() == chat[1]["content"]
+  assert mask.sum() > 0 and not mask[: len(tok.render_prompt(chat)[0]) - 1].any()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 from typing import Any, Mapping, Sequence
 
 import jinja2
@@ -55,6 +56,10 @@ class HFTokenizer:
     env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = _raise
     self._template = env.from_string(self.chat_template)
+    specials = {self.bos_token, self.eos_token, _token_text(self.config.get("unk_token"))}
+    specials |= {_token_text(t) for t in (self.config.get("added_tokens_decoder") or {}).values()}
+    specials = sorted((t for t in specials if t), key=len, reverse=True)
+    self._special_pattern = re.compile("|".join(map(re.escape, specials)) if specials else r"(?!x)x")
     self.bos_id = self.token_id(self.bos_token) if self.bos_token else None
     self.eos_id = self.token_id(self.eos_token) if self.eos_token else None
     pad = _token_text(self.config.get("pad_token"))
@@ -86,8 +91,19 @@ class HFTokenizer:
     if self._tok:
       encoding = self._tok.encode(text, add_special_tokens=False)
       return list(encoding.ids), [tuple(o) for o in encoding.offsets]
-    proto = self._sp.encode(text, out_type="immutable_proto")
-    return [p.id for p in proto.pieces], [(p.begin, p.end) for p in proto.pieces]
+    # SentencePiece would spell out "</s>" written by a template: special tokens are cut out first.
+    ids, offsets, at = [], [], 0
+    for match in [*self._special_pattern.finditer(text), None]:
+      end = match.start() if match else len(text)
+      if end > at:
+        proto = self._sp.encode(text[at:end], out_type="proto")
+        ids += [p.id for p in proto.pieces]
+        offsets += [(at + p.begin, at + p.end) for p in proto.pieces]
+      if match:
+        ids.append(self._sp.piece_to_id(match.group()))
+        offsets.append(match.span())
+        at = match.end()
+    return ids, offsets
 
   def encode(self, text: str) -> list[int]:
     return self._encode_with_offsets(text)[0]
