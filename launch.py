@@ -13,6 +13,9 @@ import sft
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where data, tokenizer, checkpoints and metrics go.")
+_GENERATE = flags.DEFINE_multi_string(
+    "generate", [], "Answer these prompts with the workdir's latest checkpoint (config.sample) instead of training."
+)
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host TPU/GPU).")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -36,7 +39,11 @@ def main(argv):
   if _DISTRIBUTED.value:
     jax.distributed.initialize()
   try:
-    sft.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    if _GENERATE.value:
+      for prompt, answer in zip(_GENERATE.value, sft.respond(_CONFIG.value, _WORKDIR.value, _GENERATE.value)):
+        print(f"> {prompt}\n{answer}\n")
+    else:
+      sft.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except sft.ConfigError as err:
     sys.exit(f"FATAL {err}")
 

@@ -9,6 +9,7 @@ pipeline), `sft.model` (the Transformer), `sft.trainer` (sharded training), `sft
 """
 
 from sft.config import ConfigError, base_config
+from sft.serve import respond
 from sft.trainer.loop import train_and_evaluate
 
-__all__ = ["ConfigError", "base_config", "train_and_evaluate"]
+__all__ = ["ConfigError", "base_config", "respond", "train_and_evaluate"]

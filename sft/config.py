@@ -81,6 +81,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.max_new_tokens = 48
   c.eval.num_samples_to_print = 5
 
+  # Answering prompts with `launch.py --generate=...` from the latest checkpoint of the workdir.
+  c.sample = ml_collections.ConfigDict()
+  c.sample.temperature = 0.0  # 0: greedy
+  c.sample.top_k = 0  # 0: no limit
+  c.sample.top_p = 1.0
+  c.sample.max_new_tokens = 128
+  c.sample.seed = 0
+
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 100  # and always at the end
   c.checkpoint.max_to_keep = 2

@@ -51,6 +51,17 @@ def test_quickstart_runs_then_resumes(tmp_path):
   rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in rows] == [0, 2, 4, 6, 8]
 
+  answered = launch(tmp_path, "--generate=What does `json.dumps` do?", "--generate=Hi", "--config.sample.max_new_tokens=5")
+  assert answered.returncode == 0, answered.stderr[-3000:]
+  assert answered.stdout.count("> ") == 2 and "> What does `json.dumps` do?" in answered.stdout
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["6", "8"]  # untouched
+
+
+def test_generate_without_a_checkpoint_is_a_clear_error(tmp_path):
+  result = launch(tmp_path, "--generate=Hi")
+  assert result.returncode != 0
+  assert "no tokenizer.model" in result.stderr and "Traceback" not in result.stderr
+
 
 def test_mistyped_config_key_fails_clearly(tmp_path):
   result = launch(tmp_path, "--config.train.stpes=5")

@@ -14,7 +14,6 @@ from sft import pipeline
 from sft.evaluator.generate import make_generate, pad_prompts, strip_generation
 from sft.evaluator.metrics import exact_match, mean_token_f1
 from sft.model import Transformer
-from sft.trainer.sharding import global_batch
 
 
 @dataclasses.dataclass
@@ -34,7 +33,7 @@ class Evaluator:
       tokenizer,  # Tokenizer or HFTokenizer
       model: Transformer,
       eval_step: Callable,
-      batch_sharding,
+      place_batch: Callable,  # host batch -> global device arrays (the trainer's sharding)
       seq_len: int,
       batch_size: int,
       num_generations: int,
@@ -55,7 +54,7 @@ class Evaluator:
     most = int(np.max(multihost_utils.process_allgather(np.int32(len(local))))) if process_count > 1 else len(local)
     local += [pipeline.empty_batch(batch_size // process_count, seq_len)] * (most - len(local))
     self._batches = local
-    self._batch_sharding = batch_sharding
+    self._place_batch = place_batch
     self._eval_step = eval_step
     self._tokenizer = tokenizer
 
@@ -74,7 +73,7 @@ class Evaluator:
   def loss_metrics(self, params) -> dict[str, float]:
     totals = None
     for batch in self._batches:
-      sums = self._eval_step(params, global_batch(batch, self._batch_sharding))
+      sums = self._eval_step(params, self._place_batch(batch))
       totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
     totals = jax.device_get(totals)
     n = max(float(totals["loss_tokens"]), 1.0)

@@ -43,6 +43,21 @@ def _ensure_console_handler() -> None:
     log.propagate = False
 
 
+def build_optimizer(config: ml_collections.ConfigDict, model_cfg):
+  """(schedule, optimizer, trainable mask function or None), as the config describes them."""
+  tc = config.train
+  schedule = state_lib.joined_schedule([
+      (tc.pretrain_steps, state_lib.phase_schedule(tc.lr, tc.pretrain_steps, tc.warmup_steps, tc.final_lr_fraction)),
+      (tc.sft_steps, state_lib.phase_schedule(tc.lr, tc.sft_steps, tc.warmup_steps, tc.final_lr_fraction)),
+  ])
+  trainable = (lambda params: lora.trainable_mask(params, model_cfg)) if model_cfg.lora_rank else None
+  optimizer = state_lib.make_optimizer(
+      schedule, b1=tc.b1, b2=tc.b2, eps=tc.eps, weight_decay=tc.weight_decay, grad_clip_norm=tc.grad_clip_norm,
+      trainable=trainable,
+  )
+  return schedule, optimizer, trainable
+
+
 def _check_batch(name: str, batch_size: int, shards: int) -> None:
   if batch_size % shards or batch_size % jax.process_count():
     raise ConfigError(
@@ -80,15 +95,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       log.info("data: %d of %d %s records are longer than seq_len=%d; their tails are cut", cut, len(splits[name]), name, tc.seq_len)
 
   model = Transformer(model_cfg)
-  schedule = state_lib.joined_schedule([
-      (tc.pretrain_steps, state_lib.phase_schedule(tc.lr, tc.pretrain_steps, tc.warmup_steps, tc.final_lr_fraction)),
-      (tc.sft_steps, state_lib.phase_schedule(tc.lr, tc.sft_steps, tc.warmup_steps, tc.final_lr_fraction)),
-  ])
-  trainable = (lambda params: lora.trainable_mask(params, model_cfg)) if model_cfg.lora_rank else None
-  optimizer = state_lib.make_optimizer(
-      schedule, b1=tc.b1, b2=tc.b2, eps=tc.eps, weight_decay=tc.weight_decay, grad_clip_norm=tc.grad_clip_norm,
-      trainable=trainable,
-  )
+  schedule, optimizer, trainable = build_optimizer(config, model_cfg)
   dummy = (jnp.zeros((1, tc.seq_len), jnp.int32),) * 3
   abstract_state, state_shardings = state_lib.state_shardings(model, optimizer, dummy, mesh, rules)
   log.info("model: %s parameters", f"{count_params(abstract_state.params):,}")
@@ -137,7 +144,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   )
   eval_step = step_lib.jit_eval_step(model.apply, state_shardings.params, batch_sharding, replicated)
   evaluator = Evaluator(
-      splits["eval"], tokenizer=tokenizer, model=model, eval_step=eval_step, batch_sharding=batch_sharding,
+      splits["eval"], tokenizer=tokenizer, model=model, eval_step=eval_step,
+      place_batch=lambda batch: sharding.global_batch(batch, batch_sharding),
       seq_len=tc.seq_len, batch_size=config.eval.batch_size, num_generations=config.eval.num_generations,
       max_new_tokens=config.eval.max_new_tokens,
   )
