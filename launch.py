@@ -12,7 +12,7 @@ from ml_collections import config_flags
 import sft
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where data, tokenizer, checkpoints and metrics go.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where data, tokenizer, checkpoints and metrics go (a build config: the dataset).")
 _GENERATE = flags.DEFINE_multi_string(
     "generate", [], "Answer these prompts with the workdir's latest checkpoint (config.sample) instead of training."
 )
@@ -39,7 +39,9 @@ def main(argv):
   if _DISTRIBUTED.value:
     jax.distributed.initialize()
   try:
-    if _GENERATE.value:
+    if _CONFIG.value.get("job") == "build":
+      sft.build_dataset(_CONFIG.value, _WORKDIR.value)
+    elif _GENERATE.value:
       for prompt, answer in zip(_GENERATE.value, sft.respond(_CONFIG.value, _WORKDIR.value, _GENERATE.value)):
         print(f"> {prompt}\n{answer}\n")
     else:

@@ -2,7 +2,9 @@
 
 Raw text to a fine-tuned model on CPU in a few minutes.
 
-Data: the signatures and docstrings of this Python's standard library, read from its source files.
+Data: the signatures and docstrings of this Python's standard library, read from its source files
+and passed through the data builder (cleaning, Gopher filters, exact and near dedup; report and
+manifest in <workdir>/data).
 A short next-token pretraining phase on that raw text, then SFT on questions about the APIs
 ("What does `json.dumps` do?", "Which module defines `dumps`?", "What is the signature of ...?"),
 with the loss on answer tokens only. Held-out APIs (chosen by a hash of their name) measure response
@@ -15,6 +17,10 @@ from sft.config import base_config
 
 def get_config():
   c = base_config()
+  c.data.build.stdlib = True
+  # API docs are code as much as prose: language identification would judge signatures, not language.
+  c.data.build.filter.language.enabled = False
+  c.data.build.output.validation_fraction = 0.05  # of APIs (by a hash of the module and top-level name)
   # A 2M-parameter model: about half a second per step on two CPU cores.
   c.model.d_model = 192
   c.model.num_layers = 4

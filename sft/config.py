@@ -9,15 +9,27 @@ from __future__ import annotations
 import ml_collections
 
 
+class ConfigError(ValueError):
+  """A config value that cannot work, with the reason and the key to change. The launcher prints it
+  without a traceback."""
+
+
+# After ConfigError: the data builder's modules import it from here.
+from sft.databuilder.config import build_config  # noqa: E402
+
+
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
+  c.job = "train"  # launch.py trains with this config ("build" configs run the data builder)
   c.seed = 0  # parameter init and data order
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = "stdlib"  # "stdlib": the embedded default (API questions); "dir": data.dir
-  c.data.eval_fraction = 0.05  # share of APIs held out (by a hash of their name)
-  c.data.salt = ""  # changes which APIs are held out, deterministically
-  c.data.dir = ""  # with source "dir": a folder with train.jsonl, eval.jsonl (and pretrain.jsonl)
+  # "build": the data builder runs with data.build into <workdir>/data (reused when it was built with
+  # the same config); "dir": a folder the data builder wrote (data.dir).
+  c.data.source = "build"
+  c.data.build = build_config()  # by default the embedded stdlib API questions; see sft/databuilder/config.py
+  c.data.build.stdlib = True
+  c.data.dir = ""  # with source "dir": train-*, validation-* (and pretrain-*) ArrayRecord shards
 
   c.tokenizer = ml_collections.ConfigDict()
   c.tokenizer.vocab_size = 2048  # SentencePiece vocabulary trained on the raw text, saved in the workdir
@@ -114,11 +126,6 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-class ConfigError(ValueError):
-  """A config value that cannot work, with the reason and the key to change. The launcher prints it
-  without a traceback."""
-
-
 def finetune_config(mode: str) -> ml_collections.ConfigDict:
   """Fine-tuning a local Hugging Face checkpoint on chat records from a folder.
 
@@ -130,7 +137,7 @@ def finetune_config(mode: str) -> ml_collections.ConfigDict:
   c = base_config()
   c.model.checkpoint = "/path/to/hf_model"  # set with --config.model.checkpoint
   c.data.source = "dir"
-  c.data.dir = "/path/to/data"  # train.jsonl and eval.jsonl in the chat schema, e.g. <workdir>/data of a quickstart run
+  c.data.dir = "/path/to/data"  # the output folder of a data build, e.g. <workdir>/data of a quickstart run
   c.model.dtype = "bfloat16"
   c.model.param_dtype = "float32"
   c.model.remat = True

@@ -8,7 +8,7 @@ training, the Hugging Face checkpoint the config names).
 from __future__ import annotations
 
 import pathlib
-from typing import Sequence
+from typing import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -38,8 +38,11 @@ def _tokenizer(config: ml_collections.ConfigDict, workdir: pathlib.Path):
 
 def respond(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, prompts: Sequence[str]) -> list[str]:
   """One answer per prompt, each prompt sent as a single user turn in the model's chat format."""
-  if not prompts:
-    return []
+  return load_responder(config, workdir)(prompts) if prompts else []
+
+
+def load_responder(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Callable[[Sequence[str]], list[str]]:
+  """Loads the model once; the function it returns answers a batch of prompts per call."""
   workdir = pathlib.Path(workdir)
   model_cfg = sources.model_config(config)
   model = Transformer(model_cfg)
@@ -61,13 +64,17 @@ def respond(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, prom
   else:
     raise ConfigError(f"{workdir} has no checkpoint to answer with: train there first (or set model.checkpoint)")
 
-  chats = [[{"role": "user", "content": p}, {"role": "assistant", "content": "-"}] for p in prompts]
-  tokens_bp, lengths_b = pad_prompts([tokenizer.render_prompt(c)[0] for c in chats], tokenizer.pad_id)
   sc = config.sample
   generate = make_generate(
       model, max_new_tokens=sc.max_new_tokens, stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id,
       sampler=Sampler(temperature=sc.temperature, top_k=sc.top_k, top_p=sc.top_p),
   )
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    out_bn = np.asarray(jax.device_get(generate(params, tokens_bp, lengths_b, jax.random.key(sc.seed))))
-  return [tokenizer.decode(strip_generation(row, tokenizer.stop_ids, tokenizer.pad_id)) for row in out_bn]
+
+  def answer(prompts: Sequence[str]) -> list[str]:
+    chats = [[{"role": "user", "content": p}, {"role": "assistant", "content": "-"}] for p in prompts]
+    tokens_bp, lengths_b = pad_prompts([tokenizer.render_prompt(c)[0] for c in chats], tokenizer.pad_id)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      out_bn = np.asarray(jax.device_get(generate(params, tokens_bp, lengths_b, jax.random.key(sc.seed))))
+    return [tokenizer.decode(strip_generation(row, tokenizer.stop_ids, tokenizer.pad_id)) for row in out_bn]
+
+  return answer

@@ -15,6 +15,11 @@ CONFIGS = sorted(p.stem for p in (pathlib.Path(__file__).parent.parent / "config
 def test_config_loads_and_documents_its_command(name):
   module = importlib.import_module(f"configs.{name}")
   assert module.__doc__.startswith(f"python launch.py --config=configs/{name}.py"), module.__doc__[:80]
+  if name.startswith("build_"):  # a data build: its parameters must pass the builder's checks
+    from sft.databuilder.pipeline import list_inputs, params_of
+
+    assert list_inputs(params_of(module.get_config()))
+    return
   args = ["full", "lora"] if name != "quickstart" else [None]
   for arg in args:
     config = module.get_config() if arg is None else module.get_config(arg)

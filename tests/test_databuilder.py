@@ -1,20 +1,7 @@
-"""The embedded default dataset: stdlib source -> API records, every drop counted."""
+"""The embedded default source: stdlib source -> API records, every rejected candidate kept with its reason."""
 
-import json
-
-import pytest
-
-from sft.databuilder import (
-    api_records,
-    build_stdlib_dataset,
-    get_or_build_stdlib_dataset,
-    read_module,
-    read_stdlib,
-    split_of,
-    strip_markup,
-    summary_sentence,
-)
-from sft.databuilder.stdlib_docs import ApiDoc, module_name
+from sft.databuilder import api_records, read_module, read_stdlib, strip_markup, summary_sentence
+from sft.databuilder.stdlib_docs import module_name
 
 SOURCE = '''
 """Module docstring."""
@@ -73,33 +60,19 @@ def test_module_names():
 
 def test_records_account_for_every_candidate():
   docs = read_module(SOURCE, "mini") + read_module(SOURCE, "other")  # every name is now in two modules
-  records, dropped = api_records(docs)
+  records, rejected = api_records(docs)
   tasks = [r["task"] for r in records]
+  reasons = [r["dropped"]["reason"] for r in rejected]
   # summary: 4 candidates per module; dumps, Encoder and helper have usable summaries, encode has none.
-  assert tasks.count("summary") == 6 and dropped["summary:no docstring"] == 2
+  assert tasks.count("summary") == 6 and reasons.count("no docstring") == 2
   # module: "Which module defines `dumps`?" is ambiguous when two modules define it.
-  assert tasks.count("module") == 0 and dropped["module:name in several modules"] == 4
+  assert tasks.count("module") == 0 and reasons.count("name in several modules") == 4
   assert tasks.count("signature") == 8
-  candidates = 8 + 4 + 8
-  assert len(records) + sum(dropped.values()) == candidates
-  record = next(r for r in records if r["id"] == "signature:mini.Encoder.encode")
+  assert len(records) + len(rejected) == 8 + 4 + 8
+  assert {r["dropped"]["stage"] for r in rejected} == {"read"}
+  record = next(r for r in records if r["id"] == "stdlib/signature:mini.Encoder.encode")
   assert record["messages"][1]["content"] == "mini.Encoder.encode(o)"
-  assert record["group"] == "mini.Encoder"
-
-
-def test_exact_duplicates_are_dropped_and_counted():
-  doc = ApiDoc("m", "f", "function", "()", "Do the thing well.")
-  records, dropped = api_records([doc, doc])
-  assert [r["task"] for r in records] == ["summary", "module", "signature"]
-  assert dropped == {"module:duplicate": 1, "signature:duplicate": 1, "summary:duplicate": 1}
-
-
-def test_split_is_stable_and_near_the_fraction():
-  keys = [f"mod.name{i}" for i in range(4000)]
-  splits = [split_of(k, 0.1) for k in keys]
-  assert splits == [split_of(k, 0.1) for k in keys]
-  assert 0.08 < splits.count("eval") / len(keys) < 0.12
-  assert splits != [split_of(k, 0.1, salt="x") for k in keys]
+  assert record["group"] == "mini.Encoder" and record["source"] == "stdlib" and record["kind"] == "chat"
 
 
 def test_read_stdlib_counts_what_it_skips(tmp_path):
@@ -117,25 +90,3 @@ def test_read_stdlib_counts_what_it_skips(tmp_path):
       "files_skipped_unparsable_SyntaxError": 1,
       "api_docs": 4,
   }
-
-
-def test_build_writes_splits_and_an_accounting_that_adds_up(tmp_path):
-  summary = build_stdlib_dataset(tmp_path, eval_fraction=0.1)
-  for task, n in summary["candidates_by_task"].items():
-    dropped = sum(v for k, v in summary["dropped_by_reason"].items() if k.startswith(f"{task}:"))
-    assert summary["kept_by_task"][task] + dropped == n
-  assert summary["records"]["train"] + summary["records"]["eval"] == sum(summary["kept_by_task"].values())
-  train = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
-  eval_ = [json.loads(line) for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
-  assert len(train) == summary["records"]["train"] and len(eval_) == summary["records"]["eval"]
-  assert not {r["group"] for r in train} & {r["group"] for r in eval_}, "an API is in one split only"
-  assert any(r["id"] == "summary:json.dumps" for r in train + eval_)
-
-  # A second build is byte-identical; a reuse with other options is refused with a clear error.
-  first = (tmp_path / "train.jsonl").read_bytes()
-  splits, _ = get_or_build_stdlib_dataset(tmp_path, eval_fraction=0.1)
-  assert len(splits["train"]) == len(train)
-  build_stdlib_dataset(tmp_path / "again", eval_fraction=0.1)
-  assert (tmp_path / "again" / "train.jsonl").read_bytes() == first
-  with pytest.raises(ValueError, match="eval_fraction=0.2"):
-    get_or_build_stdlib_dataset(tmp_path, eval_fraction=0.2)

@@ -14,6 +14,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from sft.config import ConfigError  # noqa: E402
+from sft.databuilder import build_config, build_dataset  # noqa: E402
 from sft.evaluator.generate import make_greedy_generate, pad_prompts  # noqa: E402
 from sft.hf import export_model, from_hf_config, load_model, safetensors_io, to_hf_config  # noqa: E402
 from sft.model import Transformer  # noqa: E402
@@ -179,15 +180,14 @@ def test_fine_tune_a_local_checkpoint_through_the_launcher(tmp_path, mode):
   torch.manual_seed(0)
   original = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
   original.save_pretrained(model_dir)
-  data_dir = tmp_path / "data"
-  data_dir.mkdir()
-  rng = np.random.default_rng(0)
-  for name, n in (("train", 64), ("eval", 8)):
-    rows = []
-    for _ in range(n):
-      a, b = rng.integers(0, 20, 2)
-      rows.append({"messages": [{"role": "user", "content": f"What is {a} plus {b}?"}, {"role": "assistant", "content": f"It is {a + b}."}]})
-    (data_dir / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  raw_dir, data_dir = tmp_path / "raw", tmp_path / "data"
+  raw_dir.mkdir()
+  rows = [{"instruction": f"What is {a} plus {b}?", "output": f"It is {a + b}."} for a in range(9) for b in range(9)]
+  (raw_dir / "sums.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  build = build_config()
+  build.input_dir = str(raw_dir)
+  build.output.validation_fraction = 0.1
+  build_dataset(build, data_dir, progress=False)  # the data builder's output is what fine-tuning reads
 
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   workdir = tmp_path / "run"

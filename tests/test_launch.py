@@ -23,7 +23,7 @@ TINY = [
     "--config.eval.num_generations=4",
     "--config.eval.max_new_tokens=4",
     "--config.checkpoint.every_steps=2",
-    "--config.data.eval_fraction=0.01",
+    "--config.data.build.output.validation_fraction=0.01",
 ]
 
 
@@ -41,8 +41,9 @@ def test_quickstart_runs_then_resumes(tmp_path):
   assert rows[1]["phase"] == "pretrain" and rows[2]["phase"] == "sft"
   assert all(k in rows[-1] for k in ("train/loss", "train/tokens_per_s", "eval/loss", "eval/exact_match"))
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["4", "6"]
-  for name in ("tokenizer.model", "data/train.jsonl", "data/eval.jsonl", "data/summary.json"):
+  for name in ("tokenizer.model", "config.json", "data/manifest.json", "data/report.md", "data/train-00000-of-00001.array_record", "data/validation-00000-of-00001.array_record"):
     assert (tmp_path / name).exists(), name
+  assert "data builder: read" in first.stdout
 
   second = launch(tmp_path, "--config.train.sft_steps=6")
   assert second.returncode == 0, second.stderr[-3000:]
@@ -68,6 +69,15 @@ def test_mistyped_config_key_fails_clearly(tmp_path):
   assert result.returncode != 0
   assert "stpes" in result.stderr
   assert not (tmp_path / "checkpoints").exists()
+
+
+def test_build_config_runs_the_data_builder(tmp_path):
+  cmd = [sys.executable, "launch.py", "--config=configs/build_mix.py", f"--workdir={tmp_path}"]
+  result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "read 38, kept 20, dropped 18" in result.stdout
+  bad = subprocess.run([*cmd, "--config.input_dir=/no/such/folder"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert bad.returncode != 0 and "is not a folder" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_wrong_type_fails_clearly(tmp_path):

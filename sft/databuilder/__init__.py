@@ -1,5 +1,12 @@
-"""The data builder: raw records -> supervised (chat) records, with an account of what was dropped."""
+"""The data builder: raw records -> an audited supervised fine-tuning dataset.
 
-from sft.databuilder.build import build_stdlib_dataset, get_or_build_stdlib_dataset, read_jsonl
+Stages, each a module of plain functions over records (see stages.py for the order):
+readers (read) -> annotate / templates (label, generate) -> clean -> quality (filter)
+-> decontaminate -> minhash (dedup) -> write (ArrayRecord + JSONL) -> report (report.md, manifest.json).
+runner_local.py runs them over worker processes; runner_beam.py on Apache Beam.
+"""
+
+from sft.databuilder.config import build_config
+from sft.databuilder.pipeline import build_dataset, load_manifest
 from sft.databuilder.stdlib_docs import ApiDoc, read_module, read_stdlib
-from sft.databuilder.stdlib_tasks import api_records, pretrain_texts, split_of, strip_markup, summary_sentence
+from sft.databuilder.stdlib_tasks import api_records, pretrain_texts, strip_markup, summary_sentence

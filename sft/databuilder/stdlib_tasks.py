@@ -10,11 +10,13 @@ Three tasks, each a question a user could ask about an API and an answer taken f
 from __future__ import annotations
 
 import collections
-import hashlib
 import re
 from typing import Iterable
 
-from sft.databuilder.stdlib_docs import ApiDoc
+from sft.databuilder import records
+from sft.databuilder.stdlib_docs import ApiDoc, read_stdlib
+
+SOURCE = "stdlib"
 
 _ROLE = re.compile(r":[a-z]+(?::[a-z]+)?:`~?!?([^`<]+?)(?:\s*<[^>]*>)?`")  # :func:`json.dumps` -> json.dumps
 _LITERAL = re.compile(r"``([^`]+)``")  # ``None`` -> None
@@ -47,21 +49,11 @@ def summary_sentence(docstring: str) -> str | None:
   return None
 
 
-def split_of(key: str, eval_fraction: float, salt: str = "") -> str:
-  """'train' or 'eval', by a stable hash of `key` (the same on every machine and Python run)."""
-  bucket = int.from_bytes(hashlib.sha256(f"{salt}{key}".encode()).digest()[:8], "big") / 2**64
-  return "eval" if bucket < eval_fraction else "train"
-
-
-def _chat(question: str, answer: str) -> list[dict[str, str]]:
-  return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
-
-
-def api_records(docs: Iterable[ApiDoc]) -> tuple[list[dict], dict[str, int]]:
-  """Chat records for every task an ApiDoc supports, and counts of candidates dropped by reason.
+def api_records(docs: Iterable[ApiDoc]) -> tuple[list[dict], list[dict]]:
+  """(chat records for every task an ApiDoc supports, rejected candidates with their reason).
 
   Every record carries `group`: the module and top-level name it is about, so that a class and its
-  methods fall in the same split. Exact duplicates (same question and answer) are dropped once seen.
+  methods fall in the same split. Duplicates are left to the builder's deduplication.
   """
   docs = list(docs)
   defined_in = collections.defaultdict(set)
@@ -69,18 +61,15 @@ def api_records(docs: Iterable[ApiDoc]) -> tuple[list[dict], dict[str, int]]:
     if doc.kind != "method":
       defined_in[doc.qualname].add(doc.module)
 
-  records, dropped, seen = [], collections.Counter(), set()
+  kept, rejected = [], []
 
   def add(doc: ApiDoc, task: str, question: str, answer: str | None, reason: str):
+    record_id = f"{SOURCE}/{task}:{doc.name}"
     if answer is None:
-      dropped[f"{task}:{reason}"] += 1
+      rejected.append(records.rejected(record_id, SOURCE, "read", reason, raw=f"{doc.name}{doc.signature}\n{doc.docstring}"))
       return
-    if (question, answer) in seen:
-      dropped[f"{task}:duplicate"] += 1
-      return
-    seen.add((question, answer))
-    group = f"{doc.module}.{doc.qualname.split('.')[0]}"
-    records.append({"id": f"{task}:{doc.name}", "task": task, "group": group, "messages": _chat(question, answer)})
+    messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    kept.append(records.chat(record_id, SOURCE, messages, task=task, group=f"{doc.module}.{doc.qualname.split('.')[0]}"))
 
   for doc in docs:
     summary = summary_sentence(doc.docstring) if doc.docstring else None
@@ -91,9 +80,19 @@ def api_records(docs: Iterable[ApiDoc]) -> tuple[list[dict], dict[str, int]]:
     signature = f"{doc.name}{doc.signature}"
     ok = len(signature) <= MAX_SIGNATURE_CHARS
     add(doc, "signature", f"What is the signature of `{doc.name}`?", signature if ok else None, "signature too long")
-  return records, dict(sorted(dropped.items()))
+  return kept, rejected
 
 
-def pretrain_texts(docs: Iterable[ApiDoc]) -> list[dict[str, str]]:
-  """Raw text, one document per documented API: `name(signature)` then its docstring."""
-  return [{"text": f"{doc.name}{doc.signature}\n{doc.docstring}"} for doc in docs if doc.docstring]
+def pretrain_texts(docs: Iterable[ApiDoc]) -> list[dict]:
+  """Raw text records, one per documented API: `name(signature)` then its docstring."""
+  return [
+      records.text(f"{SOURCE}/text:{doc.name}", SOURCE, f"{doc.name}{doc.signature}\n{doc.docstring}")
+      for doc in docs if doc.docstring
+  ]
+
+
+def read_records() -> list[dict]:
+  """The embedded default source: API questions, their docstrings as text, and every rejected candidate."""
+  docs, _ = read_stdlib()
+  kept, rejected = api_records(docs)
+  return kept + pretrain_texts(docs) + rejected

@@ -10,7 +10,6 @@ import dataclasses
 import logging
 import math
 import pathlib
-import sys
 import time
 from typing import Any
 
@@ -22,6 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from sft import hf, pipeline
 from sft.config import ConfigError
+from sft.console import ensure_console_handler
 from sft.evaluator import Evaluator
 from sft.model import Transformer, count_params, lora
 from sft.trainer import sharding, sources
@@ -31,16 +31,6 @@ from sft.trainer.checkpoint import Checkpointer
 from sft.trainer.metrics_log import MetricsLog, Progress, config_summary, eval_line, format_duration, train_line
 
 log = logging.getLogger("sft")
-
-
-def _ensure_console_handler() -> None:
-  """Progress lines go to stdout even in a notebook that configured no logging."""
-  if not log.handlers:
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    log.propagate = False
 
 
 def build_optimizer(config: ml_collections.ConfigDict, model_cfg):
@@ -71,8 +61,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   t_start = time.time()
-  _ensure_console_handler()
+  ensure_console_handler()
   log.info("config:\n%s", config_summary(config))
+  (workdir / "config.json").write_text(config.to_json(indent=2) + "\n")  # how to rebuild the model, e.g. to annotate data
 
   # Config errors surface before any data is built.
   tc = config.train
@@ -88,7 +79,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   tokenizer = sources.load_tokenizer(config, workdir, splits)
   if tokenizer.vocab_size > model_cfg.vocab_size:
     raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {model_cfg.vocab_size}")
-  log.info("data: %s (dropped: %s)", data_summary["records"], data_summary["dropped_by_reason"])
+  log.info("data: %s records; the build read %s", data_summary["records"], data_summary["build"] or "(no manifest)")
   for name in ("pretrain", "train"):
     cut = pipeline.count_truncated(splits[name], tokenizer, tc.seq_len)
     if cut:

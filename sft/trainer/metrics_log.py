@@ -88,7 +88,8 @@ def config_summary(config) -> str:
   lines = []
   for key, value in sorted(config.items()):
     if hasattr(value, "items"):
-      lines.append(f"  {key}: " + " ".join(f"{k}={v}" for k, v in sorted(value.items())))
+      # A nested section (data.build) is summarised by its name: the data build's manifest has it whole.
+      lines.append(f"  {key}: " + " ".join(f"{k}=<{k} section>" if hasattr(v, "items") else f"{k}={v}" for k, v in sorted(value.items())))
     elif isinstance(value, (list, tuple)) and value and isinstance(value[0], (list, tuple)):
       lines.append(f"  {key}: " + " ".join(f"{a}->{b}" for a, b in value))
     else:

@@ -1,14 +1,15 @@
 """Where a run's data, tokenizer and starting weights come from, as its config says.
 
-data.source = "stdlib": the embedded default, built into <workdir>/data.
-data.source = "dir":    a folder with train.jsonl and eval.jsonl (and pretrain.jsonl if
-                        train.pretrain_steps > 0), e.g. the output of the data builder.
+data.source = "build": the data builder runs with data.build into <workdir>/data (the default
+                        data.build reads the embedded stdlib API docs).
+data.source = "dir":    the output folder of a data build (ArrayRecord shards per split).
 model.checkpoint = "":  a model trained from scratch with a SentencePiece tokenizer trained on the data.
 model.checkpoint = dir: a Hugging Face model folder: its config, weights, tokenizer and chat template.
 """
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import json
 import logging
@@ -16,6 +17,7 @@ import pathlib
 import shutil
 from typing import Any
 
+import grain
 import ml_collections
 
 from sft import databuilder, hf, pipeline
@@ -30,24 +32,58 @@ TOKENIZER_FILES = (
 )
 
 
-def load_splits(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> tuple[dict[str, list], dict[str, Any]]:
-  """(splits, summary): splits are train, eval and pretrain record lists."""
-  if config.data.source == "stdlib":
-    return databuilder.get_or_build_stdlib_dataset(workdir / "data", eval_fraction=config.data.eval_fraction, salt=config.data.salt)
-  if config.data.source != "dir":
-    raise ConfigError(f"data.source must be 'stdlib' or 'dir', got {config.data.source!r}")
-  folder = pathlib.Path(config.data.dir)
+class JsonRecords(collections.abc.Sequence):
+  """The records of ArrayRecord shards (one JSON object each), random access, decoded on demand."""
+
+  def __init__(self, paths: list[pathlib.Path]):
+    self._source = grain.sources.ArrayRecordDataSource([str(p) for p in paths]) if paths else None
+
+  def __len__(self) -> int:
+    return len(self._source) if self._source is not None else 0
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return [self[i] for i in range(*index.indices(len(self)))]
+    if not -len(self) <= index < len(self):
+      raise IndexError(index)
+    return json.loads(self._source[index % len(self)])
+
+
+def read_built(folder: pathlib.Path, *, need_pretrain: bool) -> dict[str, Any]:
+  """train, eval (the builder's validation split) and pretrain records of a data build's output."""
   splits = {}
-  for name, required in (("train", True), ("eval", True), ("pretrain", config.train.pretrain_steps > 0)):
-    path = folder / f"{name}.jsonl"
-    if path.exists():
-      splits[name] = databuilder.read_jsonl(path)
-    elif required:
-      raise ConfigError(f"data.dir={str(folder)!r} has no {name}.jsonl" + (" (train.pretrain_steps > 0 needs it)" if name == "pretrain" else ""))
-    else:
-      splits[name] = []
-  summary = {"records": {k: len(v) for k, v in splits.items()}, "dropped_by_reason": {}}
-  return splits, summary
+  for name, split, required in (("train", "train", True), ("eval", "validation", True), ("pretrain", "pretrain", need_pretrain)):
+    paths = databuilder.write.split_files(folder, split)
+    if required and not paths:
+      raise ConfigError(f"{folder} has no {split}-*.array_record shards: is it the output of a data build?")
+    splits[name] = JsonRecords(paths)
+    if required and not len(splits[name]):
+      raise ConfigError(f"the {split} split of {folder} is empty" + (" (train.pretrain_steps > 0 needs it)" if name == "pretrain" else ""))
+  return splits
+
+
+def load_splits(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> tuple[dict[str, Any], dict[str, Any]]:
+  """(splits, accounting): splits are train, eval and pretrain record sequences."""
+  need_pretrain = config.train.pretrain_steps > 0
+  if config.data.source == "dir":
+    folder = pathlib.Path(config.data.dir)
+    manifest = databuilder.load_manifest(folder)
+  elif config.data.source == "build":
+    folder = workdir / "data"
+    params = databuilder.pipeline.params_of(config.data.build)
+    manifest = databuilder.load_manifest(folder)
+    if manifest is not None and manifest["config_hash"] != databuilder.pipeline.config_hash(params):
+      raise ConfigError(
+          f"{folder} holds data built with another data.build config (manifest.json has it); "
+          "use a new workdir or delete that folder"
+      )
+    if manifest is None:
+      manifest = databuilder.build_dataset(config.data.build, folder, progress=False)
+  else:
+    raise ConfigError(f"data.source must be 'build' or 'dir', got {config.data.source!r}")
+  splits = read_built(folder, need_pretrain=need_pretrain)
+  accounting = manifest["accounting"]["total"] if manifest else {}
+  return splits, {"records": {k: len(v) for k, v in splits.items()}, "build": accounting}
 
 
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:

@@ -1,0 +1,197 @@
+"""Filter for quality: each rule returns None (keep) or the reason and detail of a drop.
+
+    length     characters, words and (with a tokenizer) tokens of the whole record, within bounds
+    gopher     Gopher heuristics (Rae et al. 2021, as in datatrove): mean word length, symbol and
+               non-alphabetic word ratios, duplicated lines and paragraphs, top and duplicated
+               n-gram character fractions, stop words. Applied to texts of at least
+               `min_words_to_apply` words: on a one-line answer the ratios say nothing.
+    language   py3langid (its model ships inside the package); the record's language must be
+               among `languages` with at least `min_confidence`, for texts of `min_chars` or more
+               (translation examples are not judged)
+    sft        an empty or trivial response, a response that repeats the prompt, refusal boilerplate
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import re
+from typing import Any, Callable
+
+from sft.databuilder import records
+
+_WORD = re.compile(r"\w+")
+STOP_WORDS = frozenset({"the", "be", "to", "of", "and", "that", "have", "with"})  # Gopher's
+REFUSALS = (
+    r"\bas an ai(?: language)? model\b",
+    r"\bi(?:'m| am) (?:sorry|afraid),? (?:but )?i (?:can(?:no|')t|am unable to|won't)\b",
+    r"\bi can(?:no|')t (?:help|assist) with (?:that|this)\b",
+    r"\bi(?:'m| am) (?:not able|unable) to (?:help|assist|provide)\b",
+    r"\bi do not have the ability to\b",
+)
+
+
+def length(record: records.Record, p: dict[str, Any], count_tokens: Callable[[str], int] | None) -> tuple[str, str] | None:
+  text = records.contents(record)
+  n_chars, n_words = len(text), len(text.split())
+  for what, n in (("characters", n_chars), ("words", n_words)):
+    lo, hi = p[f"min_{what}"], p[f"max_{what}"]
+    if n < lo:
+      return f"too few {what}", f"{n} < {lo}"
+    if hi and n > hi:
+      return f"too many {what}", f"{n} > {hi}"
+  if count_tokens is not None:
+    n_tokens = count_tokens(text)
+    if n_tokens < p["min_tokens"]:
+      return "too few tokens", f"{n_tokens} < {p['min_tokens']}"
+    if p["max_tokens"] and n_tokens > p["max_tokens"]:
+      return "too many tokens", f"{n_tokens} > {p['max_tokens']}"
+  return None
+
+
+def _duplicate_fraction(items: list[str]) -> tuple[float, float]:
+  """(share of items that repeat an earlier one, share of characters in them)."""
+  seen, dup_items, dup_chars = set(), 0, 0
+  for item in items:
+    if item in seen:
+      dup_items += 1
+      dup_chars += len(item)
+    seen.add(item)
+  total_chars = sum(len(x) for x in items) or 1
+  return dup_items / max(len(items), 1), dup_chars / total_chars
+
+
+def _top_ngram_char_fraction(words: list[str], n: int) -> float:
+  """Characters covered by the most frequent word n-gram, over all word characters."""
+  grams = collections.Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+  if not grams:
+    return 0.0
+  gram, count = grams.most_common(1)[0]
+  return count * sum(len(w) for w in gram) / max(sum(len(w) for w in words), 1)
+
+
+def _duplicated_ngram_char_fraction(words: list[str], n: int) -> float:
+  """Characters of words inside an n-gram that occurs more than once, over all word characters."""
+  seen, covered = set(), [False] * len(words)
+  for i in range(len(words) - n + 1):
+    gram = tuple(words[i:i + n])
+    if gram in seen:
+      covered[i:i + n] = [True] * n
+    seen.add(gram)
+  return sum(len(w) for w, c in zip(words, covered) if c) / max(sum(len(w) for w in words), 1)
+
+
+def gopher(record: records.Record, p: dict[str, Any]) -> tuple[str, str] | None:
+  text = records.contents(record)
+  words = text.split()
+  if len(words) < p["min_words_to_apply"]:
+    return None
+  mean_len = sum(len(w) for w in words) / len(words)
+  if not p["min_mean_word_length"] <= mean_len <= p["max_mean_word_length"]:
+    return "gopher: mean word length", f"{mean_len:.1f} not in [{p['min_mean_word_length']}, {p['max_mean_word_length']}]"
+  symbols = (text.count("#") + text.count("...") + text.count("\u2026")) / len(words)
+  if symbols > p["max_symbol_word_ratio"]:
+    return "gopher: symbol ratio", f"{symbols:.2f} > {p['max_symbol_word_ratio']}"
+  alpha = sum(any(c.isalpha() for c in w) for w in words) / len(words)
+  if alpha < p["min_alpha_word_ratio"]:
+    return "gopher: non-alphabetic words", f"{alpha:.2f} of words have a letter < {p['min_alpha_word_ratio']}"
+  lowered = [w.lower().strip(".,;:!?\"'()") for w in words]
+  stop = sum(w in STOP_WORDS for w in lowered)
+  if stop < p["min_stop_words"]:
+    return "gopher: stop words", f"{stop} < {p['min_stop_words']}"
+  lines = [line.strip() for line in text.split("\n") if line.strip()]
+  line_frac, line_chars = _duplicate_fraction(lines)
+  if line_frac > p["max_duplicate_line_fraction"] or line_chars > p["max_duplicate_line_char_fraction"]:
+    return "gopher: duplicated lines", f"{line_frac:.2f} of lines, {line_chars:.2f} of characters"
+  paragraphs = [x.strip() for x in re.split(r"\n\s*\n", text) if x.strip()]
+  para_frac, para_chars = _duplicate_fraction(paragraphs)
+  if para_frac > p["max_duplicate_paragraph_fraction"] or para_chars > p["max_duplicate_paragraph_char_fraction"]:
+    return "gopher: duplicated paragraphs", f"{para_frac:.2f} of paragraphs, {para_chars:.2f} of characters"
+  for n, limit in p["max_top_ngram_char_fraction"].items():
+    frac = _top_ngram_char_fraction(lowered, int(n))
+    if frac > limit:
+      return "gopher: repeated n-gram", f"top {n}-gram covers {frac:.2f} > {limit}"
+  for n, limit in p["max_duplicated_ngram_char_fraction"].items():
+    frac = _duplicated_ngram_char_fraction(lowered, int(n))
+    if frac > limit:
+      return "gopher: duplicated n-grams", f"duplicated {n}-grams cover {frac:.2f} > {limit}"
+  return None
+
+
+@functools.lru_cache(maxsize=None)
+def _identifier():
+  from py3langid.langid import MODEL_FILE, LanguageIdentifier  # noqa: PLC0415 (loads the model once per process)
+
+  return LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
+
+
+def identify_language(text: str) -> tuple[str, float]:
+  """('en', 0.99): the most likely language and its probability."""
+  lang, prob = _identifier().classify(text)
+  return lang, float(prob)
+
+
+def detect_language(record: records.Record, p: dict[str, Any]) -> tuple[str, float] | None:
+  """The record's (language, probability), or None where it is not judged: shorter than
+  `min_chars`, or a translation pair (two languages by design)."""
+  text = records.contents(record)
+  if len(text) < p["min_chars"] or record.get("task") == "translation":
+    return None
+  return identify_language(text)
+
+
+def language(record: records.Record, p: dict[str, Any], judged: tuple[str, float] | None = None) -> tuple[str, str] | None:
+  judged = judged or detect_language(record, p)
+  if judged is None:
+    return None
+  lang, prob = judged
+  if lang not in p["languages"]:
+    return "language", f"{lang} ({prob:.2f})"
+  if prob < p["min_confidence"]:
+    return "language: low confidence", f"{lang} ({prob:.2f}) < {p['min_confidence']}"
+  return None
+
+
+def _normalized(text: str) -> str:
+  return " ".join(_WORD.findall(text.lower()))
+
+
+@functools.lru_cache(maxsize=8)
+def _refusal_pattern(patterns: tuple[str, ...]) -> re.Pattern:
+  return re.compile("|".join(f"(?:{x})" for x in patterns), re.IGNORECASE)
+
+
+def sft_rules(record: records.Record, p: dict[str, Any]) -> tuple[str, str] | None:
+  if record["kind"] != "chat":
+    return None
+  prompt, response = records.prompt_and_response(record)
+  if not response.strip():
+    return "empty response", ""
+  if sum(c.isalnum() for c in response) < p["min_response_alnum_chars"]:
+    return "trivial response", repr(response[:80])
+  norm_prompt, norm_response = _normalized(prompt), _normalized(response)
+  if norm_response and (norm_response == norm_prompt or (len(norm_prompt) >= 20 and norm_response.startswith(norm_prompt) and len(norm_response) < 1.2 * len(norm_prompt))):
+    return "response repeats prompt", repr(response[:80])
+  if p["refusal_patterns"] and (match := _refusal_pattern(tuple(p["refusal_patterns"])).search(response)):
+    return "refusal boilerplate", repr(match.group())
+  return None
+
+
+def filter_record(record: records.Record, params: dict[str, Any], count_tokens=None) -> records.Record:
+  """The record, or the record dropped by the first rule it fails (stage "filter")."""
+  checks = (
+      lambda: length(record, params["length"], count_tokens),
+      lambda: sft_rules(record, params["sft"]),
+      lambda: gopher(record, params["gopher"]) if params["gopher"]["enabled"] else None,
+  )
+  for check in checks:
+    failure = check()
+    if failure:
+      return records.drop(record, "filter", *failure)
+  if not params["language"]["enabled"]:
+    return record
+  judged = detect_language(record, params["language"])
+  failure = language(record, params["language"], judged)
+  if failure:
+    return records.drop(record, "filter", *failure)
+  return {**record, "lang": judged[0]} if judged else record  # the report's language mix reuses it

@@ -1,0 +1,187 @@
+"""Measure the data: the manifest's accounting and a Markdown report with PNG plots.
+
+Both are computed from one small "fact" per record (kept or dropped), which the runners bring back
+to this process: the records themselves stay in the output files.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import pathlib
+from typing import Any
+
+from sft.databuilder import records
+
+STAGES = ("read", "annotate", "clean", "filter", "decontaminate", "dedup", "score")
+
+
+def fact(record: records.Record) -> list[dict[str, Any]]:
+  """What the report needs of one record."""
+  text = records.contents(record)
+  out = {"id": record["id"], "source": record["source"], "kind": record["kind"], "chars": len(text), "words": len(text.split())}
+  if record.get("edits"):
+    out["edits"] = record["edits"]
+  if records.is_dropped(record):
+    out.update(record["dropped"])
+    out["excerpt"] = text[:200]
+  else:
+    out["split"] = record["split"]
+    if "lang" in record:  # judged by the language filter
+      out["lang"] = record["lang"]
+    elif record["kind"] == "chat" or len(text) >= 20:
+      from sft.databuilder import quality  # noqa: PLC0415
+
+      out["lang"] = quality.identify_language(text)[0]
+  return [out]
+
+
+def accounting(facts: list[dict[str, Any]]) -> dict[str, Any]:
+  """Per source: read, kept by split, dropped by "stage: reason"; raises if they do not add up."""
+  table: dict[str, dict[str, Any]] = {}
+  for f in facts:
+    row = table.setdefault(f["source"], {"read": 0, "kept": 0, "kept_by_split": collections.Counter(), "dropped": 0, "dropped_by_reason": collections.Counter()})
+    row["read"] += 1
+    if "stage" in f:
+      row["dropped"] += 1
+      row["dropped_by_reason"][f"{f['stage']}: {f['reason']}"] += 1
+    else:
+      row["kept"] += 1
+      row["kept_by_split"][f["split"]] += 1
+  for source, row in table.items():
+    if row["read"] != row["kept"] + sum(row["dropped_by_reason"].values()) or row["kept"] != sum(row["kept_by_split"].values()):
+      raise RuntimeError(f"accounting does not add up for source {source!r}: {row}")
+    row["kept_by_split"] = dict(sorted(row["kept_by_split"].items()))
+    row["dropped_by_reason"] = dict(sorted(row["dropped_by_reason"].items()))
+  total = {
+      "read": sum(r["read"] for r in table.values()),
+      "kept": sum(r["kept"] for r in table.values()),
+      "dropped": sum(r["dropped"] for r in table.values()),
+  }
+  return {"by_source": dict(sorted(table.items())), "total": total}
+
+
+def funnel(facts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  """Records in and out of each stage, in stage order."""
+  dropped = collections.Counter(f["stage"] for f in facts if "stage" in f)
+  remaining, rows = len(facts), []
+  for stage in STAGES:
+    rows.append({"stage": stage, "in": remaining, "dropped": dropped[stage], "out": remaining - dropped[stage]})
+    remaining -= dropped[stage]
+  return rows
+
+
+def _clusters(facts: list[dict[str, Any]]) -> dict[str, list[str]]:
+  members: dict[str, list[str]] = collections.defaultdict(list)
+  for f in facts:
+    if f.get("duplicate_of"):
+      members[f["duplicate_of"]].append(f["id"])
+  return members
+
+
+def _plot(path: pathlib.Path, kind: str, data: dict[str, Any], title: str, xlabel: str) -> str:
+  import matplotlib  # noqa: PLC0415
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+
+  fig, ax = plt.subplots(figsize=(7, 3.5), dpi=100)
+  if kind == "hist":
+    for label, values in data.items():
+      if values:
+        ax.hist(values, bins=40, alpha=0.6, label=f"{label} ({len(values)})")
+    ax.set_yscale("log")
+    ax.legend()
+  else:
+    labels = list(data)
+    ax.barh(labels[::-1], [data[k] for k in labels][::-1])
+    ax.tick_params(axis="y", labelsize=7)
+  ax.set_title(title)
+  ax.set_xlabel(xlabel)
+  fig.tight_layout()
+  fig.savefig(path, metadata={"Software": None})  # no timestamp: same data, same bytes
+  plt.close(fig)
+  return path.name
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  lines += ["| " + " | ".join(str(x).replace("|", "\\|").replace("\n", " ") for x in row) + " |" for row in rows]
+  return "\n".join(lines)
+
+
+def write_report(out_dir: pathlib.Path, facts: list[dict[str, Any]], manifest: dict[str, Any], examples_per_reason: int) -> pathlib.Path:
+  """report.md and its plots (plots/*.png) in `out_dir`."""
+  plots = out_dir / "plots"
+  plots.mkdir(exist_ok=True)
+  facts = sorted(facts, key=lambda f: f["id"])
+  kept = [f for f in facts if "stage" not in f]
+  acc = manifest["accounting"]
+  md = [f"# Data build report\n\n{acc['total']['read']} records read, {acc['total']['kept']} kept, {acc['total']['dropped']} dropped.\n"]
+
+  md.append("## Sources\n")
+  md.append(_table(["source", "read", "kept", "dropped", "kept by split"], [
+      [s, r["read"], r["kept"], r["dropped"], ", ".join(f"{k} {v}" for k, v in r["kept_by_split"].items())] for s, r in acc["by_source"].items()
+  ]))
+  md.append("\n## Stages\n")
+  rows = funnel(facts)
+  md.append(_table(["stage", "in", "dropped", "out"], [[r["stage"], r["in"], r["dropped"], r["out"]] for r in rows]))
+  _plot(plots / "stages.png", "bar", {r["stage"]: r["out"] for r in rows}, "records remaining after each stage", "records")
+  md.append("\n![stages](plots/stages.png)\n")
+
+  md.append("## Drop reasons, with examples\n")
+  by_reason: dict[tuple[str, str], list[dict]] = collections.defaultdict(list)
+  for f in facts:
+    if "stage" in f:
+      by_reason[(f["stage"], f["reason"])].append(f)
+  order = sorted(by_reason, key=lambda k: (STAGES.index(k[0]) if k[0] in STAGES else 99, -len(by_reason[k])))
+  md.append(_table(["stage", "reason", "records"], [[s, r, len(by_reason[(s, r)])] for s, r in order]))
+  for stage, reason in order:
+    md.append(f"\n**{stage}: {reason}** ({len(by_reason[(stage, reason)])})\n")
+    for f in by_reason[(stage, reason)][:examples_per_reason]:
+      excerpt = " ".join(f.get("excerpt", "").split())[:160]
+      md.append(f"- `{f['id']}` {f.get('detail', '')} — “{excerpt}”")
+  if by_reason:
+    _plot(plots / "drop_reasons.png", "bar", {f"{s}: {r}": len(by_reason[(s, r)]) for s, r in order[:25]}, "dropped records by reason", "records")
+    md.append("\n![drop reasons](plots/drop_reasons.png)\n")
+
+  edits = collections.Counter()
+  for f in facts:
+    edits.update(f.get("edits", {}))
+  md.append("\n## Cleaning\n")
+  md.append(_table(["change", "texts or matches"], [[k, v] for k, v in sorted(edits.items())]) if edits else "Nothing changed.")
+
+  clusters = _clusters(facts)
+  md.append("\n## Duplicate clusters\n")
+  if clusters:
+    sizes = collections.Counter(len(m) + 1 for m in clusters.values())
+    md.append(f"{len(clusters)} clusters; size: count " + ", ".join(f"{s}: {n}" for s, n in sorted(sizes.items())) + "\n")
+    biggest = sorted(clusters.items(), key=lambda kv: (-len(kv[1]), kv[0]))[:5]
+    md.append(_table(["kept", "size", "dropped (first 5)"], [[k, len(m) + 1, ", ".join(sorted(m)[:5])] for k, m in biggest]))
+  else:
+    md.append("No duplicates.")
+
+  md.append("\n## Lengths of kept records\n")
+  for unit in ("chars", "words"):
+    by_split = collections.defaultdict(list)
+    for f in kept:
+      by_split[f["split"]].append(f[unit])
+    name = _plot(plots / f"length_{unit}.png", "hist", dict(sorted(by_split.items())), f"{unit} per record", unit)
+    md.append(f"![{unit}](plots/{name})\n")
+  md.append("Token counts: " + ("see the tokens plot." if any("tokens" in f for f in kept) else "set filter.length.tokenizer to count tokens.") + "\n")
+
+  langs = collections.Counter(f.get("lang", "not judged (short)") for f in kept)
+  sources = collections.Counter(f["source"] for f in kept)
+  md.append("## Language and source mix of kept records\n")
+  md.append(_table(["language", "records"], [[k, v] for k, v in langs.most_common(15)]))
+  md.append("\n" + _table(["source", "records"], [[k, v] for k, v in sources.most_common()]))
+  _plot(plots / "languages.png", "bar", dict(langs.most_common(15)), "language of kept records", "records")
+  _plot(plots / "sources.png", "bar", dict(sources.most_common(25)), "source of kept records", "records")
+  md.append("\n![languages](plots/languages.png) ![sources](plots/sources.png)\n")
+  path = out_dir / "report.md"
+  path.write_text("\n".join(md) + "\n", encoding="utf-8")
+  return path
+
+
+def write_json(path: pathlib.Path, value: Any) -> None:
+  path.write_text(json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")

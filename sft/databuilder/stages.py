@@ -1,0 +1,139 @@
+"""The build as stages over a collection of records, written once against a small runner interface
+so the same code runs in local worker processes (runner_local.py) and on Apache Beam (runner_beam.py).
+
+    read -> annotate (fill missing responses) -> clean -> filter -> decontaminate
+         -> [self-instruct: new records from kept seeds, through clean -> filter -> decontaminate]
+         -> exact dedup -> near dedup -> annotate (score) -> format + split -> write
+
+A dropped record stays in the collection, marked, and every later stage passes it through; the
+writer puts it in rejected.jsonl and the manifest counts it, so read = kept + dropped per source.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import re
+from typing import Any, Callable, Protocol, Sequence
+
+from sft.databuilder import annotate, clean, decontaminate, quality, readers, records
+
+
+class Runner(Protocol):
+  """What the stages need from an execution engine. A collection is whatever the runner uses."""
+
+  def create(self, items: list[Any], name: str) -> Any: ...
+  def flat_map(self, coll: Any, fn: Callable[[Any], list[Any]], name: str) -> Any: ...
+  def map_batches(self, coll: Any, fn: Callable[[list], list], batch_size: int, name: str) -> Any: ...
+  def group_by(self, coll: Any, key_fn: Callable[[Any], Any], fn: Callable[[Any, list], list], name: str) -> Any: ...
+  def global_apply(self, coll: Any, select: Callable[[Any], bool], fn: Callable[[list], list], name: str) -> Any: ...
+  def near_duplicates(self, coll: Any, params: dict[str, Any], name: str) -> Any: ...
+  def concat(self, colls: list[Any], name: str) -> Any: ...
+
+
+def read_input(item: tuple[str, str, str], field_map: dict[str, str]) -> list[records.Record]:
+  """("file", path, source) -> its records; ("stdlib", "", "stdlib") -> the embedded default."""
+  kind, path, source = item
+  if kind == "stdlib":
+    from sft.databuilder import stdlib_tasks  # noqa: PLC0415
+
+    return stdlib_tasks.read_records()
+  import pathlib  # noqa: PLC0415
+
+  return list(readers.read_file(pathlib.Path(path), source, field_map))
+
+
+def token_counter(tokenizer_path: str) -> Callable[[str], int] | None:
+  if not tokenizer_path:
+    return None
+  import pathlib  # noqa: PLC0415
+
+  from sft import pipeline  # noqa: PLC0415 (only token bounds need it)
+
+  path = pathlib.Path(tokenizer_path)
+  if not path.exists():
+    raise FileNotFoundError(f"filter.length.tokenizer={tokenizer_path!r} does not exist")
+  tokenizer = pipeline.Tokenizer.load(path) if path.is_file() else pipeline.HFTokenizer(path)
+  return lambda text: len(tokenizer.encode(text))
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_counter(tokenizer_path: str):
+  return token_counter(tokenizer_path)
+
+
+def process_record(record: records.Record, params: dict[str, Any], index: dict[str, Any]) -> list[records.Record]:
+  """clean -> filter -> decontaminate, for one live record."""
+  if records.is_dropped(record):
+    return [record]
+  record = clean.clean_record(record, params["clean"])
+  if records.is_dropped(record):
+    return [record]
+  record = quality.filter_record(record, params["filter"], _cached_counter(params["filter"]["length"]["tokenizer"]))
+  if records.is_dropped(record):
+    return [record]
+  return [decontaminate.decontaminate_record(record, index)]
+
+
+_NON_WORD = re.compile(r"\W+")
+
+
+def exact_key(record: records.Record) -> str | None:
+  """Hash of the lowercased text with punctuation and spacing collapsed (None for dropped records)."""
+  if records.is_dropped(record):
+    return None
+  if record["kind"] == "chat":
+    text = "\x1e".join(f"{m['role']}\x1f{_NON_WORD.sub(' ', m['content'].lower()).strip()}" for m in record["messages"])
+  else:
+    text = _NON_WORD.sub(" ", record["text"].lower()).strip()
+  return hashlib.blake2b(f"{record['kind']}\x1d{text}".encode(), digest_size=16).hexdigest()
+
+
+def keep_first(key: str, group: list[records.Record]) -> list[records.Record]:
+  """Exact duplicates: the smallest id is kept, the others point at it."""
+  first, *rest = sorted(group, key=lambda r: r["id"])
+  return [first] + [records.drop(r, "dedup", "exact duplicate", f"of {first['id']}", duplicate_of=first["id"]) for r in rest]
+
+
+def format_record(record: records.Record, system_prompt: str, validation_fraction: float, salt: str) -> list[records.Record]:
+  """Final chat schema (optional system turn), and the split: pretrain for text, else by hash."""
+  if records.is_dropped(record):
+    return [record]
+  if record["kind"] == "text":
+    return [{**record, "split": "pretrain"}]
+  if system_prompt and record["messages"][0]["role"] != "system":
+    record = {**record, "messages": [{"role": "system", "content": system_prompt}, *record["messages"]]}
+  key = record.get("group") or record["id"]
+  split = "validation" if records.unit_interval(key, salt) < validation_fraction else "train"
+  return [{**record, "split": split}]
+
+
+def run(runner: Runner, inputs: Sequence[tuple[str, str, str]], params: dict[str, Any], index: dict[str, Any], generator: annotate.Generator | None) -> Any:
+  """All stages; returns the collection of formatted records, kept and dropped."""
+  items = runner.create(list(inputs), "inputs")
+  items = runner.flat_map(items, functools.partial(read_input, field_map=params["field_map"]), "read")
+  ann = params["annotate"]
+  items = runner.map_batches(items, functools.partial(annotate.fill_responses, generator=generator), ann["batch_size"], "annotate: fill")
+  process = functools.partial(process_record, params=params, index=index)
+  items = runner.flat_map(items, process, "clean, filter, decontaminate")
+
+  si = ann["self_instruct"]
+  if si["num_instructions"] > 0:
+    new = runner.global_apply(
+        items, lambda r: not records.is_dropped(r) and r["kind"] == "chat",
+        functools.partial(annotate.self_instruct, generator=generator, params=si), "annotate: self-instruct",
+    )
+    items = runner.concat([items, runner.flat_map(new, process, "self-instruct: clean, filter, decontaminate")], "with self-instruct")
+
+  if params["dedup"]["exact"]:
+    items = runner.group_by(items, exact_key, keep_first, "dedup: exact")
+  if params["dedup"]["near"]:
+    items = runner.near_duplicates(items, params["dedup"], "dedup: near")
+  if ann["score"]["enabled"]:
+    if generator is None:
+      raise ValueError("annotate.score.enabled needs annotate.model_workdir")
+    score = functools.partial(annotate.score_batch, generator=generator, min_score=ann["score"]["min_score"])
+    items = runner.map_batches(items, score, ann["batch_size"], "annotate: score")
+  out = params["output"]
+  fmt = functools.partial(format_record, system_prompt=params["format"]["system_prompt"], validation_fraction=out["validation_fraction"], salt=out["salt"])
+  return runner.flat_map(items, fmt, "format")

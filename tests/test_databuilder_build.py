@@ -1,0 +1,184 @@
+"""The whole data build: every planted record lands in its bucket, the accounting adds up, the output
+is byte-identical across runs, runners and worker counts, and the trainer reads it."""
+
+import json
+import pathlib
+
+import pytest
+
+from sft.config import ConfigError
+from sft.databuilder import build_config, build_dataset, runner_local
+from sft.trainer import sources
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+MIX = ROOT / "experiments" / "sft_mix"
+
+# Every planted problem of experiments/sft_mix/raw, and where it must land.
+EXPECTED_DROPS = {
+    "alpaca.jsonl:4": ("dedup", "exact duplicate"),
+    "alpaca.jsonl:6": ("annotate", "missing response"),
+    "alpaca.jsonl:7": ("filter", "refusal boilerplate"),
+    "alpaca.jsonl:10": ("read", "wrong type"),
+    "alpaca.jsonl:11": ("read", "bad json"),
+    "sharegpt.json:0": ("dedup", "near duplicate"),
+    "sharegpt.json:2": ("read", "unknown role"),
+    "sharegpt.json:3": ("read", "empty turn"),
+    "messages.jsonl:2": ("filter", "language"),
+    "messages.jsonl:3": ("filter", "trivial response"),
+    "messages.jsonl:4": ("decontaminate", "overlaps eval set"),
+    "messages.jsonl:6": ("read", "wrong type"),
+    "prompts.parquet:2": ("filter", "response repeats prompt"),
+    "reviews.csv:5": ("read", "wrong number of fields"),
+    "structured.jsonl:5": ("read", "unknown schema"),
+    "docs/latin1.txt": ("read", "invalid utf-8"),
+    "docs/spam.txt": ("filter", "gopher: stop words"),
+    "notes.xml": ("read", "unsupported file type"),
+}
+
+
+def mix_config(**overrides):
+  config = build_config()
+  config.input_dir = str(MIX / "raw")
+  config.decontaminate.eval_files = (str(MIX / "eval" / "benchmark.jsonl"),)
+  config.output.validation_fraction = 0.2
+  config.output.num_shards = 2
+  for key, value in overrides.items():
+    setattr(config, key, value)
+  return config
+
+
+def shard_bytes(folder: pathlib.Path) -> dict[str, bytes]:
+  return {p.name: p.read_bytes() for p in sorted(folder.glob("*-of-*"))}
+
+
+def read_jsonl(folder: pathlib.Path, split: str) -> list[dict]:
+  return [json.loads(line) for p in sorted(folder.glob(f"{split}-*.jsonl")) for line in p.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+  out = tmp_path_factory.mktemp("mix")
+  return out, build_dataset(mix_config(), out, progress=False)
+
+
+def test_every_planted_record_lands_in_its_bucket(built):
+  out, manifest = built
+  rejected = {r["id"]: (r["dropped"]["stage"], r["dropped"]["reason"]) for r in read_jsonl(out, "rejected")}
+  assert rejected == EXPECTED_DROPS
+  near = next(r for r in read_jsonl(out, "rejected") if r["id"] == "sharegpt.json:0")
+  assert near["dropped"]["duplicate_of"] == "alpaca.jsonl:1"
+  contaminated = next(r for r in read_jsonl(out, "rejected") if r["id"] == "messages.jsonl:4")
+  assert contaminated["dropped"]["detail"].startswith("eval:benchmark.jsonl:1:")
+
+  kept = {r["id"]: r for split in ("train", "validation", "pretrain") for r in read_jsonl(out, split)}
+  assert len(kept) == 20 and not set(kept) & set(rejected)
+  # Cleaning happened on what was kept: HTML, PII and mojibake.
+  ticket = kept["alpaca.jsonl:8"]["messages"][0]["content"]
+  assert "<p>" not in ticket and "track()" not in ticket and "<EMAIL>" in ticket
+  assert "Danke schön" in kept["alpaca.jsonl:9"]["messages"][1]["content"]
+  assert "<PHONE>" in kept["messages.jsonl:5"]["messages"][0]["content"]
+  assert kept["docs/rivers.txt"]["kind"] == "text" and kept["reviews.csv:2"]["task"] == "classification"
+
+
+def test_accounting_adds_up_for_every_source(built):
+  out, manifest = built
+  accounting = manifest["accounting"]
+  assert accounting["total"] == {"read": 38, "kept": 20, "dropped": 18}
+  for source, row in accounting["by_source"].items():
+    assert row["read"] == row["kept"] + sum(row["dropped_by_reason"].values()), source
+    assert row["kept"] == sum(row["kept_by_split"].values()), source
+  assert accounting["by_source"]["alpaca.jsonl"]["dropped_by_reason"] == {
+      "annotate: missing response": 1, "dedup: exact duplicate": 1, "filter: refusal boilerplate": 1,
+      "read: bad json": 1, "read: wrong type": 1,
+  }
+  on_disk = {e["file"]: e for e in manifest["outputs"]}
+  assert sum(e["records"] for e in on_disk.values() if e["file"].endswith(".array_record")) == 20
+  assert sum(e["records"] for e in on_disk.values() if e["file"].startswith("rejected")) == 18
+  assert all(len(e["sha256"]) == 64 for e in manifest["outputs"] + [i for i in manifest["inputs"]])
+  assert manifest["versions"]["ftfy"] and manifest["config"]["dedup"]["bands"] == 14
+
+
+def test_report_has_tables_examples_and_plots(built):
+  out, _ = built
+  report = (out / "report.md").read_text()
+  for heading in ("## Sources", "## Stages", "## Drop reasons, with examples", "## Cleaning", "## Duplicate clusters", "## Language and source mix"):
+    assert heading in report
+  assert "`alpaca.jsonl:4` of alpaca.jsonl:2" in report and "| pii_email | 1 |" in report
+  for plot in ("stages", "drop_reasons", "length_chars", "length_words", "languages", "sources"):
+    assert (out / "plots" / f"{plot}.png").stat().st_size > 1000
+
+
+def test_the_trainer_reads_the_output(built):
+  out, _ = built
+  splits = sources.read_built(out, need_pretrain=True)
+  assert len(splits["train"]) + len(splits["eval"]) == 19 and len(splits["pretrain"]) == 1
+  assert splits["pretrain"][0]["text"].startswith("Rivers shape the land")
+  assert all(r["messages"][-1]["role"] == "assistant" for r in splits["train"])
+  assert "dropped" not in splits["train"][0] and "edits" not in splits["train"][0]
+
+
+def test_same_input_same_bytes_with_workers_and_on_beam(built, tmp_path, monkeypatch):
+  out, manifest = built
+  again = build_dataset(mix_config(), tmp_path / "again", progress=False)
+  assert shard_bytes(tmp_path / "again") == shard_bytes(out)
+  assert (tmp_path / "again" / "report.md").read_bytes() == (out / "report.md").read_bytes()
+  assert again["accounting"] == manifest["accounting"] and again["outputs"] == manifest["outputs"]
+
+  monkeypatch.setattr(runner_local, "_MIN_PARALLEL", 0)  # worker processes even for this small input
+  build_dataset(mix_config(num_workers=2), tmp_path / "workers", progress=False)
+  assert shard_bytes(tmp_path / "workers") == shard_bytes(out)
+
+  pytest.importorskip("apache_beam")
+  beam = build_dataset(mix_config(runner="beam"), tmp_path / "beam", progress=False)
+  assert shard_bytes(tmp_path / "beam") == shard_bytes(out)
+  assert beam["accounting"] == manifest["accounting"]
+
+
+class Writer:
+  """A deterministic stand-in for a model: new tasks that duplicate, refuse or are fine; ratings by keyword."""
+
+  def generate(self, prompts):
+    out = []
+    for i, p in enumerate(prompts):
+      if p.startswith("Here are some tasks."):
+        out.append(["Give three tips for staying healthy.", "Name a colour.", "Describe how rivers carve valleys over time."][i % 3])
+      elif p.startswith("Rate how helpful"):
+        out.append("1" if "colour" in p else "4")
+      elif p == "Give three tips for staying healthy.":
+        out.append("Eat a varied diet with plenty of vegetables, move your body every day, and get seven to nine hours of sleep.")
+      elif p == "Name a colour.":
+        out.append("Blue.")
+      else:
+        out.append(f"Here is an answer about this: {p}")
+    return out
+
+
+def test_generated_records_go_through_the_same_stages(tmp_path):
+  config = mix_config()
+  config.annotate.model_workdir = "/unused"  # the generator is passed in; the key says annotation is on
+  config.annotate.self_instruct.num_instructions = 3
+  config.annotate.score.enabled = True
+  manifest = build_dataset(config, tmp_path, generator=Writer(), progress=False)
+  generated = manifest["accounting"]["by_source"]["self-instruct"]
+  assert generated["read"] == 3
+  assert generated["dropped_by_reason"] == {"dedup: exact duplicate": 1, "score: low score": 1}
+  filled = {r["id"]: r for r in read_jsonl(tmp_path, "train") + read_jsonl(tmp_path, "validation")}
+  assert filled["alpaca.jsonl:6"]["annotated"] == "response"  # the missing haiku got written
+  assert all(r["score"] >= 3 for r in filled.values())
+
+
+def test_bad_configs_fail_clearly(tmp_path):
+  with pytest.raises(ConfigError, match="nothing to read"):
+    build_dataset(build_config(), tmp_path)
+  config = mix_config()
+  config.dedup.bands = 10
+  with pytest.raises(ConfigError, match="bands x dedup.rows"):
+    build_dataset(config, tmp_path)
+  config = mix_config()
+  config.decontaminate.eval_files = ("/no/such/eval.jsonl",)
+  with pytest.raises(ConfigError, match="does not exist"):
+    build_dataset(config, tmp_path)
+  config = mix_config()
+  config.annotate.score.enabled = True
+  with pytest.raises(ConfigError, match="model_workdir"):
+    build_dataset(config, tmp_path)

@@ -1,0 +1,243 @@
+"""Every data builder stage on literal worked examples."""
+
+import collections
+import json
+
+import pytest
+
+from sft.databuilder import annotate, build_config, clean, decontaminate, quality, readers, records, stages, templates
+from sft.databuilder.pipeline import params_of
+
+
+def _params():
+  config = build_config()
+  config.stdlib = True
+  return params_of(config)
+
+
+def _chat(user, assistant, record_id="x:1"):
+  return records.chat(record_id, "x", [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}])
+
+
+def _read(tmp_path, name, content):
+  path = tmp_path / name
+  path.write_bytes(content if isinstance(content, bytes) else content.encode())
+  return list(readers.read_file(path, name))
+
+
+def test_every_schema_becomes_the_same_chat(tmp_path):
+  user, bot = "What is two plus two?", "Four."
+  lines = [
+      {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": bot}]},
+      {"conversations": [{"from": "human", "value": user}, {"from": "gpt", "value": bot}]},
+      {"instruction": user, "input": "", "output": bot},
+      {"prompt": user, "completion": bot},
+      {"question": user, "answer": bot},
+  ]
+  out = _read(tmp_path, "a.jsonl", "\n".join(json.dumps(x) for x in lines))
+  assert [r["id"] for r in out] == ["a.jsonl:1", "a.jsonl:2", "a.jsonl:3", "a.jsonl:4", "a.jsonl:5"]
+  for r in out[:4]:
+    assert r["kind"] == "chat" and r["messages"] == [{"role": "user", "content": user}, {"role": "assistant", "content": bot}]
+  assert out[4]["task"] == "closed_qa" and out[4]["messages"][1]["content"] == bot
+  assert user in out[4]["messages"][0]["content"]
+
+
+def test_alpaca_input_system_and_missing_output(tmp_path):
+  line = {"instruction": "Translate.", "input": "Hello", "output": "Bonjour", "system": "Be brief."}
+  missing = {"instruction": "Write a poem.", "output": ""}
+  ok, todo = _read(tmp_path, "a.jsonl", json.dumps(line) + "\n" + json.dumps(missing))
+  assert ok["messages"] == [
+      {"role": "system", "content": "Be brief."},
+      {"role": "user", "content": "Translate.\n\nHello"},
+      {"role": "assistant", "content": "Bonjour"},
+  ]
+  assert todo["needs_response"] and todo["messages"] == [{"role": "user", "content": "Write a poem."}]
+
+
+@pytest.mark.parametrize(
+    "line, reason",
+    [
+        ('{"instruction": "x",', "bad json"),
+        ('{"instruction": 3, "output": "y"}', "wrong type"),
+        ('{"messages": [{"role": "robot", "content": "hi"}]}', "unknown role"),
+        ('{"messages": [{"role": "user", "content": " "}, {"role": "assistant", "content": "a"}]}', "empty turn"),
+        ('{"messages": [{"role": "assistant", "content": "a"}]}', "turns out of order"),
+        ('{"messages": [{"role": "user", "content": 5}]}', "wrong type"),
+        ('{"prompt": "hi"}', None),
+        ('{"colour": "blue"}', "unknown schema"),
+        ('[1, 2]', "wrong type"),
+        ('{"text": ""}', "empty text"),
+    ],
+)
+def test_malformed_lines_are_rejected_with_a_reason(tmp_path, line, reason):
+  (record,) = _read(tmp_path, "bad.jsonl", line)
+  if reason is None:
+    assert record["needs_response"]
+  else:
+    assert record["dropped"]["stage"] == "read" and record["dropped"]["reason"] == reason
+    assert record["id"] == "bad.jsonl:1" and record["source"] == "bad.jsonl"
+
+
+def test_invalid_utf8_spoils_one_line_or_row_not_the_file(tmp_path):
+  good = b'{"prompt": "a b", "completion": "c d"}'
+  out = _read(tmp_path, "u.jsonl", good + b"\n" + b'{"prompt": "\xff"}' + b"\n" + good)
+  assert [r.get("dropped", {}).get("reason") for r in out] == [None, "invalid utf-8", None]
+  rows = _read(tmp_path, "u.csv", b"prompt,completion\nhi,there\n\xff\xfe,x\nshort\n")
+  assert [r.get("dropped", {}).get("reason") for r in rows] == [None, "invalid utf-8", "wrong number of fields"]
+  assert rows[0]["messages"][1]["content"] == "there"
+  (txt,) = _read(tmp_path, "latin1.txt", "café".encode("latin-1"))
+  assert txt["dropped"]["reason"] == "invalid utf-8"
+  (other,) = _read(tmp_path, "x.xml", "<a/>")
+  assert other["dropped"]["reason"] == "unsupported file type"
+
+
+def test_json_parquet_and_text_files(tmp_path):
+  import pyarrow
+  import pyarrow.parquet
+
+  out = _read(tmp_path, "d.json", json.dumps({"data": [{"prompt": "p", "completion": "c"}, {"text": "A document."}]}))
+  assert [r["kind"] for r in out] == ["chat", "text"] and out[1]["id"] == "d.json:1"
+  pyarrow.parquet.write_table(pyarrow.table({"prompt": ["p1", None], "completion": ["c1", "c2"]}), tmp_path / "t.parquet")
+  rows = list(readers.read_file(tmp_path / "t.parquet", "t.parquet"))
+  assert rows[0]["messages"][1]["content"] == "c1" and rows[1]["dropped"]["reason"] == "missing field"
+  (doc,) = _read(tmp_path, "n.txt", "Some prose.\n")
+  assert doc == {"id": "n.txt", "source": "n.txt", "kind": "text", "text": "Some prose.\n"}
+
+
+def test_templates_paraphrase_by_id_and_check_types():
+  raw = {"text": "Great film!", "label": "positive", "labels": ["positive", "negative"]}
+  chats = [templates.to_chat(raw, "classification", f"r:{i}", "r") for i in range(30)]
+  assert {c["messages"][1]["content"] for c in chats} == {"positive"}
+  prompts = {c["messages"][0]["content"] for c in chats}
+  assert len(prompts) == 3 and all("positive, negative" in p and "Great film!" in p for p in prompts)
+  assert templates.to_chat(raw, "classification", "r:0", "r") == chats[0]  # same id, same paraphrase
+  assert templates.task_of({"context", "question", "answer"}) == "qa"
+  assert templates.task_of({"question", "answer"}) == "closed_qa"
+  assert templates.task_of({"source_lang", "target_lang", "source_text", "target_text"}) == "translation"
+  assert templates.task_of({"text"}) is None
+  with pytest.raises(ValueError, match="'document' is list"):
+    templates.to_chat({"document": ["a"], "summary": "b"}, "summary", "r:1", "r")
+
+
+def test_clean_worked_example():
+  counts = collections.Counter()
+  text = "The Mona Lisa doesnâ€™t  have <b>eyebrows</b> &amp; mail a.b@x.org or +1 415-555-0100 from 10.0.0.1\x07.\n\n\n\nEnd  "
+  out = clean.clean_text(text, _params()["clean"], counts)
+  assert out == "The Mona Lisa doesn't have eyebrows & mail <EMAIL> or <PHONE> from <IP_ADDRESS>.\n\nEnd"
+  assert counts == {"unicode_fixed": 1, "html_stripped": 1, "whitespace_normalized": 1, "pii_email": 1, "pii_phone": 1, "pii_ip_address": 1}
+  kept = clean.scrub_pii("Python 3.11.7 came out on 2023-12-04; pi is 3.14159", ("email", "ip_address", "phone"), counts)
+  assert kept == "Python 3.11.7 came out on 2023-12-04; pi is 3.14159"
+  assert clean.strip_html("<p>a</p><script>evil()</script><style>x{}</style><div>b</div>").split() == ["a", "b"]
+
+
+def test_clean_record_counts_edits_and_drops_emptied_turns():
+  record = clean.clean_record(_chat("Hi   there", "<br/>"), _params()["clean"])
+  assert record["dropped"] == {"stage": "clean", "reason": "empty after cleaning", "detail": "the assistant turn"}
+  ok = clean.clean_record(_chat("Hi   there", "Fine."), _params()["clean"])
+  assert ok["messages"][0]["content"] == "Hi there" and ok["edits"] == {"whitespace_normalized": 1}
+
+
+def test_length_and_sft_rules():
+  p = _params()["filter"]
+  drop = lambda r: (quality.filter_record(r, p).get("dropped") or {}).get("reason")  # noqa: E731
+  assert drop(_chat("What is the capital of France?", "Paris.")) is None
+  assert drop(_chat("?", "!")) == "trivial response"
+  assert drop(_chat("Say hi", "...")) == "trivial response"
+  assert drop(_chat("Repeat after me: the cat sat on the mat.", "Repeat after me: the cat sat on the mat!")) == "response repeats prompt"
+  assert drop(_chat("Help me.", "As an AI language model, I cannot do that.")) == "refusal boilerplate"
+  assert drop(_chat("Help me.", "I'm sorry, but I can't assist with this.")) == "refusal boilerplate"
+  assert drop(_chat("a", "b")) == "too few characters" or drop(_chat("a", "")) == "empty response"
+  long = _chat("Tell me everything.", "word " * 30_000)
+  assert drop(long) == "too many characters"
+  counted = quality.length(_chat("one two", "three"), {**p["length"], "min_tokens": 4}, count_tokens=lambda t: len(t.split()))
+  assert counted == ("too few tokens", "3 < 4")
+
+
+PROSE = (
+    "Rivers shape the land they flow through. Over thousands of years a river carves valleys, moves sediment from the "
+    "mountains to the sea and builds fertile plains where people have farmed since the earliest civilisations. The Nile "
+    "and the Indus supported early cities, and today rivers still provide drinking water, transport and energy to billions."
+)
+
+
+def test_gopher_rules():
+  p = _params()["filter"]["gopher"]
+  text = lambda body: records.text("t", "t", body)  # noqa: E731
+  assert quality.gopher(text(PROSE), p) is None
+  assert quality.gopher(text("short and sweet"), p) is None  # under min_words_to_apply: not judged
+  assert quality.gopher(text("BUY NOW! Best prices! Click here!\n" * 30), p)[0] == "gopher: stop words"
+  assert quality.gopher(text("# " * 40 + PROSE), p)[0] == "gopher: symbol ratio"
+  assert quality.gopher(text(" ".join(["12345"] * 40) + " " + PROSE), p)[0] == "gopher: non-alphabetic words"
+  assert quality.gopher(text("\n".join([PROSE] + ["The end of the story is near and the river is with us."] * 8)), p)[0] == "gopher: duplicated lines"
+  assert quality.gopher(text(" ".join(["supercalifragilisticexpialidocious"] * 60) + " the of"), p)[0] == "gopher: mean word length"
+
+
+def test_language_identification():
+  p = _params()["filter"]["language"]
+  assert quality.language(_chat("What is the difference between weather and climate?", "Weather is daily, climate is the long-run average."), p) is None
+  french = _chat("Quelle est la capitale de l'Australie et pourquoi ?", "La capitale de l'Australie est Canberra, un compromis.")
+  reason, detail = quality.language(french, p)
+  assert reason == "language" and detail.startswith("fr (")
+  pair = templates.to_chat({"source_lang": "English", "target_lang": "French", "source_text": "Where is the station, please?", "target_text": "Où est la gare, s'il vous plaît ?"}, "translation", "t:1", "t")
+  assert quality.language(pair, p) is None  # a translation is two languages by design
+  assert quality.language(_chat("Hola", "Bonjour"), p) is None  # shorter than min_chars: not judged
+
+
+def test_decontamination_names_the_eval_item():
+  question = "Which planet in the solar system has the largest number of confirmed moons orbiting it?"
+  index = decontaminate.build_index([("eval:1", question), ("eval:2", "Too short to match"), ("eval:3", "Name eight planets of the solar system now")], n=13, min_words=8)
+  assert index["lengths"] == [8, 13]
+  hit = decontaminate.decontaminate_record(_chat(f"QUIZ -- {question.upper()}", "Saturn."), index)
+  assert hit["dropped"]["reason"] == "overlaps eval set" and hit["dropped"]["detail"].startswith("eval:1: 'which planet in the solar system")
+  whole = decontaminate.decontaminate_record(_chat("Please name eight planets of the solar system now.", "Mercury, ..."), index)
+  assert whole["dropped"]["detail"].startswith("eval:3")
+  assert "dropped" not in decontaminate.decontaminate_record(_chat("Which planet is largest?", "Jupiter."), index)
+
+
+def test_exact_key_ignores_case_spacing_and_punctuation():
+  a = stages.exact_key(_chat("What is 2+2?", "Four."))
+  assert a == stages.exact_key(_chat("what  is 2 + 2", "four"))
+  assert a != stages.exact_key(_chat("What is 2+3?", "Four."))
+  kept, dup = stages.keep_first("k", [_chat("a", "b", "z:2"), _chat("a", "b", "a:1")])
+  assert kept["id"] == "a:1" and dup["dropped"]["duplicate_of"] == "a:1"
+
+
+class EchoModel:
+  """A deterministic stand-in for a model: answers from the prompt's words, rates by a keyword."""
+
+  def __init__(self):
+    self.calls = []
+
+  def generate(self, prompts):
+    self.calls.append(list(prompts))
+    out = []
+    for p in prompts:
+      if p.startswith("Rate how helpful"):
+        out.append("2" if "bad answer" in p else "Rating: 5")
+      elif p.startswith("Here are some tasks."):
+        out.append(f"Task 4: Explain the idea number {len(out)} in simple words.\nTask 5: ignored")
+      else:
+        out.append(f"An answer to: {p}")
+    return out
+
+
+def test_fill_self_instruct_and_score_with_a_generator():
+  model = EchoModel()
+  todo = records.chat("a:1", "a", [{"role": "user", "content": "Write a poem."}], needs_response=True)
+  filled = annotate.fill_responses([todo, _chat("q", "a")], model)
+  assert filled[0]["messages"][-1] == {"role": "assistant", "content": "An answer to: Write a poem."} and "needs_response" not in filled[0]
+  assert filled[1] == _chat("q", "a")
+  assert annotate.fill_responses([todo], None)[0]["dropped"]["reason"] == "missing response"
+
+  seeds = [_chat(f"Seed task {i}?", "ok", f"s:{i}") for i in range(5)]
+  new = annotate.self_instruct(seeds, model, {"num_instructions": 2, "examples_per_prompt": 3, "seed": 0})
+  assert [r["id"] for r in new] == ["self-instruct:0", "self-instruct:1"]
+  assert new[0]["messages"][0]["content"] == "Explain the idea number 0 in simple words."
+  assert new[0]["messages"][1]["content"].startswith("An answer to: Explain the idea")
+  assert model.calls[-2][0].count("Seed task") == 3
+
+  scored = annotate.score_batch([_chat("q1", "good answer"), _chat("q2", "bad answer")], model, min_score=3)
+  assert scored[0]["score"] == 5 and "dropped" not in scored[0]
+  assert scored[1]["dropped"]["reason"] == "low score" and scored[1]["score"] == 2
+  assert annotate.parse_instruction("  \n3. Do this thing.") == "Do this thing."
+  assert annotate.parse_rating("I would say 4/5") == 4 and annotate.parse_rating("great") is None
