@@ -7,7 +7,7 @@ import pathlib
 import pytest
 
 from sft.config import ConfigError
-from sft.databuilder import build_config, build_dataset, runner_local
+from sft.databuilder import build_config, build_dataset, records, runner_local
 from sft.trainer import sources
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -182,3 +182,29 @@ def test_bad_configs_fail_clearly(tmp_path):
   config.annotate.score.enabled = True
   with pytest.raises(ConfigError, match="model_workdir"):
     build_dataset(config, tmp_path)
+
+
+def test_token_bounds_and_token_histogram_with_a_tokenizer(tmp_path):
+  from sft import pipeline  # noqa: PLC0415 (imports JAX)
+
+  texts = [line for p in sorted((MIX / "raw").glob("*.jsonl")) for line in p.read_text(errors="replace").splitlines()]
+  tokenizer_path = tmp_path / "tok.model"
+  pipeline.get_or_train_tokenizer(tokenizer_path, texts * 20, vocab_size=600)
+  count = pipeline.Tokenizer.load(tokenizer_path).encode
+  config = mix_config()
+  config.filter.length.tokenizer = str(tokenizer_path)
+  config.filter.length.max_tokens = 80
+  out = tmp_path / "out"
+  manifest = build_dataset(config, out, progress=False)
+  rejected = {json.loads(line)["id"]: json.loads(line) for p in out.glob("rejected-*.jsonl") for line in p.read_text().splitlines()}
+  too_long = [r for r in rejected.values() if r["dropped"]["reason"] == "too many tokens"]
+  assert too_long and all(int(r["dropped"]["detail"].split(" > ")[0]) > 80 for r in too_long)
+  kept = read_jsonl(out, "train") + read_jsonl(out, "validation")
+  assert kept and all(len(count(records.contents(r))) <= 80 for r in kept)
+  assert (out / "plots" / "length_tokens.png").exists()
+  assert "set filter.length.tokenizer" not in (out / "report.md").read_text()
+  assert manifest["accounting"]["total"]["dropped"] > 18
+
+  config.filter.length.tokenizer = str(tmp_path / "missing.model")
+  with pytest.raises(ConfigError, match="does not exist"):
+    build_dataset(config, out, progress=False)

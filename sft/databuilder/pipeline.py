@@ -63,6 +63,8 @@ def params_of(config: ml_collections.ConfigDict) -> dict[str, Any]:
     raise ConfigError(f"clean.pii: unknown kinds {sorted(bad_pii)}; choose among email, ip_address, phone")
   if (p["filter"]["length"]["min_tokens"] or p["filter"]["length"]["max_tokens"]) and not p["filter"]["length"]["tokenizer"]:
     raise ConfigError("filter.length.min_tokens / max_tokens need filter.length.tokenizer")
+  if p["filter"]["length"]["tokenizer"] and not pathlib.Path(p["filter"]["length"]["tokenizer"]).exists():
+    raise ConfigError(f"filter.length.tokenizer={p['filter']['length']['tokenizer']!r} does not exist")
   ann = p["annotate"]
   if (ann["self_instruct"]["num_instructions"] > 0 or ann["score"]["enabled"]) and not ann["model_workdir"]:
     raise ConfigError("annotate.self_instruct and annotate.score need annotate.model_workdir (a trained workdir)")
@@ -120,7 +122,7 @@ def build_dataset(config: ml_collections.ConfigDict, out_dir: str | pathlib.Path
   items = stages.run(runner, inputs, params, index, generator)
   num_shards = params["output"]["num_shards"]
   written = runner.group_by(items, functools.partial(write.shard_key, num_shards=num_shards), functools.partial(write.write_shard, str(out_dir), num_shards), "write")
-  facts = runner.flat_map(items, report.fact, "measure")
+  facts = runner.flat_map(items, functools.partial(report.fact, tokenizer=params["filter"]["length"]["tokenizer"]), "measure")
   written, facts = runner.results(written, facts)
   written = sorted(written + write.write_empty_splits(out_dir, written, num_shards), key=lambda e: e["file"])
 

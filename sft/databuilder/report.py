@@ -16,8 +16,8 @@ from sft.databuilder import records
 STAGES = ("read", "annotate", "clean", "filter", "decontaminate", "dedup", "score")
 
 
-def fact(record: records.Record) -> list[dict[str, Any]]:
-  """What the report needs of one record."""
+def fact(record: records.Record, tokenizer: str = "") -> list[dict[str, Any]]:
+  """What the report needs of one record; its token count too when a tokenizer is given."""
   text = records.contents(record)
   out = {"id": record["id"], "source": record["source"], "kind": record["kind"], "chars": len(text), "words": len(text.split())}
   if record.get("edits"):
@@ -27,6 +27,10 @@ def fact(record: records.Record) -> list[dict[str, Any]]:
     out["excerpt"] = text[:200]
   else:
     out["split"] = record["split"]
+    if tokenizer:
+      from sft.databuilder.stages import cached_token_counter  # noqa: PLC0415
+
+      out["tokens"] = cached_token_counter(tokenizer)(text)
     if "lang" in record:  # judged by the language filter
       out["lang"] = record["lang"]
     elif record["kind"] == "chat" or len(text) >= 20:
@@ -162,13 +166,15 @@ def write_report(out_dir: pathlib.Path, facts: list[dict[str, Any]], manifest: d
     md.append("No duplicates.")
 
   md.append("\n## Lengths of kept records\n")
-  for unit in ("chars", "words"):
+  units = ("chars", "words", "tokens") if any("tokens" in f for f in kept) else ("chars", "words")
+  for unit in units:
     by_split = collections.defaultdict(list)
     for f in kept:
       by_split[f["split"]].append(f[unit])
     name = _plot(plots / f"length_{unit}.png", "hist", dict(sorted(by_split.items())), f"{unit} per record", unit)
     md.append(f"![{unit}](plots/{name})\n")
-  md.append("Token counts: " + ("see the tokens plot." if any("tokens" in f for f in kept) else "set filter.length.tokenizer to count tokens.") + "\n")
+  if "tokens" not in units:
+    md.append("Token counts: set filter.length.tokenizer (a SentencePiece .model or a Hugging Face folder) to count tokens.\n")
 
   langs = collections.Counter(f.get("lang", "not judged (short)") for f in kept)
   sources = collections.Counter(f["source"] for f in kept)

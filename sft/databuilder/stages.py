@@ -58,7 +58,8 @@ def token_counter(tokenizer_path: str) -> Callable[[str], int] | None:
 
 
 @functools.lru_cache(maxsize=4)
-def _cached_counter(tokenizer_path: str):
+def cached_token_counter(tokenizer_path: str):
+  """token_counter, loaded once per process."""
   return token_counter(tokenizer_path)
 
 
@@ -69,7 +70,7 @@ def process_record(record: records.Record, params: dict[str, Any], index: dict[s
   record = clean.clean_record(record, params["clean"])
   if records.is_dropped(record):
     return [record]
-  record = quality.filter_record(record, params["filter"], _cached_counter(params["filter"]["length"]["tokenizer"]))
+  record = quality.filter_record(record, params["filter"], cached_token_counter(params["filter"]["length"]["tokenizer"]))
   if records.is_dropped(record):
     return [record]
   return [decontaminate.decontaminate_record(record, index)]
