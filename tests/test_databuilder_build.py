@@ -182,6 +182,9 @@ def test_bad_configs_fail_clearly(tmp_path):
   config.annotate.score.enabled = True
   with pytest.raises(ConfigError, match="model_workdir"):
     build_dataset(config, tmp_path)
+  config.annotate.model_workdir = str(tmp_path / "untrained")
+  with pytest.raises(ConfigError, match="has no config.json"):
+    build_dataset(config, tmp_path)
 
 
 def test_token_bounds_and_token_histogram_with_a_tokenizer(tmp_path):

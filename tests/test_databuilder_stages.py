@@ -194,12 +194,40 @@ def test_decontamination_names_the_eval_item():
   assert "dropped" not in decontaminate.decontaminate_record(_chat("Which planet is largest?", "Jupiter."), index)
 
 
+def test_eval_items_in_any_schema_are_indexed(tmp_path):
+  path = tmp_path / "eval.jsonl"
+  question = "Which planet in the solar system has the largest number of confirmed moons orbiting it?"
+  path.write_text(json.dumps({"question": question, "answer": "Saturn"}) + "\n" + json.dumps({"problem": "Prove that the square root of two is irrational using a contradiction argument", "solution": "..."}) + "\n{}\n")
+  index, counts = decontaminate.index_from_files([str(path)], n=13, min_words=8)
+  assert counts == {str(path): {"items": 2, "raw": 1}}  # `{}` has no text; the unknown schema is matched as raw text
+  hit = decontaminate.decontaminate_record(_chat("Prove that the square root of two is irrational using a contradiction argument.", "Suppose..."), index)
+  assert hit["dropped"]["detail"].startswith("eval:eval.jsonl:2")
+  assert "dropped" in decontaminate.decontaminate_record(_chat(question, "Saturn."), index)
+
+
 def test_exact_key_ignores_case_spacing_and_punctuation():
   a = stages.exact_key(_chat("What is 2+2?", "Four."))
   assert a == stages.exact_key(_chat("what  is 2 + 2", "four"))
   assert a != stages.exact_key(_chat("What is 2+3?", "Four."))
   kept, dup = stages.keep_first("k", [_chat("a", "b", "z:2"), _chat("a", "b", "a:1")])
   assert kept["id"] == "a:1" and dup["dropped"]["duplicate_of"] == "a:1"
+
+
+def test_format_adds_the_system_turn_and_splits_by_group_hash():
+  chats = [{**_chat(f"Question {i}?", f"Answer {i}.", f"x:{i}"), "group": f"api{i // 4}"} for i in range(4000)]
+  formatted = [stages.format_record(r, "Be brief.", 0.1, salt="")[0] for r in chats]
+  assert formatted[0]["messages"][0] == {"role": "system", "content": "Be brief."} and len(formatted[0]["messages"]) == 3
+  by_group = collections.defaultdict(set)
+  for r in formatted:
+    by_group[r["group"]].add(r["split"])
+  assert all(len(splits) == 1 for splits in by_group.values())  # a group never straddles splits
+  share = sum(r["split"] == "validation" for r in formatted) / len(formatted)
+  assert 0.07 < share < 0.13
+  assert formatted == [stages.format_record(r, "Be brief.", 0.1, salt="")[0] for r in chats]
+  assert [r["split"] for r in formatted] != [stages.format_record(r, "", 0.1, salt="x")[0]["split"] for r in chats]
+  assert stages.format_record(records.text("t", "t", "Some text."), "Be brief.", 0.1, "")[0]["split"] == "pretrain"
+  dropped = records.drop(chats[0], "filter", "x")
+  assert stages.format_record(dropped, "Be brief.", 0.1, "") == [dropped]
 
 
 class EchoModel:

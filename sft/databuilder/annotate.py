@@ -14,6 +14,7 @@ import pathlib
 import re
 from typing import Any, Protocol, Sequence
 
+from sft.config import ConfigError
 from sft.databuilder import records
 
 SELF_INSTRUCT_SOURCE = "self-instruct"
@@ -34,6 +35,8 @@ class ModelGenerator:
   how the model is built). Loaded on first use, so the object pickles to Beam workers as a path."""
 
   def __init__(self, workdir: str, batch_size: int = 32, max_new_tokens: int = 128):
+    if not (pathlib.Path(workdir) / "config.json").exists():
+      raise ConfigError(f"annotate.model_workdir={workdir!r} has no config.json: train a model there first")
     self.workdir, self.batch_size, self.max_new_tokens = workdir, batch_size, max_new_tokens
     self._respond = None
 
@@ -46,10 +49,7 @@ class ModelGenerator:
 
       from sft import serve  # noqa: PLC0415
 
-      config_path = pathlib.Path(self.workdir) / "config.json"
-      if not config_path.exists():
-        raise FileNotFoundError(f"annotate.model_workdir={self.workdir!r} has no config.json: train a model there first")
-      config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
+      config = ml_collections.ConfigDict(json.loads((pathlib.Path(self.workdir) / "config.json").read_text()))
       config.sample.max_new_tokens = self.max_new_tokens
       self._respond = serve.load_responder(config, self.workdir)
     out = []

@@ -35,16 +35,17 @@ def build_index(items: Iterable[tuple[str, str]], n: int, min_words: int) -> dic
   return {"grams": grams, "lengths": sorted(lengths)}
 
 
-def index_from_files(paths: Iterable[str], n: int, min_words: int) -> tuple[dict[str, Any], dict[str, int]]:
-  """The index over every record of the eval files (any format readers.py reads), and items per file."""
+def index_from_files(paths: Iterable[str], n: int, min_words: int) -> tuple[dict[str, Any], dict[str, dict[str, int]]]:
+  """The index over every item of the eval files (any format readers.py reads), and per file how many
+  items it holds: `items`, of which `raw` did not parse as a record and are matched by their raw text."""
   items, counts = [], {}
   for path in paths:
     path = pathlib.Path(path)
     if not path.exists():
       raise FileNotFoundError(f"decontamination eval set {path} does not exist")
-    file_items = [(r["id"], records.contents(r)) for r in readers.read_file(path, f"eval:{path.name}") if not records.is_dropped(r)]
-    counts[str(path)] = len(file_items)
-    items += file_items
+    file_records = [r for r in readers.read_file(path, f"eval:{path.name}") if words(records.contents(r))]
+    counts[str(path)] = {"items": len(file_records), "raw": sum(records.is_dropped(r) for r in file_records)}
+    items += [(r["id"], records.contents(r)) for r in file_records]
   return build_index(items, n, min_words), counts
 
 

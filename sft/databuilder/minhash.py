@@ -41,6 +41,9 @@ _CHARS_PER_BATCH = 1 << 18
 # cache, which is faster than passes over one large array.
 _SHINGLES_PER_CHUNK = 4096
 _PAIRS_PER_CHUNK = 1 << 16
+# A band bucket of more texts than this (boilerplate copied thousands of times) pairs each member with
+# its first only: output linear in the bucket's size, and still one cluster.
+MAX_BUCKET = 64
 
 
 def _words(text: str) -> list[str]:
@@ -225,7 +228,7 @@ def _bucket_pairs(band_nr: np.ndarray, max_bucket: int) -> np.ndarray:
   return np.stack([order[left], order[right]], axis=1)
 
 
-def candidate_pairs(signatures: np.ndarray, *, bands: int, rows: int, max_bucket: int = 64) -> np.ndarray:
+def candidate_pairs(signatures: np.ndarray, *, bands: int, rows: int, max_bucket: int = MAX_BUCKET) -> np.ndarray:
   """(num_pairs, 2) int64 sorted unique pairs i < j whose signatures agree on all rows of some band.
 
   A bucket of up to `max_bucket` texts gives all its pairs; a bigger one gives each member paired with

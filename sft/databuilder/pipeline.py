@@ -111,6 +111,9 @@ def build_dataset(config: ml_collections.ConfigDict, out_dir: str | pathlib.Path
     index, eval_items = decontaminate.index_from_files(dc["eval_files"], dc["ngram"], dc["min_words"])
   except FileNotFoundError as err:
     raise ConfigError(f"decontaminate.eval_files: {err}") from None
+  for path, n in eval_items.items():
+    if n["raw"]:
+      log.warning("decontaminate: %d of %d items of %s are in no known schema; matched by their raw text", n["raw"], n["items"], path)
   if out_dir.exists():
     for old in [*out_dir.glob("*-of-*.*"), out_dir / "report.md", out_dir / MANIFEST]:
       old.unlink(missing_ok=True)

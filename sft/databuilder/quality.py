@@ -140,8 +140,11 @@ def detect_language(record: records.Record, p: dict[str, Any]) -> tuple[str, flo
   return identify_language(text)
 
 
-def language(record: records.Record, p: dict[str, Any], judged: tuple[str, float] | None = None) -> tuple[str, str] | None:
-  judged = judged or detect_language(record, p)
+def language(record: records.Record, p: dict[str, Any]) -> tuple[str, str] | None:
+  return language_verdict(detect_language(record, p), p)
+
+
+def language_verdict(judged: tuple[str, float] | None, p: dict[str, Any]) -> tuple[str, str] | None:
   if judged is None:
     return None
   lang, prob = judged
@@ -191,7 +194,7 @@ def filter_record(record: records.Record, params: dict[str, Any], count_tokens=N
   if not params["language"]["enabled"]:
     return record
   judged = detect_language(record, params["language"])
-  failure = language(record, params["language"], judged)
+  failure = language_verdict(judged, params["language"])
   if failure:
     return records.drop(record, "filter", *failure)
   return {**record, "lang": judged[0]} if judged else record  # the report's language mix reuses it

@@ -7,7 +7,7 @@ A record is a plain JSON-able dict, so the same stages run in worker processes a
     {"id": "notes/a.txt", "source": "notes", "kind": "text", "text": "..."}
 
 Optional keys: "group" (records sharing it land in the same split), "edits" (counts of what cleaning
-changed). A dropped record keeps its content and gains "dropped": {"stage", "reason", "detail"}; later
+changed), "lang" (what the language filter judged), "split" (set by the format stage). A dropped record keeps its content and gains "dropped": {"stage", "reason", "detail"}; later
 stages pass it through untouched, and the report and the accounting read it at the end.
 """
 
@@ -71,4 +71,4 @@ def unit_interval(key: str, salt: str = "") -> float:
 
 def public(record: Record) -> Record:
   """The record as written for training: without bookkeeping keys."""
-  return {k: v for k, v in record.items() if k not in ("edits", "dropped", "signature", "text_hash", "lang")}
+  return {k: v for k, v in record.items() if k not in ("edits", "dropped", "lang", "split")}

@@ -28,9 +28,9 @@ def fact(record: records.Record, tokenizer: str = "") -> list[dict[str, Any]]:
   else:
     out["split"] = record["split"]
     if tokenizer:
-      from sft.databuilder.stages import cached_token_counter  # noqa: PLC0415
+      from sft.databuilder.stages import token_counter  # noqa: PLC0415
 
-      out["tokens"] = cached_token_counter(tokenizer)(text)
+      out["tokens"] = token_counter(tokenizer)(text)
     if "lang" in record:  # judged by the language filter
       out["lang"] = record["lang"]
     elif record["kind"] == "chat" or len(text) >= 20:

@@ -25,7 +25,6 @@ try:
 except ImportError as err:  # pragma: no cover
   raise ImportError("runner='beam' needs Apache Beam: pip install -r requirements-beam.txt") from err
 
-MAX_BUCKET = 64  # as minhash.candidate_pairs
 _SIGNATURE_BATCH = 2000
 
 
@@ -45,15 +44,17 @@ def _band_keys(item: tuple[str, tuple[int, ...]], bands: int, rows: int):
 
 
 def _bucket_pairs(kv, threshold: float):
-  """Verified pairs (smaller id, larger id) of one band bucket."""
+  """Verified pairs (smaller id, larger id) of one band bucket: all pairs, or a star from the smallest
+  id for a bucket above minhash.MAX_BUCKET, as minhash.candidate_pairs forms them."""
   members = sorted(kv[1])
-  if len(members) <= MAX_BUCKET:
-    candidates = itertools.combinations(members, 2)
+  if len(members) <= minhash.MAX_BUCKET:
+    pairs = list(itertools.combinations(range(len(members)), 2))
   else:
-    candidates = ((members[0], m) for m in members[1:])
-  for (id_a, sig_a), (id_b, sig_b) in candidates:
-    if np.mean(np.asarray(sig_a) == np.asarray(sig_b)) >= threshold:
-      yield id_a, id_b
+    pairs = [(0, i) for i in range(1, len(members))]
+  pairs = np.array(pairs, np.int64).reshape(-1, 2)
+  signatures_nd = np.array([sig for _, sig in members], np.uint64)
+  for i, j in pairs[minhash.estimated_jaccard(signatures_nd, pairs) >= threshold].tolist():
+    yield members[i][0], members[j][0]
 
 
 def _drops_from_pairs(pairs: list[tuple[str, str]]) -> dict[str, str]:

@@ -43,24 +43,18 @@ def read_input(item: tuple[str, str, str], field_map: dict[str, str]) -> list[re
   return list(readers.read_file(pathlib.Path(path), source, field_map))
 
 
+@functools.lru_cache(maxsize=4)
 def token_counter(tokenizer_path: str) -> Callable[[str], int] | None:
+  """text -> number of tokens, with the tokenizer loaded once per process (None without a path)."""
   if not tokenizer_path:
     return None
   import pathlib  # noqa: PLC0415
 
-  from sft import pipeline  # noqa: PLC0415 (only token bounds need it)
+  from sft import pipeline  # noqa: PLC0415 (only token counts need it)
 
   path = pathlib.Path(tokenizer_path)
-  if not path.exists():
-    raise FileNotFoundError(f"filter.length.tokenizer={tokenizer_path!r} does not exist")
   tokenizer = pipeline.Tokenizer.load(path) if path.is_file() else pipeline.HFTokenizer(path)
   return lambda text: len(tokenizer.encode(text))
-
-
-@functools.lru_cache(maxsize=4)
-def cached_token_counter(tokenizer_path: str):
-  """token_counter, loaded once per process."""
-  return token_counter(tokenizer_path)
 
 
 def process_record(record: records.Record, params: dict[str, Any], index: dict[str, Any]) -> list[records.Record]:
@@ -70,7 +64,7 @@ def process_record(record: records.Record, params: dict[str, Any], index: dict[s
   record = clean.clean_record(record, params["clean"])
   if records.is_dropped(record):
     return [record]
-  record = quality.filter_record(record, params["filter"], cached_token_counter(params["filter"]["length"]["tokenizer"]))
+  record = quality.filter_record(record, params["filter"], token_counter(params["filter"]["length"]["tokenizer"]))
   if records.is_dropped(record):
     return [record]
   return [decontaminate.decontaminate_record(record, index)]

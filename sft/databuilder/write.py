@@ -31,9 +31,8 @@ def shard_name(split: str, shard: int, num_shards: int) -> str:
 
 
 def _line(record: records.Record, keep_bookkeeping: bool) -> str:
-  body = {k: v for k, v in record.items() if k not in ("split", "signature")} if keep_bookkeeping else records.public(record)
-  body.pop("split", None)
-  return json.dumps(body, ensure_ascii=False, sort_keys=True)
+  body = record if keep_bookkeeping else records.public(record)
+  return json.dumps({k: v for k, v in body.items() if k != "split"}, ensure_ascii=False, sort_keys=True)
 
 
 def write_shard(out_dir: str, num_shards: int, key: tuple[str, int], group: list[records.Record]) -> list[dict[str, Any]]:
