@@ -4,28 +4,26 @@
     from configs import quickstart
     sft.train_and_evaluate(quickstart.get_config(), "/tmp/sft-quickstart")
 
-Packages: `sft.databuilder` (raw records -> an audited chat dataset), `sft.pipeline` (tokenizer and
-grain input pipeline), `sft.model` (the Transformer), `sft.trainer` (sharded training),
-`sft.evaluator` (metrics and generation), `sft.hf` (Hugging Face checkpoints).
+Packages, bottom to top of the import graph: `sft.pipeline` (tokenizers and the grain input
+pipeline) and `sft.databuilder` (raw records -> an audited chat dataset); `sft.model` (the
+Transformer); `sft.hf` (Hugging Face checkpoints); `sft.trainer` (run setup, sharded training),
+`sft.evaluator` (metrics and generation), `sft.serve` (answering prompts); `sft.jobs` and
+`sft.cli` (what the launcher runs).
 """
 
-from sft.config import ConfigError, base_config
+from sft.errors import ConfigError
 
 __all__ = ["ConfigError", "base_config", "build_dataset", "respond", "train_and_evaluate"]
 
 
 def __getattr__(name):
-  # Imported on first use, so the data builder's worker processes never load JAX.
-  if name == "train_and_evaluate":
-    from sft.trainer.loop import train_and_evaluate  # noqa: PLC0415
+  # Imported on first use, so the data builder's worker processes (which import sft) never load JAX.
+  if name == "base_config":
+    from sft.config import base_config  # noqa: PLC0415
 
-    return train_and_evaluate
-  if name == "respond":
-    from sft.serve import respond  # noqa: PLC0415
+    return base_config
+  if name in ("build_dataset", "respond", "train_and_evaluate"):
+    from sft import jobs  # noqa: PLC0415
 
-    return respond
-  if name == "build_dataset":
-    from sft.databuilder.pipeline import build_dataset  # noqa: PLC0415
-
-    return build_dataset
+    return getattr(jobs, name)
   raise AttributeError(f"module 'sft' has no attribute {name!r}")

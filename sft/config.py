@@ -6,16 +6,23 @@ ignored, and ConfigDict refuses values of the wrong type.
 
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
 
+from sft.databuilder.config import build_config
+from sft.errors import ConfigError
+from sft.model.config import ModelConfig
 
-class ConfigError(ValueError):
-  """A config value that cannot work, with the reason and the key to change. The launcher prints it
-  without a traceback."""
 
-
-# After ConfigError: the data builder's modules import it from here.
-from sft.databuilder.config import build_config  # noqa: E402
+def model_section() -> ml_collections.ConfigDict:
+  """The `model` section: `checkpoint`, then every ModelConfig field but vocab_size, at its default."""
+  section = ml_collections.ConfigDict()
+  section.checkpoint = ""
+  for field in dataclasses.fields(ModelConfig):
+    if field.name != "vocab_size":
+      section[field.name] = field.default
+  return section
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -32,44 +39,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.dir = ""  # with source "dir": train-*, validation-* (and pretrain-*) ArrayRecord shards
 
   c.tokenizer = ml_collections.ConfigDict()
-  c.tokenizer.vocab_size = 2048  # SentencePiece vocabulary trained on the raw text, saved in the workdir
+  # SentencePiece vocabulary trained on the raw text, saved in the workdir; the model's vocab_size.
+  c.tokenizer.vocab_size = ModelConfig.vocab_size
 
-  c.model = ml_collections.ConfigDict()
-  # A Hugging Face model folder to fine-tune: its config.json replaces the shape keys below, its
-  # tokenizer and chat template replace the trained tokenizer; the result is exported to <workdir>/hf_export.
-  c.model.checkpoint = ""
-  c.model.d_model = 256
-  c.model.num_layers = 4
-  c.model.num_heads = 4
-  c.model.num_kv_heads = 2  # grouped-query attention: num_heads / num_kv_heads query heads share a kv head
-  c.model.head_dim = 64
-  c.model.mlp_dim = 768
-  c.model.rope_theta = 10_000.0
-  c.model.rope_type = "default"  # "llama3": Llama 3.1 scaling with the rope_* numbers below
-  c.model.rope_factor = 8.0
-  c.model.rope_low_freq_factor = 1.0
-  c.model.rope_high_freq_factor = 4.0
-  c.model.rope_original_max_positions = 8192
-  c.model.norm_eps = 1e-6
-  c.model.qkv_bias = False  # biases on q, k, v projections (Qwen2)
-  c.model.qk_norm = False  # RMSNorm on each head's q and k (Qwen3)
-  c.model.sliding_window = 0  # attend at most this many tokens back (0: no limit)
-  c.model.sliding_window_pattern = 1  # p > 1: every p-th layer attends fully, the others use the window
-  c.model.norm_plus_one = False  # RMSNorm scales by (1 + w) (Gemma)
-  c.model.embed_scale = False  # embeddings times sqrt(d_model) (Gemma)
-  c.model.mlp_activation = "silu"  # "silu" or "gelu_tanh" (Gemma)
-  c.model.query_pre_attn_scalar = 0.0  # scores scaled by its -1/2 power; 0: head_dim
-  c.model.attn_logit_softcap = 0.0  # 0: off (Gemma 2 uses 50)
-  c.model.final_logit_softcap = 0.0  # 0: off (Gemma 2 uses 30)
-  c.model.sandwich_norms = False  # norms on attention and MLP outputs too (Gemma 2)
-  c.model.tie_embeddings = True  # the output layer reuses the token embedding
-  c.model.lora_rank = 0  # > 0: train only rank-r adapters on lora_targets; the base weights stay frozen
-  c.model.lora_alpha = 16.0  # adapters are scaled by lora_alpha / lora_rank
-  c.model.lora_dropout = 0.0  # dropout on the adapters' input during training
-  c.model.lora_targets = ("q", "k", "v", "o")  # among q, k, v, o, gate, up, down
-  c.model.dtype = "float32"  # activations; "bfloat16" on TPUs and GPUs
-  c.model.param_dtype = "float32"
-  c.model.remat = False  # recompute activations in the backward pass to save memory
+  # A Hugging Face model folder to fine-tune: its config.json replaces the shape keys of the model
+  # section, its tokenizer and chat template replace the trained tokenizer; the result is exported to
+  # <workdir>/hf_export. The other keys, with their defaults and meaning, are ModelConfig's
+  # (sft/model/config.py); vocab_size is tokenizer.vocab_size.
+  c.model = model_section()
 
   c.train = ml_collections.ConfigDict()
   c.train.seq_len = 256  # tokens per packed row

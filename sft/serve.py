@@ -1,5 +1,6 @@
 """Answering prompts with a trained model: the latest checkpoint of a workdir (or, before any
-training, the Hugging Face checkpoint the config names).
+training, the Hugging Face checkpoint the config names); and `ModelGenerator`, the model-backed
+generator that the data builder's annotation stages are given.
 
     import sft
     sft.respond(config, "/tmp/sft-quickstart", ["What does `json.dumps` do?"])
@@ -7,33 +8,22 @@ training, the Hugging Face checkpoint the config names).
 
 from __future__ import annotations
 
+import json
+import logging
 import pathlib
 from typing import Callable, Sequence
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from sft import hf, pipeline
-from sft.config import ConfigError
+from sft.errors import ConfigError
 from sft.evaluator.generate import make_generate, pad_prompts, strip_generation
 from sft.evaluator.sampling import Sampler
-from sft.model import Transformer
-from sft.trainer import sharding, sources
-from sft.trainer import state as state_lib
-from sft.trainer.checkpoint import Checkpointer
-from sft.trainer.loop import build_optimizer
+from sft.trainer import setup
 
-
-def _tokenizer(config: ml_collections.ConfigDict, workdir: pathlib.Path):
-  if config.model.checkpoint:
-    return pipeline.HFTokenizer(config.model.checkpoint)
-  path = workdir / "tokenizer.model"
-  if not path.exists():
-    raise ConfigError(f"{workdir} has no tokenizer.model: train there first (or set model.checkpoint)")
-  return pipeline.Tokenizer.load(path)
+log = logging.getLogger("sft")
 
 
 def respond(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, prompts: Sequence[str]) -> list[str]:
@@ -42,39 +32,47 @@ def respond(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, prom
 
 
 def load_responder(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Callable[[Sequence[str]], list[str]]:
-  """Loads the model once; the function it returns answers a batch of prompts per call."""
-  workdir = pathlib.Path(workdir)
-  model_cfg = sources.model_config(config)
-  model = Transformer(model_cfg)
-  mesh = sharding.make_mesh(config.mesh.to_dict())
-  rules = sharding.logical_rules(config.sharding_rules, mesh)
-  tokenizer = _tokenizer(config, workdir)
-  _, optimizer, _ = build_optimizer(config, model_cfg)
-  dummy = (jnp.zeros((1, config.train.seq_len), jnp.int32),) * 3
-  abstract, shardings = state_lib.state_shardings(model, optimizer, dummy, mesh, rules)
-
-  checkpoints = workdir / "checkpoints"
-  step = Checkpointer(checkpoints, max_to_keep=1, save_interval_steps=1).latest_step() if checkpoints.exists() else None
-  if step is not None:
-    params = Checkpointer(checkpoints, max_to_keep=1, save_interval_steps=1).restore(
-        step, state_lib.abstract_with_shardings(abstract, shardings), {}
-    ).params
-  elif config.model.checkpoint:
-    params = hf.load_params(config.model.checkpoint, model_cfg, shardings.params)
-  else:
-    raise ConfigError(f"{workdir} has no checkpoint to answer with: train there first (or set model.checkpoint)")
-
+  """Loads the model once (parameters only); the function it returns answers a batch of prompts per call."""
+  run = setup.setup_run(config)
+  tokenizer = setup.open_tokenizer(config, workdir)
+  params, origin = setup.serving_params(config, workdir, run)
+  log.info("serving %s", origin)
   sc = config.sample
   generate = make_generate(
-      model, max_new_tokens=sc.max_new_tokens, stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id,
+      run.model, max_new_tokens=sc.max_new_tokens, stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id,
       sampler=Sampler(temperature=sc.temperature, top_k=sc.top_k, top_p=sc.top_p),
   )
 
   def answer(prompts: Sequence[str]) -> list[str]:
     chats = [[{"role": "user", "content": p}, {"role": "assistant", "content": "-"}] for p in prompts]
     tokens_bp, lengths_b = pad_prompts([tokenizer.render_prompt(c)[0] for c in chats], tokenizer.pad_id)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
       out_bn = np.asarray(jax.device_get(generate(params, tokens_bp, lengths_b, jax.random.key(sc.seed))))
     return [tokenizer.decode(strip_generation(row, tokenizer.stop_ids, tokenizer.pad_id)) for row in out_bn]
 
   return answer
+
+
+class ModelGenerator:
+  """`generate(prompts) -> answers` with the latest checkpoint of a workdir trained by this project (its
+  config.json says how the model is built): the data builder's annotation model. Loaded on first use,
+  so the object pickles to Beam workers as a path."""
+
+  def __init__(self, workdir: str, batch_size: int = 32, max_new_tokens: int = 128):
+    if not (pathlib.Path(workdir) / "config.json").exists():
+      raise ConfigError(f"annotate.model_workdir={workdir!r} has no config.json: train a model there first")
+    self.workdir, self.batch_size, self.max_new_tokens = workdir, batch_size, max_new_tokens
+    self._respond = None
+
+  def __getstate__(self):
+    return {**self.__dict__, "_respond": None}
+
+  def generate(self, prompts: Sequence[str]) -> list[str]:
+    if self._respond is None:
+      config = ml_collections.ConfigDict(json.loads((pathlib.Path(self.workdir) / "config.json").read_text()))
+      config.sample.max_new_tokens = self.max_new_tokens
+      self._respond = load_responder(config, self.workdir)
+    out = []
+    for start in range(0, len(prompts), self.batch_size):
+      out += self._respond(list(prompts[start:start + self.batch_size]))
+    return out

@@ -1,4 +1,4 @@
-"""Shared fixtures: a small real SentencePiece tokenizer and a tiny model config."""
+"""Shared fixtures: a small real SentencePiece tokenizer and a tiny model config; the skip gate."""
 
 import os
 import sys
@@ -9,6 +9,9 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
+
+# A run with skipped tests fails unless SFT_ALLOW_SKIPS=1 (tests/skips_plugin.py).
+pytest_plugins = ["skips_plugin"]
 
 from sft.databuilder import api_records, pretrain_texts, read_module  # noqa: E402
 from sft.model import ModelConfig  # noqa: E402

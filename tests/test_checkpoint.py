@@ -35,6 +35,13 @@ def test_restore_gives_the_same_state_and_the_batches_that_came_next(tmp_path, t
   leaf = jax.tree.leaves(restored.params)[0]
   assert leaf.sharding == jax.tree.leaves(shardings.params)[0]
 
+  # Serving reads the parameters alone: no optimizer state, no data iterators, the same values.
+  params = Checkpointer(tmp_path / "ckpt", max_to_keep=2, save_interval_steps=1).restore_params(
+      3, abstract_with_shardings(abstract.params, shardings.params)
+  )
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), saved.params)
+  assert jax.tree.leaves(params)[0].sharding == leaf.sharding
+
   # Training goes on from the restored state exactly as from the saved one.
   state_a, metrics_a = step(restored, sharding.global_batch(expected[0], batch_sharding))
   checkpointer.close()

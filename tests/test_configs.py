@@ -5,7 +5,7 @@ import pathlib
 
 import pytest
 
-from sft.config import ConfigError
+from sft.errors import ConfigError
 from sft.model import ModelConfig
 
 CONFIGS = sorted(p.stem for p in (pathlib.Path(__file__).parent.parent / "configs").glob("*.py") if p.stem != "__init__")
@@ -29,7 +29,27 @@ def test_config_loads_and_documents_its_command(name):
 
 
 def test_unknown_config_argument_is_an_error():
-  from configs import llama
+  from configs import finetune
 
   with pytest.raises(ConfigError, match="'full' or 'lora'"):
-    llama.get_config("qlora")
+    finetune.get_config("qlora")
+
+
+def test_the_model_section_is_made_from_model_config():
+  # One source of truth: every ModelConfig field but vocab_size (tokenizer.vocab_size) at its default, and
+  # the checkpoint path; a field added to ModelConfig becomes a config key with nothing else to edit.
+  import dataclasses
+
+  from sft.config import base_config
+  from sft.trainer.setup import model_config
+
+  config = base_config()
+  fields = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+  assert set(config.model) == (set(fields) - {"vocab_size"}) | {"checkpoint"}
+  for name, default in fields.items():
+    if name != "vocab_size":
+      assert config.model[name] == default, name
+  assert config.tokenizer.vocab_size == fields["vocab_size"]
+  assert model_config(config) == ModelConfig()
+  config.model.num_layers = 3
+  assert model_config(config) == ModelConfig(num_layers=3)

@@ -6,8 +6,8 @@ import pathlib
 
 import pytest
 
-from sft.config import ConfigError
 from sft.databuilder import build_config, build_dataset, records, runner_local
+from sft.errors import ConfigError
 from sft.trainer import sources
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -183,8 +183,12 @@ def test_bad_configs_fail_clearly(tmp_path):
   with pytest.raises(ConfigError, match="model_workdir"):
     build_dataset(config, tmp_path)
   config.annotate.model_workdir = str(tmp_path / "untrained")
-  with pytest.raises(ConfigError, match="has no config.json"):
+  with pytest.raises(ConfigError, match="none was given to serve it"):  # the builder never loads a model itself
     build_dataset(config, tmp_path)
+  import sft  # noqa: PLC0415 (sft.build_dataset serves the workdir's model)
+
+  with pytest.raises(ConfigError, match="has no config.json"):
+    sft.build_dataset(config, tmp_path)
 
 
 def test_token_bounds_and_token_histogram_with_a_tokenizer(tmp_path):

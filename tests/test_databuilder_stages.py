@@ -205,14 +205,6 @@ def test_eval_items_in_any_schema_are_indexed(tmp_path):
   assert "dropped" in decontaminate.decontaminate_record(_chat(question, "Saturn."), index)
 
 
-def test_exact_key_ignores_case_spacing_and_punctuation():
-  a = stages.exact_key(_chat("What is 2+2?", "Four."))
-  assert a == stages.exact_key(_chat("what  is 2 + 2", "four"))
-  assert a != stages.exact_key(_chat("What is 2+3?", "Four."))
-  kept, dup = stages.keep_first("k", [_chat("a", "b", "z:2"), _chat("a", "b", "a:1")])
-  assert kept["id"] == "a:1" and dup["dropped"]["duplicate_of"] == "a:1"
-
-
 def test_format_adds_the_system_turn_and_splits_by_group_hash():
   chats = [{**_chat(f"Question {i}?", f"Answer {i}.", f"x:{i}"), "group": f"api{i // 4}"} for i in range(4000)]
   formatted = [stages.format_record(r, "Be brief.", 0.1, salt="")[0] for r in chats]

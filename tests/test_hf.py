@@ -3,18 +3,22 @@ decode the same greedy tokens, and export back to identical tensors."""
 
 import json
 import os
+import re
+import shutil
 
 import numpy as np
 import pytest
+import safetensors.numpy
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import safetensors.torch  # noqa: E402
 
-from sft.config import ConfigError  # noqa: E402
 from sft.databuilder import build_config, build_dataset  # noqa: E402
+from sft.errors import ConfigError  # noqa: E402
 from sft.evaluator.generate import make_greedy_generate, pad_prompts  # noqa: E402
 from sft.hf import export_model, from_hf_config, load_model, safetensors_io, to_hf_config  # noqa: E402
 from sft.model import Transformer  # noqa: E402
@@ -54,6 +58,14 @@ def _hf_model(name, folder):
   model.eval()
   model.save_pretrained(folder)
   return model
+
+
+def _tensors(folder):
+  """Every tensor of a checkpoint folder, read by the safetensors package itself rather than sft's glue."""
+  tensors = {}
+  for path in sorted(folder.glob("*.safetensors")):
+    tensors.update(safetensors.numpy.load_file(path))
+  return tensors
 
 
 def _hf_logits(model, tokens):
@@ -112,12 +124,11 @@ def test_export_round_trip_is_exact_and_loads_in_transformers(family, tmp_path):
   family_name = json.loads((folder / "config.json").read_text())["model_type"]
   exported = export_model(params, cfg, tmp_path / "out", family_name, max_shard_bytes=40_000)
   assert (exported / "model.safetensors.index.json").exists()  # small shards force the sharded layout
-  original = safetensors_io.open_checkpoint(folder)
-  again = safetensors_io.open_checkpoint(exported)
+  original, again = _tensors(folder), _tensors(exported)
   expected = set(original) - ({"lm_head.weight"} if cfg.tie_embeddings else set())
   assert set(again) == expected
   for tensor in expected:
-    np.testing.assert_array_equal(again[tensor].get(tensor), original[tensor].get(tensor), err_msg=tensor)
+    np.testing.assert_array_equal(again[tensor], original[tensor], err_msg=tensor)
 
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32).eval()
   tokens = list(range(3, 3 + LENGTHS[-1]))
@@ -126,13 +137,33 @@ def test_export_round_trip_is_exact_and_loads_in_transformers(family, tmp_path):
   assert cfg_again == cfg
 
 
-def test_bfloat16_checkpoints_load(tmp_path):
+def test_bfloat16_checkpoints_load_and_export_bit_for_bit(tmp_path):
   hf = _hf_model("qwen2", tmp_path / "f32")
   hf.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
   cfg, params = load_model(tmp_path / "bf16", param_dtype="bfloat16")
   assert jax.tree.leaves(params)[0].dtype == jnp.bfloat16
   reference = hf.state_dict()["model.layers.0.self_attn.q_proj.bias"].float().numpy()
   np.testing.assert_array_equal(np.asarray(params["layers"]["attn"]["q_bias"][0], np.float32).reshape(-1), reference)
+
+  exported = export_model(params, cfg, tmp_path / "out", "qwen2")
+  original, again = _tensors(tmp_path / "bf16"), _tensors(exported)
+  assert set(again) == set(original)
+  for name, tensor in original.items():  # compared as bits: a trip through float32 or a scrambled layout would show
+    assert again[name].dtype == tensor.dtype == jnp.bfloat16, name
+    np.testing.assert_array_equal(again[name].view(np.uint16), tensor.view(np.uint16), err_msg=name)
+  _, reloaded = load_model(exported, param_dtype="bfloat16")
+  for a, b in zip(jax.tree.leaves(reloaded), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(np.asarray(a).view(np.uint16), np.asarray(b).view(np.uint16))
+
+
+def test_safetensors_writes_are_contiguous_and_atomic(tmp_path):
+  x = np.arange(12, dtype=np.float32).reshape(3, 4)
+  path = tmp_path / "t.safetensors"
+  safetensors_io.save_file({"t": x.T, "s": x[:, ::2]}, path)  # the package alone writes strided views scrambled
+  back = safetensors.numpy.load_file(path)
+  np.testing.assert_array_equal(back["t"], x.T)
+  np.testing.assert_array_equal(back["s"], x[:, ::2])
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["t.safetensors"]  # no temporary left beside it
 
 
 def test_bad_checkpoints_are_clear_errors(tmp_path):
@@ -150,21 +181,53 @@ def test_bad_checkpoints_are_clear_errors(tmp_path):
   with pytest.raises(ConfigError, match="cannot express"):
     to_hf_config(qwen3, "llama")  # its q/k norms have no place in a Llama checkpoint
 
-  tensors = {n: f.get(n) for n, f in safetensors_io.open_checkpoint(tmp_path).items()}
+  tensors = _tensors(tmp_path)
   broken = dict(tensors)
   del broken["model.layers.1.mlp.up_proj.weight"]
   broken["model.layers.0.extra.weight"] = np.zeros(3, np.float32)
-  safetensors_io.save_file(broken, tmp_path / "model.safetensors")
+  safetensors.numpy.save_file(broken, tmp_path / "model.safetensors")
   with pytest.raises(ValueError, match=r"missing: \['model.layers.1.mlp.up_proj.weight'\].*unexpected: \['model.layers.0.extra.weight'\]"):
     load_model(tmp_path)
-  tensors["model.norm.weight"] = np.zeros(65, np.float32)
-  safetensors_io.save_file(tensors, tmp_path / "model.safetensors")
+  safetensors.numpy.save_file({**tensors, "model.norm.weight": np.zeros(65, np.float32)}, tmp_path / "model.safetensors")
   with pytest.raises(ValueError, match=r"model.norm.weight has shape \(65,\), the config needs \(64,\)"):
+    load_model(tmp_path)
+  # float8 is a dtype the package knows but its numpy backend cannot return (an AttributeError if asked).
+  torch_tensors = {n: torch.from_numpy(t) for n, t in tensors.items()}
+  torch_tensors["model.norm.weight"] = torch_tensors["model.norm.weight"].to(torch.float8_e4m3fn)
+  safetensors.torch.save_file(torch_tensors, tmp_path / "model.safetensors")
+  with pytest.raises(ValueError, match=r"'model.norm.weight' has dtype F8_E4M3, which sft does not read"):
     load_model(tmp_path)
   (tmp_path / "model.safetensors").unlink()
   (tmp_path / "pytorch_model.bin").write_bytes(b"pickle")
   with pytest.raises(FileNotFoundError, match="never pickles"):
     load_model(tmp_path)
+
+
+def test_truncated_safetensors_files_are_value_errors_naming_the_file(tmp_path):
+  _hf_model("llama", tmp_path)
+  path = tmp_path / "model.safetensors"
+  raw = path.read_bytes()
+  for data in (raw[:-100], raw[:4], b"not a safetensors file at all"):
+    path.write_bytes(data)
+    with pytest.raises(ValueError, match=re.escape(str(path))):
+      load_model(tmp_path)
+
+
+@pytest.mark.parametrize("where", ["../outside.safetensors", "absolute", "missing.safetensors"])
+def test_index_entries_outside_the_folder_are_refused(tmp_path, where):
+  folder = tmp_path / "model"
+  _hf_model("llama", folder)
+  names = list(_tensors(folder))
+  outside = shutil.move(folder / "model.safetensors", tmp_path / "outside.safetensors")  # a valid file, so only the path is wrong
+  target = str(outside) if where == "absolute" else where
+  index = {"metadata": {}, "weight_map": {name: target for name in names}}
+  (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+  if where == "missing.safetensors":
+    with pytest.raises(FileNotFoundError, match="names missing.safetensors"):
+      load_model(folder)
+    return
+  with pytest.raises(ValueError, match="not a file inside"):
+    load_model(folder)
 
 
 @pytest.mark.parametrize("mode", ["full", "lora"])
@@ -192,7 +255,7 @@ def test_fine_tune_a_local_checkpoint_through_the_launcher(tmp_path, mode):
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   workdir = tmp_path / "run"
   cmd = [
-      sys.executable, "launch.py", f"--config=configs/qwen2.py:{mode}", f"--workdir={workdir}",
+      sys.executable, "launch.py", f"--config=configs/finetune.py:{mode}", f"--workdir={workdir}",
       "--config.model.dtype=float32", "--config.eval.every_steps=12",
       f"--config.model.checkpoint={model_dir}", "--config.data.source=dir", f"--config.data.dir={data_dir}",
       "--config.train.pretrain_steps=0", "--config.train.sft_steps=12", "--config.train.seq_len=64",

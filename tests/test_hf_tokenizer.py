@@ -127,3 +127,12 @@ def test_sentencepiece_tokenizer_model_with_a_template(tmp_path):
   learned = tok.decode([t for t, m in zip(tokens, mask) if m])
   assert learned.strip() == chat[1]["content"]
   assert mask.sum() > 0 and not mask[: len(tok.render_prompt(chat)[0]) - 1].any()
+
+
+def test_load_tokenizer_opens_a_hugging_face_folder_that_speaks_the_chat_protocol(tmp_path):
+  from sft.pipeline import ChatTokenizer, load_tokenizer
+
+  tok = load_tokenizer(make_folder(tmp_path, CHATML, eos_token="<|im_end|>"))
+  assert isinstance(tok, HFTokenizer) and isinstance(tok, ChatTokenizer)
+  tokens, mask = tok.tokenize_chat(CHAT)
+  assert len(tokens) == len(mask) and mask.any()

@@ -1,4 +1,4 @@
-"""The launcher end to end on a shrunken quickstart: runs, writes metrics, resumes, rejects bad keys."""
+"""launch.py and the `sft` command end to end on a shrunken quickstart: runs, resumes, rejects bad keys."""
 
 import json
 import os
@@ -84,3 +84,29 @@ def test_wrong_type_fails_clearly(tmp_path):
   result = launch(tmp_path, "--config.train.batch_size=four")
   assert result.returncode != 0
   assert "batch_size" in result.stderr
+
+
+def sft_command():
+  """The `sft` console script of this venv (pip install -e .), else the same main as a module."""
+  script = os.path.join(os.path.dirname(sys.executable), "sft")
+  return [script] if os.path.exists(script) else [sys.executable, "-m", "sft.cli"]
+
+
+def test_sft_command_resolves_configs_by_name(tmp_path):
+  # Run outside the checkout, so the name can only resolve through the configs package; PYTHONPATH puts this
+  # checkout ahead of whichever one the script was installed from.
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
+  workdir = tmp_path / "run"
+
+  def sft(*args):
+    cmd = [*sft_command(), f"--workdir={workdir}", *args]
+    return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+  for config in ("quickstart", "finetune:lora"):  # a mistyped key fails after the config loaded, before any work
+    result = sft(f"--config={config}", "--config.train.stpes=5")
+    assert result.returncode != 0
+    assert "FATAL unknown config key 'stpes' in --config.train.stpes=5" in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+  unknown = sft("--config=quickstrat")
+  assert unknown.returncode != 0 and "no config named 'quickstrat'" in unknown.stderr and "quickstart" in unknown.stderr
+  assert not workdir.exists()

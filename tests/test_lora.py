@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from sft.config import ConfigError
+from sft.errors import ConfigError
 from sft.model import ModelConfig, Transformer, lora
 from sft.trainer import sharding
 from sft.trainer import state as state_lib

@@ -135,6 +135,13 @@ def test_big_buckets_give_a_star():
   assert candidate_pairs(signatures_nd, bands=1, rows=2, max_bucket=4).tolist() == [[0, 1], [0, 2], [0, 3], [0, 4]]
 
 
+def test_bucket_pairs_pair_within_consecutive_buckets():
+  # Buckets [0, 1, 2], [3], [4, 5, 6, 7, 8]: all pairs of the first, a star of the last (above max_bucket).
+  assert minhash.bucket_pairs([3, 1, 5], max_bucket=4).tolist() == [[0, 1], [0, 2], [1, 2], [4, 5], [4, 6], [4, 7], [4, 8]]
+  assert minhash.bucket_pairs([minhash.MAX_BUCKET + 1]).tolist() == [[0, j] for j in range(1, minhash.MAX_BUCKET + 1)]
+  assert minhash.bucket_pairs([1, 1]).shape == minhash.bucket_pairs([]).shape == (0, 2)
+
+
 def test_clusters_take_the_smallest_index():
   assert clusters(7, np.array([(3, 1), (1, 4), (5, 6)])).tolist() == [0, 1, 2, 1, 1, 5, 5]
   assert clusters(6, np.array([(4, 5), (2, 3), (3, 5), (0, 0)])).tolist() == [0, 1, 2, 2, 2, 2]

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sft.config import ConfigError
+from sft.errors import ConfigError
 from sft.evaluator import Sampler, make_generate, pad_prompts
 from sft.model import ModelConfig, Transformer
 

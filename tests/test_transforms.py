@@ -136,3 +136,21 @@ def test_a_corrupt_tokenizer_file_is_a_clear_error(tmp_path):
   path.write_bytes(b"not a model")
   with pytest.raises(ValueError, match="is not a SentencePiece model"):
     Tokenizer.load(path)
+
+
+
+def test_load_tokenizer_opens_a_sentencepiece_file_and_refuses_what_is_none(tmp_path, tokenizer):
+  from sft.errors import ConfigError
+  from sft.pipeline import ChatTokenizer, load_tokenizer
+
+  path = tmp_path / "tokenizer.model"
+  path.write_bytes(tokenizer.model_proto)
+  loaded = load_tokenizer(path)
+  assert isinstance(loaded, Tokenizer) and isinstance(loaded, ChatTokenizer)
+  chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+  np.testing.assert_array_equal(loaded.tokenize_chat(chat), tokenizer.tokenize_chat(chat))
+  with pytest.raises(ConfigError, match="no tokenizer at"):
+    load_tokenizer(tmp_path / "missing")
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(FileNotFoundError, match="neither tokenizer.json nor tokenizer.model"):
+    load_tokenizer(tmp_path / "empty")

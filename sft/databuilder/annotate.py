@@ -3,18 +3,16 @@
 
     generator.generate(prompts: Sequence[str]) -> list[str]
 
-that a model trained with this project serves (`ModelGenerator`), or anything else with that method.
+that the caller injects: `sft.serve.ModelGenerator` serves a model trained with this project (what
+`sft.build_dataset` passes for `annotate.model_workdir`), or anything else with that method.
 What a model writes goes through the same cleaning, filters and deduplication as what was read.
 """
 
 from __future__ import annotations
 
-import json
-import pathlib
 import re
 from typing import Any, Protocol, Sequence
 
-from sft.config import ConfigError
 from sft.databuilder import records
 
 SELF_INSTRUCT_SOURCE = "self-instruct"
@@ -28,34 +26,6 @@ _RATING = re.compile(r"\b([1-5])\b")
 
 class Generator(Protocol):
   def generate(self, prompts: Sequence[str]) -> list[str]: ...
-
-
-class ModelGenerator:
-  """Answers with the latest checkpoint of a workdir trained by this project (its config.json says
-  how the model is built). Loaded on first use, so the object pickles to Beam workers as a path."""
-
-  def __init__(self, workdir: str, batch_size: int = 32, max_new_tokens: int = 128):
-    if not (pathlib.Path(workdir) / "config.json").exists():
-      raise ConfigError(f"annotate.model_workdir={workdir!r} has no config.json: train a model there first")
-    self.workdir, self.batch_size, self.max_new_tokens = workdir, batch_size, max_new_tokens
-    self._respond = None
-
-  def __getstate__(self):
-    return {**self.__dict__, "_respond": None}
-
-  def generate(self, prompts: Sequence[str]) -> list[str]:
-    if self._respond is None:
-      import ml_collections  # noqa: PLC0415 (JAX and the model load only when a model annotates)
-
-      from sft import serve  # noqa: PLC0415
-
-      config = ml_collections.ConfigDict(json.loads((pathlib.Path(self.workdir) / "config.json").read_text()))
-      config.sample.max_new_tokens = self.max_new_tokens
-      self._respond = serve.load_responder(config, self.workdir)
-    out = []
-    for start in range(0, len(prompts), self.batch_size):
-      out += self._respond(list(prompts[start:start + self.batch_size]))
-    return out
 
 
 def fill_responses(batch: list[records.Record], generator: Generator | None) -> list[records.Record]:

@@ -204,28 +204,37 @@ def _row_keys(band_nr: np.ndarray) -> np.ndarray:
   return keys
 
 
-def _bucket_pairs(band_nr: np.ndarray, max_bucket: int) -> np.ndarray:
-  """(num_pairs, 2) int64 row pairs i < j with equal band rows; a bucket above max_bucket gives a star."""
-  order = np.argsort(_row_keys(band_nr), kind="stable")  # equal rows end up adjacent, by index
-  sorted_nr = band_nr[order]
-  # Buckets are runs of exactly equal rows: a 64-bit key collision can split a bucket (odds ~n**2 / 2**64),
-  # never merge two.
-  new_run = np.ones(len(order), bool)
-  new_run[1:] = np.any(sorted_nr[1:] != sorted_nr[:-1], axis=1)
-  run_start = np.flatnonzero(new_run)
-  run_length = np.diff(np.append(run_start, len(order)))
-  run_of = np.repeat(np.arange(len(run_start)), run_length)
-  position = np.arange(len(order))
+def bucket_pairs(bucket_sizes: np.ndarray, max_bucket: int = MAX_BUCKET) -> np.ndarray:
+  """(num_pairs, 2) int64 positions i < j in the same bucket, for buckets of consecutive positions with
+  these sizes (in order, from 0): all pairs of a bucket of up to `max_bucket`, else each member with its first.
+
+  The one place the pairing rule lives: candidate_pairs calls it on all buckets of a band at once, a
+  distributed runner on one bucket at a time (`bucket_pairs([len(members)])`).
+  """
+  run_length = np.asarray(bucket_sizes, np.int64).reshape(-1)
+  run_start = np.cumsum(run_length) - run_length
+  run_of = np.repeat(np.arange(len(run_length)), run_length)
+  position = np.arange(len(run_of))
   small = run_length[run_of] <= max_bucket
   # In a small bucket, each member pairs with every later member.
   partners = np.where(small, run_start[run_of] + run_length[run_of] - position - 1, 0)
   left = np.repeat(position, partners)
   right = left + 1 + np.arange(len(left)) - np.repeat(np.cumsum(partners) - partners, partners)
   # In a big bucket (e.g. thousands of copies of a boilerplate text), each member pairs only with its first.
-  spoke = np.flatnonzero(~small & ~new_run)
-  left = np.concatenate([left, run_start[run_of[spoke]]])
-  right = np.concatenate([right, spoke])
-  return np.stack([order[left], order[right]], axis=1)
+  spoke = np.flatnonzero(~small & (position > run_start[run_of]))
+  return np.stack([np.concatenate([left, run_start[run_of[spoke]]]), np.concatenate([right, spoke])], axis=1)
+
+
+def _band_pairs(band_nr: np.ndarray, max_bucket: int) -> np.ndarray:
+  """(num_pairs, 2) int64 row pairs i < j with equal band rows, paired by bucket_pairs."""
+  order = np.argsort(_row_keys(band_nr), kind="stable")  # equal rows end up adjacent, by index
+  sorted_nr = band_nr[order]
+  # Buckets are runs of exactly equal rows: a 64-bit key collision can split a bucket (odds ~n**2 / 2**64),
+  # never merge two.
+  new_run = np.ones(len(order), bool)
+  new_run[1:] = np.any(sorted_nr[1:] != sorted_nr[:-1], axis=1)
+  run_length = np.diff(np.append(np.flatnonzero(new_run), len(order)))
+  return order[bucket_pairs(run_length, max_bucket)]
 
 
 def candidate_pairs(signatures: np.ndarray, *, bands: int, rows: int, max_bucket: int = MAX_BUCKET) -> np.ndarray:
@@ -239,7 +248,7 @@ def candidate_pairs(signatures: np.ndarray, *, bands: int, rows: int, max_bucket
   _check_bands(signatures_nd.shape[1], bands, rows)
   has_words = np.flatnonzero(np.any(signatures_nd != EMPTY, axis=1))
   live_nd = signatures_nd[has_words]
-  pairs = [_bucket_pairs(live_nd[:, band * rows : (band + 1) * rows], max_bucket) for band in range(bands)]
+  pairs = [_band_pairs(live_nd[:, band * rows : (band + 1) * rows], max_bucket) for band in range(bands)]
   pairs_n2 = has_words[np.concatenate(pairs)] if len(has_words) else np.empty((0, 2), np.int64)
   # One int64 code per pair: sorting and deduplicating it orders pairs by (i, j).
   codes = np.unique(pairs_n2[:, 0] * len(signatures_nd) + pairs_n2[:, 1])
@@ -255,6 +264,11 @@ def estimated_jaccard(signatures: np.ndarray, pairs: np.ndarray) -> np.ndarray:
   return np.concatenate(estimates) if len(pairs) else np.empty(0)
 
 
+def verified_pairs(signatures: np.ndarray, pairs: np.ndarray, threshold: float) -> np.ndarray:
+  """The rows of `pairs` whose estimated Jaccard similarity is >= threshold."""
+  return pairs[estimated_jaccard(signatures, pairs) >= threshold]
+
+
 def near_duplicate_pairs(
   texts: Sequence[str],
   *,
@@ -268,8 +282,7 @@ def near_duplicate_pairs(
   """(num_pairs, 2) int64 sorted pairs i < j of texts whose estimated Jaccard similarity is >= threshold."""
   _check_bands(num_perm, bands, rows)
   signatures_nd = signatures(texts, num_perm=num_perm, shingle_size=shingle_size, seed=seed)
-  pairs = candidate_pairs(signatures_nd, bands=bands, rows=rows)
-  return pairs[estimated_jaccard(signatures_nd, pairs) >= threshold]
+  return verified_pairs(signatures_nd, candidate_pairs(signatures_nd, bands=bands, rows=rows), threshold)
 
 
 def clusters(num_items: int, pairs: np.ndarray) -> np.ndarray:

@@ -23,9 +23,9 @@ from typing import Any
 
 import ml_collections
 
-from sft.config import ConfigError
 from sft.console import ensure_console_handler
 from sft.databuilder import annotate, decontaminate, quality, readers, report, stages, write
+from sft.errors import ConfigError
 
 log = logging.getLogger("sft")
 MANIFEST = "manifest.json"
@@ -104,8 +104,10 @@ def build_dataset(config: ml_collections.ConfigDict, out_dir: str | pathlib.Path
   out_dir = pathlib.Path(out_dir)
   inputs = list_inputs(params)
   if generator is None and params["annotate"]["model_workdir"]:
-    ann = params["annotate"]
-    generator = annotate.ModelGenerator(ann["model_workdir"], ann["batch_size"], ann["max_new_tokens"])
+    raise ConfigError(
+        "annotate.model_workdir names a model but none was given to serve it: build through sft.build_dataset "
+        "(or launch.py), or pass generator="
+    )
   dc = params["decontaminate"]
   try:
     index, eval_items = decontaminate.index_from_files(dc["eval_files"], dc["ngram"], dc["min_words"])
@@ -149,5 +151,20 @@ def build_dataset(config: ml_collections.ConfigDict, out_dir: str | pathlib.Path
 
 
 def load_manifest(out_dir: str | pathlib.Path) -> dict[str, Any] | None:
+  """The manifest of the build in `out_dir` (None when there is none)."""
   path = pathlib.Path(out_dir) / MANIFEST
   return json.loads(path.read_text()) if path.exists() else None
+
+
+def ensure_built(config: ml_collections.ConfigDict, out_dir: str | pathlib.Path, **kwargs: Any) -> dict[str, Any]:
+  """The manifest of the build of `config` in `out_dir`, building it first when there is none. A build
+  made there with another config is an error, never silently reused or replaced."""
+  manifest = load_manifest(out_dir)
+  if manifest is None:
+    return build_dataset(config, out_dir, **kwargs)
+  if manifest["config_hash"] != config_hash(params_of(config)):
+    raise ConfigError(
+        f"{out_dir} holds data built with another data.build config (manifest.json has it); "
+        "use a new workdir or delete that folder"
+    )
+  return manifest

@@ -84,12 +84,11 @@ def _clusters(facts: list[dict[str, Any]]) -> dict[str, list[str]]:
 
 
 def _plot(path: pathlib.Path, kind: str, data: dict[str, Any], title: str, xlabel: str) -> str:
-  import matplotlib  # noqa: PLC0415
+  # A Figure with no pyplot: the caller's backend (a notebook's inline plots) is left as it was.
+  from matplotlib.figure import Figure  # noqa: PLC0415
 
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # noqa: PLC0415
-
-  fig, ax = plt.subplots(figsize=(7, 3.5), dpi=100)
+  fig = Figure(figsize=(7, 3.5), dpi=100)
+  ax = fig.subplots()
   if kind == "hist":
     for label, values in data.items():
       if values:
@@ -104,7 +103,6 @@ def _plot(path: pathlib.Path, kind: str, data: dict[str, Any], title: str, xlabe
   ax.set_xlabel(xlabel)
   fig.tight_layout()
   fig.savefig(path, metadata={"Software": None})  # no timestamp: same data, same bytes
-  plt.close(fig)
   return path.name
 
 

@@ -1,10 +1,9 @@
 """The stages on Apache Beam: DirectRunner on one machine, Dataflow, Flink or Spark for a cluster
 (`beam_options=("--runner=DataflowRunner", ...)`). It writes the same files as the local runner.
 
-Near-duplicate detection is distributed the way datatrove does it: signatures are computed in
-batches on the workers, every band of every signature is keyed and grouped, pairs come out of each
-bucket (all pairs up to MAX_BUCKET members, else each member with the first) and are verified by
-estimated Jaccard; only the verified pairs (few) meet in one place for union-find.
+Near-duplicate detection is distributed the way datatrove does it, from dedup.py's pieces: signatures
+in batches on the workers, band buckets by GroupByKey, the verified pairs of each bucket, and only
+those pairs (few) gathered in one place for union-find.
 """
 
 from __future__ import annotations
@@ -15,9 +14,7 @@ import pathlib
 import shutil
 from typing import Any, Callable
 
-import numpy as np
-
-from sft.databuilder import minhash, records, runner_local
+from sft.databuilder import dedup, records
 
 try:
   import apache_beam as beam
@@ -30,40 +27,6 @@ _SIGNATURE_BATCH = 2000
 
 def _by_id(items) -> list:
   return sorted(items, key=lambda r: r["id"])
-
-
-def _signed(batch: list[records.Record], params: dict[str, Any]) -> list[tuple[str, tuple[int, ...]]]:
-  sigs = minhash.signatures([records.contents(r) for r in batch], num_perm=params["num_perm"], shingle_size=params["shingle_size"], seed=params["seed"])
-  return [(r["id"], tuple(int(x) for x in sig)) for r, sig in zip(batch, sigs) if np.any(sig != minhash.EMPTY)]
-
-
-def _band_keys(item: tuple[str, tuple[int, ...]], bands: int, rows: int):
-  record_id, sig = item
-  for band in range(bands):
-    yield (band, sig[band * rows:(band + 1) * rows]), (record_id, sig)
-
-
-def _bucket_pairs(kv, threshold: float):
-  """Verified pairs (smaller id, larger id) of one band bucket: all pairs, or a star from the smallest
-  id for a bucket above minhash.MAX_BUCKET, as minhash.candidate_pairs forms them."""
-  members = sorted(kv[1])
-  if len(members) <= minhash.MAX_BUCKET:
-    pairs = list(itertools.combinations(range(len(members)), 2))
-  else:
-    pairs = [(0, i) for i in range(1, len(members))]
-  pairs = np.array(pairs, np.int64).reshape(-1, 2)
-  signatures_nd = np.array([sig for _, sig in members], np.uint64)
-  for i, j in pairs[minhash.estimated_jaccard(signatures_nd, pairs) >= threshold].tolist():
-    yield members[i][0], members[j][0]
-
-
-def _drops_from_pairs(pairs: list[tuple[str, str]]) -> dict[str, str]:
-  """{dropped id: kept id}: union-find over the ids in the pairs, smallest id kept."""
-  ids = sorted({x for pair in pairs for x in pair})
-  index = {x: i for i, x in enumerate(ids)}
-  edges = np.array([(index[a], index[b]) for a, b in pairs], np.int64).reshape(-1, 2)
-  representative = minhash.clusters(len(ids), edges)
-  return {ids[i]: ids[int(rep)] for i, rep in enumerate(representative) if rep != i}
 
 
 class BeamRunner:
@@ -114,20 +77,18 @@ class BeamRunner:
     pairs = (
         live
         | self._label(f"{name}: batch") >> beam.BatchElements(min_batch_size=1, max_batch_size=_SIGNATURE_BATCH)
-        | self._label(f"{name}: signatures") >> beam.FlatMap(_signed, params=params)
-        | self._label(f"{name}: bands") >> beam.FlatMap(_band_keys, bands=params["bands"], rows=params["rows"])
+        | self._label(f"{name}: signatures") >> beam.FlatMap(dedup.signatures_of, params=params)
+        | self._label(f"{name}: bands") >> beam.FlatMap(dedup.band_keys, bands=params["bands"], rows=params["rows"])
         | self._label(f"{name}: buckets") >> beam.GroupByKey()
-        | self._label(f"{name}: pairs") >> beam.FlatMap(_bucket_pairs, threshold=params["threshold"])
+        | self._label(f"{name}: pairs") >> beam.FlatMap(dedup.verified_bucket_pairs, threshold=params["threshold"])
         | self._label(f"{name}: distinct") >> beam.Distinct()
     )
     drops = (
         pairs
         | self._label(f"{name}: gather") >> beam.combiners.ToList()
-        | self._label(f"{name}: clusters") >> beam.Map(_drops_from_pairs)
+        | self._label(f"{name}: clusters") >> beam.Map(dedup.drops_from_pairs)
     )
-    return coll | self._label(name) >> beam.FlatMap(
-        lambda r, d: runner_local.mark_near_duplicates([r], d), d=beam.pvalue.AsSingleton(drops)
-    )
+    return coll | self._label(name) >> beam.Map(dedup.mark_near_duplicate, drops=beam.pvalue.AsSingleton(drops))
 
   def concat(self, colls: list, name: str):
     return tuple(colls) | self._label(name) >> beam.Flatten()

@@ -1,4 +1,5 @@
-"""The stages on one machine: record-wise stages over worker processes, with progress bars."""
+"""The stages on one machine: collections are lists, record-wise stages run over worker processes with
+progress bars, and deduplication is dedup.py's, all at once."""
 
 from __future__ import annotations
 
@@ -6,9 +7,8 @@ import multiprocessing
 import os
 from typing import Any, Callable
 
-import tqdm
-
-from sft.databuilder import minhash, records
+from sft.console import bar
+from sft.databuilder import dedup, records
 
 _MIN_PARALLEL = 4000  # below this many items, starting workers costs more than it saves
 _CHUNK = 500
@@ -24,51 +24,30 @@ def _apply_chunk(chunk: list) -> list:
   return [out for item in chunk for out in _worker_fn(item)]
 
 
-def near_duplicate_drops(live: list[records.Record], params: dict[str, Any]) -> dict[str, str]:
-  """{dropped id: kept id} for near duplicates among live records: MinHash LSH candidate pairs
-  verified by estimated Jaccard, clusters by union-find, the smallest id of a cluster kept."""
-  live = sorted(live, key=lambda r: r["id"])
-  pairs = minhash.near_duplicate_pairs(
-      [records.contents(r) for r in live], num_perm=params["num_perm"], bands=params["bands"], rows=params["rows"],
-      shingle_size=params["shingle_size"], threshold=params["threshold"], seed=params["seed"],
-  )
-  representative = minhash.clusters(len(live), pairs)
-  return {live[i]["id"]: live[int(rep)]["id"] for i, rep in enumerate(representative) if rep != i}
-
-
-def mark_near_duplicates(items: list[records.Record], drops: dict[str, str]) -> list[records.Record]:
-  return [
-      records.drop(r, "dedup", "near duplicate", f"of {drops[r['id']]}", duplicate_of=drops[r["id"]])
-      if not records.is_dropped(r) and r["id"] in drops else r
-      for r in items
-  ]
-
-
 class LocalRunner:
   """Collections are lists; `flat_map` runs over `num_workers` processes for large inputs."""
 
   def __init__(self, num_workers: int = 0, progress: bool = True):
     self.num_workers = num_workers or os.cpu_count() or 1
-    self.progress = progress  # bars only on a terminal
+    self.progress = progress  # a bar on a terminal, else a few log lines
 
   def create(self, items: list, name: str) -> list:
     return list(items)
 
   def flat_map(self, coll: list, fn: Callable[[Any], list], name: str) -> list:
     chunks = [coll[i:i + _CHUNK] for i in range(0, len(coll), _CHUNK)]
-    bar = tqdm.tqdm(total=len(coll), desc=name, unit=" records", disable=None if self.progress else True, leave=False)
     out = []
-    if self.num_workers > 1 and len(coll) >= _MIN_PARALLEL:
-      # spawn, not fork: the parent may hold JAX's threads, which a forked child would inherit broken.
-      with multiprocessing.get_context("spawn").Pool(self.num_workers, _init_worker, (fn,)) as pool:
-        for chunk, result in zip(chunks, pool.imap(_apply_chunk, chunks)):
-          out += result
-          bar.update(len(chunk))
-    else:
-      for chunk in chunks:
-        out += [o for item in chunk for o in fn(item)]
-        bar.update(len(chunk))
-    bar.close()
+    with bar(len(coll), name, " inputs" if name == "read" else " records", enabled=self.progress) as progress:
+      if self.num_workers > 1 and len(coll) >= _MIN_PARALLEL:
+        # spawn, not fork: the parent may hold JAX's threads, which a forked child would inherit broken.
+        with multiprocessing.get_context("spawn").Pool(self.num_workers, _init_worker, (fn,)) as pool:
+          for chunk, result in zip(chunks, pool.imap(_apply_chunk, chunks)):
+            out += result
+            progress.update(len(chunk))
+      else:
+        for chunk in chunks:
+          out += [o for item in chunk for o in fn(item)]
+          progress.update(len(chunk))
     return out
 
   def map_batches(self, coll: list, fn: Callable[[list], list], batch_size: int, name: str) -> list:
@@ -91,7 +70,7 @@ class LocalRunner:
     return fn(sorted((x for x in coll if select(x)), key=lambda r: r["id"]))
 
   def near_duplicates(self, coll: list, params: dict[str, Any], name: str) -> list:
-    return mark_near_duplicates(coll, near_duplicate_drops([r for r in coll if not records.is_dropped(r)], params))
+    return dedup.mark_near_duplicates(coll, dedup.near_duplicate_drops([r for r in coll if not records.is_dropped(r)], params))
 
   def concat(self, colls: list[list], name: str) -> list:
     return [x for c in colls for x in c]

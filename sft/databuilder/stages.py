@@ -12,11 +12,9 @@ writer puts it in rejected.jsonl and the manifest counts it, so read = kept + dr
 from __future__ import annotations
 
 import functools
-import hashlib
-import re
 from typing import Any, Callable, Protocol, Sequence
 
-from sft.databuilder import annotate, clean, decontaminate, quality, readers, records
+from sft.databuilder import annotate, clean, decontaminate, dedup, quality, readers, records
 
 
 class Runner(Protocol):
@@ -48,12 +46,9 @@ def token_counter(tokenizer_path: str) -> Callable[[str], int] | None:
   """text -> number of tokens, with the tokenizer loaded once per process (None without a path)."""
   if not tokenizer_path:
     return None
-  import pathlib  # noqa: PLC0415
+  from sft.pipeline import load_tokenizer  # noqa: PLC0415 (only token counts need it)
 
-  from sft import pipeline  # noqa: PLC0415 (only token counts need it)
-
-  path = pathlib.Path(tokenizer_path)
-  tokenizer = pipeline.Tokenizer.load(path) if path.is_file() else pipeline.HFTokenizer(path)
+  tokenizer = load_tokenizer(tokenizer_path)
   return lambda text: len(tokenizer.encode(text))
 
 
@@ -68,26 +63,6 @@ def process_record(record: records.Record, params: dict[str, Any], index: dict[s
   if records.is_dropped(record):
     return [record]
   return [decontaminate.decontaminate_record(record, index)]
-
-
-_NON_WORD = re.compile(r"\W+")
-
-
-def exact_key(record: records.Record) -> str | None:
-  """Hash of the lowercased text with punctuation and spacing collapsed (None for dropped records)."""
-  if records.is_dropped(record):
-    return None
-  if record["kind"] == "chat":
-    text = "\x1e".join(f"{m['role']}\x1f{_NON_WORD.sub(' ', m['content'].lower()).strip()}" for m in record["messages"])
-  else:
-    text = _NON_WORD.sub(" ", record["text"].lower()).strip()
-  return hashlib.blake2b(f"{record['kind']}\x1d{text}".encode(), digest_size=16).hexdigest()
-
-
-def keep_first(key: str, group: list[records.Record]) -> list[records.Record]:
-  """Exact duplicates: the smallest id is kept, the others point at it."""
-  first, *rest = sorted(group, key=lambda r: r["id"])
-  return [first] + [records.drop(r, "dedup", "exact duplicate", f"of {first['id']}", duplicate_of=first["id"]) for r in rest]
 
 
 def format_record(record: records.Record, system_prompt: str, validation_fraction: float, salt: str) -> list[records.Record]:
@@ -121,7 +96,7 @@ def run(runner: Runner, inputs: Sequence[tuple[str, str, str]], params: dict[str
     items = runner.concat([items, runner.flat_map(new, process, "self-instruct: clean, filter, decontaminate")], "with self-instruct")
 
   if params["dedup"]["exact"]:
-    items = runner.group_by(items, exact_key, keep_first, "dedup: exact")
+    items = runner.group_by(items, dedup.exact_key, dedup.keep_first, "dedup: exact")
   if params["dedup"]["near"]:
     items = runner.near_duplicates(items, params["dedup"], "dedup: near")
   if ann["score"]["enabled"]:

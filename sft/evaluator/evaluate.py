@@ -11,9 +11,19 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from sft import pipeline
+from sft.console import track
 from sft.evaluator.generate import make_generate, pad_prompts, strip_generation
 from sft.evaluator.metrics import exact_match, mean_token_f1
 from sft.model import Transformer
+
+
+def _chunks(tokens_bp: np.ndarray, lengths_b: np.ndarray, size: int):
+  """(real rows, (size, P) tokens, (size,) lengths) per chunk; the last is filled up with copies of row 0."""
+  for start in range(0, len(tokens_bp), size):
+    chunk_bp, chunk_b = tokens_bp[start:start + size], lengths_b[start:start + size]
+    n = len(chunk_bp)
+    fill = size - n
+    yield n, np.concatenate([chunk_bp, np.repeat(tokens_bp[:1], fill, 0)]), np.concatenate([chunk_b, np.repeat(lengths_b[:1], fill)])
 
 
 @dataclasses.dataclass
@@ -64,6 +74,7 @@ class Evaluator:
     rendered = [tokenizer.render_prompt(r["messages"]) for r in chosen]
     self._prompts = [p for p, _ in rendered]
     self._references = [ref for _, ref in rendered]
+    self._generation_batch = batch_size  # prompts per generate call: one compiled shape, a bar that moves
     self._generate = make_generate(model, max_new_tokens=max_new_tokens, stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id)
 
   @property
@@ -90,7 +101,13 @@ class Evaluator:
       return {}, []
     tok = self._tokenizer
     tokens_bp, lengths_b = pad_prompts(self._prompts, tok.pad_id)
-    generated_bn = np.asarray(jax.device_get(self._generate(params, tokens_bp, lengths_b, jax.random.key(0))))
+    generated_bn = np.concatenate([
+        np.asarray(jax.device_get(self._generate(params, chunk_bp, chunk_lengths_b, jax.random.key(0))))[:n]
+        for n, chunk_bp, chunk_lengths_b in track(
+            list(_chunks(tokens_bp, lengths_b, self._generation_batch)), "eval: generating", unit=" batches",
+            enabled=jax.process_index() == 0,
+        )
+    ])
     predictions = [tok.decode(strip_generation(row, tok.stop_ids, tok.pad_id)) for row in generated_bn]
     samples = [
         Sample(tok.decode(p), ref, pred)

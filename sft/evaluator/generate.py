@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sft.config import ConfigError
+from sft.errors import ConfigError
 from sft.evaluator.sampling import Sampler
 from sft.model import Transformer
 from sft.model.transformer import init_cache

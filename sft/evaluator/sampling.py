@@ -7,7 +7,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from sft.config import ConfigError
+from sft.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,21 +1,24 @@
-"""Reading and writing the safetensors format with numpy, bfloat16 included.
+"""The files of a Hugging Face checkpoint: which ones hold which tensor, and atomic writes of new ones.
 
-The `safetensors` package's numpy backend cannot represent bfloat16, the dtype most checkpoints use,
-so this reads the format directly: an 8-byte little-endian header length, a JSON header naming each
-tensor's dtype, shape and byte range, then the raw data. Tensors are memory-mapped: reading one
-tensor touches only its bytes, never the whole file.
+The bytes are read and written by the `safetensors` package (its numpy backend, bfloat16 included);
+this module only adds what sft needs around it: one open handle per file however many tensors it
+holds, refusal of index entries that point outside the folder, and ValueErrors that name the file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pathlib
-import struct
 from typing import Iterator, Mapping
 
 import ml_dtypes
 import numpy as np
+import safetensors
+import safetensors.numpy
 
+# The dtypes sft reads and writes. The package knows more (float8, float4, ...), but its numpy backend
+# fails on those with an AttributeError, and no model sft loads stores them.
 _DTYPES = {
     "F64": np.float64,
     "F32": np.float32,
@@ -28,82 +31,91 @@ _DTYPES = {
     "U8": np.uint8,
     "BOOL": np.bool_,
 }
-_NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
+_WRITABLE = {np.dtype(v) for v in _DTYPES.values()}
+
+
+@contextlib.contextmanager
+def _file_errors(path: pathlib.Path) -> Iterator[None]:
+  """The package's errors as a ValueError naming the file. Rust panics are BaseExceptions (pyo3's
+  PanicException), so they are caught by name."""
+  try:
+    yield
+  except safetensors.SafetensorError as err:
+    raise ValueError(f"{path}: not a readable safetensors file, truncated or corrupt ({err})") from None
+  except BaseException as err:
+    if type(err).__name__ != "PanicException":
+      raise
+    raise ValueError(f"{path}: the safetensors reader failed on this file ({err})") from None
 
 
 class SafetensorsFile:
-  """Lazy, read-only access to the tensors of one .safetensors file."""
+  """One .safetensors file, opened (memory-mapped) once; tensors are read one at a time."""
 
   def __init__(self, path: str | pathlib.Path):
     self.path = pathlib.Path(path)
-    with self.path.open("rb") as f:
-      raw = f.read(8)
-      if len(raw) != 8:
-        raise ValueError(f"{self.path}: too short to be a safetensors file")
-      (header_len,) = struct.unpack("<Q", raw)
-      if header_len > 100_000_000:
-        raise ValueError(f"{self.path}: header length {header_len} is not plausible; not a safetensors file")
-      try:
-        header = json.loads(f.read(header_len))
-      except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{self.path}: unreadable safetensors header ({err})") from None
-    self.metadata = header.pop("__metadata__", {}) or {}
-    self._entries = header
-    self._data_start = 8 + header_len
-    self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
+    with _file_errors(self.path):
+      self._file = safetensors.safe_open(self.path, framework="numpy")
 
   def keys(self) -> list[str]:
-    return sorted(self._entries)
+    return sorted(self._file.keys())
 
   def shape(self, name: str) -> tuple[int, ...]:
-    return tuple(self._entries[name]["shape"])
+    return tuple(self._file.get_slice(name).get_shape())
 
   def get(self, name: str) -> np.ndarray:
-    entry = self._entries[name]
-    if entry["dtype"] not in _DTYPES:
-      raise ValueError(f"{self.path}: tensor {name!r} has dtype {entry['dtype']}, which sft does not read")
-    start, end = entry["data_offsets"]
-    dtype = np.dtype(_DTYPES[entry["dtype"]])
-    data = self._mmap[self._data_start + start : self._data_start + end]
-    expected = int(np.prod(entry["shape"], dtype=np.int64)) * dtype.itemsize
-    if data.size != expected:
-      raise ValueError(f"{self.path}: tensor {name!r} has {data.size} bytes, its shape and dtype need {expected}")
-    return data.view(dtype).reshape(entry["shape"])
+    dtype = self._file.get_slice(name).get_dtype()
+    if dtype not in _DTYPES:
+      raise ValueError(f"{self.path}: tensor {name!r} has dtype {dtype}, which sft does not read")
+    with _file_errors(self.path):
+      return self._file.get_tensor(name)
 
 
 def save_file(tensors: Mapping[str, np.ndarray], path: str | pathlib.Path, metadata: Mapping[str, str] | None = None):
-  """Writes `tensors` (name -> array) as one .safetensors file, tensors in name order."""
-  header, offset = {}, 0
+  """Writes `tensors` (name -> array) as one .safetensors file."""
   arrays = {}
-  for name in sorted(tensors):
-    array = np.ascontiguousarray(tensors[name])
-    if array.dtype not in _NAMES:
-      raise ValueError(f"tensor {name!r} has dtype {array.dtype}, which safetensors cannot store")
-    arrays[name] = array
-    header[name] = {"dtype": _NAMES[array.dtype], "shape": list(array.shape), "data_offsets": [offset, offset + array.nbytes]}
-    offset += array.nbytes
-  if metadata:
-    header["__metadata__"] = dict(metadata)
-  encoded = json.dumps(header, separators=(",", ":")).encode()
-  encoded += b" " * (-len(encoded) % 8)  # keeps the data 8-byte aligned, as the reference writer does
+  for name, array in tensors.items():
+    # The package writes `nbytes` from the array's data pointer: a strided view would be written scrambled.
+    arrays[name] = np.ascontiguousarray(array)
+    if arrays[name].dtype not in _WRITABLE:
+      raise ValueError(f"tensor {name!r} has dtype {arrays[name].dtype}, which sft does not write to safetensors")
   path = pathlib.Path(path)
   # Write beside, then rename: readers that memory-mapped the old file keep a valid file.
   tmp = path.with_name(path.name + ".tmp")
-  with tmp.open("wb") as f:
-    f.write(struct.pack("<Q", len(encoded)))
-    f.write(encoded)
-    for array in arrays.values():
-      f.write(array.tobytes())
-  tmp.replace(path)
+  try:
+    safetensors.numpy.save_file(arrays, tmp, metadata=dict(metadata) if metadata else None)
+    tmp.replace(path)
+  finally:
+    tmp.unlink(missing_ok=True)
+
+
+def _shard_names(index: pathlib.Path) -> dict[str, str]:
+  """tensor name -> file name, from a sharded checkpoint's index, refusing files outside its folder."""
+  try:
+    weight_map = json.loads(index.read_text())["weight_map"]
+  except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+    raise ValueError(f"{index}: not a safetensors index with a weight_map ({err!r})") from None
+  if not isinstance(weight_map, dict):
+    raise ValueError(f"{index}: weight_map is a {type(weight_map).__name__}, not an object")
+  for tensor, file in weight_map.items():
+    # Checked on the name, not the resolved path: the Hub's cache links every file to a blob elsewhere.
+    name = pathlib.PurePosixPath(file) if isinstance(file, str) else None
+    if name is None or not name.parts or name.is_absolute() or ".." in name.parts:
+      raise ValueError(f"{index}: tensor {tensor!r} is mapped to {file!r}, which is not a file inside {index.parent}")
+  return weight_map
 
 
 def open_checkpoint(folder: str | pathlib.Path) -> dict[str, SafetensorsFile]:
-  """tensor name -> the file holding it, for `model.safetensors` or a sharded index."""
+  """tensor name -> the file holding it, for `model.safetensors` or a sharded index. Each file is
+  opened once and shared by all its tensors."""
   folder = pathlib.Path(folder)
   index = folder / "model.safetensors.index.json"
   if index.exists():
-    weight_map = json.loads(index.read_text())["weight_map"]
-    files = {name: SafetensorsFile(folder / name) for name in sorted(set(weight_map.values()))}
+    weight_map = _shard_names(index)
+    files = {}
+    for name in sorted(set(weight_map.values())):
+      if not (folder / name).is_file():
+        raise FileNotFoundError(f"{index} names {name}, which {folder} does not hold")
+      files[name] = SafetensorsFile(folder / name)
     return {tensor: files[file] for tensor, file in weight_map.items()}
   single = folder / "model.safetensors"
   if single.exists():

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
+from sft.console import bar, track
 from sft.hf import safetensors_io
 from sft.hf.config import from_hf_config, to_hf_config
 from sft.model import ModelConfig, Transformer
@@ -138,12 +139,15 @@ def load_params(folder: str | pathlib.Path, cfg: ModelConfig, shardings: Any = N
       if files[name].shape(name) != want:
         raise ValueError(f"{folder}: tensor {name} has shape {files[name].shape(name)}, the config needs {want}")
       part[...] = to_sft(files[name].get(name), cfg).astype(leaf.dtype)
+      progress.update(1)
     sharding = flat_shardings.get(path)
     if sharding is None:
       return jnp.asarray(host)
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
-  return jax.tree_util.tree_map_with_path(load, abstract)
+  total = sum(len(group) for group in names.values())
+  with bar(total, f"loading {folder}", " tensors", enabled=jax.process_index() == 0) as progress:
+    return jax.tree_util.tree_map_with_path(load, abstract)
 
 
 def _hf_shape(path: tuple[str, ...], sft_shape: tuple[int, ...], cfg: ModelConfig) -> tuple[int, ...]:
@@ -167,17 +171,21 @@ def _host(x) -> np.ndarray:
   return np.asarray(jax.device_get(x))
 
 
-def to_hf_tensors(params: Any, cfg: ModelConfig) -> dict[str, np.ndarray]:
-  """HF tensor name -> numpy array, for every parameter."""
+def to_hf_tensors(params: Any, cfg: ModelConfig, *, desc: str | None = None) -> dict[str, np.ndarray]:
+  """HF tensor name -> numpy array, for every parameter; with a progress bar under `desc` if given
+  (on process 0: every process must call this, as gathering a sharded parameter takes them all)."""
   names = hf_names(cfg)
   tensors = {}
-  for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-    path = _path(key_path)
-    to_hf = _entry(path, cfg)[2]
-    value = _host(leaf)
-    parts = [value[i] for i in range(cfg.num_layers)] if path[0] == "layers" else [value]
-    for name, part in zip(names[path], parts):
-      tensors[name] = np.ascontiguousarray(to_hf(part, cfg))
+  total = sum(len(group) for group in names.values())
+  with bar(total, desc or "", " tensors", enabled=desc is not None and jax.process_index() == 0) as progress:
+    for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+      path = _path(key_path)
+      to_hf = _entry(path, cfg)[2]
+      value = _host(leaf)
+      parts = [value[i] for i in range(cfg.num_layers)] if path[0] == "layers" else [value]
+      for name, part in zip(names[path], parts):
+        tensors[name] = np.ascontiguousarray(to_hf(part, cfg))
+        progress.update(1)
   return tensors
 
 
@@ -189,21 +197,21 @@ def export_model(
   folder = pathlib.Path(folder)
   torch_dtype = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[cfg.param_dtype]
   hf_config = to_hf_config(cfg, family, torch_dtype=torch_dtype)
-  tensors = to_hf_tensors(params, cfg)
+  tensors = to_hf_tensors(params, cfg, desc=f"exporting {folder}")
   if jax.process_index() != 0:
     return folder
   folder.mkdir(parents=True, exist_ok=True)
   (folder / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
   shards = list(safetensors_io.iter_shards(tensors, max_shard_bytes))
   metadata = {"format": "pt"}  # what transformers expects of a PyTorch-loadable file
-  if len(shards) == 1:
-    safetensors_io.save_file(shards[0], folder / "model.safetensors", metadata)
-    return folder
+  n = len(shards)
+  names = [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)] if n > 1 else ["model.safetensors"]
   weight_map = {}
-  for i, shard in enumerate(shards, 1):
-    name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+  for name, shard in track(list(zip(names, shards)), f"exporting {folder}", unit=" files"):
     safetensors_io.save_file(shard, folder / name, metadata)
     weight_map.update({tensor: name for tensor in shard})
+  if n == 1:
+    return folder
   index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())}, "weight_map": weight_map}
   (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
   return folder

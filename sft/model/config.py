@@ -1,4 +1,5 @@
-"""ModelConfig: every number that changes the model's maths, checked when it is built."""
+"""ModelConfig: every number that changes the model's maths, with its default and meaning, checked when
+it is built. The run config's `model` section is made from these fields (sft/config.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from sft.config import ConfigError
+from sft.errors import ConfigError
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 ROPE_TYPES = ("default", "llama3")
@@ -19,13 +20,13 @@ class ModelConfig:
   """Shapes and numerics of the model. Built from the `model` section of a run config, or from a
   Hugging Face config.json by `sft.hf`."""
 
-  vocab_size: int
-  d_model: int
-  num_layers: int
-  num_heads: int
-  num_kv_heads: int
-  head_dim: int
-  mlp_dim: int
+  vocab_size: int = 2048  # a run trains its own tokenizer of this size (run config: tokenizer.vocab_size)
+  d_model: int = 256
+  num_layers: int = 4
+  num_heads: int = 4
+  num_kv_heads: int = 2  # grouped-query attention: num_heads / num_kv_heads query heads share a kv head
+  head_dim: int = 64
+  mlp_dim: int = 768
   rope_theta: float = 10_000.0
   # "llama3": Llama 3.1 frequency scaling with the four numbers below (unused for "default").
   rope_type: str = "default"
@@ -52,7 +53,7 @@ class ModelConfig:
   lora_alpha: float = 16.0
   lora_dropout: float = 0.0  # on the adapter's input, in training only
   lora_targets: tuple[str, ...] = ("q", "k", "v", "o")
-  dtype: str = "float32"  # activations and matmuls
+  dtype: str = "float32"  # activations and matmuls; "bfloat16" on TPUs and GPUs
   param_dtype: str = "float32"  # stored parameters (and optimizer moments)
   remat: bool = False  # recompute each layer's activations in the backward pass
 

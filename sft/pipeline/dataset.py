@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import grain
 import numpy as np
 
-from sft.pipeline.tokenizer import Tokenizer
+from sft.pipeline.chat import ChatTokenizer
 from sft.pipeline.transforms import TokenizeAndShift, tokenize_record, unpack_features
 
 PACKED_FEATURES = ("inputs", "targets", "loss_mask")
@@ -41,7 +41,7 @@ def _packed(it: grain.IterDataset, *, seq_len: int, batch_size: int, seed: int, 
 def train_dataset(
     records: Sequence[dict[str, Any]],
     *,
-    tokenizer: Tokenizer,
+    tokenizer: ChatTokenizer,
     seq_len: int,
     batch_size: int,
     seed: int,
@@ -73,7 +73,7 @@ def empty_batch(batch_size: int, seq_len: int) -> dict[str, np.ndarray]:
 def eval_batches(
     records: Sequence[dict[str, Any]],
     *,
-    tokenizer: Tokenizer,
+    tokenizer: ChatTokenizer,
     seq_len: int,
     batch_size: int,
     process_index: int = 0,
@@ -87,6 +87,6 @@ def eval_batches(
   return [pad_batch(b, batch_size) for b in it]
 
 
-def count_truncated(records: Sequence[dict[str, Any]], tokenizer: Tokenizer, seq_len: int) -> int:
+def count_truncated(records: Sequence[dict[str, Any]], tokenizer: ChatTokenizer, seq_len: int) -> int:
   """How many records are longer than `seq_len` next-token pairs (their tails are cut)."""
   return sum(len(tokenize_record(r, tokenizer)[0]) > seq_len + 1 for r in records)

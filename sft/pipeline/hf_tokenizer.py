@@ -19,6 +19,8 @@ import jinja2
 import jinja2.sandbox
 import numpy as np
 
+from sft.pipeline.chat import validate_messages
+
 
 def _token_text(value: Any) -> str | None:
   """tokenizer_config.json stores special tokens as strings or as {"content": ...} objects."""
@@ -141,8 +143,6 @@ class HFTokenizer:
 
   def tokenize_chat(self, messages: Sequence[Mapping[str, str]]) -> tuple[np.ndarray, np.ndarray]:
     """Tokens of the rendered chat, and a mask that is 1 on tokens inside assistant spans."""
-    from sft.pipeline.transforms import validate_messages  # the pipeline imports this module
-
     reason = validate_messages(messages)
     if reason:
       raise ValueError(f"invalid chat record: {reason}")

@@ -1,18 +1,21 @@
-"""SentencePiece tokenizer with the chat format's control tokens.
+"""The built-in SentencePiece tokenizer and its chat format; `load_tokenizer` for any tokenizer.
 
 Ids 0-3 are fixed (pad, unk, bos, eos); the role markers and the end-of-turn marker are user-defined
-symbols, so they are single tokens that ordinary text never produces by accident.
+symbols, so they are single tokens that ordinary text never produces by accident. A chat renders as
+`BOS <|role|> content <|end|> ...` (see `tokenize_chat`).
 """
 
 from __future__ import annotations
 
 import io
 import pathlib
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Mapping, Sequence
 
+import numpy as np
 import sentencepiece as spm
 
-from sft.config import ConfigError
+from sft.errors import ConfigError
+from sft.pipeline.chat import ChatTokenizer, validate_messages
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
@@ -56,20 +59,14 @@ class Tokenizer:
   def stop_ids(self) -> tuple[int, ...]:
     return (self.end_id,)
 
-  def tokenize_chat(self, messages):
-    from sft.pipeline import transforms  # transforms imports this module
+  def tokenize_chat(self, messages: Sequence[Mapping[str, str]]) -> tuple[np.ndarray, np.ndarray]:
+    return tokenize_chat(messages, self)
 
-    return transforms.tokenize_chat(messages, self)
+  def tokenize_text(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+    return tokenize_text(text, self)
 
-  def tokenize_text(self, text):
-    from sft.pipeline import transforms
-
-    return transforms.tokenize_text(text, self)
-
-  def render_prompt(self, messages):
-    from sft.pipeline import transforms
-
-    return transforms.render_prompt(messages, self)
+  def render_prompt(self, messages: Sequence[Mapping[str, str]]) -> tuple[list[int], str]:
+    return render_prompt(messages, self)
 
   @classmethod
   def load(cls, path: str | pathlib.Path) -> "Tokenizer":
@@ -77,6 +74,80 @@ class Tokenizer:
       return cls(pathlib.Path(path).read_bytes())
     except RuntimeError as err:  # SentencePiece's parse error
       raise ValueError(f"{path} is not a SentencePiece model ({err}); delete it to train a new one") from None
+
+
+# The chat format. These take any object with `encode`, `role_ids` and `end_id` (tests use a letter
+# tokenizer), so the worked examples below hold literally.
+
+
+def tokenize_chat(messages: Sequence[Mapping[str, str]], tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
+  """Renders a chat as tokens and marks the tokens the model is trained to produce.
+
+  Every turn is `<|role|> content <|end|>`; the assistant's content and its closing `<|end|>` (the
+  stop token at generation time) are in the loss, everything else is prompt.
+
+      messages  = [user: "hi", assistant: "yo"]        ("hi" -> [h, i], "yo" -> [y, o])
+      tokens    = [BOS, <|user|>, h, i, <|end|>, <|assistant|>, y, o, <|end|>]
+      loss_mask = [ 0,     0,     0, 0,    0,         0,        1, 1,    1   ]
+  """
+  reason = validate_messages(messages)
+  if reason:
+    raise ValueError(f"invalid chat record: {reason}")
+  tokens, mask = [BOS_ID], [0]
+  for message in messages:
+    turn = _render_turn(message, tokenizer)
+    learn = int(message["role"] == "assistant")
+    tokens += turn
+    mask += [0] + [learn] * (len(turn) - 1)  # the role marker is prompt; content and <|end|> are learned
+  return np.asarray(tokens, np.int32), np.asarray(mask, np.int32)
+
+
+def _render_turn(message: Mapping[str, str], tokenizer: Tokenizer) -> list[int]:
+  return [tokenizer.role_ids[message["role"]], *tokenizer.encode(message["content"]), tokenizer.end_id]
+
+
+def render_prompt(messages: Sequence[Mapping[str, str]], tokenizer: Tokenizer) -> tuple[list[int], str]:
+  """(prompt tokens, reference answer) for a chat whose last turn is the assistant's.
+
+  The prompt is every turn before the last, rendered as in training, then `<|assistant|>`, so the
+  model's next tokens are its answer:
+
+      messages = [user: "hi", assistant: "yo"]
+      prompt   = [BOS, <|user|>, h, i, <|end|>, <|assistant|>]     reference = "yo"
+  """
+  reason = validate_messages(messages)
+  if reason or messages[-1]["role"] != "assistant":
+    raise ValueError(f"cannot make a prompt from this chat: {reason or 'the last turn is not the assistant'}")
+  tokens = [BOS_ID]
+  for message in messages[:-1]:
+    tokens += _render_turn(message, tokenizer)
+  return [*tokens, tokenizer.role_ids["assistant"]], messages[-1]["content"]
+
+
+def tokenize_text(text: str, tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
+  """Plain text for pretraining: every token after BOS is learned.
+
+      text      = "ab"                 ("ab" -> [a, b])
+      tokens    = [BOS, a, b, EOS]
+      loss_mask = [ 1,  1, 1,  1 ]     (position 0 is dropped by the shift)
+  """
+  if not isinstance(text, str) or not text.strip():
+    raise ValueError("invalid text record: empty or non-string text")
+  tokens = [BOS_ID, *tokenizer.encode(text), EOS_ID]
+  return np.asarray(tokens, np.int32), np.ones(len(tokens), np.int32)
+
+
+def load_tokenizer(path: str | pathlib.Path) -> ChatTokenizer:
+  """The one way to open a tokenizer: a SentencePiece `.model` file trained here, or a Hugging Face
+  model folder (tokenizer.json or tokenizer.model, with its chat template)."""
+  path = pathlib.Path(path)
+  if path.is_file():
+    return Tokenizer.load(path)
+  if path.is_dir():
+    from sft.pipeline.hf_tokenizer import HFTokenizer  # noqa: PLC0415 (jinja2 and tokenizers only when used)
+
+    return HFTokenizer(path)
+  raise ConfigError(f"no tokenizer at {str(path)!r}: expected a SentencePiece .model file or a Hugging Face folder")
 
 
 def _lines(texts: Iterable[str]) -> Iterator[str]:

@@ -1,6 +1,3 @@
-"""The trainer: mesh and sharding, train state, the jitted step, checkpoints, the training loop."""
-
-from sft.trainer.loop import train_and_evaluate
-from sft.trainer.state import TrainState
-
-__all__ = ["train_and_evaluate", "TrainState"]
+"""The trainer: run setup (model, mesh, shardings, tokenizer), train state, the jitted step, checkpoints,
+the training loop (`sft.trainer.loop.train_and_evaluate`). Import the modules you need: this package
+imports nothing, so serving can use the run setup without loading the loop."""

@@ -8,7 +8,7 @@ from typing import Any, Mapping
 import grain
 import orbax.checkpoint as ocp
 
-from sft.config import ConfigError
+from sft.errors import ConfigError
 
 
 class Checkpointer:
@@ -39,6 +39,13 @@ class Checkpointer:
     args = {"state": ocp.args.StandardRestore(abstract_state)}
     args.update({name: grain.checkpoint.CheckpointRestore(it) for name, it in iterators.items()})
     return self.manager.restore(step, args=ocp.args.Composite(**args))["state"]
+
+  def restore_params(self, step: int, abstract_params: Any) -> Any:
+    """Only the parameters of the saved train state (no optimizer moments, no data iterators): what
+    serving needs. `abstract_params` carry their target shardings."""
+    restore_args = ocp.checkpoint_utils.construct_restore_args({"params": abstract_params})
+    args = ocp.args.PyTreeRestore(item={"params": abstract_params}, restore_args=restore_args, partial_restore=True)
+    return self.manager.restore(step, args=ocp.args.Composite(state=args))["state"]["params"]
 
   def close(self) -> None:
     self.manager.wait_until_finished()

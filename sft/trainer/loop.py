@@ -15,16 +15,14 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
-from jax.sharding import NamedSharding, PartitionSpec
 
 from sft import hf, pipeline
-from sft.config import ConfigError
 from sft.console import ensure_console_handler
+from sft.errors import ConfigError
 from sft.evaluator import Evaluator
 from sft.model import Transformer, count_params, lora
-from sft.trainer import sharding, sources
+from sft.trainer import setup, sharding, sources
 from sft.trainer import state as state_lib
 from sft.trainer import step as step_lib
 from sft.trainer.checkpoint import Checkpointer
@@ -48,16 +46,61 @@ def build_optimizer(config: ml_collections.ConfigDict, model_cfg):
   return schedule, optimizer, trainable
 
 
-def _check_batch(name: str, batch_size: int, shards: int) -> None:
-  if batch_size % shards or batch_size % jax.process_count():
-    raise ConfigError(
-        f"{name} ({batch_size}) must divide by the batch shards of the mesh ({shards}) "
-        f"and by the number of processes ({jax.process_count()})"
-    )
+def make_iterators(config: ml_collections.ConfigDict, splits: dict[str, Any], tokenizer) -> dict[str, Any]:
+  """One endless packed-batch iterator per phase with data (this process's rows)."""
+  tc = config.train
+  return {
+      phase: iter(
+          pipeline.train_dataset(
+              records, tokenizer=tokenizer, seq_len=tc.seq_len, batch_size=tc.batch_size // jax.process_count(),
+              seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count(),
+          )
+      )
+      for phase, records in (("pretrain", splits["pretrain"]), ("sft", splits["train"]))
+      if records or phase == "sft"
+  }
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
-  """Runs (or resumes) the job described by `config` in `workdir`; returns the final metrics."""
+def initial_state(config, run: setup.RunSetup, optimizer, abstract_state, state_shardings, checkpointer: Checkpointer, iterators):
+  """(train state, start step): resumed from the latest checkpoint (iterators too), else the Hugging
+  Face checkpoint's weights (with fresh LoRA adapters), else a fresh initialisation."""
+  dummy, rng = run.dummy_inputs, jax.random.key(config.seed)
+  start_step = checkpointer.latest_step() or 0
+  if start_step:
+    state = checkpointer.restore(start_step, state_lib.abstract_with_shardings(abstract_state, state_shardings), iterators)
+    log.info("resumed from %s at step %d", checkpointer.manager.directory, start_step)
+    return state, start_step
+  if not config.model.checkpoint:
+    return state_lib.create_train_state(run.model, optimizer, dummy, state_shardings, rng), 0
+  base_cfg = dataclasses.replace(run.model_cfg, lora_rank=0)
+  params = hf.load_params(config.model.checkpoint, base_cfg, lora.base_params(state_shardings.params))
+  if run.model_cfg.lora_rank:  # fresh adapters beside the loaded weights
+    params = lora.with_base(state_lib.create_train_state(run.model, optimizer, dummy, state_shardings, rng).params, params)
+  log.info("weights: loaded from %s", config.model.checkpoint)
+  return state_lib.train_state_from_params(params, optimizer, state_shardings), 0
+
+
+def _log_data(config, data_summary: dict[str, Any], splits: dict[str, Any], tokenizer, model_cfg) -> None:
+  if tokenizer.vocab_size > model_cfg.vocab_size:
+    raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {model_cfg.vocab_size}")
+  log.info("data: %s records; the build read %s", data_summary["records"], data_summary["build"] or "(no manifest)")
+  for name in ("pretrain", "train"):
+    cut = pipeline.count_truncated(splits[name], tokenizer, config.train.seq_len)
+    if cut:
+      log.info("data: %d of %d %s records are longer than seq_len=%d; their tails are cut", cut, len(splits[name]), name, config.train.seq_len)
+
+
+def _log_model(abstract_params, trainable, model_cfg) -> None:
+  log.info("model: %s parameters", f"{count_params(abstract_params):,}")
+  if trainable is not None:
+    mask = trainable(abstract_params)
+    n_train = sum(x.size for x, t in zip(jax.tree.leaves(abstract_params), jax.tree.leaves(mask)) if t)
+    log.info("LoRA: %s trainable adapter parameters (rank %d on %s)", f"{n_train:,}", model_cfg.lora_rank, model_cfg.lora_targets)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, generator: Any = None) -> dict[str, Any]:
+  """Runs (or resumes) the job described by `config` in `workdir`; returns the final metrics. With
+  data.source="build", `generator` serves the data build's model annotation (see sft.jobs)."""
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   t_start = time.time()
@@ -67,125 +110,92 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
   # Config errors surface before any data is built.
   tc = config.train
-  model_cfg = sources.model_config(config)
-  mesh = sharding.make_mesh(config.mesh.to_dict())
-  rules = sharding.logical_rules(config.sharding_rules, mesh)
-  shards = sharding.batch_shards(mesh, rules)
-  _check_batch("train.batch_size", tc.batch_size, shards)
-  _check_batch("eval.batch_size", config.eval.batch_size, shards)
-  log.info("devices: %d x %s, %d process(es); mesh %s", jax.device_count(), jax.devices()[0].platform, jax.process_count(), dict(mesh.shape))
+  run = setup.setup_run(config)
+  run.check_batch("train.batch_size", tc.batch_size)
+  run.check_batch("eval.batch_size", config.eval.batch_size)
+  log.info("devices: %d x %s, %d process(es); mesh %s", jax.device_count(), jax.devices()[0].platform, jax.process_count(), dict(run.mesh.shape))
 
-  splits, data_summary = sources.load_splits(config, workdir)
-  tokenizer = sources.load_tokenizer(config, workdir, splits)
-  if tokenizer.vocab_size > model_cfg.vocab_size:
-    raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {model_cfg.vocab_size}")
-  log.info("data: %s records; the build read %s", data_summary["records"], data_summary["build"] or "(no manifest)")
-  for name in ("pretrain", "train"):
-    cut = pipeline.count_truncated(splits[name], tokenizer, tc.seq_len)
-    if cut:
-      log.info("data: %d of %d %s records are longer than seq_len=%d; their tails are cut", cut, len(splits[name]), name, tc.seq_len)
+  splits, data_summary = sources.load_splits(config, workdir, generator=generator)
+  tokenizer = sources.prepare_tokenizer(config, workdir, splits)
+  _log_data(config, data_summary, splits, tokenizer, run.model_cfg)
 
-  model = Transformer(model_cfg)
-  schedule, optimizer, trainable = build_optimizer(config, model_cfg)
-  dummy = (jnp.zeros((1, tc.seq_len), jnp.int32),) * 3
-  abstract_state, state_shardings = state_lib.state_shardings(model, optimizer, dummy, mesh, rules)
-  log.info("model: %s parameters", f"{count_params(abstract_state.params):,}")
-  if trainable is not None:
-    mask = trainable(abstract_state.params)
-    n_train = sum(x.size for x, t in zip(jax.tree.leaves(abstract_state.params), jax.tree.leaves(mask)) if t)
-    log.info("LoRA: %s trainable adapter parameters (rank %d on %s)", f"{n_train:,}", model_cfg.lora_rank, model_cfg.lora_targets)
-
-  local_rows = tc.batch_size // jax.process_count()
-  iterators = {
-      phase: iter(
-          pipeline.train_dataset(
-              records, tokenizer=tokenizer, seq_len=tc.seq_len, batch_size=local_rows, seed=config.seed,
-              process_index=jax.process_index(), process_count=jax.process_count(),
-          )
-      )
-      for phase, records in (("pretrain", splits["pretrain"]), ("sft", splits["train"]))
-      if records or phase == "sft"
-  }
+  schedule, optimizer, trainable = build_optimizer(config, run.model_cfg)
+  abstract_state, state_shardings = state_lib.state_shardings(run.model, optimizer, run.dummy_inputs, run.mesh, run.rules)
+  _log_model(run.abstract_params, trainable, run.model_cfg)
+  iterators = make_iterators(config, splits, tokenizer)
   checkpointer = Checkpointer(
-      workdir / "checkpoints", max_to_keep=config.checkpoint.max_to_keep, save_interval_steps=config.checkpoint.every_steps
+      workdir / setup.CHECKPOINTS, max_to_keep=config.checkpoint.max_to_keep, save_interval_steps=config.checkpoint.every_steps
   )
-  start_step = checkpointer.latest_step() or 0
-  if start_step:
-    train_state = checkpointer.restore(
-        start_step, state_lib.abstract_with_shardings(abstract_state, state_shardings), iterators
-    )
-    log.info("resumed from %s at step %d", workdir / "checkpoints", start_step)
-  elif config.model.checkpoint:
-    base_cfg = dataclasses.replace(model_cfg, lora_rank=0)
-    params = hf.load_params(config.model.checkpoint, base_cfg, lora.base_params(state_shardings.params))
-    if model_cfg.lora_rank:  # fresh adapters beside the loaded weights
-      fresh = state_lib.create_train_state(model, optimizer, dummy, state_shardings, jax.random.key(config.seed)).params
-      params = lora.with_base(fresh, params)
-    train_state = state_lib.train_state_from_params(params, optimizer, state_shardings)
-    log.info("weights: loaded from %s", config.model.checkpoint)
-  else:
-    train_state = state_lib.create_train_state(model, optimizer, dummy, state_shardings, jax.random.key(config.seed))
+  train_state, start_step = initial_state(config, run, optimizer, abstract_state, state_shardings, checkpointer, iterators)
 
-  replicated = NamedSharding(mesh, PartitionSpec())
-  batch_sharding = sharding.batch_sharding(mesh, rules)
-  dropout_rng = jax.random.key(config.seed + 1) if model_cfg.lora_dropout else None
+  dropout_rng = jax.random.key(config.seed + 1) if run.model_cfg.lora_dropout else None
   train_step = step_lib.jit_train_step(
-      Transformer(model_cfg, train=True).apply, optimizer, schedule, state_shardings, batch_sharding, replicated,
-      trainable=trainable, dropout_rng=dropout_rng,
+      Transformer(run.model_cfg, train=True).apply, optimizer, schedule, state_shardings, run.batch_sharding,
+      run.replicated, trainable=trainable, dropout_rng=dropout_rng,
   )
-  eval_step = step_lib.jit_eval_step(model.apply, state_shardings.params, batch_sharding, replicated)
+  eval_step = step_lib.jit_eval_step(run.model.apply, state_shardings.params, run.batch_sharding, run.replicated)
   evaluator = Evaluator(
-      splits["eval"], tokenizer=tokenizer, model=model, eval_step=eval_step,
-      place_batch=lambda batch: sharding.global_batch(batch, batch_sharding),
+      splits["eval"], tokenizer=tokenizer, model=run.model, eval_step=eval_step,
+      place_batch=lambda batch: sharding.global_batch(batch, run.batch_sharding),
       seq_len=tc.seq_len, batch_size=config.eval.batch_size, num_generations=config.eval.num_generations,
       max_new_tokens=config.eval.max_new_tokens,
   )
   metrics_log = MetricsLog(workdir / "metrics.jsonl", resume_step=start_step, enabled=jax.process_index() == 0)
   total_steps = tc.pretrain_steps + tc.sft_steps
 
-  def evaluate(step: int) -> dict[str, float]:
-    metrics = evaluator.loss_metrics(train_state.params)
-    generation, samples = evaluator.generation_metrics(train_state.params)
+  def evaluate(step: int, params) -> dict[str, float]:
+    metrics = evaluator.loss_metrics(params)
+    generation, samples = evaluator.generation_metrics(params)
     metrics.update(generation)
     log.info("%s", eval_line(step, metrics))
-    if step != total_steps:
-      return metrics
-    for s in samples[: config.eval.num_samples_to_print]:
-      log.info("  prompt: %s\n    reference: %s\n    generated: %s", s.prompt, s.reference, s.prediction)
+    if step == total_steps:
+      for s in samples[: config.eval.num_samples_to_print]:
+        log.info("  prompt: %s\n    reference: %s\n    generated: %s", s.prompt, s.reference, s.prediction)
     return metrics
 
   if start_step >= total_steps:
     log.info("already trained for %d steps (train.pretrain_steps + train.sft_steps); raise them to go on", start_step)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+  with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
     if start_step == 0:
-      metrics_log.write(0, evaluate(0))
-    progress, pending_tokens, last_logged = Progress(total_steps), [], start_step
-    for step in range(start_step, total_steps):
-      phase = "pretrain" if step < tc.pretrain_steps else "sft"
-      batch = sharding.global_batch(next(iterators[phase]), batch_sharding)
-      train_state, metrics = train_step(train_state, batch)
-      pending_tokens.append(metrics["tokens"])  # stays on device until the next log line
-      done, row = step + 1, {}
-      if done % tc.log_every == 0 or done == total_steps:
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        metrics["perplexity"] = math.exp(min(metrics["loss"], 50.0))
-        tokens = float(sum(jax.device_get(pending_tokens)))
-        tokens_per_s, eta = progress.interval(done, done - last_logged, tokens)
-        pending_tokens, last_logged = [], done
-        log.info("%s", train_line(done, total_steps, phase, metrics, tokens_per_s, eta))
-        row = {"phase": phase, **{f"train/{k}": v for k, v in metrics.items()}, "train/tokens_per_s": tokens_per_s}
-      paused = time.time()
-      if done % config.eval.every_steps == 0 or done == total_steps:
-        row.update(evaluate(done))
-      if row:
-        metrics_log.write(done, row)
-      checkpointer.save(done, train_state, iterators, force=done == total_steps)
-      progress.exclude(paused)
+      metrics_log.write(0, evaluate(0, train_state.params))
+    train_state = _train(config, train_state, train_step, iterators, run.batch_sharding, checkpointer, metrics_log, evaluate, start_step)
   checkpointer.close()
   if config.model.checkpoint:
-    exported = sources.export(config, train_state.params, model_cfg, workdir / "hf_export")
+    exported = sources.export(config, train_state.params, run.model_cfg, workdir / "hf_export")
     log.info("exported the fine-tuned model for transformers to %s", exported)
+  return _summary(metrics_log, total_steps, time.time() - t_start)
 
+
+def _train(config, train_state, train_step, iterators, batch_sharding, checkpointer, metrics_log, evaluate, start_step):
+  """The loop from `start_step`: a step per batch, metric lines every log_every, evals and checkpoints."""
+  tc = config.train
+  total_steps = tc.pretrain_steps + tc.sft_steps
+  progress, pending_tokens, last_logged = Progress(total_steps), [], start_step
+  for step in range(start_step, total_steps):
+    phase = "pretrain" if step < tc.pretrain_steps else "sft"
+    batch = sharding.global_batch(next(iterators[phase]), batch_sharding)
+    train_state, metrics = train_step(train_state, batch)
+    pending_tokens.append(metrics["tokens"])  # stays on device until the next log line
+    done, row = step + 1, {}
+    if done % tc.log_every == 0 or done == total_steps:
+      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      metrics["perplexity"] = math.exp(min(metrics["loss"], 50.0))
+      tokens = float(sum(jax.device_get(pending_tokens)))
+      tokens_per_s, eta = progress.interval(done, done - last_logged, tokens)
+      pending_tokens, last_logged = [], done
+      log.info("%s", train_line(done, total_steps, phase, metrics, tokens_per_s, eta))
+      row = {"phase": phase, **{f"train/{k}": v for k, v in metrics.items()}, "train/tokens_per_s": tokens_per_s}
+    paused = time.time()
+    if done % config.eval.every_steps == 0 or done == total_steps:
+      row.update(evaluate(done, train_state.params))
+    if row:
+      metrics_log.write(done, row)
+    checkpointer.save(done, train_state, iterators, force=done == total_steps)
+    progress.exclude(paused)
+  return train_state
+
+
+def _summary(metrics_log: MetricsLog, total_steps: int, wall_s: float) -> dict[str, Any]:
   final = metrics_log.history[-1] if metrics_log.history else {}
   summary = {
       "steps": total_steps,
@@ -193,12 +203,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       "eval/loss_last": final.get("eval/loss"),
       "eval/exact_match_first": metrics_log.first("eval/exact_match"),
       "eval/exact_match_last": final.get("eval/exact_match"),
-      "wall_s": time.time() - t_start,
+      "wall_s": wall_s,
   }
   if summary["eval/loss_last"] is not None:
     log.info(
         "done in %s: held-out response loss %.3f -> %.3f, exact match %.3f -> %.3f; metrics in %s",
-        format_duration(summary["wall_s"]), summary["eval/loss_first"], summary["eval/loss_last"],
+        format_duration(wall_s), summary["eval/loss_first"], summary["eval/loss_last"],
         summary["eval/exact_match_first"] or 0.0, summary["eval/exact_match_last"] or 0.0, metrics_log.path,
     )
   return summary

@@ -11,7 +11,7 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 
-from sft.config import ConfigError
+from sft.errors import ConfigError
 from sft.model import axes
 
 MESH_AXES = ("data", "fsdp", "tensor")

@@ -10,7 +10,6 @@ model.checkpoint = dir: a Hugging Face model folder: its config, weights, tokeni
 from __future__ import annotations
 
 import collections.abc
-import dataclasses
 import json
 import logging
 import pathlib
@@ -21,8 +20,10 @@ import grain
 import ml_collections
 
 from sft import databuilder, hf, pipeline
-from sft.config import ConfigError
+from sft.console import track
+from sft.errors import ConfigError
 from sft.model import ModelConfig, lora
+from sft.trainer import setup
 
 log = logging.getLogger("sft")
 # Files that make a Hugging Face folder's tokenizer; copied beside an exported model.
@@ -53,7 +54,7 @@ def read_built(folder: pathlib.Path, *, need_pretrain: bool) -> dict[str, Any]:
   """train, eval (the builder's validation split) and pretrain records of a data build's output."""
   splits = {}
   for name, split, required in (("train", "train", True), ("eval", "validation", True), ("pretrain", "pretrain", need_pretrain)):
-    paths = databuilder.write.split_files(folder, split)
+    paths = databuilder.split_files(folder, split)
     if required and not paths:
       raise ConfigError(f"{folder} has no {split}-*.array_record shards: is it the output of a data build?")
     splits[name] = JsonRecords(paths)
@@ -62,54 +63,38 @@ def read_built(folder: pathlib.Path, *, need_pretrain: bool) -> dict[str, Any]:
   return splits
 
 
-def load_splits(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> tuple[dict[str, Any], dict[str, Any]]:
-  """(splits, accounting): splits are train, eval and pretrain record sequences."""
-  need_pretrain = config.train.pretrain_steps > 0
+def load_splits(
+    config: ml_collections.ConfigDict, workdir: pathlib.Path, *, generator: Any = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+  """(splits, accounting): splits are train, eval and pretrain record sequences. With data.source
+  "build" the build runs first when <workdir>/data holds none (`generator` serves its annotation)."""
   if config.data.source == "dir":
     folder = pathlib.Path(config.data.dir)
     manifest = databuilder.load_manifest(folder)
   elif config.data.source == "build":
     folder = workdir / "data"
-    params = databuilder.pipeline.params_of(config.data.build)
-    manifest = databuilder.load_manifest(folder)
-    if manifest is not None and manifest["config_hash"] != databuilder.pipeline.config_hash(params):
-      raise ConfigError(
-          f"{folder} holds data built with another data.build config (manifest.json has it); "
-          "use a new workdir or delete that folder"
-      )
-    if manifest is None:
-      manifest = databuilder.build_dataset(config.data.build, folder, progress=False)
+    manifest = databuilder.ensure_built(config.data.build, folder, generator=generator)
   else:
     raise ConfigError(f"data.source must be 'build' or 'dir', got {config.data.source!r}")
-  splits = read_built(folder, need_pretrain=need_pretrain)
+  splits = read_built(folder, need_pretrain=config.train.pretrain_steps > 0)
   accounting = manifest["accounting"]["total"] if manifest else {}
   return splits, {"records": {k: len(v) for k, v in splits.items()}, "build": accounting}
 
 
-def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
-  """From the checkpoint's config.json when there is one (dtype and remat still from the run config)."""
-  model = config.model.to_dict()
-  checkpoint = model.pop("checkpoint")
-  if not checkpoint:
-    return ModelConfig(vocab_size=config.tokenizer.vocab_size, **model)
-  config_path = pathlib.Path(checkpoint) / "config.json"
-  if not config_path.exists():
-    raise ConfigError(f"model.checkpoint={checkpoint!r} has no config.json")
-  cfg = hf.from_hf_config(json.loads(config_path.read_text()), dtype=model["dtype"], param_dtype=model["param_dtype"])
-  log.info("model: shape and numerics from %s (the model.* shape keys of the config are not used)", config_path)
-  lora = {k: model[k] for k in ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")}
-  return dataclasses.replace(cfg, remat=model["remat"], **lora)
-
-
-def load_tokenizer(config: ml_collections.ConfigDict, workdir: pathlib.Path, splits: dict[str, list]):
+def prepare_tokenizer(config: ml_collections.ConfigDict, workdir: pathlib.Path, splits: dict[str, Any]) -> pipeline.ChatTokenizer:
+  """The checkpoint's tokenizer, or the workdir's SentencePiece model (trained on the data if absent)."""
+  path = setup.tokenizer_path(config, workdir)
   if config.model.checkpoint:
-    tokenizer = pipeline.HFTokenizer(config.model.checkpoint)
-    log.info("tokenizer: %s (vocab %d) with its chat template", config.model.checkpoint, tokenizer.vocab_size)
+    tokenizer = pipeline.load_tokenizer(path)
+    log.info("tokenizer: %s (vocab %d) with its chat template", path, tokenizer.vocab_size)
     return tokenizer
   texts = [r["text"] for r in splits["pretrain"]]
   texts += [m["content"] for r in splits["train"] for m in r["messages"]]
-  tokenizer, trained = pipeline.get_or_train_tokenizer(workdir / "tokenizer.model", texts, config.tokenizer.vocab_size)
-  log.info("tokenizer: %s %s (vocab %d)", "trained" if trained else "loaded", workdir / "tokenizer.model", tokenizer.vocab_size)
+  if not path.exists():
+    log.info("tokenizer: training a SentencePiece model (vocab %d) on %s texts", config.tokenizer.vocab_size, f"{len(texts):,}")
+    texts = track(texts, "tokenizer: reading texts", total=len(texts), unit=" texts")
+  tokenizer, trained = pipeline.get_or_train_tokenizer(path, texts, config.tokenizer.vocab_size)
+  log.info("tokenizer: %s %s (vocab %d)", "trained" if trained else "loaded", path, tokenizer.vocab_size)
   return tokenizer
 
 

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from sft.config import ConfigError
+from sft.errors import ConfigError
 
 
 @flax.struct.dataclass
@@ -78,15 +78,19 @@ def state_shardings(
     model: nn.Module, optimizer: optax.GradientTransformation, dummy_inputs: tuple, mesh: Mesh, rules
 ) -> tuple[TrainState, TrainState]:
   """(abstract state, its shardings), from the model's logical axis names and the rules. No memory used."""
-  boxed = jax.eval_shape(model.init, jax.random.key(0), *dummy_inputs)["params"]
-  param_shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
-  abstract_params = nn.unbox(boxed)
+  abstract_params, param_shardings = params_shardings(model, dummy_inputs, mesh, rules)
   abstract_opt_state = jax.eval_shape(optimizer.init, abstract_params)
   replicated = NamedSharding(mesh, PartitionSpec())
   opt_shardings = _like_params(abstract_opt_state, abstract_params, param_shardings, replicated)
   abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params, opt_state=abstract_opt_state)
   shardings = TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings)
   return abstract, shardings
+
+
+def params_shardings(model: nn.Module, dummy_inputs: tuple, mesh: Mesh, rules) -> tuple[Any, Any]:
+  """(abstract parameters, their NamedShardings), from the model's logical axis names. No memory used."""
+  boxed = jax.eval_shape(model.init, jax.random.key(0), *dummy_inputs)["params"]
+  return nn.unbox(boxed), nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
 
 
 def _like_params(opt_state: Any, abstract_params: Any, param_shardings: Any, default) -> Any:

@@ -1,0 +1,41 @@
+"""The jobs a config describes, as the launcher and notebooks run them: build data, train and evaluate,
+answer prompts. The top of the import graph: this is where the data builder is handed a model to
+annotate with, so the builder itself never imports serving or training.
+
+    import sft
+    sft.train_and_evaluate(config, workdir)   # or sft.build_dataset(build_config, out_dir), sft.respond(...)
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any, Sequence
+
+import ml_collections
+
+from sft import databuilder, serve
+from sft.trainer import loop
+
+
+def annotation_generator(build: ml_collections.ConfigDict) -> serve.ModelGenerator | None:
+  """The model a build config's `annotate.model_workdir` names (None when it names none)."""
+  ann = build.annotate
+  return serve.ModelGenerator(ann.model_workdir, ann.batch_size, ann.max_new_tokens) if ann.model_workdir else None
+
+
+def build_dataset(config: ml_collections.ConfigDict, out_dir: str | pathlib.Path, **kwargs: Any) -> dict[str, Any]:
+  """`sft.databuilder.build_dataset`, served by the model `annotate.model_workdir` names; returns the manifest."""
+  kwargs.setdefault("generator", annotation_generator(config))
+  return databuilder.build_dataset(config, out_dir, **kwargs)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, **kwargs: Any) -> dict[str, Any]:
+  """`sft.trainer.loop.train_and_evaluate`, its data build (data.source="build") served like `build_dataset`."""
+  if config.data.source == "build":
+    kwargs.setdefault("generator", annotation_generator(config.data.build))
+  return loop.train_and_evaluate(config, workdir, **kwargs)
+
+
+def respond(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, prompts: Sequence[str]) -> list[str]:
+  """One answer per prompt from the workdir's latest checkpoint (see `sft.serve.respond`)."""
+  return serve.respond(config, workdir, prompts)

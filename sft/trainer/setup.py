@@ -1,0 +1,116 @@
+"""Run setup shared by training, serving and evaluation: the model a run config describes, the mesh
+and its sharding rules, the parameters' shapes and shardings (no memory used), the tokenizer, and the
+parameters to answer with."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from sft import hf
+from sft.errors import ConfigError
+from sft.model import ModelConfig, Transformer
+from sft.pipeline import ChatTokenizer, load_tokenizer
+from sft.trainer import sharding
+from sft.trainer import state as state_lib
+from sft.trainer.checkpoint import Checkpointer
+
+log = logging.getLogger("sft")
+TOKENIZER_FILE = "tokenizer.model"  # the SentencePiece model a run from scratch trains in its workdir
+CHECKPOINTS = "checkpoints"
+
+
+def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
+  """From the checkpoint's config.json when there is one (dtype, remat and LoRA still from the run config)."""
+  model = config.model.to_dict()
+  checkpoint = model.pop("checkpoint")
+  if not checkpoint:
+    return ModelConfig(vocab_size=config.tokenizer.vocab_size, **model)
+  config_path = pathlib.Path(checkpoint) / "config.json"
+  if not config_path.exists():
+    raise ConfigError(f"model.checkpoint={checkpoint!r} has no config.json")
+  cfg = hf.from_hf_config(json.loads(config_path.read_text()), dtype=model["dtype"], param_dtype=model["param_dtype"])
+  log.info("model: shape and numerics from %s (the model.* shape keys of the config are not used)", config_path)
+  lora = {k: model[k] for k in ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")}
+  return dataclasses.replace(cfg, remat=model["remat"], **lora)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSetup:
+  """What every job builds from a run config before touching data or weights."""
+
+  model_cfg: ModelConfig
+  model: Transformer
+  mesh: Mesh
+  rules: tuple
+  dummy_inputs: tuple  # (tokens, positions, segment ids) of one row: shapes for eval_shape and init
+  abstract_params: Any  # ShapeDtypeStructs
+  param_shardings: Any  # NamedShardings, same tree
+
+  @property
+  def batch_sharding(self) -> NamedSharding:
+    return sharding.batch_sharding(self.mesh, self.rules)
+
+  @property
+  def replicated(self) -> NamedSharding:
+    return NamedSharding(self.mesh, PartitionSpec())
+
+  def check_batch(self, name: str, batch_size: int) -> None:
+    shards = sharding.batch_shards(self.mesh, self.rules)
+    if batch_size % shards or batch_size % jax.process_count():
+      raise ConfigError(
+          f"{name} ({batch_size}) must divide by the batch shards of the mesh ({shards}) "
+          f"and by the number of processes ({jax.process_count()})"
+      )
+
+
+def setup_run(config: ml_collections.ConfigDict) -> RunSetup:
+  """Model config, mesh, rules and parameter shardings; raises ConfigError before any work is done."""
+  model_cfg = model_config(config)
+  mesh = sharding.make_mesh(config.mesh.to_dict())
+  rules = sharding.logical_rules(config.sharding_rules, mesh)
+  model = Transformer(model_cfg)
+  dummy = (jnp.zeros((1, config.train.seq_len), jnp.int32),) * 3
+  abstract, shardings = state_lib.params_shardings(model, dummy, mesh, rules)
+  return RunSetup(model_cfg, model, mesh, rules, dummy, abstract, shardings)
+
+
+def tokenizer_path(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> pathlib.Path:
+  """The Hugging Face checkpoint folder, or the tokenizer a run from scratch trained in `workdir`."""
+  return pathlib.Path(config.model.checkpoint) if config.model.checkpoint else pathlib.Path(workdir) / TOKENIZER_FILE
+
+
+def open_tokenizer(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> ChatTokenizer:
+  """The tokenizer of a trained workdir (or of the configured checkpoint), for serving and evaluation."""
+  path = tokenizer_path(config, workdir)
+  if not path.exists():
+    raise ConfigError(f"{workdir} has no {TOKENIZER_FILE}: train there first (or set model.checkpoint)")
+  return load_tokenizer(path)
+
+
+def latest_step(workdir: str | pathlib.Path) -> int | None:
+  directory = pathlib.Path(workdir) / CHECKPOINTS
+  if not directory.exists():
+    return None
+  return Checkpointer(directory, max_to_keep=1, save_interval_steps=1).latest_step()
+
+
+def serving_params(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, run: RunSetup) -> tuple[Any, str]:
+  """(parameters, where they came from): the workdir's latest checkpoint (parameters only, no
+  optimizer state), else the configured Hugging Face checkpoint."""
+  step = latest_step(workdir)
+  if step is not None:
+    checkpointer = Checkpointer(pathlib.Path(workdir) / CHECKPOINTS, max_to_keep=1, save_interval_steps=1)
+    abstract = state_lib.abstract_with_shardings(run.abstract_params, run.param_shardings)
+    return checkpointer.restore_params(step, abstract), f"{workdir}/{CHECKPOINTS}/{step}"
+  if config.model.checkpoint:
+    return hf.load_params(config.model.checkpoint, run.model_cfg, run.param_shardings), config.model.checkpoint
+  raise ConfigError(f"{workdir} has no checkpoint to answer with: train there first (or set model.checkpoint)")
