@@ -90,3 +90,25 @@ def test_read_stdlib_counts_what_it_skips(tmp_path):
       "files_skipped_unparsable_SyntaxError": 1,
       "api_docs": 4,
   }
+
+
+def test_every_stdlib_record_has_its_own_id():
+  # A property's getter and setter share a name: with one id between them, near-dedup marked the id and
+  # so dropped both copies, losing the API entirely.
+  from sft.databuilder import pretrain_texts
+
+  source = '''
+class Box:
+    @property
+    def size(self):
+        """The number of items in the box, counted when asked."""
+
+    @size.setter
+    def size(self, value):
+        """Sets the number of items the box claims to hold."""
+'''
+  docs = read_module(source, "box")
+  kept, rejected = api_records(docs)
+  ids = [r["id"] for r in kept + rejected + pretrain_texts(docs)]
+  assert len(ids) == len(set(ids)), sorted(ids)
+  assert "stdlib/summary:box.Box.size#2" in ids

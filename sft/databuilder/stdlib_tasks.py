@@ -62,9 +62,10 @@ def api_records(docs: Iterable[ApiDoc]) -> tuple[list[dict], list[dict]]:
       defined_in[doc.qualname].add(doc.module)
 
   kept, rejected = [], []
+  seen_ids: collections.Counter[str] = collections.Counter()
 
   def add(doc: ApiDoc, task: str, question: str, answer: str | None, reason: str):
-    record_id = f"{SOURCE}/{task}:{doc.name}"
+    record_id = _unique(f"{SOURCE}/{task}:{doc.name}", seen_ids)
     if answer is None:
       rejected.append(records.rejected(record_id, SOURCE, "read", reason, raw=f"{doc.name}{doc.signature}\n{doc.docstring}"))
       return
@@ -83,10 +84,18 @@ def api_records(docs: Iterable[ApiDoc]) -> tuple[list[dict], list[dict]]:
   return kept, rejected
 
 
+def _unique(record_id: str, seen: collections.Counter[str]) -> str:
+  """`record_id`, or `record_id#k` for its k-th use: a property's getter and setter share a name, and two
+  records with one id could not be told apart by deduplication or the accounting."""
+  seen[record_id] += 1
+  return record_id if seen[record_id] == 1 else f"{record_id}#{seen[record_id]}"
+
+
 def pretrain_texts(docs: Iterable[ApiDoc]) -> list[dict]:
   """Raw text records, one per documented API: `name(signature)` then its docstring."""
+  seen_ids: collections.Counter[str] = collections.Counter()
   return [
-      records.text(f"{SOURCE}/text:{doc.name}", SOURCE, f"{doc.name}{doc.signature}\n{doc.docstring}")
+      records.text(_unique(f"{SOURCE}/text:{doc.name}", seen_ids), SOURCE, f"{doc.name}{doc.signature}\n{doc.docstring}")
       for doc in docs if doc.docstring
   ]
 
