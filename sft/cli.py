@@ -70,7 +70,7 @@ def parse_flags(argv):
     overrides = [a for a in argv if a.startswith("--config.")]
     key = str(err).strip("\"'")
     sys.exit(
-        f"FATAL unknown config key '{key}' in {' '.join(overrides)}; the keys and their meaning are in sft/config.py"
+        f"FATAL unknown config key '{key}' in {' '.join(overrides)}; the keys and their meaning are in sft/config.py (model keys: sft/model/config.py)"
     )
   except flags.Error as err:
     from sft.errors import ConfigError  # noqa: PLC0415

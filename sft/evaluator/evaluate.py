@@ -40,7 +40,7 @@ class Evaluator:
       self,
       records: Sequence[dict[str, Any]],
       *,
-      tokenizer,  # Tokenizer or HFTokenizer
+      tokenizer: pipeline.ChatTokenizer,
       model: Transformer,
       eval_step: Callable,
       place_batch: Callable,  # host batch -> global device arrays (the trainer's sharding)

@@ -46,7 +46,7 @@ def build_optimizer(config: ml_collections.ConfigDict, model_cfg):
   return schedule, optimizer, trainable
 
 
-def make_iterators(config: ml_collections.ConfigDict, splits: dict[str, Any], tokenizer) -> dict[str, Any]:
+def make_iterators(config: ml_collections.ConfigDict, splits: dict[str, Any], tokenizer: pipeline.ChatTokenizer) -> dict[str, Any]:
   """One endless packed-batch iterator per phase with data (this process's rows)."""
   tc = config.train
   return {
