@@ -1,12 +1,16 @@
 """The whole data build: every planted record lands in its bucket, the accounting adds up, the output
-is byte-identical across runs, runners and worker counts, and the trainer reads it."""
+is byte-identical across runs, runners and worker counts, and the trainer reads it. A build never loses
+data: a failed one leaves the previous build as it was, and a rebuild removes only what the previous
+build wrote."""
 
 import json
 import pathlib
+import shutil
 
+import ml_collections
 import pytest
 
-from sft.databuilder import build_config, build_dataset, records, runner_local
+from sft.databuilder import build_config, build_dataset, pipeline, records, runner_local
 from sft.errors import ConfigError
 from sft.trainer import sources
 
@@ -215,3 +219,106 @@ def test_token_bounds_and_token_histogram_with_a_tokenizer(tmp_path):
   config.filter.length.tokenizer = str(tmp_path / "missing.model")
   with pytest.raises(ConfigError, match="does not exist"):
     build_dataset(config, out, progress=False)
+
+
+def tree_bytes(folder: pathlib.Path) -> dict[str, bytes]:
+  return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_failed_build_leaves_the_previous_build_as_it_was(tmp_path, monkeypatch):
+  out = tmp_path / "out"
+  build_dataset(mix_config(), out, progress=False)
+  before = tree_bytes(out)
+
+  def broken(*args, **kwargs):
+    raise RuntimeError("a bad record")
+
+  config = mix_config()
+  config.output.num_shards = 1  # other file names than the previous build's
+  with monkeypatch.context() as m:  # fails after every shard of the new build is written
+    m.setattr(pipeline.report, "write_report", broken)
+    with pytest.raises(RuntimeError, match="a bad record"):
+      build_dataset(config, out, progress=False)
+  assert tree_bytes(out) == before
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # the build's temporary folder is gone
+
+  real_move, failed = shutil.move, []
+
+  def move(src, dst):  # fails once while swapping, when the new manifest is about to arrive
+    if pathlib.Path(dst) == out / "manifest.json" and not failed:
+      failed.append(src)
+      raise OSError("disk full")
+    return real_move(src, dst)
+
+  monkeypatch.setattr(pipeline.shutil, "move", move)
+  with pytest.raises(OSError, match="disk full"):
+    build_dataset(config, out, progress=False)
+  assert failed and tree_bytes(out) == before
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_rebuild_replaces_only_what_the_previous_build_wrote(tmp_path):
+  out = tmp_path / "out"
+  first = build_dataset(mix_config(), out, progress=False)
+  (out / "model-00001-of-00002.safetensors").write_bytes(b"weights")
+  (out / "notes.txt").write_text("mine")
+  (out / "runs").mkdir()
+  (out / "runs" / "train-00000-of-00002.jsonl").write_text("not the builder's")
+  config = mix_config()
+  config.output.num_shards = 1
+  second = build_dataset(config, out, progress=False)
+  assert (out / "model-00001-of-00002.safetensors").read_bytes() == b"weights" and (out / "notes.txt").read_text() == "mine"
+  assert (out / "runs" / "train-00000-of-00002.jsonl").read_text() == "not the builder's"
+  assert not any((out / e["file"]).exists() for e in first["outputs"])  # the 2-shard files are gone
+  shards = {p.name for p in out.glob("*-of-*")} - {"model-00001-of-00002.safetensors"}
+  assert shards == {e["file"] for e in second["outputs"]}
+  assert all((out / e["file"]).stat().st_size == e["bytes"] for e in second["outputs"])
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+  # A file of the new build's name that the previous build did not write is never overwritten.
+  (out / "train-00000-of-00002.jsonl").write_text("someone's")
+  with pytest.raises(ConfigError, match="did not write"):
+    build_dataset(mix_config(), out, progress=False)
+  assert (out / "train-00000-of-00002.jsonl").read_text() == "someone's"
+
+
+def test_output_folders_that_would_lose_data_are_refused(tmp_path):
+  raw = tmp_path / "raw"
+  shutil.copytree(MIX / "raw", raw)
+  before = tree_bytes(tmp_path)
+  for out in (raw / "out", raw, tmp_path):  # inside the input, the input itself, around the input
+    with pytest.raises(ConfigError, match="overlap"):
+      build_dataset(mix_config(input_dir=str(raw)), out, progress=False)
+  assert tree_bytes(tmp_path) == before and not (raw / "out").exists()
+
+  foreign = tmp_path / "foreign"
+  foreign.mkdir()
+  (foreign / "model-00001-of-00002.safetensors").write_bytes(b"weights")
+  with pytest.raises(ConfigError, match="not empty and has no manifest.json"):
+    build_dataset(mix_config(), foreign, progress=False)
+  assert [p.name for p in foreign.iterdir()] == ["model-00001-of-00002.safetensors"]
+
+  (tmp_path / "empty").mkdir()
+  build_dataset(mix_config(), tmp_path / "empty", progress=False)  # an empty folder is fine
+  assert (tmp_path / "empty" / "manifest.json").exists()
+
+
+def test_training_refuses_a_folder_without_a_finished_build(built, tmp_path):
+  out, _ = built
+  config = ml_collections.ConfigDict({"data": {"source": "dir", "dir": ""}, "train": {"pretrain_steps": 0}})
+  config.data.dir = str(out)
+  splits, summary = sources.load_splits(config, tmp_path)
+  assert len(splits["train"]) and summary["build"]["kept"] == 20
+
+  copy = tmp_path / "copy"
+  shutil.copytree(out, copy)
+  config.data.dir = str(copy)
+  (copy / "rejected-00000-of-00002.jsonl").write_text("")  # changed after the build
+  with pytest.raises(ConfigError, match="rejected-00000-of-00002.jsonl has 0 bytes"):
+    sources.load_splits(config, tmp_path)
+  (copy / "rejected-00000-of-00002.jsonl").unlink()
+  with pytest.raises(ConfigError, match="missing: an incomplete data build"):
+    sources.load_splits(config, tmp_path)
+  (copy / "manifest.json").unlink()  # shards but no manifest: a build cut off half-way
+  with pytest.raises(ConfigError, match="has no manifest.json: not a finished data build"):
+    sources.load_splits(config, tmp_path)

@@ -2,32 +2,38 @@
 
 Per text, in order: mojibake and broken Unicode repaired by ftfy (which also normalises to NFC and
 removes control characters other than newline and tab), HTML / markup stripped when the text holds
-tags, whitespace normalised, and optionally PII replaced by placeholders. A record whose turn or
+tags, whitespace normalised, and optionally PII replaced by placeholders. Chat control strings
+(control.py) are escaped or the record is dropped (clean.control_strings). A record whose turn or
 text is empty afterwards is dropped ("empty after cleaning").
 """
 
 from __future__ import annotations
 
+import bisect
 import collections
 import html.parser
 import re
+import sys
 import unicodedata
 from typing import Any
 
 import ftfy
+import phonenumbers
 
-from sft.databuilder import records
+from sft.databuilder import control, records
 
 _TAG = re.compile(r"</?[A-Za-z][A-Za-z0-9]*(\s[^<>]*)?/?>")
 _SPACES = re.compile(r"[ \t\u00a0\u2000-\u200b\u3000]+")
 _BLANK_LINES = re.compile(r"\n{3,}")
-# Emails, IPv4 addresses and phone numbers (digit groups with the usual separators, optional +country;
-# see _is_phone for what else a match must be).
+# Emails and IPv4 addresses by pattern; phone numbers by the phonenumbers package (see _phone_spans). The
+# email local part must start a run (the lookbehind), so a long run of word characters without "@" is
+# scanned once, not once per starting position.
 PII_PATTERNS = {
-    "email": (re.compile(r"\b[\w.+-]+@[\w-]+(\.[\w-]+)*\.[A-Za-z]{2,}\b"), "<EMAIL>"),
-    "ip_address": (re.compile(r"\b(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(?:25[0-5]|2[0-4]\d|1?\d?\d)\b"), "<IP_ADDRESS>"),
-    "phone": (re.compile(r"(?<![\w.])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?)?\d{2,4}(?:[ .-]\d{2,4}){1,3}(?![\w.])"), "<PHONE>"),
+    "email": (re.compile(r"(?<![\w.+-])[\w.+-]+@[\w-]+(?:\.[\w-]+)*\.[A-Za-z]{2,}\b"), "<EMAIL>"),
+    "ip_address": (re.compile(r"(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(?:25[0-5]|2[0-4]\d|1?\d?\d)(?!\w|\.\d)"), "<IP_ADDRESS>"),
+    "phone": (None, "<PHONE>"),
 }
+PHONE_LENIENCIES = ("possible", "valid", "strict_grouping", "exact_grouping")
 _DROPPED_TAGS = frozenset({"script", "style", "head", "noscript"})
 _BLOCK_TAGS = frozenset({"p", "div", "br", "li", "tr", "h1", "h2", "h3", "h4", "h5", "h6", "pre", "blockquote", "ul", "ol", "table"})
 
@@ -73,50 +79,112 @@ def normalize_whitespace(text: str) -> str:
   return _BLANK_LINES.sub("\n\n", "\n".join(lines)).strip()
 
 
-_DATE = re.compile(r"\d{4}[-./]\d{1,2}[-./]\d{1,2}|\d{1,2}[-./]\d{1,2}[-./]\d{2,4}")
+def _phone_spans(text: str, region: str, leniency: str) -> list[tuple[int, int]]:
+  """Where phone numbers are. "valid" (the default) needs a number valid for its region, which rejects year
+  ranges (1313-1375), page ranges and dates that a digit-group pattern takes for numbers."""
+  if leniency not in PHONE_LENIENCIES:
+    raise ValueError(f"unknown clean.phone_leniency {leniency!r}; choose among {PHONE_LENIENCIES}")
+  level = getattr(phonenumbers.Leniency, leniency.upper())
+  # max_tries: the matcher stops silently after that many rejected candidates; no limit on long texts.
+  return [(m.start, m.end) for m in phonenumbers.PhoneNumberMatcher(text, region or None, level, max_tries=sys.maxsize)]
 
 
-def _is_phone(candidate: str) -> bool:
-  """7 to 15 digits and not a date (2024-01-02) or a version number."""
-  digits = sum(c.isdigit() for c in candidate)
-  return 7 <= digits <= 15 and not _DATE.fullmatch(candidate)
+_DIGIT_OR_AT = re.compile(r"[\d@]")
 
 
-def scrub_pii(text: str, kinds: tuple[str, ...], counts: collections.Counter) -> str:
-  """`mail a@b.org` -> `mail <EMAIL>`; counts["pii_email"] += 1. Kinds: email, ip_address, phone."""
+def pii_spans(text: str, kinds: tuple[str, ...], region: str = "US", leniency: str = "valid") -> list[tuple[int, int, str]]:
+  """Non-overlapping (start, end, kind) of the PII in `text`, sorted. Where two overlap, the kind first
+  in PII_PATTERNS wins (an email's digits are not also a phone number)."""
   for kind in kinds:
     if kind not in PII_PATTERNS:
       raise ValueError(f"unknown PII kind {kind!r}; choose among {sorted(PII_PATTERNS)}")
-    pattern, placeholder = PII_PATTERNS[kind]
-    matches = [m for m in pattern.finditer(text) if kind != "phone" or _is_phone(m.group())]
-    for m in reversed(matches):
-      text = text[:m.start()] + placeholder + text[m.end():]
-    counts[f"pii_{kind}"] += len(matches)
-  return text
+  if not _DIGIT_OR_AT.search(text):  # every kind needs a digit or an "@"
+    return []
+  taken: list[tuple[int, int, str]] = []
+  for kind in (k for k in PII_PATTERNS if k in kinds):
+    pattern = PII_PATTERNS[kind][0]
+    found = _phone_spans(text, region, leniency) if pattern is None else [m.span() for m in pattern.finditer(text)]
+    starts = [s for s, _, _ in taken]
+    new = []
+    for start, end in found:
+      i = bisect.bisect_right(starts, start)
+      if (i and taken[i - 1][1] > start) or (i < len(taken) and taken[i][0] < end):
+        continue  # overlaps a span of a kind that comes first
+      new.append((start, end, kind))
+    taken = sorted(taken + new)
+  return taken
 
 
-def clean_text(text: str, params: dict[str, Any], counts: collections.Counter) -> str:
-  """One text through every cleaning step; `counts` gains one per step that changed it."""
+def scrub_pii(text: str, kinds: tuple[str, ...], counts: collections.Counter, region: str = "US", leniency: str = "valid") -> str:
+  """`mail a@b.org` -> `mail <EMAIL>`; counts["pii_email"] += 1. Kinds: email, ip_address, phone.
+  The output is built once from the pieces between matches, so the cost is linear in the text."""
+  spans = pii_spans(text, kinds, region, leniency)
+  if not spans:
+    return text
+  pieces, last = [], 0
+  for start, end, kind in spans:
+    pieces += [text[last:start], PII_PATTERNS[kind][1]]
+    counts[f"pii_{kind}"] += 1
+    last = end
+  pieces.append(text[last:])
+  return "".join(pieces)
+
+
+def clean_text(text: str, params: dict[str, Any], counts: collections.Counter, extra_control: tuple[str, ...] = ()) -> str:
+  """One text through every cleaning step; `counts` gains one per step that changed it.
+
+  With clean.control_strings = "escape", control strings are escaped before the other steps (so HTML
+  stripping does not silently eat `<start_of_turn>` or `<s>`) and again after them (entity decoding or
+  removed control characters can assemble new ones: `&lt;|im_start|&gt;`)."""
+  escape = params.get("control_strings", "escape") == "escape"
+  n_escaped = 0
+  if escape:
+    text, n_escaped = control.escape(text, extra_control)
   fixed = ftfy.fix_text(text, normalization=params["unicode_form"]) if params["fix_unicode"] else unicodedata.normalize(params["unicode_form"], text)
   counts["unicode_fixed"] += fixed != text
   out = strip_html(fixed) if params["strip_html"] else fixed
   counts["html_stripped"] += out != fixed
   spaced = normalize_whitespace(out)
   counts["whitespace_normalized"] += spaced != out
-  return scrub_pii(spaced, tuple(params["pii"]), counts) if params["pii"] else spaced
+  region, leniency = params.get("phone_region", "US"), params.get("phone_leniency", "valid")
+  scrubbed = scrub_pii(spaced, tuple(params["pii"]), counts, region, leniency) if params["pii"] else spaced
+  if escape:
+    scrubbed, n = control.escape(scrubbed, extra_control)
+    if n_escaped + n:
+      counts["control_strings_escaped"] += n_escaped + n
+  return scrubbed
 
 
-def clean_record(record: records.Record, params: dict[str, Any]) -> records.Record:
-  """The record with every text cleaned and `edits` counting the changes, or dropped if a text empties."""
+def _control_hits(record: records.Record, extra_control: tuple[str, ...]) -> str:
+  """"<|im_start|>, <|im_end|> in the user turn" for the first text holding control strings, or ""."""
+  texts = [(m["role"], m["content"]) for m in record["messages"]] if record["kind"] == "chat" else [("text", record["text"])]
+  for where, text in texts:
+    found = control.find(text, extra_control)
+    if found:
+      return f"{', '.join(sorted(found))} in the {where}" + (" turn" if where != "text" else "")
+  return ""
+
+
+def clean_record(record: records.Record, params: dict[str, Any], extra_control: tuple[str, ...] = ()) -> records.Record:
+  """The record with every text cleaned and `edits` counting the changes, or dropped if a text empties
+  or, with clean.control_strings = "drop", if a text holds control strings (raw or after cleaning).
+  `extra_control`: the target tokenizer's own control strings, on top of control.KNOWN."""
+  mode = params.get("control_strings", "escape")
+  if mode not in control.MODES:
+    raise ValueError(f"unknown clean.control_strings {mode!r}; choose among {control.MODES}")
+  if mode == "drop" and (hits := _control_hits(record, extra_control)):
+    return records.drop(record, "clean", "control strings", hits)  # before any cleaning work
   counts: collections.Counter = collections.Counter()
   if record["kind"] == "chat":
-    messages = [{**m, "content": clean_text(m["content"], params, counts)} for m in record["messages"]]
+    messages = [{**m, "content": clean_text(m["content"], params, counts, extra_control)} for m in record["messages"]]
     cleaned = {**record, "messages": messages}
     empty = next((m["role"] for m in messages if not m["content"]), None)
   else:
-    cleaned = {**record, "text": clean_text(record["text"], params, counts)}
+    cleaned = {**record, "text": clean_text(record["text"], params, counts, extra_control)}
     empty = "text" if not cleaned["text"] else None
   cleaned["edits"] = {k: v for k, v in sorted(counts.items()) if v}
+  if mode == "drop" and (hits := _control_hits(cleaned, extra_control)):
+    return records.drop(cleaned, "clean", "control strings", hits + " after cleaning")
   if empty:
     return records.drop(cleaned, "clean", "empty after cleaning", f"the {empty} turn" if empty != "text" else "")
   return cleaned

@@ -11,12 +11,19 @@ def build_config() -> ml_collections.ConfigDict:
   c.input_dir = ""  # every file under it is read (format by extension, schema per record)
   c.stdlib = False  # also read the embedded default: this Python's standard-library API docs
   c.field_map = ml_collections.ConfigDict({})  # renames raw fields before schema detection, e.g. {"question": "prompt"}
+  c.read_max_record_bytes = 16 * 2**20  # a longer line, row or document is rejected unparsed (bounds memory); 0: no limit
 
   c.clean = ml_collections.ConfigDict()
   c.clean.fix_unicode = True  # ftfy: mojibake, broken Unicode, control characters
   c.clean.unicode_form = "NFC"
   c.clean.strip_html = True  # only texts that hold tags
   c.clean.pii = ("email", "ip_address", "phone")  # replaced by <EMAIL>, <IP_ADDRESS>, <PHONE>; () keeps them
+  c.clean.phone_region = "US"  # numbers without +country are read as this region's (phonenumbers); "" only +country
+  c.clean.phone_leniency = "valid"  # phonenumbers leniency; "possible" also takes year ranges like (1313-1375)
+  # Chat control strings in the data (<|im_start|>, [INST], <start_of_turn>, ..., and the ones of
+  # filter.length.tokenizer) would become real control tokens and forge turns. "escape": a backslash after
+  # the first character (<\|im_start|>), counted in edits as control_strings_escaped; "drop": the record.
+  c.clean.control_strings = "escape"
 
   c.filter = ml_collections.ConfigDict()
   c.filter.length = ml_collections.ConfigDict()

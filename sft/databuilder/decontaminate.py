@@ -1,41 +1,124 @@
-"""Decontaminate: drop records that share a word n-gram (13 by default) with an evaluation set item.
+"""Decontaminate: drop records that share a word n-gram (13 by default) with an evaluation set item,
+or that hold an eval item's text whole.
 
-Text is compared as lowercase word sequences (`\\w+`), so punctuation and spacing do not hide a
-match. An eval item shorter than n words is matched whole when it has at least `min_words` words.
+Text is compared as lowercase word sequences (`\\w+`), so case, punctuation and spacing do not hide a
+match. Two matchers, each with its own drop reason:
+
+- n-gram ("overlaps eval set"): a shared n-gram; an eval item shorter than n words is matched whole
+  when it has at least `min_words` words.
+- exact ("eval item (exact)"), for what the n-gram matcher cannot see, the short items: an eval item
+  is keyed by its whole text, its prompt (the user turns) and, when a template made it from fields
+  (closed_qa's question, ...), by those fields without the template's instruction words, alone and
+  with the response. A record is dropped when its whole text, its prompt, one of its turns or its own
+  template fields equals a key of any length, or when its whole text or fields contain a key of at
+  least `exact_min_words` words (3: a one-word answer or "Hello" would drop harmless records). Keys
+  of n words or more are left to the n-gram matcher, which finds any text containing them.
+
+The n-gram matcher runs first, so a record that matches both is counted once, as an n-gram drop.
 Every drop names the eval item it matched and the shared words.
 """
 
 from __future__ import annotations
 
+import functools
 import pathlib
 import re
+import string
 from typing import Any, Iterable
 
-from sft.databuilder import readers, records
+from sft.databuilder import readers, records, templates
 
 _WORD = re.compile(r"\w+")
+EXACT_MIN_WORDS = 3
+NGRAM_REASON = "overlaps eval set"
+EXACT_REASON = "eval item (exact)"
 
 
 def words(text: str) -> list[str]:
   return _WORD.findall(text.lower())
 
 
-def build_index(items: Iterable[tuple[str, str]], n: int, min_words: int) -> dict[str, Any]:
-  """{"grams": {"w1 ... wn": eval item id}, "lengths": sorted n-gram lengths} from (id, text) pairs."""
+def normalise(text: str) -> str:
+  return " ".join(words(text))
+
+
+@functools.cache
+def _paraphrase_patterns(task: str) -> tuple[tuple[re.Pattern, tuple[str, ...], int], ...]:
+  """(regex capturing the fields, the fields, length of the fixed text) per paraphrase of a template task;
+  the label options are part of the instruction, not a field."""
+  out = []
+  for paraphrase in templates.TASKS[task][2]:
+    parts, fields, fixed = [], [], 0
+    for literal, field, _, _ in string.Formatter().parse(paraphrase):
+      parts.append(re.escape(literal))
+      fixed += len(literal)
+      if field == "options":
+        parts.append(".*?")
+      elif field is not None:
+        parts.append(f"(?P<{field}>.*?)")
+        fields.append(field)
+    out.append((re.compile("".join(parts), re.DOTALL), tuple(fields), fixed))
+  return tuple(out)
+
+
+def _template_fields(record: records.Record) -> str:
+  """The fields a template filled into the record's prompt, without its instruction words ("" if none).
+  The paraphrase to_chat picked for this id is tried first, then the others with the most fixed text
+  first, since a bare "{question}" matches any prompt."""
+  task = record.get("task")
+  if task not in templates.TASKS:
+    return ""
+  user = next((m["content"] for m in record["messages"] if m["role"] == "user"), "")
+  patterns = _paraphrase_patterns(task)
+  picked = patterns[records.stable_hash(record["id"]) % len(patterns)]
+  for pattern, fields, _ in [picked, *sorted(patterns, key=lambda p: -p[2])]:
+    if match := pattern.fullmatch(user):
+      return "\n".join(match[f] for f in fields)
+  return ""
+
+
+def exact_texts(item: str | records.Record, eval_side: bool) -> list[str]:
+  """The normalised texts of a record (or plain text) that the exact matcher compares: see the module doc.
+  An eval item's single turns are no keys: its answer alone ("Saturn") is no evidence of contamination."""
+  if isinstance(item, str):
+    return [normalise(item)]
+  texts = [records.contents(item)]
+  if item["kind"] == "chat":
+    messages = item["messages"]
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=len(messages))
+    response = messages[last]["content"] if last < len(messages) else ""
+    texts.append("\n".join(m["content"] for m in messages[:last] if m["role"] == "user"))
+    if fields := _template_fields(item):
+      texts += [fields, f"{fields}\n{response}"]
+    if not eval_side:
+      texts += [m["content"] for m in messages]
+  return list(dict.fromkeys(t for t in map(normalise, texts) if t))
+
+
+def build_index(items: Iterable[tuple[str, str | records.Record]], n: int, min_words: int, exact_min_words: int = EXACT_MIN_WORDS) -> dict[str, Any]:
+  """The index over (id, text or record) pairs, plain dicts so it is cheap to send to workers:
+  "grams": {"w1 ... wn": eval item id}, "lengths": sorted n-gram lengths, "exact": {normalised key:
+  eval item id}, "starts": {first word: lengths of the keys (exact_min_words <= length < n) starting with it}."""
   grams: dict[str, str] = {}
+  exact: dict[str, str] = {}
+  starts: dict[str, set[int]] = {}
   lengths = set()
-  for item_id, text in items:
-    tokens = words(text)
+  for item_id, item in items:
+    tokens = words(item if isinstance(item, str) else records.contents(item))
     size = n if len(tokens) >= n else len(tokens)
-    if size < min_words:
-      continue
-    lengths.add(size)
-    for i in range(len(tokens) - size + 1):
-      grams.setdefault(" ".join(tokens[i:i + size]), item_id)
-  return {"grams": grams, "lengths": sorted(lengths)}
+    if size >= min_words:
+      lengths.add(size)
+      for i in range(len(tokens) - size + 1):
+        grams.setdefault(" ".join(tokens[i:i + size]), item_id)
+    for key in exact_texts(item, eval_side=True):
+      exact.setdefault(key, item_id)
+      length = key.count(" ") + 1
+      if exact_min_words <= length < n:
+        starts.setdefault(key.split(" ", 1)[0], set()).add(length)
+  return {"grams": grams, "lengths": sorted(lengths), "exact": exact, "starts": {w: sorted(s) for w, s in starts.items()}}
 
 
-def index_from_files(paths: Iterable[str], n: int, min_words: int) -> tuple[dict[str, Any], dict[str, dict[str, int]]]:
+def index_from_files(paths: Iterable[str], n: int, min_words: int, exact_min_words: int = EXACT_MIN_WORDS) -> tuple[dict[str, Any], dict[str, dict[str, int]]]:
   """The index over every item of the eval files (any format readers.py reads), and per file how many
   items it holds: `items`, of which `raw` did not parse as a record and are matched by their raw text."""
   items, counts = [], {}
@@ -45,8 +128,8 @@ def index_from_files(paths: Iterable[str], n: int, min_words: int) -> tuple[dict
       raise FileNotFoundError(f"decontamination eval set {path} does not exist")
     file_records = [r for r in readers.read_file(path, f"eval:{path.name}") if words(records.contents(r))]
     counts[str(path)] = {"items": len(file_records), "raw": sum(records.is_dropped(r) for r in file_records)}
-    items += [(r["id"], records.contents(r)) for r in file_records]
-  return build_index(items, n, min_words), counts
+    items += [(r["id"], r) for r in file_records]
+  return build_index(items, n, min_words, exact_min_words), counts
 
 
 def find_overlap(text: str, index: dict[str, Any]) -> tuple[str, str] | None:
@@ -61,9 +144,28 @@ def find_overlap(text: str, index: dict[str, Any]) -> tuple[str, str] | None:
   return None
 
 
+def find_exact(record: records.Record, index: dict[str, Any]) -> tuple[str, str] | None:
+  """(eval item id, its key) when one of the record's texts equals an eval key or, for the whole text and
+  template fields (which hold the others), contains one of exact_min_words or more; else None."""
+  exact, starts = index["exact"], index["starts"]
+  for text in exact_texts(record, eval_side=False):
+    if text in exact:
+      return exact[text], text
+  for text in (records.contents(record), _template_fields(record) if record["kind"] == "chat" else ""):
+    tokens = words(text)
+    for i, word in enumerate(tokens):
+      for size in starts.get(word, ()):
+        key = " ".join(tokens[i:i + size])
+        if key in exact:
+          return exact[key], key
+  return None
+
+
 def decontaminate_record(record: records.Record, index: dict[str, Any]) -> records.Record:
-  match = find_overlap(records.contents(record), index) if index["grams"] else None
-  if match is None:
-    return record
-  item_id, gram = match
-  return records.drop(record, "decontaminate", "overlaps eval set", f"{item_id}: '{gram}'")
+  if match := (find_overlap(records.contents(record), index) if index["grams"] else None):
+    item_id, gram = match
+    return records.drop(record, "decontaminate", NGRAM_REASON, f"{item_id}: '{gram}'")
+  if match := (find_exact(record, index) if index.get("exact") else None):
+    item_id, key = match
+    return records.drop(record, "decontaminate", EXACT_REASON, f"{item_id}: '{key}'")
+  return record

@@ -16,6 +16,7 @@ import hashlib
 import importlib.metadata
 import json
 import logging
+import os
 import pathlib
 import platform
 import shutil
@@ -24,11 +25,13 @@ from typing import Any
 import ml_collections
 
 from sft.console import ensure_console_handler
-from sft.databuilder import annotate, decontaminate, quality, readers, report, stages, write
+from sft.databuilder import annotate, clean, control, decontaminate, quality, readers, report, stages, write
 from sft.errors import ConfigError
 
 log = logging.getLogger("sft")
 MANIFEST = "manifest.json"
+REPORT = "report.md"
+PLOTS = "plots"
 _LIBRARIES = ("ftfy", "py3langid", "numpy", "array_record", "apache-beam", "grain")
 
 
@@ -58,6 +61,12 @@ def params_of(config: ml_collections.ConfigDict) -> dict[str, Any]:
     raise ConfigError(f"runner must be 'local' or 'beam', got {p['runner']!r}")
   if not p["input_dir"] and not p["stdlib"]:
     raise ConfigError("nothing to read: set input_dir (a folder of raw files) and/or stdlib=True")
+  if p["clean"]["control_strings"] not in control.MODES:
+    raise ConfigError(f"clean.control_strings must be one of {control.MODES}, got {p['clean']['control_strings']!r}")
+  if p["clean"]["phone_leniency"] not in clean.PHONE_LENIENCIES:
+    raise ConfigError(f"clean.phone_leniency must be one of {clean.PHONE_LENIENCIES}, got {p['clean']['phone_leniency']!r}")
+  if p["read_max_record_bytes"] < 0:
+    raise ConfigError(f"read_max_record_bytes must be >= 0 (0: no limit), got {p['read_max_record_bytes']}")
   bad_pii = set(p["clean"]["pii"]) - {"email", "ip_address", "phone"}
   if bad_pii:
     raise ConfigError(f"clean.pii: unknown kinds {sorted(bad_pii)}; choose among email, ip_address, phone")
@@ -96,12 +105,108 @@ def make_runner(params: dict[str, Any], out_dir: pathlib.Path, progress: bool):
   return LocalRunner(params["num_workers"], progress=progress)
 
 
+def _owned(out_dir: pathlib.Path) -> set[str]:
+  """The names in `out_dir` its previous build wrote (what a rebuild may replace); refuses a folder
+  that holds files but no manifest: they may be anyone's."""
+  if not out_dir.exists():
+    return set()
+  if not out_dir.is_dir():
+    raise ConfigError(f"output folder {str(out_dir)!r} is a file")
+  manifest = load_manifest(out_dir)
+  if manifest is None:
+    if any(out_dir.iterdir()):
+      raise ConfigError(
+          f"output folder {str(out_dir)!r} is not empty and has no {MANIFEST}: it is no data build's output "
+          "(or a build was cut off while it replaced one), and its files may be someone else's; use an empty folder"
+      )
+    return set()
+  names = {e["file"] for e in manifest.get("outputs", [])}
+  bad = sorted(n for n in names if pathlib.PurePath(n).name != n or n in (".", ".."))
+  if bad:
+    raise ConfigError(f"{out_dir / MANIFEST} lists outputs outside its folder: {bad[:3]}")
+  return names | {MANIFEST, REPORT, PLOTS}
+
+
+def _check_out_dir(params: dict[str, Any], out_dir: pathlib.Path) -> set[str]:
+  """What a build into `out_dir` may replace there (see _owned), after refusing folders that would
+  read or delete the build's own files."""
+  out = out_dir.resolve()
+  if params["input_dir"]:
+    inp = pathlib.Path(params["input_dir"]).resolve()
+    if out == inp or out.is_relative_to(inp) or inp.is_relative_to(out):
+      raise ConfigError(
+          f"output folder {str(out_dir)!r} and input_dir={params['input_dir']!r} overlap: a build would read its own "
+          "outputs as inputs (or replace its inputs); put them side by side"
+      )
+  owned = _owned(out_dir)
+  if out_dir.exists():
+    clash = sorted(write.output_names(params["output"]["num_shards"]) & {p.name for p in out_dir.iterdir()} - owned)
+    if clash:
+      raise ConfigError(f"{out_dir} holds {clash[:3]}, which the previous build did not write; a build would overwrite them")
+  return owned
+
+
+def _beside(out_dir: pathlib.Path, what: str) -> pathlib.Path:
+  """A hidden working folder next to `out_dir`: same filesystem, so moving files between them is a rename."""
+  out_dir = out_dir.resolve()  # "." has no name; a link's target is where its files live
+  return out_dir.parent / f".{out_dir.name}.{what}-{os.getpid()}"
+
+
+def _remove(path: pathlib.Path) -> None:
+  if path.is_dir() and not path.is_symlink():
+    shutil.rmtree(path)
+  else:
+    path.unlink(missing_ok=True)
+
+
+def _swap(staging: pathlib.Path, out_dir: pathlib.Path, new: set[str], owned: set[str]) -> None:
+  """Moves the files `new` of the finished build from `staging` into `out_dir`, replacing only what the
+  previous build wrote (`owned`). The old manifest leaves first and the new one arrives last, so a crash
+  half-way leaves a folder with no manifest (which training and later builds refuse) rather than a
+  manifest naming the wrong files; an error half-way puts the previous build back."""
+  out_dir.mkdir(parents=True, exist_ok=True)
+  clash = sorted(set(new) & {p.name for p in out_dir.iterdir()} - owned)
+  if clash:
+    raise ConfigError(f"{out_dir} holds {clash[:3]}, which the previous build did not write; a build would overwrite them")
+  trash = _beside(out_dir, "old")
+  _remove(trash)
+  trash.mkdir()
+  # A name is noted before its move, so a move cut off half-way (a copy, across filesystems) is undone too.
+  moved_old: list[str] = []
+  moved_new: list[str] = []
+  try:
+    for name in sorted(owned, key=lambda n: (n != MANIFEST, n)):
+      if os.path.lexists(out_dir / name):
+        moved_old.append(name)
+        shutil.move(out_dir / name, trash / name)
+    for name in sorted(new, key=lambda n: (n == MANIFEST, n)):
+      moved_new.append(name)
+      shutil.move(staging / name, out_dir / name)
+  except BaseException:
+    try:
+      for name in reversed(moved_new):
+        _remove(out_dir / name)
+      for name in reversed(moved_old):
+        if os.path.lexists(trash / name) and not os.path.lexists(out_dir / name):  # else it never left
+          shutil.move(trash / name, out_dir / name)
+    except BaseException:
+      log.error("data builder: could not put the previous build back into %s; its files are in %s", out_dir, trash)
+      raise
+    shutil.rmtree(trash, ignore_errors=True)
+    raise
+  shutil.rmtree(trash, ignore_errors=True)
+
+
 def build_dataset(config: ml_collections.ConfigDict, out_dir: str | pathlib.Path, *, generator: annotate.Generator | None = None, progress: bool = True) -> dict[str, Any]:
-  """Runs every stage and writes the dataset into `out_dir` (replacing what a previous build wrote);
-  returns the manifest."""
+  """Runs every stage and writes the dataset into `out_dir`; returns the manifest.
+
+  The build is written into a hidden folder beside `out_dir` and moved in only once it has fully
+  succeeded, replacing what the previous build wrote (the files its manifest lists, report.md, plots/
+  and manifest.json) and nothing else. A failed build leaves the previous one as it was."""
   ensure_console_handler()
   params = params_of(config)
   out_dir = pathlib.Path(out_dir)
+  owned = _check_out_dir(params, out_dir)
   inputs = list_inputs(params)
   if generator is None and params["annotate"]["model_workdir"]:
     raise ConfigError(
@@ -116,20 +221,30 @@ def build_dataset(config: ml_collections.ConfigDict, out_dir: str | pathlib.Path
   for path, n in eval_items.items():
     if n["raw"]:
       log.warning("decontaminate: %d of %d items of %s are in no known schema; matched by their raw text", n["raw"], n["items"], path)
-  if out_dir.exists():
-    for old in [*out_dir.glob("*-of-*.*"), out_dir / "report.md", out_dir / MANIFEST]:
-      old.unlink(missing_ok=True)
-    shutil.rmtree(out_dir / "plots", ignore_errors=True)
-  out_dir.mkdir(parents=True, exist_ok=True)
   log.info("data builder: %d input files%s -> %s (%s runner)", sum(k == "file" for k, _, _ in inputs), " + stdlib" if params["stdlib"] else "", out_dir, params["runner"])
 
-  runner = make_runner(params, out_dir, progress)
+  staging = _beside(out_dir, "building")
+  _remove(staging)
+  staging.mkdir(parents=True)
+  try:
+    manifest = _build_into(staging, params, inputs, index, eval_items, generator, progress)
+    # Only what the build wrote moves in: runner leftovers (.beam) stay behind and go with `staging`.
+    _swap(staging, out_dir, {e["file"] for e in manifest["outputs"]} | {MANIFEST, REPORT, PLOTS}, owned)
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+  total = manifest["accounting"]["total"]
+  log.info("data builder: read %d, kept %d, dropped %d; report %s", total["read"], total["kept"], total["dropped"], out_dir / REPORT)
+  return manifest
+
+
+def _build_into(folder: pathlib.Path, params: dict[str, Any], inputs: list[tuple[str, str, str]], index: Any, eval_items: dict[str, Any], generator: Any, progress: bool) -> dict[str, Any]:
+  runner = make_runner(params, folder, progress)
   items = stages.run(runner, inputs, params, index, generator)
   num_shards = params["output"]["num_shards"]
-  written = runner.group_by(items, functools.partial(write.shard_key, num_shards=num_shards), functools.partial(write.write_shard, str(out_dir), num_shards), "write")
+  written = runner.group_by(items, functools.partial(write.shard_key, num_shards=num_shards), functools.partial(write.write_shard, str(folder), num_shards), "write")
   facts = runner.flat_map(items, functools.partial(report.fact, tokenizer=params["filter"]["length"]["tokenizer"]), "measure")
   written, facts = runner.results(written, facts)
-  written = sorted(written + write.write_empty_splits(out_dir, written, num_shards), key=lambda e: e["file"])
+  written = sorted(written + write.write_empty_splits(folder, written, num_shards), key=lambda e: e["file"])
 
   manifest = {
       "config": params,
@@ -143,17 +258,36 @@ def build_dataset(config: ml_collections.ConfigDict, out_dir: str | pathlib.Path
       "outputs": written,
       "accounting": report.accounting(facts),
   }
-  report.write_json(out_dir / MANIFEST, manifest)
-  report.write_report(out_dir, facts, manifest, params["output"]["examples_per_reason"])
-  total = manifest["accounting"]["total"]
-  log.info("data builder: read %d, kept %d, dropped %d; report %s", total["read"], total["kept"], total["dropped"], out_dir / "report.md")
+  report.write_report(folder, facts, manifest, params["output"]["examples_per_reason"])
+  report.write_json(folder / MANIFEST, manifest)  # last: its presence says the build is whole
   return manifest
 
 
 def load_manifest(out_dir: str | pathlib.Path) -> dict[str, Any] | None:
   """The manifest of the build in `out_dir` (None when there is none)."""
   path = pathlib.Path(out_dir) / MANIFEST
-  return json.loads(path.read_text()) if path.exists() else None
+  if not path.exists():
+    return None
+  try:
+    return json.loads(path.read_text())
+  except json.JSONDecodeError as err:
+    raise ConfigError(f"{path} is not valid JSON ({err}): not a finished data build") from None
+
+
+def check_outputs(out_dir: str | pathlib.Path) -> dict[str, Any]:
+  """The manifest of the finished build in `out_dir`, after checking that every output it lists is
+  there with the size it recorded (sizes, not sha256: hashing large shards on every start is slow)."""
+  folder = pathlib.Path(out_dir)
+  manifest = load_manifest(folder)
+  if manifest is None:
+    raise ConfigError(f"{folder} has no {MANIFEST}: not a finished data build")
+  for entry in manifest.get("outputs", []):
+    path = folder / entry["file"]
+    if not path.is_file():
+      raise ConfigError(f"{folder}: {entry['file']} is listed in {MANIFEST} but missing: an incomplete data build")
+    if "bytes" in entry and path.stat().st_size != entry["bytes"]:
+      raise ConfigError(f"{folder}: {entry['file']} has {path.stat().st_size} bytes, {MANIFEST} says {entry['bytes']}: changed since the build")
+  return manifest
 
 
 def ensure_built(config: ml_collections.ConfigDict, out_dir: str | pathlib.Path, **kwargs: Any) -> dict[str, Any]:

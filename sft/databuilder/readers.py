@@ -17,11 +17,12 @@ line, row or file becomes a rejected record with the reason.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
 import pathlib
-from typing import Any, Iterator
+from typing import Any, BinaryIO, Iterator, TextIO
 
 from sft.databuilder import records, templates
 
@@ -127,41 +128,104 @@ def to_record(raw: Any, record_id: str, source: str, field_map: dict[str, str] |
   return records.chat(record_id, source, turns)
 
 
+# What one bad record can raise while it is parsed or checked: deep nesting (RecursionError), a
+# 5000-digit number (ValueError from the int-string conversion limit), a float out of range, lone
+# surrogates from a "\\ud800" escape (UnicodeError). Each becomes that record's rejection.
+_RECORD_ERRORS = (RecursionError, ValueError, OverflowError, UnicodeError, TypeError)
+DEFAULT_MAX_RECORD_BYTES = 16 * 2**20  # config: read_max_record_bytes
+_RAW_CHARS = 2000  # of a rejected record's raw text, kept for the report
+
+
+class _TooLarge(Exception):
+  """A record over the size limit, seen without being parsed."""
+
+  def __init__(self, size: int, prefix: str = ""):
+    super().__init__(size)
+    self.size, self.prefix = size, prefix
+
+
+def _error_detail(err: BaseException) -> str:
+  return f"{type(err).__name__}: {str(err)[:200]}"
+
+
 def _parse(values: Iterator[tuple[str, Any, str]], source: str, field_map) -> Iterator[records.Record]:
   """(id, parsed value or an Exception, raw text) -> records or rejections."""
   for record_id, value, raw_text in values:
     try:
       if isinstance(value, Malformed):
         raise value
-      yield to_record(value, record_id, source, field_map)
+      record = to_record(value, record_id, source, field_map)
+      json.dumps(record, ensure_ascii=False).encode("utf-8")  # lone surrogates would fail every later stage
+      yield record
     except Malformed as err:
       yield records.rejected(record_id, source, _STAGE, err.reason, err.detail, raw_text)
+    except UnicodeError as err:
+      yield records.rejected(record_id, source, _STAGE, "invalid unicode", _error_detail(err), raw_text)
+    except _RECORD_ERRORS as err:
+      yield records.rejected(record_id, source, _STAGE, "unparsable value", _error_detail(err), raw_text)
 
 
-def _jsonl_values(data: bytes, source: str) -> Iterator[tuple[str, Any, str]]:
-  for line_number, line in enumerate(data.split(b"\n"), 1):
+def _loads(text: str) -> Any:
+  """A JSON value, or a Malformed saying why not (never raises on bad data)."""
+  try:
+    return json.loads(text)
+  except json.JSONDecodeError as err:
+    return Malformed("bad json", err.msg)
+  except RecursionError:
+    return Malformed("bad json", "nested too deeply")
+  except ValueError as err:  # e.g. an integer over sys.get_int_max_str_digits() digits
+    return Malformed("bad json", str(err)[:200])
+
+
+def _lines(f: BinaryIO, limit: int) -> Iterator[bytes | _TooLarge]:
+  """Each line of a binary file (without its newline), or _TooLarge for one over `limit` bytes: at
+  most `limit` + 1 bytes of a line are ever held, so one huge line cannot exhaust memory."""
+  chunk = limit + 1 if limit else -1
+  while True:
+    line = f.readline(chunk)
+    if not line:
+      return
+    if line.endswith(b"\n") or len(line) < chunk or not limit:  # a whole line, within the limit
+      yield line[:-1] if line.endswith(b"\n") else line
+      continue
+    size, prefix = len(line), line[:_RAW_CHARS].decode("utf-8", "replace")
+    while line and not line.endswith(b"\n"):  # skip the rest of the line, counting it
+      line = f.readline(1 << 20)
+      size += len(line)
+    yield _TooLarge(size - line.endswith(b"\n"), prefix)
+
+
+def _jsonl_values(f: BinaryIO, source: str, limit: int) -> Iterator[tuple[str, Any, str]]:
+  for line_number, line in enumerate(_lines(f, limit), 1):
+    record_id = f"{source}:{line_number}"
+    if isinstance(line, _TooLarge):
+      yield record_id, line, line.prefix
+      continue
+    if line_number == 1 and line.startswith(codecs.BOM_UTF8):  # utf-8-sig: the BOM is not part of record 1
+      line = line[len(codecs.BOM_UTF8):]
     if not line.strip():
       continue
-    record_id = f"{source}:{line_number}"
     try:
       text = line.decode("utf-8")
     except UnicodeDecodeError:
-      yield record_id, Malformed("invalid utf-8"), line.decode("utf-8", "replace")
+      yield record_id, Malformed("invalid utf-8"), line[:_RAW_CHARS].decode("utf-8", "replace")
       continue
-    try:
-      yield record_id, json.loads(text), text
-    except json.JSONDecodeError as err:
-      yield record_id, Malformed("bad json", err.msg), text
+    yield record_id, _loads(text), text
 
 
-def _json_values(data: bytes, source: str) -> Iterator[tuple[str, Any, str]]:
+def _json_values(f: BinaryIO, source: str, limit: int) -> Iterator[tuple[str, Any, str]]:
+  # One JSON document: parsed whole (the limit then applies to each item it holds).
+  data = f.read()
   try:
-    value = json.loads(data.decode("utf-8"))
+    text = data.decode("utf-8-sig")
   except UnicodeDecodeError:
     yield source, Malformed("invalid utf-8"), ""
     return
-  except json.JSONDecodeError as err:
-    yield source, Malformed("bad json", err.msg), data[:2000].decode("utf-8", "replace")
+  if not text.strip():  # an empty file: no records, not bad JSON
+    return
+  value = _loads(text)
+  if isinstance(value, Malformed):
+    yield source, value, text[:_RAW_CHARS]
     return
   if isinstance(value, dict):
     lists = [v for v in value.values() if isinstance(v, list)]
@@ -169,30 +233,74 @@ def _json_values(data: bytes, source: str) -> Iterator[tuple[str, Any, str]]:
   if not isinstance(value, list):
     value = [value]
   for i, item in enumerate(value):
-    yield f"{source}:{i}", item, json.dumps(item, ensure_ascii=False)[:2000]
+    record_id = f"{source}:{i}"
+    try:
+      raw = json.dumps(item, ensure_ascii=False)
+    except _RECORD_ERRORS as err:
+      yield record_id, Malformed("unparsable value", _error_detail(err)), ""
+      continue
+    size = len(raw.encode("utf-8", "surrogatepass"))
+    yield (record_id, _TooLarge(size), raw[:_RAW_CHARS]) if limit and size > limit else (record_id, item, raw[:_RAW_CHARS])
 
 
-def _csv_values(data: bytes, source: str, delimiter: str) -> Iterator[tuple[str, Any, str]]:
-  text = data.decode("utf-8", "surrogateescape")  # a bad byte spoils its row, not the file
-  lines = text.splitlines(keepends=True)
-  reader = csv.DictReader(io.StringIO(text), delimiter=delimiter)
-  fields = reader.fieldnames or []
+class _CsvLines:
+  """The lines csv.reader consumes, counted; raises _TooLarge once the record being read passes
+  `limit` bytes. An iterator object, not a generator: it goes on after raising, and csv.reader starts
+  afresh on the next line."""
+
+  def __init__(self, f: TextIO, limit: int):
+    self.f, self.limit, self.lines, self.record_bytes = f, limit, 0, 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> str:
+    line = self.f.readline(self.limit + 1 if self.limit else -1)  # characters: at most 4x that in bytes
+    if not line:
+      raise StopIteration
+    self.lines += 1
+    self.record_bytes += len(line.encode("utf-8", "surrogateescape"))
+    if not self.limit or self.record_bytes <= self.limit:
+      return line
+    prefix = line[:_RAW_CHARS]
+    while line and not line.endswith(("\n", "\r")):  # skip the rest of the line, counting it
+      line = self.f.readline(1 << 20)
+      self.record_bytes += len(line.encode("utf-8", "surrogateescape"))
+    raise _TooLarge(self.record_bytes, prefix)
+
+
+def _csv_values(f: BinaryIO, source: str, delimiter: str, limit: int) -> Iterator[tuple[str, Any, str]]:
+  # A bad byte spoils its row, not the file; a record is named by its first line, so no two share an id.
+  lines = _CsvLines(io.TextIOWrapper(f, encoding="utf-8-sig", errors="surrogateescape", newline=""), limit)
+  reader = csv.reader(lines, delimiter=delimiter)
+  # csv.field_size_limit (128 KiB by default) is left alone: it is process-wide. A longer field is a
+  # "csv parse error" rejection of its row.
+  fields = None
   while True:
+    record_id, lines.record_bytes = f"{source}:{lines.lines + 1}", 0
     try:
       row = next(reader)
     except StopIteration:
       return
-    except csv.Error as err:
-      yield f"{source}:{reader.line_num}", Malformed("csv parse error", str(err)), ""
+    except (_TooLarge, csv.Error) as err:
+      yield record_id, err if isinstance(err, _TooLarge) else Malformed("csv parse error", str(err)), getattr(err, "prefix", "")
+      if fields is None:  # no header: the rows cannot be read
+        return
       continue
-    record_id = f"{source}:{reader.line_num}"
-    raw_text = lines[reader.line_num - 1] if reader.line_num - 1 < len(lines) else ""
-    if None in row or any(v is None for v in row.values()):
+    if not row:  # a blank line
+      continue
+    raw_text = delimiter.join(row)[:_RAW_CHARS]
+    if fields is None:
+      fields = row
+      if any(_has_surrogates(v) for v in row):
+        yield record_id, Malformed("invalid utf-8", "in the header"), raw_text
+        return
+    elif len(row) != len(fields):
       yield record_id, Malformed("wrong number of fields", f"header has {len(fields)}"), raw_text
-    elif any(_has_surrogates(v) for v in row.values()):
-      yield record_id, Malformed("invalid utf-8"), raw_text.encode("utf-8", "replace").decode()
+    elif any(_has_surrogates(v) for v in row):
+      yield record_id, Malformed("invalid utf-8"), raw_text
     else:
-      yield record_id, {k: v for k, v in row.items() if v != ""}, raw_text
+      yield record_id, {k: v for k, v in zip(fields, row) if v != ""}, raw_text
 
 
 def _has_surrogates(value: str) -> bool:
@@ -203,42 +311,80 @@ def _has_surrogates(value: str) -> bool:
     return True
 
 
-def _parquet_values(path: pathlib.Path, source: str) -> Iterator[tuple[str, Any, str]]:
+def _parquet_values(path: pathlib.Path, source: str, limit: int) -> Iterator[tuple[str, Any, str]]:
   import pyarrow.parquet  # noqa: PLC0415 (only Parquet inputs need it)
 
+  i = 0
   try:
-    rows = pyarrow.parquet.read_table(path).to_pylist()
+    for batch in pyarrow.parquet.ParquetFile(path).iter_batches(batch_size=256):  # a batch at a time in memory
+      for row in batch.to_pylist():
+        raw = json.dumps(row, ensure_ascii=False, default=str)
+        size = len(raw.encode("utf-8", "surrogatepass"))
+        yield (f"{source}:{i}", _TooLarge(size), raw[:_RAW_CHARS]) if limit and size > limit else (f"{source}:{i}", row, raw[:_RAW_CHARS])
+        i += 1
   except Exception as err:  # noqa: BLE001 (pyarrow raises several types for a corrupt file)
-    yield source, Malformed("unreadable parquet", f"{type(err).__name__}: {err}"), ""
+    # Rows read before the damage stay; the rest of the file is one rejection, named apart from them.
+    yield f"{source}:{i}" if i else source, Malformed("unreadable parquet", _error_detail(err)), ""
+
+
+def _text_values(f: BinaryIO, path: pathlib.Path, source: str, limit: int) -> Iterator[tuple[str, Any, str]]:
+  size = path.stat().st_size
+  if limit and size > limit:
+    yield source, _TooLarge(size), f.read(_RAW_CHARS).decode("utf-8", "replace")
     return
-  for i, row in enumerate(rows):
-    yield f"{source}:{i}", row, json.dumps(row, ensure_ascii=False, default=str)[:2000]
+  data = f.read()
+  try:
+    body = data.decode("utf-8-sig")
+  except UnicodeDecodeError:
+    yield source, Malformed("invalid utf-8"), data[:_RAW_CHARS].decode("utf-8", "replace")
+    return
+  yield source, {"text": body} if body.strip() else Malformed("empty text"), body[:_RAW_CHARS]
 
 
-def read_file(path: pathlib.Path, source: str, field_map: dict[str, str] | None = None) -> Iterator[records.Record]:
-  """Every record of one file (rejections included), ids `<source>:<line, row or index>`."""
+def _values(path: pathlib.Path, kind: str, source: str, limit: int) -> Iterator[tuple[str, Any, str]]:
+  if kind == "parquet":
+    yield from _parquet_values(path, source, limit)
+    return
+  with path.open("rb") as f:
+    if kind == "jsonl":
+      yield from _jsonl_values(f, source, limit)
+    elif kind == "json":
+      yield from _json_values(f, source, limit)
+    elif kind == "text":
+      yield from _text_values(f, path, source, limit)
+    else:
+      yield from _csv_values(f, source, "\t" if kind == "tsv" else ",", limit)
+
+
+def read_file(path: pathlib.Path, source: str, field_map: dict[str, str] | None = None, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> Iterator[records.Record]:
+  """Every record of one file (rejections included), ids `<source>:<line, row or index>`, unique within
+  the file. Never raises on bad data: a bad record is a rejection, an unreadable file one more, and a
+  file with no records at all one "no records" rejection, so every input has a row in the accounting.
+  `max_record_bytes` (0: no limit) rejects a longer record, with its size, before parsing it."""
   kind = FORMATS.get(path.suffix.lower())
   if kind is None:
     yield records.rejected(source, source, _STAGE, "unsupported file type", f"{path.suffix or 'no extension'}; expected one of {sorted(FORMATS)}")
     return
-  if kind == "parquet":
-    yield from _parse(_parquet_values(path, source), source, field_map)
-    return
-  data = path.read_bytes()
-  if kind == "text":
-    try:
-      body = data.decode("utf-8")
-    except UnicodeDecodeError:
-      yield records.rejected(source, source, _STAGE, "invalid utf-8", raw=data[:2000].decode("utf-8", "replace"))
-      return
-    if body.strip():
-      yield records.text(source, source, body)
-    else:
-      yield records.rejected(source, source, _STAGE, "empty text")
-    return
-  values = {"jsonl": _jsonl_values, "json": _json_values}.get(kind)
-  values = values(data, source) if values else _csv_values(data, source, "\t" if kind == "tsv" else ",")
-  yield from _parse(values, source, field_map)
+  ids = set()
+  values = _sized(_values(path, kind, source, max_record_bytes), max_record_bytes)
+  try:
+    for record in _parse(values, source, None if kind == "text" else field_map):  # a document has no fields to map
+      ids.add(record["id"])
+      yield record
+  except (OSError, csv.Error, *_RECORD_ERRORS) as err:  # a file that vanished, a directory, a read error mid-file
+    record_id = source if source not in ids else f"{source}:unreadable"
+    ids.add(record_id)
+    yield records.rejected(record_id, source, _STAGE, "unreadable file", _error_detail(err))
+  if not ids:
+    yield records.rejected(source, source, _STAGE, "no records", "the file holds no record")
+
+
+def _sized(values: Iterator[tuple[str, Any, str]], limit: int) -> Iterator[tuple[str, Any, str]]:
+  """Oversized values become Malformed here, so _parse turns them into rejections with their size."""
+  for record_id, value, raw in values:
+    if isinstance(value, _TooLarge):
+      value = Malformed("record too large", f"{value.size} bytes; read_max_record_bytes is {limit}")
+    yield record_id, value, raw
 
 
 def list_files(folder: pathlib.Path) -> list[pathlib.Path]:

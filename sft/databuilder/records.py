@@ -35,8 +35,14 @@ def drop(record: Record, stage: str, reason: str, detail: str = "", **info: str)
 
 
 def rejected(record_id: str, source: str, stage: str, reason: str, detail: str = "", raw: str = "") -> Record:
-  """A record that never became one (bad JSON, wrong types): its id, source and raw text are kept."""
-  return drop({"id": record_id, "source": source, "kind": "raw", "raw": raw[:2000]}, stage, reason, detail)
+  """A record that never became one (bad JSON, wrong types): its id, source and raw text are kept,
+  with what UTF-8 cannot hold (lone surrogates of a bad file) replaced, so rejected.jsonl can be written."""
+  raw, detail = (_utf8_safe(x) for x in (raw[:2000], detail[:300]))
+  return drop({"id": record_id, "source": source, "kind": "raw", "raw": raw}, stage, reason, detail)
+
+
+def _utf8_safe(text: str) -> str:
+  return text.encode("utf-8", "replace").decode("utf-8")
 
 
 def is_dropped(record: Record) -> bool:

@@ -11,7 +11,7 @@ import json
 import pathlib
 from typing import Any
 
-from sft.databuilder import records
+from sft.databuilder import records, write
 
 STAGES = ("read", "annotate", "clean", "filter", "decontaminate", "dedup", "score")
 
@@ -94,7 +94,8 @@ def _plot(path: pathlib.Path, kind: str, data: dict[str, Any], title: str, xlabe
       if values:
         ax.hist(values, bins=40, alpha=0.6, label=f"{label} ({len(values)})")
     ax.set_yscale("log")
-    ax.legend()
+    if any(data.values()):  # an empty build draws no histogram, so there is nothing to label
+      ax.legend()
   else:
     labels = list(data)
     ax.barh(labels[::-1], [data[k] for k in labels][::-1])
@@ -128,6 +129,15 @@ def write_report(out_dir: pathlib.Path, facts: list[dict[str, Any]], manifest: d
   md.append("\n## Stages\n")
   rows = funnel(facts)
   md.append(_table(["stage", "in", "dropped", "out"], [[r["stage"], r["in"], r["dropped"], r["out"]] for r in rows]))
+  if manifest.get("eval_sets"):
+    from sft.databuilder import decontaminate  # noqa: PLC0415 (its reasons only)
+
+    decon = collections.Counter(f["reason"] for f in facts if f.get("stage") == "decontaminate")
+    num_items = sum(n["items"] for n in manifest["eval_sets"].values())
+    md.append(
+        f"\nDecontamination against {num_items} eval items: {decon[decontaminate.NGRAM_REASON]} dropped for a shared n-gram, "
+        f"{decon[decontaminate.EXACT_REASON]} for holding a short eval item whole (exact).\n"
+    )
   _plot(plots / "stages.png", "bar", {r["stage"]: r["out"] for r in rows}, "records remaining after each stage", "records")
   md.append("\n![stages](plots/stages.png)\n")
 
@@ -183,9 +193,9 @@ def write_report(out_dir: pathlib.Path, facts: list[dict[str, Any]], manifest: d
   _plot(plots / "sources.png", "bar", dict(sources.most_common(25)), "source of kept records", "records")
   md.append("\n![languages](plots/languages.png) ![sources](plots/sources.png)\n")
   path = out_dir / "report.md"
-  path.write_text("\n".join(md) + "\n", encoding="utf-8")
+  write.atomic_write_text(path, "\n".join(md) + "\n")
   return path
 
 
 def write_json(path: pathlib.Path, value: Any) -> None:
-  path.write_text(json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+  write.atomic_write_text(path, json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False) + "\n")

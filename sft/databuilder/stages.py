@@ -29,7 +29,7 @@ class Runner(Protocol):
   def concat(self, colls: list[Any], name: str) -> Any: ...
 
 
-def read_input(item: tuple[str, str, str], field_map: dict[str, str]) -> list[records.Record]:
+def read_input(item: tuple[str, str, str], field_map: dict[str, str], max_record_bytes: int) -> list[records.Record]:
   """("file", path, source) -> its records; ("stdlib", "", "stdlib") -> the embedded default."""
   kind, path, source = item
   if kind == "stdlib":
@@ -38,7 +38,15 @@ def read_input(item: tuple[str, str, str], field_map: dict[str, str]) -> list[re
     return stdlib_tasks.read_records()
   import pathlib  # noqa: PLC0415
 
-  return list(readers.read_file(pathlib.Path(path), source, field_map))
+  return list(readers.read_file(pathlib.Path(path), source, field_map, max_record_bytes))
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(tokenizer_path: str) -> Any:
+  """The tokenizer, loaded once per process for token counts and its control strings."""
+  from sft.pipeline import load_tokenizer  # noqa: PLC0415 (only a configured tokenizer needs it)
+
+  return load_tokenizer(tokenizer_path)
 
 
 @functools.lru_cache(maxsize=4)
@@ -46,20 +54,30 @@ def token_counter(tokenizer_path: str) -> Callable[[str], int] | None:
   """text -> number of tokens, with the tokenizer loaded once per process (None without a path)."""
   if not tokenizer_path:
     return None
-  from sft.pipeline import load_tokenizer  # noqa: PLC0415 (only token counts need it)
-
-  tokenizer = load_tokenizer(tokenizer_path)
+  tokenizer = _tokenizer(tokenizer_path)
   return lambda text: len(tokenizer.encode(text))
+
+
+@functools.lru_cache(maxsize=4)
+def tokenizer_control_strings(tokenizer_path: str) -> tuple[str, ...]:
+  """The target tokenizer's own control strings, escaped or dropped by clean on top of the known ones."""
+  return tuple(getattr(_tokenizer(tokenizer_path), "control_strings", ()) or ()) if tokenizer_path else ()
 
 
 def process_record(record: records.Record, params: dict[str, Any], index: dict[str, Any]) -> list[records.Record]:
   """clean -> filter -> decontaminate, for one live record."""
   if records.is_dropped(record):
     return [record]
-  record = clean.clean_record(record, params["clean"])
+  length = params["filter"]["length"]
+  # The character cap before cleaning: cleaning work grows with the text, and a huge record would be
+  # dropped by the filter anyway.
+  size = len(records.contents(record))
+  if length["max_characters"] and size > length["max_characters"]:
+    return [records.drop(record, "clean", "too long", f"{size} characters before cleaning > {length['max_characters']}")]
+  record = clean.clean_record(record, params["clean"], tokenizer_control_strings(length["tokenizer"]))
   if records.is_dropped(record):
     return [record]
-  record = quality.filter_record(record, params["filter"], token_counter(params["filter"]["length"]["tokenizer"]))
+  record = quality.filter_record(record, params["filter"], token_counter(length["tokenizer"]))
   if records.is_dropped(record):
     return [record]
   return [decontaminate.decontaminate_record(record, index)]
@@ -81,7 +99,7 @@ def format_record(record: records.Record, system_prompt: str, validation_fractio
 def run(runner: Runner, inputs: Sequence[tuple[str, str, str]], params: dict[str, Any], index: dict[str, Any], generator: annotate.Generator | None) -> Any:
   """All stages; returns the collection of formatted records, kept and dropped."""
   items = runner.create(list(inputs), "inputs")
-  items = runner.flat_map(items, functools.partial(read_input, field_map=params["field_map"]), "read")
+  items = runner.flat_map(items, functools.partial(read_input, field_map=params["field_map"], max_record_bytes=params["read_max_record_bytes"]), "read")
   ann = params["annotate"]
   items = runner.map_batches(items, functools.partial(annotate.fill_responses, generator=generator), ann["batch_size"], "annotate: fill")
   process = functools.partial(process_record, params=params, index=index)

@@ -1,5 +1,5 @@
 """Hugging Face interop: load and export Llama, Mistral, Qwen2, Qwen3, Gemma and Gemma 2 checkpoints
 (safetensors only)."""
 
-from sft.hf.config import FAMILIES, from_hf_config, to_hf_config
+from sft.hf.config import FAMILIES, from_hf_config, read_hf_config, to_hf_config
 from sft.hf.weights import export_model, hf_names, load_model, load_params, to_hf_tensors

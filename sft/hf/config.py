@@ -8,6 +8,9 @@ module does not know stops the load, because a silent default could change the m
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
+import pathlib
 from typing import Any
 
 from sft.errors import ConfigError
@@ -37,73 +40,134 @@ _READ = {
 }
 
 
-def _rope(hf: dict[str, Any]) -> dict[str, Any]:
+_MISSING = object()
+
+
+def read_hf_config(path: str | pathlib.Path) -> dict[str, Any]:
+  """The dict in a config.json, or a ConfigError naming the file when it is not a JSON object."""
+  path = pathlib.Path(path)
+  try:
+    hf = json.loads(path.read_text(encoding="utf-8"))
+  except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+    raise ConfigError(f"{path} is not valid JSON ({err})") from None
+  if not isinstance(hf, dict):
+    raise ConfigError(f"{path} holds a JSON {type(hf).__name__}, not an object")
+  return hf
+
+
+def _field(hf: dict[str, Any], key: str, where: str, kind: str, default: Any = _MISSING, minimum: float | None = None) -> Any:
+  """hf[key] checked to be an "int" (not a bool), a finite "number" or a "bool" (at least `minimum` when
+  given); a null or absent key gives `default`. Anything else is a ConfigError naming the file and key."""
+  value = hf.get(key)
+  if value is None:
+    if default is _MISSING:
+      raise ConfigError(f"{where} has no {key}")
+    return default
+  ok = isinstance(value, bool) if kind == "bool" else not isinstance(value, bool) and isinstance(value, int if kind == "int" else (int, float))
+  if ok and kind == "number":
+    try:
+      value = float(value)  # an int too big for a float overflows here
+    except OverflowError:
+      ok = False
+    ok = ok and math.isfinite(value)
+  if ok and minimum is not None:
+    ok = value >= minimum
+  if not ok:
+    expected = {"int": "an integer", "number": "a finite number", "bool": "true or false"}[kind]
+    raise ConfigError(f"{where} has {key}={value!r}: expected {expected}{f' >= {minimum}' if minimum is not None else ''}")
+  return value
+
+
+def _dict_field(hf: dict[str, Any], key: str, where: str) -> dict[str, Any]:
+  value = hf.get(key)
+  if value is not None and not isinstance(value, dict):
+    raise ConfigError(f"{where} has {key}={value!r}: expected an object")
+  return dict(value or {})
+
+
+def _rope(hf: dict[str, Any], where: str) -> dict[str, Any]:
   """rope fields from either layout: v4 (`rope_theta`, `rope_scaling`) or v5 (`rope_parameters`)."""
-  params = dict(hf.get("rope_parameters") or {})
-  scaling = dict(hf.get("rope_scaling") or {})
-  theta = params.pop("rope_theta", hf.get("rope_theta", 10_000.0))
+  params, scaling = _dict_field(hf, "rope_parameters", where), _dict_field(hf, "rope_scaling", where)
+  theta = _field(params, "rope_theta", f"{where} rope_parameters", "number", None, 0.0)
+  theta = _field(hf, "rope_theta", where, "number", 10_000.0, 0.0) if theta is None else theta
+  params.pop("rope_theta", None)
+  key = "rope_parameters" if params else "rope_scaling"  # which one holds the scaling, for errors
   merged = {**scaling, **params}
   rope_type = merged.pop("rope_type", merged.pop("type", "default"))
-  out: dict[str, Any] = {"rope_theta": float(theta), "rope_type": rope_type}
+  out: dict[str, Any] = {"rope_theta": theta, "rope_type": rope_type}
   if rope_type == "llama3":
+    inner = f"{where} {key}"
     out.update(
-        rope_factor=float(merged["factor"]),
-        rope_low_freq_factor=float(merged["low_freq_factor"]),
-        rope_high_freq_factor=float(merged["high_freq_factor"]),
-        rope_original_max_positions=int(merged["original_max_position_embeddings"]),
+        rope_factor=_field(merged, "factor", inner, "number", minimum=0.0),
+        rope_low_freq_factor=_field(merged, "low_freq_factor", inner, "number", minimum=0.0),
+        rope_high_freq_factor=_field(merged, "high_freq_factor", inner, "number", minimum=0.0),
+        rope_original_max_positions=_field(merged, "original_max_position_embeddings", inner, "int", minimum=1),
     )
   elif rope_type != "default":
-    raise ConfigError(f"rope type {rope_type!r} is not supported (supported: default, llama3)")
+    raise ConfigError(f"rope type {rope_type!r} in {where} is not supported (supported: default, llama3)")
   return out
 
 
-def _require(hf: dict[str, Any], key: str, allowed, why: str) -> None:
+def _require(hf: dict[str, Any], key: str, allowed, why: str, where: str) -> None:
   value = hf.get(key, allowed[0])
   if value not in allowed:
-    raise ConfigError(f"config.json has {key}={value!r}: {why}")
+    raise ConfigError(f"{where} has {key}={value!r}: {why}")
 
 
-def from_hf_config(hf: dict[str, Any], *, dtype: str = "float32", param_dtype: str = "float32") -> ModelConfig:
-  """The `ModelConfig` of a Hugging Face config.json dict, or a ConfigError naming what cannot be carried."""
+def from_hf_config(hf: dict[str, Any], *, dtype: str = "float32", param_dtype: str = "float32", source: str = "config.json") -> ModelConfig:
+  """The `ModelConfig` of a Hugging Face config.json dict, or a ConfigError naming what cannot be carried
+  (`source`, the file's path, is named in every error): a missing, null or wrong-typed field included."""
+  where = source
+  if not isinstance(hf, dict):
+    raise ConfigError(f"{where} holds a {type(hf).__name__}, not an object")
   family = hf.get("model_type")
   if family not in FAMILIES:
-    raise ConfigError(f"model_type {family!r} is not supported; supported: {FAMILIES}")
-  unknown = sorted(set(hf) - _INERT - _READ)
+    raise ConfigError(f"{where} has model_type {family!r}, which is not supported; supported: {FAMILIES}")
+  unknown = sorted(map(str, set(hf) - _INERT - _READ))
   if unknown:
-    raise ConfigError(f"config.json has fields sft does not know, which might change the model: {unknown}")
+    raise ConfigError(f"{where} has fields sft does not know, which might change the model: {unknown}")
   gemma = family in _GEMMA
   if gemma:
     activation = hf.get("hidden_activation") or "gelu_pytorch_tanh"
     if activation != "gelu_pytorch_tanh":
-      raise ConfigError(f"config.json has hidden_activation={activation!r}: only gelu_pytorch_tanh is implemented for Gemma")
-    _require(hf, "use_bidirectional_attention", (None, False), "only causal attention is implemented")
+      raise ConfigError(f"{where} has hidden_activation={activation!r}: only gelu_pytorch_tanh is implemented for Gemma")
+    _require(hf, "use_bidirectional_attention", (None, False), "only causal attention is implemented", where)
   else:
-    _require(hf, "hidden_act", ("silu",), "only SwiGLU with SiLU is implemented")
-  _require(hf, "mlp_bias", (False,), "MLP biases are not implemented")
-  _require(hf, "attention_dropout", (0.0, 0), "attention dropout is not implemented")
-  _require(hf, "use_sliding_window", (False,), f"{family} sliding-window layers are not implemented")
+    _require(hf, "hidden_act", ("silu",), "only SwiGLU with SiLU is implemented", where)
+  _require(hf, "mlp_bias", (False,), "MLP biases are not implemented", where)
+  _require(hf, "attention_dropout", (0.0, 0), "attention dropout is not implemented", where)
+  _require(hf, "use_sliding_window", (False,), f"{family} sliding-window layers are not implemented", where)
   if family in ("llama", "qwen3", "gemma", "gemma2"):
-    _require(hf, "attention_bias", (False,), "a bias on the output projection is not implemented")
+    _require(hf, "attention_bias", (False,), "a bias on the output projection is not implemented", where)
 
-  heads, layers = int(hf["num_attention_heads"]), int(hf["num_hidden_layers"])
+  heads, layers = _field(hf, "num_attention_heads", where, "int", minimum=1), _field(hf, "num_hidden_layers", where, "int", minimum=1)
+  d_model = _field(hf, "hidden_size", where, "int", minimum=1)
   sliding_window, pattern = 0, 1
   if family == "mistral":
-    sliding_window = int(hf.get("sliding_window") or 0)
+    sliding_window = _field(hf, "sliding_window", where, "int", 0, 0)
   elif family == "gemma2":
-    sliding_window, pattern = int(hf.get("sliding_window") or 0), 2
-  expected_types = ["sliding_attention" if sliding_window and (pattern <= 1 or i % pattern != pattern - 1) else "full_attention" for i in range(layers)]
+    sliding_window, pattern = _field(hf, "sliding_window", where, "int", 0, 0), 2
   layer_types = hf.get("layer_types")
-  if layer_types is not None and family != "mistral" and list(layer_types) != expected_types:
-    raise ConfigError(f"config.json has layer_types {layer_types}; sft implements {expected_types} for {family}")
-  return ModelConfig(
-      vocab_size=int(hf["vocab_size"]),
-      d_model=int(hf["hidden_size"]),
+  if layer_types is not None and not (isinstance(layer_types, list) and all(isinstance(t, str) for t in layer_types)):
+    raise ConfigError(f"{where} has layer_types={layer_types!r}: expected a list of strings")
+  if layer_types is not None and family != "mistral":
+    # Lengths first: a config.json claiming 2**70 layers must not build a list of 2**70 names.
+    def expected(i: int) -> str:
+      return "sliding_attention" if sliding_window and (pattern <= 1 or i % pattern != pattern - 1) else "full_attention"
+
+    if len(layer_types) != layers or any(t != expected(i) for i, t in enumerate(layer_types)):
+      shown = [expected(i) for i in range(min(layers, 64))] + (["..."] if layers > 64 else [])
+      raise ConfigError(f"{where} has layer_types {layer_types}; sft implements {shown} for {family} with {layers} layers")
+  gemma2 = family == "gemma2"
+  fields = dict(
+      vocab_size=_field(hf, "vocab_size", where, "int", minimum=1),
+      d_model=d_model,
       num_layers=layers,
       num_heads=heads,
-      num_kv_heads=int(hf.get("num_key_value_heads") or heads),
-      head_dim=int(hf.get("head_dim") or hf["hidden_size"] // heads),
-      mlp_dim=int(hf["intermediate_size"]),
-      norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+      num_kv_heads=_field(hf, "num_key_value_heads", where, "int", heads, 1),
+      head_dim=_field(hf, "head_dim", where, "int", d_model // heads, 1),
+      mlp_dim=_field(hf, "intermediate_size", where, "int", minimum=1),
+      norm_eps=_field(hf, "rms_norm_eps", where, "number", 1e-6, 0.0),
       qkv_bias=family == "qwen2",
       qk_norm=family == "qwen3",
       sliding_window=sliding_window,
@@ -111,15 +175,17 @@ def from_hf_config(hf: dict[str, Any], *, dtype: str = "float32", param_dtype: s
       norm_plus_one=gemma,
       embed_scale=gemma,
       mlp_activation="gelu_tanh" if gemma else "silu",
-      query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar") or 0.0) if family == "gemma2" else 0.0,
-      attn_logit_softcap=float(hf.get("attn_logit_softcapping") or 0.0) if family == "gemma2" else 0.0,
-      final_logit_softcap=float(hf.get("final_logit_softcapping") or 0.0) if family == "gemma2" else 0.0,
-      sandwich_norms=family == "gemma2",
-      tie_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
-      dtype=dtype,
-      param_dtype=param_dtype,
-      **_rope(hf),
+      query_pre_attn_scalar=_field(hf, "query_pre_attn_scalar", where, "number", 0.0, 0.0) if gemma2 else 0.0,
+      attn_logit_softcap=_field(hf, "attn_logit_softcapping", where, "number", 0.0, 0.0) if gemma2 else 0.0,
+      final_logit_softcap=_field(hf, "final_logit_softcapping", where, "number", 0.0, 0.0) if gemma2 else 0.0,
+      sandwich_norms=gemma2,
+      tie_embeddings=_field(hf, "tie_word_embeddings", where, "bool", gemma),
+      **_rope(hf, where),
   )
+  try:
+    return ModelConfig(**fields, dtype=dtype, param_dtype=param_dtype)
+  except ConfigError as err:  # well-typed fields that make no model: heads not a multiple of kv heads, ...
+    raise ConfigError(f"{where}: {err}") from None
 
 
 _ARCHITECTURES = {

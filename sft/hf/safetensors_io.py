@@ -3,6 +3,12 @@
 The bytes are read and written by the `safetensors` package (its numpy backend, bfloat16 included);
 this module only adds what sft needs around it: one open handle per file however many tensors it
 holds, refusal of index entries that point outside the folder, and ValueErrors that name the file.
+
+The package (0.8.0) validates the header itself: not a JSON object, a length past the end of the file,
+negative, reversed, out-of-bounds, overlapping or gapped offsets, bytes left over, an unknown dtype,
+shape x itemsize not the byte length, all fail in `safe_open` (tests/test_hf.py pins each). What it
+accepts is a tensor name listed twice (the last entry wins, so two readers could disagree on which
+bytes it holds): that is checked here.
 """
 
 from __future__ import annotations
@@ -10,12 +16,15 @@ from __future__ import annotations
 import contextlib
 import json
 import pathlib
+import struct
 from typing import Iterator, Mapping
 
 import ml_dtypes
 import numpy as np
 import safetensors
 import safetensors.numpy
+
+from sft.errors import ConfigError
 
 # The dtypes sft reads and writes. The package knows more (float8, float4, ...), but its numpy backend
 # fails on those with an AttributeError, and no model sft loads stores them.
@@ -48,6 +57,23 @@ def _file_errors(path: pathlib.Path) -> Iterator[None]:
     raise ValueError(f"{path}: the safetensors reader failed on this file ({err})") from None
 
 
+def _check_unique_names(path: pathlib.Path) -> None:
+  """Refuses a header that lists a tensor twice, which the package accepts (last entry wins). Called
+  after `safe_open`, so the header is known to be a JSON object within the file."""
+
+  def refuse_repeats(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    seen = set()
+    for name, _ in pairs:
+      if name in seen:
+        raise ValueError(f"{path}: tensor {name!r} is listed twice in the header")
+      seen.add(name)
+    return dict(pairs)
+
+  with path.open("rb") as f:
+    (length,) = struct.unpack("<Q", f.read(8))
+    json.loads(f.read(length), object_pairs_hook=refuse_repeats)
+
+
 class SafetensorsFile:
   """One .safetensors file, opened (memory-mapped) once; tensors are read one at a time."""
 
@@ -55,6 +81,7 @@ class SafetensorsFile:
     self.path = pathlib.Path(path)
     with _file_errors(self.path):
       self._file = safetensors.safe_open(self.path, framework="numpy")
+    _check_unique_names(self.path)
 
   def keys(self) -> list[str]:
     return sorted(self._file.keys())
@@ -89,18 +116,23 @@ def save_file(tensors: Mapping[str, np.ndarray], path: str | pathlib.Path, metad
 
 
 def _shard_names(index: pathlib.Path) -> dict[str, str]:
-  """tensor name -> file name, from a sharded checkpoint's index, refusing files outside its folder."""
+  """tensor name -> file name, from a sharded checkpoint's index: a ConfigError naming the index and the
+  key when it is malformed or names a file outside its folder."""
   try:
-    weight_map = json.loads(index.read_text())["weight_map"]
-  except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
-    raise ValueError(f"{index}: not a safetensors index with a weight_map ({err!r})") from None
+    content = json.loads(index.read_text(encoding="utf-8"))
+  except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+    raise ConfigError(f"{index} is not valid JSON ({err})") from None
+  if not isinstance(content, dict) or "weight_map" not in content:
+    raise ConfigError(f"{index} has no weight_map: not a safetensors index")
+  weight_map = content["weight_map"]
   if not isinstance(weight_map, dict):
-    raise ValueError(f"{index}: weight_map is a {type(weight_map).__name__}, not an object")
+    raise ConfigError(f"{index}: weight_map is a {type(weight_map).__name__}, not an object of tensor name -> file name")
   for tensor, file in weight_map.items():
     # Checked on the name, not the resolved path: the Hub's cache links every file to a blob elsewhere.
+    # Without links the two agree: a relative name with no ".." (nor a Windows "\\") cannot leave the folder.
     name = pathlib.PurePosixPath(file) if isinstance(file, str) else None
-    if name is None or not name.parts or name.is_absolute() or ".." in name.parts:
-      raise ValueError(f"{index}: tensor {tensor!r} is mapped to {file!r}, which is not a file inside {index.parent}")
+    if name is None or not name.parts or name.is_absolute() or ".." in name.parts or "\\" in file:
+      raise ConfigError(f"{index}: weight_map[{tensor!r}] is {file!r}, which is not a file inside {index.parent}")
   return weight_map
 
 

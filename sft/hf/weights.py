@@ -20,7 +20,7 @@ from jax.experimental import multihost_utils
 
 from sft.console import bar, track
 from sft.hf import safetensors_io
-from sft.hf.config import from_hf_config, to_hf_config
+from sft.hf.config import from_hf_config, read_hf_config, to_hf_config
 from sft.model import ModelConfig, Transformer
 
 Convert = Callable[[np.ndarray, ModelConfig], np.ndarray]
@@ -161,7 +161,7 @@ def load_model(folder: str | pathlib.Path, *, dtype: str = "float32", param_dtyp
   config_path = folder / "config.json"
   if not config_path.exists():
     raise FileNotFoundError(f"{folder} has no config.json")
-  cfg = from_hf_config(json.loads(config_path.read_text()), dtype=dtype, param_dtype=param_dtype)
+  cfg = from_hf_config(read_hf_config(config_path), dtype=dtype, param_dtype=param_dtype, source=str(config_path))
   return cfg, load_params(folder, cfg, shardings)
 
 

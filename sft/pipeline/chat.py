@@ -10,6 +10,21 @@ import numpy as np
 ROLES = ("system", "user", "assistant")
 Message = Mapping[str, str]
 
+# Chat markup of this project and of common chat formats (ChatML, Llama 2, Llama 3, Mistral, Gemma):
+# text that holds these was likely written for, or against, some model's chat format.
+KNOWN_CONTROL_STRINGS: tuple[str, ...] = tuple(
+    dict.fromkeys(
+        [
+            "<|system|>", "<|user|>", "<|assistant|>", "<|end|>",
+            "<|im_start|>", "<|im_end|>",
+            "[INST]", "[/INST]", "<<SYS>>", "<</SYS>>", "<s>", "</s>",
+            "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|end_of_text|>",
+            "[INST]", "[/INST]",
+            "<start_of_turn>", "<end_of_turn>", "<bos>", "<eos>",
+        ]
+    )
+)  # fmt: skip
+
 
 def validate_messages(messages: Any) -> str | None:
   """Returns why `messages` is not a usable chat, or None if it is."""
@@ -41,12 +56,20 @@ class ChatTokenizer(Protocol):
     """Ids that end an answer at generation time."""
     ...
 
-  def encode(self, text: str) -> list[int]: ...
+  @property
+  def control_strings(self) -> tuple[str, ...]:
+    """The strings that are control (special) tokens; only the chat format writes them as such."""
+    ...
+
+  def encode(self, text: str) -> list[int]:
+    """Plain text: control strings in it are spelled out with ordinary tokens."""
+    ...
 
   def decode(self, ids: Sequence[int]) -> str: ...
 
   def tokenize_chat(self, messages: Sequence[Message]) -> tuple[np.ndarray, np.ndarray]:
-    """(int32[L] tokens, int32[L] loss mask): 1 on the tokens the assistant writes."""
+    """(int32[L] tokens, int32[L] loss mask): 1 on the tokens the assistant writes. Message content is
+    plain text: only the chat format's own markup becomes control tokens."""
     ...
 
   def tokenize_text(self, text: str) -> tuple[np.ndarray, np.ndarray]:

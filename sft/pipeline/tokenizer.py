@@ -1,7 +1,9 @@
 """The built-in SentencePiece tokenizer and its chat format; `load_tokenizer` for any tokenizer.
 
 Ids 0-3 are fixed (pad, unk, bos, eos); the role markers and the end-of-turn marker are user-defined
-symbols, so they are single tokens that ordinary text never produces by accident. A chat renders as
+symbols, so they are single tokens. SentencePiece matches user-defined symbols anywhere in its input,
+so `encode` uses a copy of the model in which they are unused pieces: text, message content included,
+never becomes a control token, and only `tokenize_chat` writes them. A chat renders as
 `BOS <|role|> content <|end|> ...` (see `tokenize_chat`).
 """
 
@@ -16,12 +18,12 @@ import sentencepiece as spm
 
 from sft.errors import ConfigError
 from sft.pipeline.chat import ChatTokenizer, validate_messages
+from sft.pipeline.sentencepiece_proto import plain_text_model
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
 END_OF_TURN = "<|end|>"
 CONTROL_TOKENS = (*ROLE_TOKENS.values(), END_OF_TURN)
-
 
 class Tokenizer:
   """A picklable wrapper (grain may copy transforms into workers) around a SentencePiece model."""
@@ -38,6 +40,7 @@ class Tokenizer:
       raise ValueError(f"tokenizer lacks the chat control tokens {missing}; retrain it with sft.pipeline.train_tokenizer")
     self.role_ids = {role: self._sp.piece_to_id(tok) for role, tok in ROLE_TOKENS.items()}
     self.end_id = self._sp.piece_to_id(END_OF_TURN)
+    self._plain = plain_text_model(model_proto)
 
   def __reduce__(self):
     return (Tokenizer, (self.model_proto,))
@@ -46,8 +49,14 @@ class Tokenizer:
   def vocab_size(self) -> int:
     return self._sp.get_piece_size()
 
+  @property
+  def control_strings(self) -> tuple[str, ...]:
+    """The strings only the chat format writes as tokens; in text they are spelled out."""
+    return CONTROL_TOKENS
+
   def encode(self, text: str) -> list[int]:
-    return self._sp.encode(text)
+    """Plain text: `<|end|>` in `text` is spelled out, never the end-of-turn token."""
+    return self._plain.encode(text)
 
   def decode(self, ids: Iterable[int]) -> str:
     return self._sp.decode([int(i) for i in ids])

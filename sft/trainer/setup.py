@@ -5,7 +5,6 @@ parameters to answer with."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import pathlib
 from typing import Any
@@ -29,7 +28,8 @@ CHECKPOINTS = "checkpoints"
 
 
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
-  """From the checkpoint's config.json when there is one (dtype, remat and LoRA still from the run config)."""
+  """From the checkpoint's config.json when there is one (dtype, remat and LoRA still from the run config);
+  a malformed config.json is a ConfigError naming the file and key."""
   model = config.model.to_dict()
   checkpoint = model.pop("checkpoint")
   if not checkpoint:
@@ -37,7 +37,7 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
   config_path = pathlib.Path(checkpoint) / "config.json"
   if not config_path.exists():
     raise ConfigError(f"model.checkpoint={checkpoint!r} has no config.json")
-  cfg = hf.from_hf_config(json.loads(config_path.read_text()), dtype=model["dtype"], param_dtype=model["param_dtype"])
+  cfg = hf.from_hf_config(hf.read_hf_config(config_path), dtype=model["dtype"], param_dtype=model["param_dtype"], source=str(config_path))
   log.info("model: shape and numerics from %s (the model.* shape keys of the config are not used)", config_path)
   lora = {k: model[k] for k in ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")}
   return dataclasses.replace(cfg, remat=model["remat"], **lora)

@@ -21,6 +21,7 @@ import ml_collections
 
 from sft import databuilder, hf, pipeline
 from sft.console import track
+from sft.databuilder.pipeline import check_outputs
 from sft.errors import ConfigError
 from sft.model import ModelConfig, lora
 from sft.trainer import setup
@@ -67,18 +68,18 @@ def load_splits(
     config: ml_collections.ConfigDict, workdir: pathlib.Path, *, generator: Any = None
 ) -> tuple[dict[str, Any], dict[str, Any]]:
   """(splits, accounting): splits are train, eval and pretrain record sequences. With data.source
-  "build" the build runs first when <workdir>/data holds none (`generator` serves its annotation)."""
+  "build" the build runs first when <workdir>/data holds none (`generator` serves its annotation).
+  Either way the folder must hold a finished build: a manifest whose every output is there, whole."""
   if config.data.source == "dir":
     folder = pathlib.Path(config.data.dir)
-    manifest = databuilder.load_manifest(folder)
   elif config.data.source == "build":
     folder = workdir / "data"
-    manifest = databuilder.ensure_built(config.data.build, folder, generator=generator)
+    databuilder.ensure_built(config.data.build, folder, generator=generator)
   else:
     raise ConfigError(f"data.source must be 'build' or 'dir', got {config.data.source!r}")
+  manifest = check_outputs(folder)
   splits = read_built(folder, need_pretrain=config.train.pretrain_steps > 0)
-  accounting = manifest["accounting"]["total"] if manifest else {}
-  return splits, {"records": {k: len(v) for k, v in splits.items()}, "build": accounting}
+  return splits, {"records": {k: len(v) for k, v in splits.items()}, "build": manifest["accounting"]["total"]}
 
 
 def prepare_tokenizer(config: ml_collections.ConfigDict, workdir: pathlib.Path, splits: dict[str, Any]) -> pipeline.ChatTokenizer:
