@@ -3,6 +3,8 @@
 import json
 import pickle
 
+import pytest
+
 from sft.databuilder import decontaminate, records, report
 
 QUESTION = "Which planet in the solar system has the largest number of confirmed moons orbiting it?"
@@ -87,3 +89,16 @@ def test_report_counts_both_kinds_of_decontamination(tmp_path):
   manifest = {"accounting": report.accounting(facts), "eval_sets": {"eval.jsonl": {"items": 5, "raw": 0}}}
   text = report.write_report(tmp_path, facts, manifest, examples_per_reason=1).read_text()
   assert "against 5 eval items: 1 dropped for a shared n-gram, 2 for holding a short eval item whole (exact)" in text
+
+
+def test_exact_min_words_is_a_config_key(tmp_path):
+  from sft.databuilder import build_config
+  from sft.databuilder.pipeline import params_of
+  from sft.errors import ConfigError
+
+  config = build_config()
+  config.input_dir = str(tmp_path)
+  assert params_of(config)["decontaminate"]["exact_min_words"] == decontaminate.EXACT_MIN_WORDS
+  config.decontaminate.exact_min_words = 0
+  with pytest.raises(ConfigError, match="exact_min_words"):
+    params_of(config)

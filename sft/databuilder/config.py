@@ -67,6 +67,9 @@ def build_config() -> ml_collections.ConfigDict:
   c.decontaminate.eval_files = ()  # evaluation sets, in any format the readers take
   c.decontaminate.ngram = 13
   c.decontaminate.min_words = 8  # shorter eval items are matched whole if at least this long
+  # Every eval item is also matched by its whole normalised text, whatever its length: a record (or
+  # turn) equal to it, or holding it when it has at least this many words, is dropped ("eval item (exact)").
+  c.decontaminate.exact_min_words = 3
 
   c.dedup = ml_collections.ConfigDict()
   c.dedup.exact = True  # same text after lowercasing and collapsing whitespace

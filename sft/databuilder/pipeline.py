@@ -65,6 +65,8 @@ def params_of(config: ml_collections.ConfigDict) -> dict[str, Any]:
     raise ConfigError(f"clean.control_strings must be one of {control.MODES}, got {p['clean']['control_strings']!r}")
   if p["clean"]["phone_leniency"] not in clean.PHONE_LENIENCIES:
     raise ConfigError(f"clean.phone_leniency must be one of {clean.PHONE_LENIENCIES}, got {p['clean']['phone_leniency']!r}")
+  if p["decontaminate"]["exact_min_words"] < 1:
+    raise ConfigError(f"decontaminate.exact_min_words must be at least 1, got {p['decontaminate']['exact_min_words']}")
   if p["read_max_record_bytes"] < 0:
     raise ConfigError(f"read_max_record_bytes must be >= 0 (0: no limit), got {p['read_max_record_bytes']}")
   bad_pii = set(p["clean"]["pii"]) - {"email", "ip_address", "phone"}
@@ -215,7 +217,7 @@ def build_dataset(config: ml_collections.ConfigDict, out_dir: str | pathlib.Path
     )
   dc = params["decontaminate"]
   try:
-    index, eval_items = decontaminate.index_from_files(dc["eval_files"], dc["ngram"], dc["min_words"])
+    index, eval_items = decontaminate.index_from_files(dc["eval_files"], dc["ngram"], dc["min_words"], dc["exact_min_words"])
   except FileNotFoundError as err:
     raise ConfigError(f"decontaminate.eval_files: {err}") from None
   for path, n in eval_items.items():
