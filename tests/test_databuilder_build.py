@@ -322,3 +322,20 @@ def test_training_refuses_a_folder_without_a_finished_build(built, tmp_path):
   (copy / "manifest.json").unlink()  # shards but no manifest: a build cut off half-way
   with pytest.raises(ConfigError, match="has no manifest.json: not a finished data build"):
     sources.load_splits(config, tmp_path)
+
+
+@pytest.mark.parametrize("content", [
+    "[1, 2]", '{"outputs": []}', '{"config_hash": "x", "outputs": [{"name": 1}], "accounting": {"total": {}}}',
+    '{"config_hash": "x", "outputs": [{"file": "../train.jsonl"}], "accounting": {"total": {}}}',
+    '{"config_hash": "x", "outputs": [], "accounting": []}', "\xff not json",
+])
+def test_a_hostile_manifest_is_a_config_error(tmp_path, content):
+  from sft.databuilder import check_outputs
+
+  folder = tmp_path / "data"
+  folder.mkdir()
+  (folder / "manifest.json").write_bytes(content.encode("latin-1"))
+  with pytest.raises(ConfigError, match="manifest|outside|JSON"):
+    check_outputs(folder)  # what training calls
+  with pytest.raises(ConfigError, match="manifest|outside|JSON"):
+    build_dataset(mix_config(), folder, progress=False)  # a rebuild into it

@@ -122,7 +122,7 @@ def _owned(out_dir: pathlib.Path) -> set[str]:
           "(or a build was cut off while it replaced one), and its files may be someone else's; use an empty folder"
       )
     return set()
-  names = {e["file"] for e in manifest.get("outputs", [])}
+  names = {e["file"] for e in manifest["outputs"]}
   bad = sorted(n for n in names if pathlib.PurePath(n).name != n or n in (".", ".."))
   if bad:
     raise ConfigError(f"{out_dir / MANIFEST} lists outputs outside its folder: {bad[:3]}")
@@ -271,9 +271,29 @@ def load_manifest(out_dir: str | pathlib.Path) -> dict[str, Any] | None:
   if not path.exists():
     return None
   try:
-    return json.loads(path.read_text())
-  except json.JSONDecodeError as err:
+    manifest = json.loads(path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
     raise ConfigError(f"{path} is not valid JSON ({err}): not a finished data build") from None
+  reason = _malformed(manifest)
+  if reason:
+    raise ConfigError(f"{path} is not a data build's manifest: {reason}")
+  return manifest
+
+
+def _malformed(manifest: Any) -> str | None:
+  """Why `manifest` lacks what readers of a build rely on (None when it has it all)."""
+  if not isinstance(manifest, dict):
+    return "not a JSON object"
+  if not isinstance(manifest.get("config_hash"), str):
+    return "no config_hash"
+  outputs = manifest.get("outputs")
+  if not isinstance(outputs, list) or not all(isinstance(e, dict) and isinstance(e.get("file"), str) for e in outputs):
+    return "outputs is not a list of {file: ...} entries"
+  if any(not isinstance(e.get("bytes", 0), int) for e in outputs):
+    return "an output's bytes is not an integer"
+  if not isinstance(manifest.get("accounting"), dict) or not isinstance(manifest["accounting"].get("total"), dict):
+    return "no accounting.total"
+  return None
 
 
 def check_outputs(out_dir: str | pathlib.Path) -> dict[str, Any]:
@@ -283,7 +303,9 @@ def check_outputs(out_dir: str | pathlib.Path) -> dict[str, Any]:
   manifest = load_manifest(folder)
   if manifest is None:
     raise ConfigError(f"{folder} has no {MANIFEST}: not a finished data build")
-  for entry in manifest.get("outputs", []):
+  for entry in manifest["outputs"]:
+    if pathlib.PurePath(entry["file"]).name != entry["file"] or entry["file"] in (".", ".."):
+      raise ConfigError(f"{folder / MANIFEST} lists an output outside its folder: {entry['file']!r}")
     path = folder / entry["file"]
     if not path.is_file():
       raise ConfigError(f"{folder}: {entry['file']} is listed in {MANIFEST} but missing: an incomplete data build")

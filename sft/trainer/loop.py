@@ -83,7 +83,7 @@ def initial_state(config, run: setup.RunSetup, optimizer, abstract_state, state_
 def _log_data(config, data_summary: dict[str, Any], splits: dict[str, Any], tokenizer, model_cfg) -> None:
   if tokenizer.vocab_size > model_cfg.vocab_size:
     raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {model_cfg.vocab_size}")
-  log.info("data: %s records; the build read %s", data_summary["records"], data_summary["build"] or "(no manifest)")
+  log.info("data: %s records; the build read %s", data_summary["records"], data_summary["build"])
   for name in ("pretrain", "train"):
     cut = pipeline.count_truncated(splits[name], tokenizer, config.train.seq_len)
     if cut:

@@ -21,7 +21,6 @@ import ml_collections
 
 from sft import databuilder, hf, pipeline
 from sft.console import track
-from sft.databuilder.pipeline import check_outputs
 from sft.errors import ConfigError
 from sft.model import ModelConfig, lora
 from sft.trainer import setup
@@ -77,7 +76,7 @@ def load_splits(
     databuilder.ensure_built(config.data.build, folder, generator=generator)
   else:
     raise ConfigError(f"data.source must be 'build' or 'dir', got {config.data.source!r}")
-  manifest = check_outputs(folder)
+  manifest = databuilder.check_outputs(folder)
   splits = read_built(folder, need_pretrain=config.train.pretrain_steps > 0)
   return splits, {"records": {k: len(v) for k, v in splits.items()}, "build": manifest["accounting"]["total"]}
 
