@@ -69,6 +69,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.num_generations = 64  # held-out prompts answered greedily for exact match
   c.eval.max_new_tokens = 48
   c.eval.num_samples_to_print = 5
+  # How answers are compared for exact match and token F1: "squad" (lowercase, no punctuation, no
+  # articles, single spaces: SQuAD's evaluation script) or "whitespace" (single spaces only).
+  c.eval.answer_normalization = "squad"
 
   # Answering prompts with `launch.py --generate=...` from the latest checkpoint of the workdir.
   c.sample = ml_collections.ConfigDict()
