@@ -65,7 +65,7 @@ def _resolve_config_args(argv):
 def parse_flags(argv):
   argv = _resolve_config_args(argv)
   try:
-    return flags.FLAGS(argv)
+    remaining = flags.FLAGS(argv)
   except (AttributeError, KeyError) as err:  # the locked config has no such key
     overrides = [a for a in argv if a.startswith("--config.")]
     key = str(err).strip("\"'")
@@ -79,6 +79,19 @@ def parse_flags(argv):
     if cause is not None:
       sys.exit(f"FATAL {cause}")
     sys.exit(f"FATAL flags: {err}\nPass --helpfull to see the flags.")
+  _check(_CONFIG.value)
+  return remaining
+
+
+def _check(config):
+  """Every key of the config, as the file and the overrides left it, before any job starts."""
+  from sft.config_check import check_config  # noqa: PLC0415  (loads JAX: not needed for --help)
+  from sft.errors import ConfigError  # noqa: PLC0415
+
+  try:
+    check_config(config)
+  except ConfigError as err:
+    sys.exit(f"FATAL {err}")
 
 
 def _innermost(err, kind):
@@ -92,7 +105,7 @@ def _innermost(err, kind):
 def run(argv):
   """The absl main: build, generate or train with the parsed flags."""
   from sft import jobs  # noqa: PLC0415  (JAX comes with it: not needed for --help)
-  from sft.errors import ConfigError  # noqa: PLC0415
+  from sft.errors import ConfigError, RunStopped  # noqa: PLC0415
 
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -112,6 +125,8 @@ def run(argv):
       jobs.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except ConfigError as err:
     sys.exit(f"FATAL {err}")
+  except RunStopped as stopped:  # a checkpoint was saved and the log says so; the exit code names the signal
+    sys.exit(stopped.exit_code)
 
 
 def main():

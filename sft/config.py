@@ -1,7 +1,9 @@
 """Every key a run reads, with its default. Experiment files under `configs/` start from here.
 
 Configs are locked by the launcher, so a mistyped `--config.train.stpes=5` fails instead of being
-ignored, and ConfigDict refuses values of the wrong type.
+ignored, and ConfigDict refuses values of the wrong type. What a config file does to its unlocked dict
+(`c.train.sft_stpes = 5`), and values that cannot work (`train.log_every = 0`),
+`sft.config_check.check_config` finds: the launcher and the jobs call it before any work.
 """
 
 from __future__ import annotations

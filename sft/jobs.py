@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import ml_collections
 
 from sft import databuilder, serve
+from sft.config_check import check_config
 from sft.trainer import loop
 
 
@@ -25,12 +26,14 @@ def annotation_generator(build: ml_collections.ConfigDict) -> serve.ModelGenerat
 
 def build_dataset(config: ml_collections.ConfigDict, out_dir: str | pathlib.Path, **kwargs: Any) -> dict[str, Any]:
   """`sft.databuilder.build_dataset`, served by the model `annotate.model_workdir` names; returns the manifest."""
+  check_config(config)  # every key, before a model is loaded or a file read
   kwargs.setdefault("generator", annotation_generator(config))
   return databuilder.build_dataset(config, out_dir, **kwargs)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, **kwargs: Any) -> dict[str, Any]:
   """`sft.trainer.loop.train_and_evaluate`, its data build (data.source="build") served like `build_dataset`."""
+  check_config(config)  # every key, before the annotation model loads
   if config.data.source == "build":
     kwargs.setdefault("generator", annotation_generator(config.data.build))
   return loop.train_and_evaluate(config, workdir, **kwargs)

@@ -1,10 +1,14 @@
 """HFTokenizer: chat templates rendered with jinja2, assistant mask found from the template itself."""
 
+import io
 import json
 
 import numpy as np
 import pytest
+import sentencepiece as spm
 import tokenizers
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from sft.pipeline import tokenize_record
@@ -29,11 +33,11 @@ CHAT = [
 ]
 
 
-def make_folder(path, template, **config):
+def make_folder(path, template, specials=SPECIALS, **config):
   tok = tokenizers.Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=list(specials), initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
   tok.train_from_iterator([m["content"] for m in CHAT] * 10 + ["system user assistant"] * 10, trainer)
   path.mkdir(parents=True, exist_ok=True)
   tok.save(str(path / "tokenizer.json"))
@@ -136,3 +140,143 @@ def test_load_tokenizer_opens_a_hugging_face_folder_that_speaks_the_chat_protoco
   assert isinstance(tok, HFTokenizer) and isinstance(tok, ChatTokenizer)
   tokens, mask = tok.tokenize_chat(CHAT)
   assert len(tokens) == len(mask) and mask.any()
+
+
+# --- the end of turn: generation stops where the template ends an assistant message -------------------
+
+# The families' own templates (from their tokenizer_config.json), where LLAMA3 and CHATML above are short.
+GEMMA = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}{% endif %}"
+    "{{ '<start_of_turn>' + role + '\\n' + message['content'] | trim + '<end_of_turn>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<start_of_turn>model\\n'}}{% endif %}"
+)
+MISTRAL = (
+    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}"
+    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
+)
+LLAMA2 = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set system_message = messages[0]['content'] %}"
+    "{% else %}{% set loop_messages = messages %}{% set system_message = false %}{% endif %}"
+    "{% for message in loop_messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if loop.index0 == 0 and system_message != false %}"
+    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}"
+)
+# name: (template, tokenizer_config.json, special tokens (tokenizer.json) or user-defined symbols (tokenizer.model), end of turn)
+FAMILIES = {
+    "qwen": (CHATML, {"eos_token": "<|endoftext|>"}, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], "<|im_end|>"),
+    "llama3": (
+        LLAMA3, {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"},
+        [*SPECIALS, "<|end_of_text|>"], "<|eot_id|>",
+    ),
+    "gemma": (GEMMA, {"bos_token": "<bos>", "eos_token": "<eos>"}, ["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"], "<end_of_turn>"),
+    "mistral": (MISTRAL, {"bos_token": "<s>", "eos_token": "</s>"}, ["<s>", "</s>"], "</s>"),
+    "llama2.model": (LLAMA2, {"bos_token": "<s>", "eos_token": "</s>"}, ["[INST]", "[/INST]", "<<SYS>>", "<</SYS>>"], "</s>"),
+    "chatml.model": (CHATML, {"bos_token": "<s>", "eos_token": "</s>"}, ["<|im_start|>", "<|im_end|>"], "<|im_end|>"),
+}  # fmt: skip
+
+
+def make_sp_folder(path, template, symbols, **config):
+  """A tokenizer.model folder (SentencePiece: <unk> <s> </s> are control pieces 0-2), like Llama 2's."""
+  model = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter([m["content"] for m in CHAT] * 20), model_writer=model, vocab_size=300, minloglevel=2,
+      user_defined_symbols=symbols, byte_fallback=True, normalization_rule_name="identity",
+      remove_extra_whitespaces=False, hard_vocab_limit=False,
+  )  # fmt: skip
+  path.mkdir(parents=True, exist_ok=True)
+  (path / "tokenizer.model").write_bytes(model.getvalue())
+  (path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template, **config}))
+  return path
+
+
+def family_folder(path, name):
+  template, config, specials, _ = FAMILIES[name]
+  if name.endswith(".model"):
+    return make_sp_folder(path, template, specials, **config)
+  return make_folder(path, template, specials=specials, **config)
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request, tmp_path_factory):
+  return request.param, HFTokenizer(family_folder(tmp_path_factory.mktemp(request.param.replace(".", "_")), request.param))
+
+
+def test_stop_ids_hold_the_end_of_turn_the_template_writes(family):
+  name, tok = family
+  end = tok.token_id(FAMILIES[name][3])
+  assert tok.end_of_turn_ids == (end,)
+  assert set(tok.stop_ids) == {tok.eos_id, end}  # Qwen, Llama 3, Gemma, ChatML: two ids; Llama 2, Mistral: eos is the end
+  assert tok.render([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]).count(FAMILIES[name][3]) >= 1
+
+
+TURN_CONTENT = st.lists(
+    st.sampled_from(["hi", " there", "\n", "  ", "é日本 😀", "<|im_end|>", "<|eot_id|>", "<end_of_turn>", "</s>", "<eos>", "[/INST]", "."]),
+    max_size=6,
+).map(lambda parts: "a" + "".join(parts) + "z")  # no edge whitespace: Gemma and Llama trim it
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(contents=st.tuples(TURN_CONTENT, TURN_CONTENT, TURN_CONTENT, TURN_CONTENT))
+def test_every_learned_answer_ends_at_a_stop_id(family, contents):
+  """What training teaches the model to write after an answer is a token generation stops at, and no
+  answer text (forged end-of-turn strings included) is one."""
+  _, tok = family
+  roles = ["user", "assistant", "user", "assistant"]
+  chat = [{"role": r, "content": c} for r, c in zip(roles, contents)]
+  tokens, mask = tok.tokenize_chat(chat)
+  answers = [[int(t) for t, m in run] for learned, run in _mask_runs(tokens, mask) if learned]
+  assert len(answers) == 2
+  for answer, message in zip(answers, chat[1::2]):
+    first_stop = next((i for i, t in enumerate(answer) if t in tok.stop_ids), None)
+    assert first_stop is not None, f"the answer {tok.decode(answer)!r} holds no stop id"
+    assert tok.decode(answer[:first_stop]).strip() == message["content"]
+
+
+def _mask_runs(tokens, mask):
+  runs = []
+  for token, m in zip(tokens, mask):
+    if runs and runs[-1][0] == m:
+      runs[-1][1].append((token, m))
+    else:
+      runs.append((m, [(token, m)]))
+  return runs
+
+
+def test_a_template_that_writes_no_special_after_an_answer_falls_back_to_eos(tmp_path):
+  plain = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
+  tok = HFTokenizer(make_folder(tmp_path / "plain", plain, eos_token="<|im_end|>"))
+  assert tok.end_of_turn_ids == () and tok.stop_ids == (tok.token_id("<|im_end|>"),)
+  # Specials further on, after text, are not the end of the turn.
+  late = "{% for m in messages %}{{ m['content'] + ' (end) <|eot_id|>' }}{% endfor %}"
+  tok = HFTokenizer(make_folder(tmp_path / "late", late, eos_token="<|im_end|>"))
+  assert tok.end_of_turn_ids == () and tok.stop_ids == (tok.token_id("<|im_end|>"),)
+  # A template that cannot render a user/assistant chat (it would fail on the data too) keeps the eos.
+  refusing = "{{ raise_exception('system message required') }}"
+  tok = HFTokenizer(make_folder(tmp_path / "refusing", refusing, eos_token="<|im_end|>"))
+  assert tok.stop_ids == (tok.token_id("<|im_end|>"),)
+
+
+def test_generation_config_eos_ids_are_stops_too(tmp_path):
+  folder = make_folder(tmp_path, CHATML, specials=FAMILIES["qwen"][2], eos_token="<|endoftext|>")
+  (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 9]}))
+  tok = HFTokenizer(folder)
+  assert set(tok.stop_ids) == {7, 9, tok.eos_id, tok.token_id("<|im_end|>")}
+
+
+def test_the_builtin_tokenizer_stops_at_its_end_of_turn_and_eos(tokenizer):
+  from sft.pipeline.tokenizer import EOS_ID
+
+  tokens, mask = tokenizer.tokenize_chat([{"role": "user", "content": "q"}, {"role": "assistant", "content": "an answer"}])
+  learned = [int(t) for t, m in zip(tokens, mask) if m]
+  assert tokenizer.decode(learned[:-1]) == "an answer" and learned[-1] in tokenizer.stop_ids
+  assert set(tokenizer.stop_ids) == {tokenizer.end_id, EOS_ID}

@@ -71,6 +71,26 @@ def test_mistyped_config_key_fails_clearly(tmp_path):
   assert not (tmp_path / "checkpoints").exists()
 
 
+def test_config_file_and_value_problems_fail_before_any_work(tmp_path):
+  # A typo in a config file is a new key of the unlocked dict, not a flag error: check_config names it.
+  config_file = tmp_path / "typo.py"
+  config_file.write_text("from configs import quickstart\n\n\ndef get_config():\n  c = quickstart.get_config()\n  c.train.sft_stpes = 5\n  return c\n")
+  workdir = tmp_path / "run"
+  cmd = [sys.executable, "launch.py", f"--workdir={workdir}"]
+  typo = subprocess.run([*cmd, f"--config={config_file}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert typo.returncode != 0
+  assert "FATAL train.sft_stpes: no such key; did you mean train.sft_steps?" in typo.stderr, typo.stderr[-2000:]
+  assert "Traceback" not in typo.stderr
+  # A zero interval divided by zero only after the data build: now every such value fails at once, in seconds.
+  zero = [*cmd, "--config=configs/quickstart.py", "--config.train.log_every=0", "--config.eval.every_steps=0"]
+  result = subprocess.run(zero, cwd=ROOT, capture_output=True, text=True, timeout=60)
+  assert result.returncode != 0
+  assert "FATAL 2 problems in the config:" in result.stderr, result.stderr[-2000:]
+  assert "train.log_every: must be >= 1, got 0" in result.stderr and "eval.every_steps: must be >= 1, got 0" in result.stderr
+  assert "Traceback" not in result.stderr
+  assert not workdir.exists()  # no data built, nothing written
+
+
 def test_build_config_runs_the_data_builder(tmp_path):
   cmd = [sys.executable, "launch.py", "--config=configs/build_mix.py", f"--workdir={tmp_path}"]
   result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -90,3 +90,32 @@ def test_count_truncated(tokenizer):
   short = {"text": "a b"}
   long = {"text": " ".join(["word"] * 200)}
   assert count_truncated([short, long, long], tokenizer, seq_len=32) == 2
+
+
+@pytest.mark.parametrize("processes", [2, 4])
+def test_every_process_feeds_its_rows_of_one_global_stream(tokenizer, chat_records, processes):
+  """Process i's rows of each batch are rows i*b..(i+1)*b of the global batch, and the iterator state
+  is a position in the global stream: saved by 4 processes, it resumes 2 (or 1) on the same batches."""
+  rows = 8
+
+  def stream(rows_slice=None):
+    return iter(train_dataset(chat_records, tokenizer=tokenizer, seq_len=SEQ_LEN, batch_size=rows, seed=5, rows=rows_slice))
+
+  whole = stream()
+  globals_ = [next(whole) for _ in range(4)]
+  per = rows // processes
+  parts = [stream(slice(i * per, (i + 1) * per)) for i in range(processes)]
+  for batch in globals_[:2]:
+    got = [next(p) for p in parts]
+    for key in batch:
+      np.testing.assert_array_equal(np.concatenate([g[key] for g in got]), batch[key])
+  states = [p.get_state() for p in parts]
+  assert all(s == states[0] for s in states), "the data position is the same on every process"
+  for other in (1, 2):
+    each = rows // other
+    resumed = [stream(slice(i * each, (i + 1) * each)) for i in range(other)]
+    for r in resumed:
+      r.set_state(states[0])
+    for batch in globals_[2:]:
+      got = [next(r) for r in resumed]
+      np.testing.assert_array_equal(np.concatenate([g["inputs"] for g in got]), batch["inputs"])

@@ -1,13 +1,24 @@
-"""Sampling: greedy, temperature, top-k and top-p draw from the distributions they promise."""
+"""Sampling: greedy, temperature, top-k and top-p draw from the distributions they promise; generation
+stops at the chat template's end of turn; its ids can be placed replicated for multi-process runs."""
+
+import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from test_hf_tokenizer import CHAT, CHATML, FAMILIES, make_folder
 
 from sft.errors import ConfigError
-from sft.evaluator import Sampler, make_generate, pad_prompts
+from sft.evaluator import Evaluator, Sampler, make_generate, pad_prompts, strip_generation
 from sft.model import ModelConfig, Transformer
+from sft.pipeline.hf_tokenizer import HFTokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 LOGITS = jnp.log(jnp.array([[0.5, 0.25, 0.15, 0.1]]))
 
@@ -63,3 +74,124 @@ def test_sampled_generation_is_reproducible_and_respects_stop_ids():
     stops = [i for i, t in enumerate(row) if t in (5, 6)]
     if stops:
       assert set(row[stops[0] + 1 :]) <= {0}, row
+
+
+# --- stopping at the end of turn ----------------------------------------------------------------------
+
+
+class ScriptedModel:
+  """Stands in for a Transformer that has learned one chat by heart: at position t it predicts
+  `script[t + 1]`, so greedy decoding after a prefix of the script writes the rest of it."""
+
+  def __init__(self, script, vocab_size):
+    self.script = jnp.asarray(script, jnp.int32)
+    self.vocab_size = vocab_size
+    self.cfg = ModelConfig(vocab_size=vocab_size, d_model=8, num_layers=1, num_heads=1, num_kv_heads=1, head_dim=8, mlp_dim=8)
+
+  def apply(self, variables, tokens_bt, positions_bt, cache=None, cache_index_b=None):
+    next_bt = self.script[jnp.minimum(positions_bt + 1, len(self.script) - 1)]
+    return jax.nn.one_hot(next_bt, self.vocab_size) * 10.0, cache
+
+
+def test_generation_stops_at_the_template_end_of_turn_not_only_at_eos(tmp_path):
+  """Qwen's eos is <|endoftext|> and its turns end with <|im_end|>: a model that answers and then goes
+  on to write the next user turn, as fine-tuned models do, is cut at <|im_end|>."""
+  tok = HFTokenizer(make_folder(tmp_path, CHATML, specials=FAMILIES["qwen"][2], eos_token="<|endoftext|>"))
+  chat = [{"role": "user", "content": "What does json.dumps do?"}, {"role": "assistant", "content": "Serialize obj."}]
+  invented = [*chat, {"role": "user", "content": "And loads?"}, {"role": "assistant", "content": "Deserialize a str."}]
+  script, _ = tok.tokenize_chat(invented)
+  prompt, reference = tok.render_prompt(chat)
+  model = ScriptedModel(script, tok.vocab_size)
+  tokens_bp, lengths_b = pad_prompts([prompt, prompt], tok.pad_id)
+
+  def answer(stop_ids):
+    fn = make_generate(model, max_new_tokens=len(script) - len(prompt), stop_ids=stop_ids, pad_id=tok.pad_id)
+    rows = np.asarray(fn({}, tokens_bp, lengths_b, jax.random.key(0)))
+    return rows[0], tok.decode(strip_generation(rows[0], stop_ids, tok.pad_id))
+
+  row, text = answer(tok.stop_ids)
+  end = list(row).index(tok.token_id("<|im_end|>"))
+  assert text == reference and set(row[end + 1 :].tolist()) == {tok.pad_id}
+  row, text = answer((tok.eos_id,))  # the eos alone, as before: the answer runs into the invented turn
+  assert text.startswith(reference) and "And loads?" in text and tok.pad_id not in row.tolist()
+
+
+@pytest.mark.parametrize("normalization, expected", [("squad", 1.0), ("whitespace", 0.0)])
+def test_the_evaluator_compares_answers_as_configured(tmp_path, normalization, expected):
+  tok = HFTokenizer(make_folder(tmp_path, CHATML, specials=FAMILIES["qwen"][2], eos_token="<|endoftext|>"))
+  chat = [{"role": "user", "content": "What does json.dumps do?"}, {"role": "assistant", "content": "Serialize obj."}]
+  written = [chat[0], {"role": "assistant", "content": "Serialize THE obj"}, {"role": "user", "content": "And loads?"}]
+  script, _ = tok.tokenize_chat([*written, {"role": "assistant", "content": "Deserialize."}])
+  mesh = Mesh(np.asarray(jax.devices()[:1]), ("data",))
+  evaluator = Evaluator(
+      [{"messages": chat}], tokenizer=tok, model=ScriptedModel(script, tok.vocab_size), eval_step=None, place_batch=None,
+      seq_len=64, batch_size=2, num_generations=1, max_new_tokens=24, normalization=normalization,
+      out_sharding=NamedSharding(mesh, PartitionSpec()),
+  )  # fmt: skip
+  metrics, samples = evaluator.generation_metrics({})
+  assert [s.prediction for s in samples] == ["Serialize THE obj"]  # stopped at <|im_end|>
+  assert metrics["eval/exact_match"] == expected
+  assert metrics["eval/token_f1"] == pytest.approx(1.0 if expected else 0.4)  # whitespace: only "Serialize" is common
+
+
+def test_an_unknown_normalization_fails_when_the_evaluator_is_built(tmp_path):
+  tok = HFTokenizer(make_folder(tmp_path, CHATML, eos_token="<|im_end|>"))
+  with pytest.raises(ConfigError, match="answer_normalization.*squad"):
+    Evaluator(
+        [{"messages": CHAT}], tokenizer=tok, model=None, eval_step=None, place_batch=None, seq_len=64,
+        batch_size=2, num_generations=1, max_new_tokens=8, normalization="lowercase",
+    )  # fmt: skip
+
+
+# --- replicated output for multi-process evaluation ----------------------------------------------------
+
+
+def _tiny_generate(**kwargs):
+  """A cheap model to compile: what is placed, not what is computed, matters here."""
+  model = ScriptedModel(np.arange(64) % 29 + 3, vocab_size=32)
+  return {}, make_generate(model, max_new_tokens=6, stop_ids=(2,), pad_id=0, **kwargs)
+
+
+def test_out_sharding_places_the_generated_ids():
+  params, plain = _tiny_generate()
+  mesh = Mesh(np.asarray(jax.devices()[:1]), ("data",))
+  _, placed = _tiny_generate(out_sharding=NamedSharding(mesh, PartitionSpec()))
+  tokens, lengths = pad_prompts([[1, 2, 3], [4]], pad_id=0)
+  result = placed(params, tokens, lengths, jax.random.key(0))
+  assert result.sharding == NamedSharding(mesh, PartitionSpec()) and result.sharding.is_fully_replicated
+  np.testing.assert_array_equal(result, plain(params, tokens, lengths, jax.random.key(0)))
+
+
+# Run with 8 fake CPU devices, a batch sharded over them as the trainer places it.
+EIGHT_DEVICES = """
+import json, os
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+import jax, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from test_sampling import _tiny_generate
+
+mesh = Mesh(np.asarray(jax.devices()), ("data",))
+tokens = jax.device_put(np.arange(1, 33, dtype=np.int32).reshape(8, 4) % 32, NamedSharding(mesh, P("data")))
+lengths = jax.device_put(np.full(8, 4, np.int32), NamedSharding(mesh, P("data")))
+params, plain = _tiny_generate()
+_, placed = _tiny_generate(out_sharding=NamedSharding(mesh, P()))
+a, b = plain(params, tokens, lengths, jax.random.key(0)), placed(params, tokens, lengths, jax.random.key(0))
+print(json.dumps({
+    "devices": jax.device_count(),
+    "plain_replicated": a.sharding.is_fully_replicated,
+    "placed_replicated": b.sharding.is_fully_replicated,
+    "placed_shard_shapes": sorted({tuple(s.data.shape) for s in b.addressable_shards}),
+    "equal": bool(np.array_equal(np.asarray(a), np.asarray(b))),
+}))
+"""
+
+
+def test_out_sharding_replicates_a_batch_sharded_over_eight_devices():
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env["PYTHONPATH"] = os.pathsep.join([ROOT, os.path.join(ROOT, "tests")])
+  proc = subprocess.run([sys.executable, "-c", EIGHT_DEVICES], capture_output=True, text=True, env=env, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert result["devices"] == 8
+  assert not result["plain_replicated"]  # left alone, the ids follow the batch: one process could not read them all
+  assert result["placed_replicated"] and result["placed_shard_shapes"] == [[8, 6]] and result["equal"]

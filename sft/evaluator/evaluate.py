@@ -1,4 +1,4 @@
-"""Held-out evaluation: response loss, perplexity and token accuracy; exact match of greedy answers."""
+"""Held-out evaluation: response loss, perplexity and token accuracy; exact match and token F1 of greedy answers."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from jax.experimental import multihost_utils
 from sft import pipeline
 from sft.console import track
 from sft.evaluator.generate import make_generate, pad_prompts, strip_generation
-from sft.evaluator.metrics import exact_match, mean_token_f1
+from sft.evaluator.metrics import exact_match, mean_token_f1, normalize_answer
 from sft.model import Transformer
 
 
@@ -48,7 +48,10 @@ class Evaluator:
       batch_size: int,
       num_generations: int,
       max_new_tokens: int,
+      normalization: str = "squad",  # eval.answer_normalization: how answers compare for exact match and F1
+      out_sharding: jax.sharding.Sharding | None = None,  # of the generated ids; replicated for multi-process runs
   ):
+    normalize_answer("", normalization)  # an unknown mode fails here, not at the first eval
     if not records:
       raise ValueError("the eval split is empty: there is nothing to evaluate on")
     process_count = jax.process_count()
@@ -75,7 +78,11 @@ class Evaluator:
     self._prompts = [p for p, _ in rendered]
     self._references = [ref for _, ref in rendered]
     self._generation_batch = batch_size  # prompts per generate call: one compiled shape, a bar that moves
-    self._generate = make_generate(model, max_new_tokens=max_new_tokens, stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id)
+    self._normalization = normalization
+    self._stop_ids = tokenizer.stop_ids
+    self._generate = make_generate(
+        model, max_new_tokens=max_new_tokens, stop_ids=self._stop_ids, pad_id=tokenizer.pad_id, out_sharding=out_sharding
+    )
 
   @property
   def num_batches(self) -> int:
@@ -108,13 +115,13 @@ class Evaluator:
             enabled=jax.process_index() == 0,
         )
     ])
-    predictions = [tok.decode(strip_generation(row, tok.stop_ids, tok.pad_id)) for row in generated_bn]
+    predictions = [tok.decode(strip_generation(row, self._stop_ids, tok.pad_id)) for row in generated_bn]
     samples = [
         Sample(tok.decode(p), ref, pred)
         for p, ref, pred in zip(self._prompts, self._references, predictions)
     ]
     metrics = {
-        "eval/exact_match": exact_match(predictions, self._references),
-        "eval/token_f1": mean_token_f1(predictions, self._references),
+        "eval/exact_match": exact_match(predictions, self._references, self._normalization),
+        "eval/token_f1": mean_token_f1(predictions, self._references, self._normalization),
     }
     return metrics, samples

@@ -78,16 +78,25 @@ def generate(
 
 
 def make_generate(
-    model: Transformer, *, max_new_tokens: int, stop_ids: tuple[int, ...], pad_id: int, sampler: Sampler = GREEDY
+    model: Transformer,
+    *,
+    max_new_tokens: int,
+    stop_ids: tuple[int, ...],
+    pad_id: int,
+    sampler: Sampler = GREEDY,
+    out_sharding: jax.sharding.Sharding | None = None,
 ) -> Callable:
-  """`fn(params, prompt_tokens_bp, prompt_lengths_b, rng) -> (B, max_new_tokens)`, compiled once per shape."""
+  """`fn(params, prompt_tokens_bp, prompt_lengths_b, rng) -> (B, max_new_tokens)`, compiled once per shape.
+
+  `out_sharding`: where the generated ids go. Left to the compiler they follow the batch's sharding,
+  which a multi-process run cannot `device_get`; a replicated sharding gives every process all rows.
+  """
   if max_new_tokens < 1:
     raise ConfigError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-  return jax.jit(
-      functools.partial(
-          generate, model=model, max_new_tokens=max_new_tokens, stop_ids=tuple(stop_ids), pad_id=pad_id, sampler=sampler
-      )
+  fn = functools.partial(
+      generate, model=model, max_new_tokens=max_new_tokens, stop_ids=tuple(stop_ids), pad_id=pad_id, sampler=sampler
   )
+  return jax.jit(fn) if out_sharding is None else jax.jit(fn, out_shardings=out_sharding)
 
 
 def make_greedy_generate(model: Transformer, *, max_new_tokens: int, stop_id: int, pad_id: int) -> Callable:

@@ -53,7 +53,8 @@ class ChatTokenizer(Protocol):
 
   @property
   def stop_ids(self) -> tuple[int, ...]:
-    """Ids that end an answer at generation time."""
+    """Ids that end an answer at generation time: the eos and the end-of-turn token(s) the chat format
+    writes right after an assistant message (a model fine-tuned on chats emits those, not the eos)."""
     ...
 
   @property

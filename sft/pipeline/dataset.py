@@ -1,7 +1,8 @@
 """grain pipelines: records -> packed, batched, per-process token arrays.
 
-Train:  source -> this process's shard -> shuffle -> repeat -> tokenize + shift -> first-fit packing
-        -> batch. Deterministic for a seed; its iterator state is checkpointed with the model.
+Train:  source -> shuffle -> repeat -> tokenize + shift -> first-fit packing -> global batch -> this
+        process's rows. Deterministic for a seed; its iterator state (a position in the global
+        stream, the same on every process) is checkpointed with the model.
 Eval:   the same without shuffle or repeat, the last batch padded, so one pass sees every example once.
 
 Batches are dicts of int32 arrays of shape (batch_size, seq_len): inputs, targets, loss_mask,
@@ -45,17 +46,33 @@ def train_dataset(
     seq_len: int,
     batch_size: int,
     seed: int,
-    process_index: int = 0,
-    process_count: int = 1,
+    rows: slice | None = None,
 ) -> grain.IterDataset:
-  """Endless packed batches of this process's share of `records` (batch_size rows per process)."""
-  if len(records) < process_count:
-    raise ValueError(f"{len(records)} records cannot be shared among {process_count} processes")
-  ds = _shard(grain.MapDataset.source(records), process_index, process_count)
+  """Endless packed global batches of `batch_size` rows; with `rows`, only those rows of each batch
+  (the ones this process feeds to its devices).
+
+  Every process runs the same global stream and keeps its rows, so the iterator's state is the
+  position in the global stream: a checkpoint resumes on any number of processes or devices with
+  the same global batches. (Each process tokenizes every record: cheap beside a training step.)
+  """
+  if not records:
+    raise ValueError("there are no records to train on")
+  ds = grain.MapDataset.source(records)
   # shuffle-then-repeat draws a fresh permutation every epoch.
   ds = ds.shuffle(seed=seed).repeat(None).map(TokenizeAndShift(tokenizer=tokenizer, max_len=seq_len))
   it = _packed(ds.to_iter_dataset(), seq_len=seq_len, batch_size=batch_size, seed=seed, shuffle=True)
-  return it.batch(batch_size, drop_remainder=True).map(unpack_features)
+  it = it.batch(batch_size, drop_remainder=True).map(unpack_features)
+  if rows is not None and rows != slice(0, batch_size):
+    it = it.map(_RowSlice(rows))
+  return it
+
+
+class _RowSlice(grain.transforms.Map):
+  def __init__(self, rows: slice):
+    self.rows = rows
+
+  def map(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: v[self.rows] for k, v in batch.items()}
 
 
 def pad_batch(batch: dict[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:

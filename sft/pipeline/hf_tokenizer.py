@@ -33,6 +33,10 @@ from sft.pipeline.sentencepiece_proto import USER_DEFINED, piece_types, plain_te
 MAX_RENDER_CHARS = 4_000_000  # a chat of ~1M tokens; also bounds any string or list the template builds
 RENDER_TIMEOUT_S = 5.0
 _limits: contextvars.ContextVar[tuple[float, int, float]] = contextvars.ContextVar("render_limits")
+# A one-turn chat whose rendering shows what the template writes after an answer (see `end_of_turn_ids`).
+_PROBE_ANSWER = "Paris is the capital of France."
+_PROBE_CHAT = ({"role": "user", "content": "What is the capital of France?"}, {"role": "assistant", "content": _PROBE_ANSWER})
+_SPACE = re.compile(r"\s*")
 
 
 def _token_text(value: Any) -> str | None:
@@ -196,6 +200,7 @@ class HFTokenizer:
     self.eos_id = self.token_id(self.eos_token) if self.eos_token else None
     pad = _token_text(self.config.get("pad_token"))
     self.pad_id = self.token_id(pad) if pad else (self.eos_id if self.eos_id is not None else 0)
+    self._end_of_turn: tuple[int, ...] | None = None  # found on first use: rendering may be slow or fail
 
   def _find_specials(self, config_specials: Sequence[str]) -> dict[str, _Special]:
     """The strings that are special tokens: what the template writes of them is one token each."""
@@ -395,9 +400,37 @@ class HFTokenizer:
     return self._chat(messages[:-1], add_generation_prompt=True).ids, messages[-1]["content"]
 
   @property
+  def end_of_turn_ids(self) -> tuple[int, ...]:
+    """The special tokens the template writes right after an assistant message, up to the first text
+    (whitespace aside): `<|im_end|>` (ChatML), `<|eot_id|>` (Llama 3), `<end_of_turn>` (Gemma), `</s>` (Llama 2).
+
+    Found by rendering a one-turn chat with a known answer. Empty when the template writes no special
+    token there, or cannot render such a chat (it fails on every chat then, so nothing is lost)."""
+    if self._end_of_turn is None:
+      self._end_of_turn = self._find_end_of_turn()
+    return self._end_of_turn
+
+  def _find_end_of_turn(self) -> tuple[int, ...]:
+    try:
+      text = self.render(_PROBE_CHAT)
+    except (jinja2.exceptions.TemplateError, ValueError, TypeError):
+      return ()
+    at = text.rfind(_PROBE_ANSWER)
+    if at < 0:  # the template rewrites answers: nothing to anchor on
+      return ()
+    ids, at = [], at + len(_PROBE_ANSWER)
+    # Llama 2 writes " </s>", Phi-3 "<|end|>\n<|endoftext|>": whitespace between specials is skipped.
+    while match := self._any_special.match(text, _SPACE.match(text, at).end()):
+      ids.append(self._specials[match.group()].token_id)
+      at = match.end()
+    return tuple(ids)
+
+  @property
   def stop_ids(self) -> tuple[int, ...]:
-    """End-of-sequence ids: the tokenizer's eos and those of generation_config.json."""
-    ids = {self.eos_id} if self.eos_id is not None else set()
+    """Ids that end an answer: the tokenizer's eos, generation_config.json's, and the end of turn the
+    chat template writes, which is often another token (Qwen's eos is `<|endoftext|>`, its turns end
+    with `<|im_end|>`); without it answers run on and invent the next turn."""
+    ids = {self.eos_id, *self.end_of_turn_ids} - {None}
     generation = self.folder / "generation_config.json"
     if generation.exists():
       eos = json.loads(generation.read_text()).get("eos_token_id")

@@ -66,7 +66,8 @@ class Tokenizer:
 
   @property
   def stop_ids(self) -> tuple[int, ...]:
-    return (self.end_id,)
+    """`<|end|>`, which `tokenize_chat` writes after every answer, and EOS, which ends pretraining text."""
+    return (EOS_ID, self.end_id)
 
   def tokenize_chat(self, messages: Sequence[Mapping[str, str]]) -> tuple[np.ndarray, np.ndarray]:
     return tokenize_chat(messages, self)

@@ -6,10 +6,12 @@ the latest checkpoint: same data, same tokenizer, the batches that would have co
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import pathlib
+import signal
 import time
 from typing import Any
 
@@ -18,11 +20,12 @@ import jax
 import ml_collections
 
 from sft import hf, pipeline
+from sft.config_check import check_config
 from sft.console import ensure_console_handler
-from sft.errors import ConfigError
+from sft.errors import ConfigError, RunStopped
 from sft.evaluator import Evaluator
 from sft.model import Transformer, count_params, lora
-from sft.trainer import setup, sharding, sources
+from sft.trainer import multihost, preemption, rundir, setup, sharding, sources
 from sft.trainer import state as state_lib
 from sft.trainer import step as step_lib
 from sft.trainer.checkpoint import Checkpointer
@@ -46,14 +49,13 @@ def build_optimizer(config: ml_collections.ConfigDict, model_cfg):
   return schedule, optimizer, trainable
 
 
-def make_iterators(config: ml_collections.ConfigDict, splits: dict[str, Any], tokenizer: pipeline.ChatTokenizer) -> dict[str, Any]:
-  """One endless packed-batch iterator per phase with data (this process's rows)."""
+def make_iterators(config: ml_collections.ConfigDict, splits: dict[str, Any], tokenizer: pipeline.ChatTokenizer, rows: slice) -> dict[str, Any]:
+  """One endless packed-batch iterator per phase with data: the global stream, this process's `rows`."""
   tc = config.train
   return {
       phase: iter(
           pipeline.train_dataset(
-              records, tokenizer=tokenizer, seq_len=tc.seq_len, batch_size=tc.batch_size // jax.process_count(),
-              seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count(),
+              records, tokenizer=tokenizer, seq_len=tc.seq_len, batch_size=tc.batch_size, seed=config.seed, rows=rows,
           )
       )
       for phase, records in (("pretrain", splits["pretrain"]), ("sft", splits["train"]))
@@ -65,11 +67,10 @@ def initial_state(config, run: setup.RunSetup, optimizer, abstract_state, state_
   """(train state, start step): resumed from the latest checkpoint (iterators too), else the Hugging
   Face checkpoint's weights (with fresh LoRA adapters), else a fresh initialisation."""
   dummy, rng = run.dummy_inputs, jax.random.key(config.seed)
-  start_step = checkpointer.latest_step() or 0
-  if start_step:
-    state = checkpointer.restore(start_step, state_lib.abstract_with_shardings(abstract_state, state_shardings), iterators)
-    log.info("resumed from %s at step %d", checkpointer.manager.directory, start_step)
-    return state, start_step
+  restored = checkpointer.restore_latest(state_lib.abstract_with_shardings(abstract_state, state_shardings), iterators)
+  if restored is not None:
+    log.info("resumed from %s at step %d", checkpointer.directory, restored[1])
+    return restored
   if not config.model.checkpoint:
     return state_lib.create_train_state(run.model, optimizer, dummy, state_shardings, rng), 0
   base_cfg = dataclasses.replace(run.model_cfg, lora_rank=0)
@@ -100,21 +101,45 @@ def _log_model(abstract_params, trainable, model_cfg) -> None:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, generator: Any = None) -> dict[str, Any]:
   """Runs (or resumes) the job described by `config` in `workdir`; returns the final metrics. With
-  data.source="build", `generator` serves the data build's model annotation (see sft.jobs)."""
+  data.source="build", `generator` serves the data build's model annotation (see sft.jobs).
+
+  Nothing is written before the whole config is checked; one run at a time holds the workdir; a
+  resumed run refuses config changes that would mix two experiments (see sft/trainer/rundir.py)."""
   workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
   t_start = time.time()
   ensure_console_handler()
+  check_config(config)
   log.info("config:\n%s", config_summary(config))
-  (workdir / "config.json").write_text(config.to_json(indent=2) + "\n")  # how to rebuild the model, e.g. to annotate data
-
-  # Config errors surface before any data is built.
-  tc = config.train
   run = setup.setup_run(config)
-  run.check_batch("train.batch_size", tc.batch_size)
+  run.check_batch("train.batch_size", config.train.batch_size)
   run.check_batch("eval.batch_size", config.eval.batch_size)
-  log.info("devices: %d x %s, %d process(es); mesh %s", jax.device_count(), jax.devices()[0].platform, jax.process_count(), dict(run.mesh.shape))
+  workdir.mkdir(parents=True, exist_ok=True)
+  with _workdir_lock(workdir):
+    _record_config(config, workdir)
+    return _train_and_evaluate(config, workdir, run, generator, t_start)
 
+
+@contextlib.contextmanager
+def _workdir_lock(workdir: pathlib.Path):
+  """Process 0 holds the workdir's lock for the whole run; every process stops when it cannot."""
+  with contextlib.ExitStack() as stack:
+    multihost.on_process_0(lambda: stack.enter_context(rundir.workdir_lock(workdir)), "taking the workdir lock")
+    yield
+
+
+def _record_config(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+  """Compares a resumed run's config with the saved one (refusing unsafe changes), then keeps it as
+  config.json (what serving and annotation rebuild the model from) and config-<start step>.json."""
+  start = setup.latest_step(workdir) or 0
+  if start:
+    for line in rundir.resume_changes(rundir.load_saved_config(workdir), config, start):
+      log.info("config: changed at resume: %s", line)
+  multihost.on_process_0(lambda: rundir.write_run_config(workdir, config, start), "writing config.json")
+
+
+def _train_and_evaluate(config, workdir: pathlib.Path, run: setup.RunSetup, generator, t_start: float) -> dict[str, Any]:
+  tc = config.train
+  log.info("devices: %d x %s, %d process(es); mesh %s", jax.device_count(), jax.devices()[0].platform, jax.process_count(), dict(run.mesh.shape))
   splits, data_summary = sources.load_splits(config, workdir, generator=generator)
   tokenizer = sources.prepare_tokenizer(config, workdir, splits)
   _log_data(config, data_summary, splits, tokenizer, run.model_cfg)
@@ -122,7 +147,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   schedule, optimizer, trainable = build_optimizer(config, run.model_cfg)
   abstract_state, state_shardings = state_lib.state_shardings(run.model, optimizer, run.dummy_inputs, run.mesh, run.rules)
   _log_model(run.abstract_params, trainable, run.model_cfg)
-  iterators = make_iterators(config, splits, tokenizer)
+  iterators = make_iterators(config, splits, tokenizer, sharding.process_rows(run.batch_sharding, tc.batch_size, tc.seq_len))
   checkpointer = Checkpointer(
       workdir / setup.CHECKPOINTS, max_to_keep=config.checkpoint.max_to_keep, save_interval_steps=config.checkpoint.every_steps
   )
@@ -138,7 +163,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       splits["eval"], tokenizer=tokenizer, model=run.model, eval_step=eval_step,
       place_batch=lambda batch: sharding.global_batch(batch, run.batch_sharding),
       seq_len=tc.seq_len, batch_size=config.eval.batch_size, num_generations=config.eval.num_generations,
-      max_new_tokens=config.eval.max_new_tokens,
+      max_new_tokens=config.eval.max_new_tokens, normalization=config.eval.answer_normalization,
+      out_sharding=run.replicated,
   )
   metrics_log = MetricsLog(workdir / "metrics.jsonl", resume_step=start_step, enabled=jax.process_index() == 0)
   total_steps = tc.pretrain_steps + tc.sft_steps
@@ -158,8 +184,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
     if start_step == 0:
       metrics_log.write(0, evaluate(0, train_state.params))
-    train_state = _train(config, train_state, train_step, iterators, run.batch_sharding, checkpointer, metrics_log, evaluate, start_step)
-  checkpointer.close()
+    try:
+      train_state = _train(config, train_state, train_step, iterators, run.batch_sharding, checkpointer, metrics_log, evaluate, start_step)
+    finally:
+      checkpointer.close()  # waits for the last save, also when a signal stopped the run
   if config.model.checkpoint:
     exported = sources.export(config, train_state.params, run.model_cfg, workdir / "hf_export")
     log.info("exported the fine-tuned model for transformers to %s", exported)
@@ -167,31 +195,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
 
 def _train(config, train_state, train_step, iterators, batch_sharding, checkpointer, metrics_log, evaluate, start_step):
-  """The loop from `start_step`: a step per batch, metric lines every log_every, evals and checkpoints."""
+  """The loop from `start_step`: a step per batch, metric lines every log_every, evals and checkpoints.
+  A SIGTERM / SIGINT ends it after the running step with a checkpoint (RunStopped)."""
   tc = config.train
   total_steps = tc.pretrain_steps + tc.sft_steps
   progress, pending_tokens, last_logged = Progress(total_steps), [], start_step
-  for step in range(start_step, total_steps):
-    phase = "pretrain" if step < tc.pretrain_steps else "sft"
-    batch = sharding.global_batch(next(iterators[phase]), batch_sharding)
-    train_state, metrics = train_step(train_state, batch)
-    pending_tokens.append(metrics["tokens"])  # stays on device until the next log line
-    done, row = step + 1, {}
-    if done % tc.log_every == 0 or done == total_steps:
-      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      metrics["perplexity"] = math.exp(min(metrics["loss"], 50.0))
-      tokens = float(sum(jax.device_get(pending_tokens)))
-      tokens_per_s, eta = progress.interval(done, done - last_logged, tokens)
-      pending_tokens, last_logged = [], done
-      log.info("%s", train_line(done, total_steps, phase, metrics, tokens_per_s, eta))
-      row = {"phase": phase, **{f"train/{k}": v for k, v in metrics.items()}, "train/tokens_per_s": tokens_per_s}
-    paused = time.time()
-    if done % config.eval.every_steps == 0 or done == total_steps:
-      row.update(evaluate(done, train_state.params))
-    if row:
-      metrics_log.write(done, row)
-    checkpointer.save(done, train_state, iterators, force=done == total_steps)
-    progress.exclude(paused)
+  with preemption.StopRequests() as stop:
+    for step in range(start_step, total_steps):
+      phase = "pretrain" if step < tc.pretrain_steps else "sft"
+      batch = sharding.global_batch(next(iterators[phase]), batch_sharding)
+      train_state, metrics = train_step(train_state, batch)
+      pending_tokens.append(metrics["tokens"])  # stays on device until the next log line
+      done, row = step + 1, {}
+      log_now = done % tc.log_every == 0 or done == total_steps
+      if log_now:
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        metrics["perplexity"] = math.exp(min(metrics["loss"], 50.0))
+        tokens = float(sum(jax.device_get(pending_tokens)))
+        tokens_per_s, eta = progress.interval(done, done - last_logged, tokens)
+        pending_tokens, last_logged = [], done
+        log.info("%s", train_line(done, total_steps, phase, metrics, tokens_per_s, eta))
+        row = {"phase": phase, **{f"train/{k}": v for k, v in metrics.items()}, "train/tokens_per_s": tokens_per_s}
+      paused = time.time()
+      if done % config.eval.every_steps == 0 or done == total_steps:
+        row.update(evaluate(done, train_state.params))
+      if row:
+        metrics_log.write(done, row)
+      stopping = stop.requested(sync=log_now) or checkpointer.reached_preemption(done)
+      checkpointer.save(done, train_state, iterators, force=done == total_steps or stopping)
+      progress.exclude(paused)
+      if stopping and done < total_steps:
+        name = signal.Signals(stop.signum or signal.SIGTERM).name
+        message = f"stopped by {name} after step {done}; checkpoint saved in {checkpointer.directory}; run the same command to resume"
+        log.warning("%s", message)
+        raise RunStopped(message, stop.signum or signal.SIGTERM)
   return train_state
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pathlib
 import time
 from typing import Any
@@ -35,8 +36,11 @@ class MetricsLog:
     return rows
 
   def _rewrite(self) -> None:
+    # Atomic: a crash here must not lose the rows of the steps that are kept.
     self.path.parent.mkdir(parents=True, exist_ok=True)
-    self.path.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+    tmp = self.path.with_name(self.path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+    os.replace(tmp, self.path)
 
   def write(self, step: int, metrics: dict[str, Any]) -> None:
     row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}

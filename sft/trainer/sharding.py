@@ -80,3 +80,15 @@ def batch_shards(mesh: Mesh, rules) -> int:
 def global_batch(local_batch: Mapping[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
   """Stitches every process's rows into one global array per key, sharded over the batch axes."""
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}
+
+
+def process_rows(sharding: NamedSharding, batch_size: int, seq_len: int) -> slice:
+  """The rows of a global (batch_size, seq_len) batch that this process's devices hold: what it feeds
+  to `global_batch`. One block for every mesh this project builds (a process owns a block of devices)."""
+  held = set()
+  for index in sharding.addressable_devices_indices_map((batch_size, seq_len)).values():
+    held.update(range(batch_size)[index[0]])
+  lo, hi = min(held), max(held) + 1
+  if len(held) != hi - lo:
+    raise ConfigError(f"this process's devices hold rows {sorted(held)} of the batch, not one block: change the mesh")
+  return slice(lo, hi)

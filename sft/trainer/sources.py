@@ -5,6 +5,9 @@ data.source = "build": the data builder runs with data.build into <workdir>/data
 data.source = "dir":    the output folder of a data build (ArrayRecord shards per split).
 model.checkpoint = "":  a model trained from scratch with a SentencePiece tokenizer trained on the data.
 model.checkpoint = dir: a Hugging Face model folder: its config, weights, tokenizer and chat template.
+
+With several processes (one filesystem), process 0 alone builds the data, trains the tokenizer and
+writes the export while the others wait; then every process reads the finished files.
 """
 
 from __future__ import annotations
@@ -17,13 +20,14 @@ import shutil
 from typing import Any
 
 import grain
+import jax
 import ml_collections
 
 from sft import databuilder, hf, pipeline
 from sft.console import track
 from sft.errors import ConfigError
 from sft.model import ModelConfig, lora
-from sft.trainer import setup
+from sft.trainer import multihost, setup
 
 log = logging.getLogger("sft")
 # Files that make a Hugging Face folder's tokenizer; copied beside an exported model.
@@ -73,12 +77,23 @@ def load_splits(
     folder = pathlib.Path(config.data.dir)
   elif config.data.source == "build":
     folder = workdir / "data"
-    databuilder.ensure_built(config.data.build, folder, generator=generator)
+    multihost.on_process_0(lambda: _ensure_built(config, folder, generator), "building the data")
   else:
     raise ConfigError(f"data.source must be 'build' or 'dir', got {config.data.source!r}")
   manifest = databuilder.check_outputs(folder)
   splits = read_built(folder, need_pretrain=config.train.pretrain_steps > 0)
   return splits, {"records": {k: len(v) for k, v in splits.items()}, "build": manifest["accounting"]["total"]}
+
+
+def _ensure_built(config: ml_collections.ConfigDict, folder: pathlib.Path, generator: Any) -> dict[str, Any]:
+  """ensure_built, on process 0 while the others wait: so no annotation model can serve it (the model's
+  mesh spans every process's devices)."""
+  if generator is not None and jax.process_count() > 1 and databuilder.load_manifest(folder) is None:
+    raise ConfigError(
+        "data.build.annotate.model_workdir needs a single process: build the data first (launch.py with the "
+        "data.build config), then train with data.source='dir'"
+    )
+  return databuilder.ensure_built(config.data.build, folder, generator=generator)
 
 
 def prepare_tokenizer(config: ml_collections.ConfigDict, workdir: pathlib.Path, splits: dict[str, Any]) -> pipeline.ChatTokenizer:
@@ -88,14 +103,21 @@ def prepare_tokenizer(config: ml_collections.ConfigDict, workdir: pathlib.Path, 
     tokenizer = pipeline.load_tokenizer(path)
     log.info("tokenizer: %s (vocab %d) with its chat template", path, tokenizer.vocab_size)
     return tokenizer
+  # Process 0 alone looks for the file and trains if it is absent (each process looking by itself
+  # could see it appear meanwhile); the others then load what it left.
+  made = multihost.on_process_0(lambda: _get_or_train_tokenizer(config, path, splits), "preparing the tokenizer")
+  tokenizer, trained = made or pipeline.get_or_train_tokenizer(path, (), config.tokenizer.vocab_size)
+  log.info("tokenizer: %s %s (vocab %d)", "trained" if trained else "loaded", path, tokenizer.vocab_size)
+  return tokenizer
+
+
+def _get_or_train_tokenizer(config: ml_collections.ConfigDict, path: pathlib.Path, splits: dict[str, Any]):
   texts = [r["text"] for r in splits["pretrain"]]
   texts += [m["content"] for r in splits["train"] for m in r["messages"]]
   if not path.exists():
     log.info("tokenizer: training a SentencePiece model (vocab %d) on %s texts", config.tokenizer.vocab_size, f"{len(texts):,}")
     texts = track(texts, "tokenizer: reading texts", total=len(texts), unit=" texts")
-  tokenizer, trained = pipeline.get_or_train_tokenizer(path, texts, config.tokenizer.vocab_size)
-  log.info("tokenizer: %s %s (vocab %d)", "trained" if trained else "loaded", path, tokenizer.vocab_size)
-  return tokenizer
+  return pipeline.get_or_train_tokenizer(path, texts, config.tokenizer.vocab_size)
 
 
 def checkpoint_family(config: ml_collections.ConfigDict) -> str:
@@ -104,11 +126,15 @@ def checkpoint_family(config: ml_collections.ConfigDict) -> str:
 
 def export(config: ml_collections.ConfigDict, params: Any, cfg: ModelConfig, folder: pathlib.Path) -> pathlib.Path:
   """The fine-tuned model as a Hugging Face folder (LoRA adapters merged into the weights), with the
-  tokenizer and chat template it was trained with."""
+  tokenizer and chat template it was trained with. Every process takes part (sharded weights are
+  gathered); process 0 writes."""
   params, cfg = lora.merge(params, cfg)
   hf.export_model(params, cfg, folder, checkpoint_family(config))
-  for name in TOKENIZER_FILES:
-    source = pathlib.Path(config.model.checkpoint) / name
-    if source.exists():
-      shutil.copy2(source, folder / name)
+  multihost.on_process_0(lambda: _copy_tokenizer_files(pathlib.Path(config.model.checkpoint), folder), "exporting")
   return folder
+
+
+def _copy_tokenizer_files(checkpoint: pathlib.Path, folder: pathlib.Path) -> None:
+  for name in TOKENIZER_FILES:
+    if (checkpoint / name).exists():
+      shutil.copy2(checkpoint / name, folder / name)

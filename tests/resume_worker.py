@@ -1,0 +1,54 @@
+"""A small training run in its own process, for the preemption and resume tests.
+
+  python tests/resume_worker.py WORKDIR DATA_DIR '{"train.sft_steps": 30}' [DEVICES]
+
+Trains a tiny model on a finished data build (data.source="dir"); log lines and metrics.jsonl rows at
+every step. Exits 128 + signal after a signal stopped the run (as the `sft` command does).
+"""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from sft.config import base_config  # noqa: E402
+from sft.errors import ConfigError, RunStopped  # noqa: E402
+
+
+def config(data_dir: str, overrides: dict):
+  c = base_config()
+  c.data.source = "dir"
+  c.data.dir = data_dir
+  c.tokenizer.vocab_size = 512
+  c.model.d_model, c.model.num_layers, c.model.num_heads, c.model.num_kv_heads = 32, 2, 4, 2
+  c.model.head_dim, c.model.mlp_dim = 8, 64
+  c.train.seq_len, c.train.batch_size = 64, 8
+  c.train.sft_steps, c.train.warmup_steps, c.train.log_every = 24, 4, 1
+  c.eval.every_steps, c.eval.batch_size, c.eval.num_generations, c.eval.max_new_tokens = 8, 8, 4, 4
+  c.checkpoint.every_steps, c.checkpoint.max_to_keep = 4, 3
+  for key, value in overrides.items():
+    *parents, name = key.split(".")
+    node = c
+    for parent in parents:
+      node = node[parent]
+    node[name] = value
+  return c
+
+
+def main():
+  devices = int(sys.argv[4]) if len(sys.argv) > 4 else 1
+  os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}"
+  from sft.trainer import loop  # noqa: PLC0415  (JAX loads here, after the device count is set)
+
+  workdir, data_dir, overrides = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+  try:
+    loop.train_and_evaluate(config(data_dir, overrides), workdir)
+  except RunStopped as stopped:
+    sys.exit(stopped.exit_code)
+  except ConfigError as err:
+    sys.exit(f"FATAL {err}")
+
+
+if __name__ == "__main__":
+  main()
