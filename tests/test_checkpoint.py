@@ -59,3 +59,26 @@ def test_keeps_only_the_last_checkpoints(tmp_path, tiny_model_config, tokenizer,
   checkpointer.close()
   assert sorted(checkpointer.manager.all_steps()) == [6, 7]
   assert checkpointer.latest_step() == 7
+
+
+def test_checkpoints_of_earlier_versions_restore(tmp_path, tiny_model_config, tokenizer, chat_records):
+  """Earlier checkpoints kept one grain state file per process instead of the global `data` item."""
+  import grain
+  import orbax.checkpoint as ocp
+
+  state, _, _, (abstract, shardings, _) = make_trainer(tiny_model_config)
+  it = iter(train_dataset(chat_records, tokenizer=tokenizer, seq_len=64, batch_size=4, seed=1))
+  next(it)
+  manager = ocp.CheckpointManager((tmp_path / "ckpt").absolute())
+  manager.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave(state), sft=grain.checkpoint.CheckpointSave(it)))
+  manager.wait_until_finished()
+  manager.close()
+  expected = next(it)
+
+  fresh = iter(train_dataset(chat_records, tokenizer=tokenizer, seq_len=64, batch_size=4, seed=1))
+  checkpointer = Checkpointer(tmp_path / "ckpt", max_to_keep=2, save_interval_steps=1)
+  restored, step = checkpointer.restore_latest(abstract_with_shardings(abstract, shardings), {"sft": fresh})
+  checkpointer.close()
+  assert step == 1
+  np.testing.assert_array_equal(next(fresh)["inputs"], expected["inputs"])
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), jax.device_get(state))
