@@ -44,6 +44,7 @@ def test_quickstart_runs_then_resumes(tmp_path):
   for name in ("tokenizer.model", "config.json", "data/manifest.json", "data/report.md", "data/train-00000-of-00001.array_record", "data/validation-00000-of-00001.array_record"):
     assert (tmp_path / name).exists(), name
   assert "data builder: read" in first.stdout
+  assert (tmp_path / "curves.png").exists() and any((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
 
   second = launch(tmp_path, "--config.train.sft_steps=6")
   assert second.returncode == 0, second.stderr[-3000:]

@@ -2,5 +2,16 @@
 
 from sft.evaluator.evaluate import Evaluator, Sample
 from sft.evaluator.generate import generate, make_generate, make_greedy_generate, pad_prompts, strip_generation
-from sft.evaluator.metrics import exact_match, mean_token_f1, normalize, token_f1
+from sft.evaluator.metrics import (
+    bleu,
+    chrf,
+    classification_report,
+    exact_match,
+    mean_token_f1,
+    normalize,
+    normalize_answer,
+    perplexity,
+    rouge,
+    token_f1,
+)
 from sft.evaluator.sampling import Sampler

@@ -29,6 +29,7 @@ from sft.trainer import multihost, preemption, rundir, setup, sharding, sources
 from sft.trainer import state as state_lib
 from sft.trainer import step as step_lib
 from sft.trainer.checkpoint import Checkpointer
+from sft.trainer.curves import CURVES, plot_curves
 from sft.trainer.metrics_log import MetricsLog, Progress, config_summary, eval_line, format_duration, train_line
 
 log = logging.getLogger("sft")
@@ -182,15 +183,18 @@ def _train_and_evaluate(config, workdir: pathlib.Path, run: setup.RunSetup, gene
   if start_step >= total_steps:
     log.info("already trained for %d steps (train.pretrain_steps + train.sft_steps); raise them to go on", start_step)
   with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
-    if start_step == 0:
-      metrics_log.write(0, evaluate(0, train_state.params))
     try:
+      if start_step == 0:
+        metrics_log.write(0, evaluate(0, train_state.params))
       train_state = _train(config, train_state, train_step, iterators, run.batch_sharding, checkpointer, metrics_log, evaluate, start_step)
     finally:
       checkpointer.close()  # waits for the last save, also when a signal stopped the run
+      metrics_log.close()  # the TensorBoard event file, flushed
   if config.model.checkpoint:
     exported = sources.export(config, train_state.params, run.model_cfg, workdir / "hf_export")
     log.info("exported the fine-tuned model for transformers to %s", exported)
+  if metrics_log.enabled:
+    log.info("training curves in %s", plot_curves(metrics_log.history, workdir / CURVES))
   return _summary(metrics_log, total_steps, time.time() - t_start)
 
 

@@ -1,4 +1,5 @@
-"""Metrics: one JSON object per logged step in `<workdir>/metrics.jsonl`, and readable log lines."""
+"""Metrics: one JSON object per logged step in `<workdir>/metrics.jsonl`, the same numbers as
+TensorBoard scalars in `<workdir>/tensorboard/`, and readable log lines."""
 
 from __future__ import annotations
 
@@ -11,29 +12,26 @@ from typing import Any
 
 
 class MetricsLog:
-  """Appends to metrics.jsonl. On resume, rows past the restored step are dropped: those steps rerun."""
+  """Appends to metrics.jsonl, and every numeric value of a row to TensorBoard as a scalar at the
+  row's step (strings such as `phase` are left out). On resume, rows past the restored step are
+  dropped: those steps rerun. Their old TensorBoard points stay in the earlier event file, but the
+  new file starts with a purge marker at `resume_step + 1` (0 for a fresh start), so TensorBoard
+  hides them and shows the rerun's values; a reader that ignores purges sees both, the rerun's later.
+  Writes nothing when not `enabled` (processes other than 0). `close()` at the end."""
 
   def __init__(self, path: pathlib.Path, *, resume_step: int, enabled: bool = True):
     self.path = path
     self.enabled = enabled
-    self.history = self._read()
+    self.tensorboard_dir = path.parent / "tensorboard"
+    self._resume_step = resume_step
+    self._writer = None  # opened at the first row: a run that logs nothing leaves no empty event file
+    self.history = read_rows(path)
     if resume_step == 0:
       self.history = []
     else:
       self.history = [row for row in self.history if row["step"] <= resume_step]
     if enabled:
       self._rewrite()
-
-  def _read(self) -> list[dict[str, Any]]:
-    if not self.path.exists():
-      return []
-    rows = []
-    for line in self.path.read_text().splitlines():
-      try:
-        rows.append(json.loads(line))
-      except json.JSONDecodeError:
-        continue  # a line cut short by a crash mid-write
-    return rows
 
   def _rewrite(self) -> None:
     # Atomic: a crash here must not lose the rows of the steps that are kept.
@@ -48,9 +46,53 @@ class MetricsLog:
     if self.enabled:
       with self.path.open("a") as f:
         f.write(json.dumps(row) + "\n")
+      writer = self._tensorboard()
+      for key, value in scalars(row).items():
+        writer.add_scalar(key, value, global_step=step)
+      writer.flush()  # rows are rare (log_every, evals): a live TensorBoard sees each at once
+
+  def _tensorboard(self):
+    if self._writer is None:
+      from tensorboardX import SummaryWriter  # noqa: PLC0415  (only process 0 writes; `import sft` stays light)
+
+      self._writer = SummaryWriter(
+          str(self.tensorboard_dir),
+          # TensorBoard hides the points of earlier files from this step on: the steps that rerun, or
+          # all of them when the run starts over (a run stopped before its first checkpoint).
+          purge_step=self._resume_step + 1 if self._resume_step else 0,
+          # The file name has whole seconds only and is opened with "wb": a resume within the same
+          # second would overwrite the first file. A fixed-width time suffix keeps names unique and
+          # in write order, the order TensorBoard reads them (and applies purges) in.
+          filename_suffix=f".{time.time_ns():020d}.{os.getpid()}",
+      )
+    return self._writer
+
+  def close(self) -> None:
+    """Flushes and closes the event file; safe to call twice, or when nothing was written."""
+    if self._writer is not None:
+      self._writer.close()
+      self._writer = None
 
   def first(self, key: str) -> float | None:
     return next((r[key] for r in self.history if key in r), None)
+
+
+def read_rows(path: pathlib.Path) -> list[dict[str, Any]]:
+  """The rows of a metrics.jsonl ([] when there is none)."""
+  if not path.exists():
+    return []
+  rows = []
+  for line in path.read_text().splitlines():
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError:
+      continue  # a line cut short by a crash mid-write
+  return rows
+
+
+def scalars(row: dict[str, Any]) -> dict[str, float]:
+  """The numeric values of a row but its step: strings (`phase`, a non-finite loss) and flags are left out."""
+  return {k: float(v) for k, v in row.items() if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def _plain(value: Any) -> Any:
