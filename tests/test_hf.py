@@ -47,13 +47,16 @@ FAMILIES = {
         # Small caps and window so that soft-capping and the alternating sliding window all act.
         dict(head_dim=16, sliding_window=4, query_pre_attn_scalar=24, attn_logit_softcapping=5.0, final_logit_softcapping=3.0),
     ),
+    # GPT-2 names its fields apart (so COMMON is not used); n_inner None: 4 * n_embd.
+    "gpt2": (transformers.GPT2Config, dict(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=128, n_inner=None)),
 }
 LENGTHS = (5, 9, 13)
 
 
 def _hf_model(name, folder):
   config_cls, extra = FAMILIES[name]
-  config = config_cls(**COMMON, **extra, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+  common = {} if name == "gpt2" else COMMON
+  config = config_cls(**common, **extra, bos_token_id=None, eos_token_id=None, pad_token_id=None)
   torch.manual_seed(0)
   model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
   with torch.no_grad():  # every weight random, norms and biases included, so every mapping matters
@@ -180,7 +183,7 @@ def test_bad_checkpoints_are_clear_errors(tmp_path):
   with pytest.raises(ConfigError, match="rope type 'yarn'"):
     from_hf_config({**config, "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}})
   with pytest.raises(ConfigError, match="model_type"):
-    from_hf_config({**config, "model_type": "gpt2"})
+    from_hf_config({**config, "model_type": "bert"})
   qwen3 = from_hf_config({**config, "model_type": "qwen3"})
   with pytest.raises(ConfigError, match="cannot express"):
     to_hf_config(qwen3, "llama")  # its q/k norms have no place in a Llama checkpoint
@@ -205,6 +208,42 @@ def test_bad_checkpoints_are_clear_errors(tmp_path):
   (tmp_path / "pytorch_model.bin").write_bytes(b"pickle")
   with pytest.raises(FileNotFoundError, match="never pickles"):
     load_model(tmp_path)
+
+
+def test_gpt2_checkpoints_without_the_prefix_or_with_mask_buffers_load(tmp_path):
+  _hf_model("gpt2", tmp_path / "lm")
+  _, params = load_model(tmp_path / "lm")
+  tensors = _tensors(tmp_path / "lm")
+  bare = tmp_path / "bare"  # as GPT2Model (no LM head) saves: no `transformer.` prefix, and old mask buffers
+  bare.mkdir()
+  shutil.copy(tmp_path / "lm" / "config.json", bare)
+  stripped = {name.removeprefix("transformer."): t for name, t in tensors.items()}
+  buffers = {f"h.{i}.attn.{b}": np.ones((1, 1, 4, 4), np.float32) for i in range(2) for b in ("bias", "masked_bias")}
+  safetensors.numpy.save_file({**stripped, **buffers}, bare / "model.safetensors")
+  _, again = load_model(bare)
+  jax.tree.map(np.testing.assert_array_equal, again, params)
+  c_attn = tensors["transformer.h.1.attn.c_attn.weight"]  # (D, 3D): q, k, v side by side, Conv1D (in, out)
+  np.testing.assert_array_equal(params["layers"]["attn"]["v"][1].reshape(32, 32), c_attn[:, 64:])
+
+
+def test_gpt2_configs_outside_what_sft_implements_are_config_errors(tmp_path):
+  _hf_model("gpt2", tmp_path)
+  config = json.loads((tmp_path / "config.json").read_text())
+  assert from_hf_config({**config, "activation_function": "gelu_pytorch_tanh"}) == from_hf_config(config)
+  for key, value, match in [
+      ("activation_function", "relu", "activation_function='relu'"),
+      ("scale_attn_by_inverse_layer_idx", True, "per-layer attention scaling"),
+      ("n_head", 5, "does not divide"),
+      ("hidden_size", 32, "fields sft does not know"),  # a Llama-style name means nothing to GPT-2
+  ]:
+    with pytest.raises(ConfigError, match=match):
+      from_hf_config({**config, key: value})
+  with pytest.raises(ConfigError, match="fields sft does not know"):
+    from_hf_config({**_VALID, "n_embd": 32})  # nor a GPT-2 name to Llama
+  with pytest.raises(ConfigError, match="cannot express"):
+    to_hf_config(ModelConfig(), "gpt2")  # RMSNorm, rotary embeddings and a gated MLP
+  with pytest.raises(ConfigError, match="cannot express"):
+    to_hf_config(from_hf_config(config), "llama")
 
 
 def test_truncated_safetensors_files_are_value_errors_naming_the_file(tmp_path):
@@ -348,7 +387,7 @@ _JSON = st.recursive(
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
     max_leaves=6,
 )
-_KEYS = sorted(hf_config._READ | {"model_type", "torch_dtype", "layer_types"})
+_KEYS = sorted(hf_config._READ | hf_config._GPT2_READ | {"model_type", "torch_dtype", "layer_types"})
 _VALID = {**COMMON, "model_type": "llama", "hidden_act": "silu", "rope_theta": 1e4}
 
 
@@ -383,7 +422,7 @@ def test_a_random_json_value_as_config_json_is_a_config_error(hf):
         (json.dumps({**_VALID, "hidden_size": "big"}), "hidden_size='big': expected an integer"),
         (json.dumps({**_VALID, "hidden_size": True}), "hidden_size=True: expected an integer"),
         (json.dumps({k: v for k, v in _VALID.items() if k != "num_attention_heads"}), "has no num_attention_heads"),
-        (json.dumps({**_VALID, "model_type": "gpt2"}), "model_type 'gpt2'"),
+        (json.dumps({**_VALID, "model_type": "bert"}), "model_type 'bert'"),
         (json.dumps({**_VALID, "model_type": ["llama"]}), r"model_type \['llama'\]"),
         (json.dumps({**_VALID, "rope_scaling": "linear"}), "rope_scaling='linear': expected an object"),
         (json.dumps({**_VALID, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}), "rope_scaling has no low_freq_factor"),

@@ -85,6 +85,23 @@ def test_dropout_acts_in_training_only():
   np.testing.assert_array_equal(logits(cfg, params), logits(cfg, params))
 
 
+def test_gpt2_adapters_sit_beside_its_projections_and_merge_exactly():
+  gpt2 = dataclasses.replace(
+      BASE, num_kv_heads=4, norm_type="layer", position_embedding="learned", max_positions=16,
+      mlp_activation="gelu_tanh", mlp_gated=False, linear_bias=True,
+  )
+  cfg = dataclasses.replace(gpt2, lora_rank=4, lora_alpha=8.0, lora_targets=("q", "k", "v", "o", "up", "down"))
+  params = init(cfg)
+  assert params["layers"]["mlp"]["up_lora_b"].shape == (2, 4, 48) and "gate" not in params["layers"]["mlp"]
+  np.testing.assert_array_equal(logits(cfg, params), logits(gpt2, lora.base_params(params)))
+  params = jax.tree.map(lambda x: x + 0.05, params)  # nonzero B so the adapters matter
+  merged, merged_cfg = lora.merge(params, cfg)
+  assert merged_cfg.lora_rank == 0 and merged["layers"]["mlp"].keys() == {"up", "up_bias", "down", "down_bias"}
+  np.testing.assert_allclose(logits(merged_cfg, merged), logits(cfg, params), atol=1e-5, rtol=1e-5)
+  with pytest.raises(ConfigError, match="no gate projection"):
+    dataclasses.replace(cfg, lora_targets=("q", "gate"))
+
+
 def test_bad_lora_settings_are_clear_errors():
   with pytest.raises(ConfigError, match="lora_targets"):
     dataclasses.replace(BASE, lora_rank=4, lora_targets=("qq",))

@@ -1,5 +1,7 @@
 """The model: packing is exact, attention is causal and segment-aware, KV-cache decoding is exact."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -11,6 +13,11 @@ from sft.model import ModelConfig, Transformer, apply_rope, attention_mask, deco
 from sft.trainer.step import loss_fn
 
 RNG = np.random.default_rng(0)
+# GPT-2's shape: LayerNorm, learned positions, a plain GELU MLP and biases on every projection.
+GPT2 = ModelConfig(
+    vocab_size=512, d_model=32, num_layers=2, num_heads=4, num_kv_heads=4, head_dim=8, mlp_dim=128, norm_type="layer",
+    position_embedding="learned", max_positions=32, mlp_activation="gelu_tanh", mlp_gated=False, linear_bias=True,
+)
 
 
 def _params(cfg, length=8):
@@ -74,8 +81,9 @@ def test_rope_scores_depend_only_on_relative_position():
   assert not np.isclose(score(3, 1), score(3, 2))
 
 
-def test_packing_is_exact_for_logits_loss_and_gradients(tiny_model_config):
-  cfg, seq_len = tiny_model_config, 24
+@pytest.mark.parametrize("gpt2", [False, True], ids=["llama", "gpt2"])
+def test_packing_is_exact_for_logits_loss_and_gradients(tiny_model_config, gpt2):
+  cfg, seq_len = GPT2 if gpt2 else tiny_model_config, 24
   params = _params(cfg)
   model = Transformer(cfg)
   examples = [_example(n, cfg.vocab_size) for n in (7, 5, 9, 6, 3)]
@@ -120,8 +128,11 @@ def test_loss_is_over_all_response_tokens_not_a_mean_of_row_means(tiny_model_con
 
 
 @pytest.mark.parametrize("tie", [True, False])
-def test_kv_cache_greedy_decoding_equals_full_forward(tie):
+@pytest.mark.parametrize("gpt2", [False, True], ids=["llama", "gpt2"])
+def test_kv_cache_greedy_decoding_equals_full_forward(tie, gpt2):
   cfg = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=1, head_dim=8, mlp_dim=64, tie_embeddings=tie)
+  if gpt2:
+    cfg = dataclasses.replace(GPT2, vocab_size=64, tie_embeddings=tie)
   model, params = Transformer(cfg), _params(cfg)
   prompts = [[5, 6, 7, 8, 9], [3, 4], [10, 11, 12]]
   tokens, lengths = pad_prompts(prompts, pad_id=0)
@@ -149,6 +160,24 @@ def test_generation_stops_at_the_stop_token_and_pads_after():
   assert list(stopped[first_stop + 1 :]) == [0] * (4 - first_stop)
 
 
+def test_a_gpt2_shaped_model_trains():
+  params = _params(GPT2)
+  layer = params["layers"]
+  assert params["position_embedding"].shape == (32, 32) and set(params["final_norm"]) == {"scale", "bias"}
+  assert "gate" not in layer["mlp"] and layer["mlp"]["up"].shape == (2, 32, 128)
+  assert {"q_bias", "k_bias", "v_bias", "o_bias"} <= set(layer["attn"]) and {"up_bias", "down_bias"} <= set(layer["mlp"])
+  model = Transformer(GPT2)
+  batch = _stack([_row([_example(n, GPT2.vocab_size) for n in (9, 7)], 20), _row([_example(15, GPT2.vocab_size)], 20)])
+  grad_fn = jax.jit(jax.value_and_grad(lambda p: loss_fn(p, batch, model.apply)[0]))
+  first, grads = grad_fn(params)
+  for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:  # every parameter, biases and positions included, learns
+    assert float(jnp.max(jnp.abs(g))) > 0, jax.tree_util.keystr(path)
+  for _ in range(20):
+    loss, grads = grad_fn(params)
+    params = jax.tree.map(lambda p, g: p - 0.1 * g, params, grads)
+  assert float(grad_fn(params)[0]) < float(first)
+
+
 def test_full_size_shapes_by_eval_shape():
   """A ~0.8B-parameter shape, checked without allocating it."""
   cfg = ModelConfig(vocab_size=32_000, d_model=2048, num_layers=16, num_heads=16, num_kv_heads=4, head_dim=128, mlp_dim=5632)
@@ -169,3 +198,29 @@ def test_config_errors_are_clear():
     ModelConfig(vocab_size=8, d_model=8, num_layers=1, num_heads=3, num_kv_heads=2, head_dim=4, mlp_dim=8)
   with pytest.raises(ValueError, match="model.dtype"):
     ModelConfig(vocab_size=8, d_model=8, num_layers=1, num_heads=2, num_kv_heads=2, head_dim=4, mlp_dim=8, dtype="fp8")
+  with pytest.raises(ValueError, match="model.norm_type"):
+    dataclasses.replace(GPT2, norm_type="batch")
+  with pytest.raises(ValueError, match="model.position_embedding"):
+    dataclasses.replace(GPT2, position_embedding="alibi")
+  with pytest.raises(ValueError, match="model.max_positions"):
+    dataclasses.replace(GPT2, max_positions=0)
+  with pytest.raises(ValueError, match="even for rotary"):
+    ModelConfig(head_dim=5)
+  assert dataclasses.replace(GPT2, head_dim=5).head_dim == 5  # no rotation, no constraint
+
+
+def test_learned_positions_refuse_sequences_past_the_table():
+  from sft.errors import ConfigError  # noqa: PLC0415
+  from sft.evaluator.generate import make_generate  # noqa: PLC0415
+
+  cfg = ModelConfig(
+      vocab_size=64, d_model=16, num_layers=1, num_heads=2, num_kv_heads=2, head_dim=8, mlp_dim=32,
+      norm_type="layer", position_embedding="learned", max_positions=8, mlp_gated=False, linear_bias=True,
+  )
+  model = Transformer(cfg)
+  tokens = np.ones((1, 6), np.int32)
+  positions = np.arange(6, dtype=np.int32)[None]
+  params = model.init(jax.random.key(0), tokens, positions, positions * 0 + 1)["params"]
+  generate = make_generate(model, max_new_tokens=4, stop_ids=(), pad_id=0)
+  with pytest.raises(ConfigError, match="8 positions"):
+    generate(params, tokens, np.array([6], np.int32), jax.random.key(0))

@@ -48,6 +48,11 @@ def generate(
 ) -> jax.Array:
   """Returns (B, max_new_tokens) generated ids: a stop token included, `pad_id` after it."""
   batch, prompt_len = prompt_tokens_bp.shape
+  cfg = model.cfg
+  if cfg.position_embedding == "learned" and prompt_len + max_new_tokens > cfg.max_positions:  # past the table: NaN
+    raise ConfigError(
+        f"a prompt of {prompt_len} tokens plus {max_new_tokens} new ones is more than the model's {cfg.max_positions} positions"
+    )
   stop_s = jnp.asarray(stop_ids or (-1,), jnp.int32)
   cache = init_cache(model.cfg, batch, prompt_len + max_new_tokens)
   positions_bp = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32), (batch, prompt_len))

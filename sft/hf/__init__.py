@@ -1,4 +1,4 @@
-"""Hugging Face interop: load and export Llama, Mistral, Qwen2, Qwen3, Gemma and Gemma 2 checkpoints
+"""Hugging Face interop: load and export Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2 and GPT-2 checkpoints
 (safetensors only)."""
 
 from sft.hf.config import FAMILIES, from_hf_config, read_hf_config, to_hf_config

@@ -1,5 +1,5 @@
-"""Hugging Face `config.json` <-> `ModelConfig`, for the Llama, Mistral, Qwen2, Qwen3, Gemma and
-Gemma 2 families.
+"""Hugging Face `config.json` <-> `ModelConfig`, for the Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2
+and GPT-2 families.
 
 Every field is either carried over, known not to change the forward pass, or refused: a field this
 module does not know stops the load, because a silent default could change the model's maths.
@@ -16,7 +16,7 @@ from typing import Any
 from sft.errors import ConfigError
 from sft.model.config import ModelConfig
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gpt2")
 _GEMMA = ("gemma", "gemma2")
 
 # Fields that do not change logits: ids, bookkeeping, and what only the PyTorch runtime reads.
@@ -38,6 +38,19 @@ _READ = {
     "use_sliding_window", "hidden_activation", "query_pre_attn_scalar", "attn_logit_softcapping",
     "final_logit_softcapping", "use_bidirectional_attention",
 }
+
+# GPT-2 names its fields apart; the Llama-style ones above are unknown to it (and these to the others).
+_GPT2_READ = {
+    "vocab_size", "n_embd", "n_layer", "n_head", "n_inner", "n_positions", "layer_norm_epsilon",
+    "activation_function", "tie_word_embeddings", "scale_attn_weights", "scale_attn_by_inverse_layer_idx",
+}
+# Dropout (sft trains without it), the float32 upcast order of the scores (numerics only), n_ctx (an old
+# copy of n_positions) and the sequence-summary head of GPT2DoubleHeadsModel.
+_GPT2_INERT = {
+    "resid_pdrop", "embd_pdrop", "attn_pdrop", "reorder_and_upcast_attn", "n_ctx", "summary_type",
+    "summary_use_proj", "summary_activation", "summary_proj_to_labels", "summary_first_dropout",
+}
+_GPT2_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # both the tanh approximation
 
 
 _MISSING = object()
@@ -123,9 +136,12 @@ def from_hf_config(hf: dict[str, Any], *, dtype: str = "float32", param_dtype: s
   family = hf.get("model_type")
   if family not in FAMILIES:
     raise ConfigError(f"{where} has model_type {family!r}, which is not supported; supported: {FAMILIES}")
-  unknown = sorted(map(str, set(hf) - _INERT - _READ))
+  known = (_INERT - {"max_position_embeddings"}) | _GPT2_READ | _GPT2_INERT if family == "gpt2" else _INERT | _READ
+  unknown = sorted(map(str, set(hf) - known))
   if unknown:
     raise ConfigError(f"{where} has fields sft does not know, which might change the model: {unknown}")
+  if family == "gpt2":
+    return _from_gpt2(hf, where, dtype, param_dtype)
   gemma = family in _GEMMA
   if gemma:
     activation = hf.get("hidden_activation") or "gelu_pytorch_tanh"
@@ -188,6 +204,59 @@ def from_hf_config(hf: dict[str, Any], *, dtype: str = "float32", param_dtype: s
     raise ConfigError(f"{where}: {err}") from None
 
 
+def _from_gpt2(hf: dict[str, Any], where: str, dtype: str, param_dtype: str) -> ModelConfig:
+  _require(hf, "activation_function", _GPT2_ACTIVATIONS, f"only the tanh GELU {_GPT2_ACTIVATIONS} is implemented", where)
+  _require(hf, "scale_attn_weights", (True,), "only attention scaled by 1/sqrt(head_dim) is implemented", where)
+  _require(hf, "scale_attn_by_inverse_layer_idx", (False,), "per-layer attention scaling is not implemented", where)
+  d_model, heads = _field(hf, "n_embd", where, "int", minimum=1), _field(hf, "n_head", where, "int", minimum=1)
+  if d_model % heads:
+    raise ConfigError(f"{where} has n_embd={d_model}, which does not divide into n_head={heads} heads")
+  fields = dict(
+      vocab_size=_field(hf, "vocab_size", where, "int", minimum=1),
+      d_model=d_model,
+      num_layers=_field(hf, "n_layer", where, "int", minimum=1),
+      num_heads=heads,
+      num_kv_heads=heads,
+      head_dim=d_model // heads,
+      mlp_dim=_field(hf, "n_inner", where, "int", 4 * d_model, 1),
+      norm_eps=_field(hf, "layer_norm_epsilon", where, "number", 1e-5, 0.0),
+      norm_type="layer",
+      position_embedding="learned",
+      max_positions=_field(hf, "n_positions", where, "int", minimum=1),
+      mlp_activation="gelu_tanh",
+      mlp_gated=False,
+      linear_bias=True,
+      tie_embeddings=_field(hf, "tie_word_embeddings", where, "bool", True),
+  )
+  try:
+    return ModelConfig(**fields, dtype=dtype, param_dtype=param_dtype)
+  except ConfigError as err:
+    raise ConfigError(f"{where}: {err}") from None
+
+
+def _to_gpt2(cfg: ModelConfig, torch_dtype: str) -> dict[str, Any]:
+  return {
+      "architectures": ["GPT2LMHeadModel"],
+      "model_type": "gpt2",
+      "vocab_size": cfg.vocab_size,
+      "n_embd": cfg.d_model,
+      "n_layer": cfg.num_layers,
+      "n_head": cfg.num_heads,
+      "n_inner": cfg.mlp_dim,
+      "n_positions": cfg.max_positions,
+      "layer_norm_epsilon": cfg.norm_eps,
+      "activation_function": "gelu_new",
+      "tie_word_embeddings": cfg.tie_embeddings,
+      "scale_attn_weights": True,
+      "scale_attn_by_inverse_layer_idx": False,
+      # transformers defaults these to 0.1; the exported model is the one trained, without dropout.
+      "resid_pdrop": 0.0,
+      "embd_pdrop": 0.0,
+      "attn_pdrop": 0.0,
+      "torch_dtype": torch_dtype,
+  }
+
+
 _ARCHITECTURES = {
     "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM", "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
@@ -208,6 +277,8 @@ def to_hf_config(cfg: ModelConfig, family: str, *, torch_dtype: str = "float32")
         original_max_position_embeddings=cfg.rope_original_max_positions,
     )
   gemma = family in _GEMMA
+  if family == "gpt2":
+    return _checked(cfg, family, _to_gpt2(cfg, torch_dtype), cfg)
   out: dict[str, Any] = {
       "architectures": [_ARCHITECTURES[family]],
       "model_type": family,
@@ -244,14 +315,21 @@ def to_hf_config(cfg: ModelConfig, family: str, *, torch_dtype: str = "float32")
         attn_logit_softcapping=cfg.attn_logit_softcap or None,
         final_logit_softcapping=cfg.final_logit_softcap or None,
     )
+  comparable = cfg
+  if gemma and not cfg.query_pre_attn_scalar:
+    comparable = dataclasses.replace(cfg, query_pre_attn_scalar=float(cfg.head_dim) if family == "gemma2" else 0.0)
+  return _checked(cfg, family, out, comparable)
+
+
+def _checked(cfg: ModelConfig, family: str, out: dict[str, Any], comparable: ModelConfig) -> dict[str, Any]:
+  """`out`, once it is known to reload as `comparable` (cfg with the defaults a checkpoint fills in)."""
   if cfg.lora_rank:
     raise ConfigError("merge the LoRA adapters first (sft.model.lora.merge): a checkpoint holds plain weights")
   # Training-only fields (dtypes, remat, LoRA settings) are not part of the checkpoint's maths.
   training_only = ("dtype", "param_dtype", "remat", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
   reloaded = dataclasses.replace(from_hf_config(out), **{k: getattr(cfg, k) for k in training_only})
-  comparable = cfg
-  if gemma and not cfg.query_pre_attn_scalar:
-    comparable = dataclasses.replace(cfg, query_pre_attn_scalar=float(cfg.head_dim) if family == "gemma2" else 0.0)
+  if comparable.position_embedding == "rope":
+    comparable = dataclasses.replace(comparable, max_positions=reloaded.max_positions)  # no table to size
   if reloaded != comparable:
     raise ConfigError(f"this model's config has maths a {family} checkpoint cannot express: {cfg}")
   return out

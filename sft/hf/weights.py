@@ -75,16 +75,81 @@ SANDWICH_NORMS: dict[tuple[str, ...], tuple[str, Convert, Convert]] = {
 }
 
 
+# GPT-2 stores Conv1D weights as (in, out), the transpose of nn.Linear's, and q, k, v fused in c_attn.
+def _gpt2_heads(w, c):
+  return w.reshape(c.d_model, c.num_heads, c.head_dim)
+
+
+def _gpt2_head_bias(w, c):
+  return w.reshape(c.num_heads, c.head_dim)
+
+
+_flatten_in: Convert = lambda p, c: p.reshape(c.d_model, -1)
+_flatten: Convert = lambda p, c: p.reshape(-1)
+GPT2_LAYER_TENSORS: dict[tuple[str, ...], tuple[str, Convert, Convert]] = {
+    ("attn", "q"): ("attn.c_attn.weight", _gpt2_heads, _flatten_in),
+    ("attn", "k"): ("attn.c_attn.weight", _gpt2_heads, _flatten_in),
+    ("attn", "v"): ("attn.c_attn.weight", _gpt2_heads, _flatten_in),
+    ("attn", "q_bias"): ("attn.c_attn.bias", _gpt2_head_bias, _flatten),
+    ("attn", "k_bias"): ("attn.c_attn.bias", _gpt2_head_bias, _flatten),
+    ("attn", "v_bias"): ("attn.c_attn.bias", _gpt2_head_bias, _flatten),
+    ("attn", "o"): (
+        "attn.c_proj.weight",
+        lambda w, c: w.reshape(c.num_heads, c.head_dim, c.d_model),
+        lambda p, c: p.reshape(-1, c.d_model),
+    ),
+    ("attn", "o_bias"): ("attn.c_proj.bias", _same, _same),
+    ("attn_norm", "scale"): ("ln_1.weight", _same, _same),
+    ("attn_norm", "bias"): ("ln_1.bias", _same, _same),
+    ("mlp_norm", "scale"): ("ln_2.weight", _same, _same),
+    ("mlp_norm", "bias"): ("ln_2.bias", _same, _same),
+    ("mlp", "up"): ("mlp.c_fc.weight", _same, _same),
+    ("mlp", "up_bias"): ("mlp.c_fc.bias", _same, _same),
+    ("mlp", "down"): ("mlp.c_proj.weight", _same, _same),
+    ("mlp", "down_bias"): ("mlp.c_proj.bias", _same, _same),
+}
+GPT2_TOP_TENSORS: dict[tuple[str, ...], tuple[str, Convert, Convert]] = {
+    ("embedding",): ("transformer.wte.weight", _same, _same),
+    ("position_embedding",): ("transformer.wpe.weight", _same, _same),
+    ("final_norm", "scale"): ("transformer.ln_f.weight", _same, _same),
+    ("final_norm", "bias"): ("transformer.ln_f.bias", _same, _same),
+    ("unembed",): ("lm_head.weight", *_transpose),
+}
+# sft path under params["layers"] -> (i, n): the tensor is the i-th of n equal slices of its HF
+# tensor's last axis.
+GPT2_FUSED: dict[tuple[str, ...], tuple[int, int]] = {
+    ("attn", "q"): (0, 3), ("attn", "k"): (1, 3), ("attn", "v"): (2, 3),
+    ("attn", "q_bias"): (0, 3), ("attn", "k_bias"): (1, 3), ("attn", "v_bias"): (2, 3),
+}
+
+
+def _is_gpt2(cfg: ModelConfig) -> bool:
+  return cfg.position_embedding == "learned"  # the one family with a learned position table
+
+
 def _layer_tensors(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[str, Convert, Convert]]:
+  if _is_gpt2(cfg):
+    return GPT2_LAYER_TENSORS
   return {**LAYER_TENSORS, **SANDWICH_NORMS} if cfg.sandwich_norms else LAYER_TENSORS
 
 
 def _entry(path: tuple[str, ...], cfg: ModelConfig) -> tuple[str, Convert, Convert]:
-  return _layer_tensors(cfg)[path[1:]] if path[0] == "layers" else TOP_TENSORS[path]
+  if path[0] == "layers":
+    return _layer_tensors(cfg)[path[1:]]
+  return (GPT2_TOP_TENSORS if _is_gpt2(cfg) else TOP_TENSORS)[path]
 
 
-# Present in some checkpoints, never needed: rotary tables that older versions saved as buffers.
-_IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+def _slot(path: tuple[str, ...], cfg: ModelConfig) -> tuple[int, int] | None:
+  return GPT2_FUSED.get(path[1:]) if _is_gpt2(cfg) and path[0] == "layers" else None
+
+
+def _layer_name(cfg: ModelConfig, i: int, hf: str) -> str:
+  return f"transformer.h.{i}.{hf}" if _is_gpt2(cfg) else f"model.layers.{i}.{hf}"
+
+
+# Present in some checkpoints, never needed: rotary tables that older versions saved as buffers, and
+# GPT-2's causal-mask buffers.
+_IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq|transformer\.h\.\d+\.attn\.(bias|masked_bias)")
 
 
 def _path(key_path) -> tuple[str, ...]:
@@ -102,8 +167,16 @@ def hf_names(cfg: ModelConfig) -> dict[tuple[str, ...], list[str]]:
   for key_path, _ in jax.tree_util.tree_flatten_with_path(abstract_params(cfg))[0]:
     path = _path(key_path)
     hf = _entry(path, cfg)[0]
-    names[path] = [f"model.layers.{i}.{hf}" for i in range(cfg.num_layers)] if path[0] == "layers" else [hf]
+    names[path] = [_layer_name(cfg, i, hf) for i in range(cfg.num_layers)] if path[0] == "layers" else [hf]
   return names
+
+
+def _sources(files: Mapping[str, Any], cfg: ModelConfig) -> dict[str, str]:
+  """HF name -> the name a checkpoint stores it under: GPT2Model checkpoints (no LM head) leave out
+  the `transformer.` prefix."""
+  if _is_gpt2(cfg) and not any(n.startswith("transformer.") for n in files):
+    return {(n if n == "lm_head.weight" else f"transformer.{n}"): n for n in files}
+  return {n: n for n in files}
 
 
 def _check_names(files: Mapping[str, Any], expected: set[str], cfg: ModelConfig, folder) -> None:
@@ -122,8 +195,9 @@ def load_params(folder: str | pathlib.Path, cfg: ModelConfig, shardings: Any = N
   (a matching tree of NamedShardings) or on the default device."""
   folder = pathlib.Path(folder)
   files = safetensors_io.open_checkpoint(folder)
+  sources = _sources(files, cfg)
   names = hf_names(cfg)
-  _check_names(files, {n for group in names.values() for n in group}, cfg, folder)
+  _check_names(sources, {n for group in names.values() for n in group}, cfg, folder)
   abstract = abstract_params(cfg)
   flat_shardings = {}
   if shardings is not None:
@@ -131,14 +205,17 @@ def load_params(folder: str | pathlib.Path, cfg: ModelConfig, shardings: Any = N
 
   def load(key_path, leaf):
     path = _path(key_path)
-    to_sft = _entry(path, cfg)[1]
+    to_sft, slot = _entry(path, cfg)[1], _slot(path, cfg)
     host = np.empty(leaf.shape, leaf.dtype)
     parts = [host[i] for i in range(cfg.num_layers)] if path[0] == "layers" else [host]
     for name, part in zip(names[path], parts):
-      want = _hf_shape(path, part.shape, cfg)
-      if files[name].shape(name) != want:
-        raise ValueError(f"{folder}: tensor {name} has shape {files[name].shape(name)}, the config needs {want}")
-      part[...] = to_sft(files[name].get(name), cfg).astype(leaf.dtype)
+      want, source = _hf_shape(path, part.shape, cfg), sources[name]
+      if files[source].shape(source) != want:
+        raise ValueError(f"{folder}: tensor {name} has shape {files[source].shape(source)}, the config needs {want}")
+      tensor = files[source].get(source)
+      if slot is not None:
+        tensor = np.split(tensor, slot[1], axis=-1)[slot[0]]
+      part[...] = to_sft(tensor, cfg).astype(leaf.dtype)
       progress.update(1)
     sharding = flat_shardings.get(path)
     if sharding is None:
@@ -151,8 +228,9 @@ def load_params(folder: str | pathlib.Path, cfg: ModelConfig, shardings: Any = N
 
 
 def _hf_shape(path: tuple[str, ...], sft_shape: tuple[int, ...], cfg: ModelConfig) -> tuple[int, ...]:
-  to_hf = _entry(path, cfg)[2]
-  return tuple(to_hf(np.empty(sft_shape, np.uint8), cfg).shape)  # views only: no data is touched
+  to_hf, slot = _entry(path, cfg)[2], _slot(path, cfg)
+  shape = to_hf(np.empty(sft_shape, np.uint8), cfg).shape  # views only: no data is touched
+  return shape if slot is None else (*shape[:-1], shape[-1] * slot[1])
 
 
 def load_model(folder: str | pathlib.Path, *, dtype: str = "float32", param_dtype: str = "float32", shardings=None):
@@ -175,17 +253,21 @@ def to_hf_tensors(params: Any, cfg: ModelConfig, *, desc: str | None = None) -> 
   """HF tensor name -> numpy array, for every parameter; with a progress bar under `desc` if given
   (on process 0: every process must call this, as gathering a sharded parameter takes them all)."""
   names = hf_names(cfg)
-  tensors = {}
+  tensors, slices = {}, {}
   total = sum(len(group) for group in names.values())
   with bar(total, desc or "", " tensors", enabled=desc is not None and jax.process_index() == 0) as progress:
     for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
       path = _path(key_path)
-      to_hf = _entry(path, cfg)[2]
+      to_hf, slot = _entry(path, cfg)[2], _slot(path, cfg)
       value = _host(leaf)
       parts = [value[i] for i in range(cfg.num_layers)] if path[0] == "layers" else [value]
       for name, part in zip(names[path], parts):
-        tensors[name] = np.ascontiguousarray(to_hf(part, cfg))
+        if slot is None:
+          tensors[name] = np.ascontiguousarray(to_hf(part, cfg))
+        else:
+          slices.setdefault(name, [None] * slot[1])[slot[0]] = to_hf(part, cfg)
         progress.update(1)
+  tensors.update({name: np.concatenate(parts, axis=-1) for name, parts in slices.items()})
   return tensors
 
 

@@ -13,6 +13,8 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 ROPE_TYPES = ("default", "llama3")
 ACTIVATIONS = ("silu", "gelu_tanh")
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+NORM_TYPES = ("rms", "layer")
+POSITION_EMBEDDINGS = ("rope", "learned")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +37,11 @@ class ModelConfig:
   rope_high_freq_factor: float = 4.0
   rope_original_max_positions: int = 8192
   norm_eps: float = 1e-6
+  norm_type: str = "rms"  # "rms": RMSNorm; "layer": LayerNorm with a bias (GPT-2)
+  # "rope": rotary embeddings on q and k; "learned": a (max_positions, d_model) table added to the
+  # token embeddings (GPT-2), so positions must stay below max_positions.
+  position_embedding: str = "rope"
+  max_positions: int = 2048  # rows of the learned position table (unused with rope)
   qkv_bias: bool = False  # biases on the q, k, v projections (Qwen2)
   qk_norm: bool = False  # RMSNorm over each head's q and k before rotary embeddings (Qwen3)
   sliding_window: int = 0  # a token sees at most this many tokens back, itself included; 0: no limit
@@ -43,6 +50,8 @@ class ModelConfig:
   norm_plus_one: bool = False  # RMSNorm scales by (1 + w), w initialised at 0 (Gemma)
   embed_scale: bool = False  # embeddings multiplied by sqrt(d_model) (Gemma)
   mlp_activation: str = "silu"  # "silu" (SwiGLU) or "gelu_tanh" (GeGLU, Gemma)
+  mlp_gated: bool = True  # act(gate) * up; False: act(up) with no gate projection (GPT-2)
+  linear_bias: bool = False  # biases on every projection: q, k, v, o, up, down (GPT-2)
   query_pre_attn_scalar: float = 0.0  # attention scores scaled by its -1/2 power; 0: head_dim
   attn_logit_softcap: float = 0.0  # scores -> cap * tanh(scores / cap); 0: off (Gemma 2)
   final_logit_softcap: float = 0.0  # the same on the output logits (Gemma 2)
@@ -59,7 +68,7 @@ class ModelConfig:
 
   def __post_init__(self):
     object.__setattr__(self, "lora_targets", tuple(self.lora_targets))  # a ConfigDict may hand over a list
-    for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim"):
+    for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim", "max_positions"):
       value = getattr(self, name)
       if not isinstance(value, int) or value <= 0:
         raise ConfigError(f"model.{name} must be a positive integer, got {value!r}")
@@ -67,13 +76,17 @@ class ModelConfig:
       raise ConfigError(
           f"model.num_heads ({self.num_heads}) must be a multiple of model.num_kv_heads ({self.num_kv_heads})"
       )
-    if self.head_dim % 2:
+    if self.position_embedding == "rope" and self.head_dim % 2:
       raise ConfigError(f"model.head_dim must be even for rotary embeddings, got {self.head_dim}")
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in DTYPES:
         raise ConfigError(f"model.{name} must be one of {sorted(DTYPES)}, got {getattr(self, name)!r}")
     if self.rope_type not in ROPE_TYPES:
       raise ConfigError(f"model.rope_type must be one of {ROPE_TYPES}, got {self.rope_type!r}")
+    if self.norm_type not in NORM_TYPES:
+      raise ConfigError(f"model.norm_type must be one of {NORM_TYPES}, got {self.norm_type!r}")
+    if self.position_embedding not in POSITION_EMBEDDINGS:
+      raise ConfigError(f"model.position_embedding must be one of {POSITION_EMBEDDINGS}, got {self.position_embedding!r}")
     if self.mlp_activation not in ACTIVATIONS:
       raise ConfigError(f"model.mlp_activation must be one of {ACTIVATIONS}, got {self.mlp_activation!r}")
     for name in ("query_pre_attn_scalar", "attn_logit_softcap", "final_logit_softcap"):
@@ -86,6 +99,8 @@ class ModelConfig:
     unknown = set(self.lora_targets) - set(LORA_TARGETS)
     if unknown:
       raise ConfigError(f"model.lora_targets has {sorted(unknown)}; the projections are {LORA_TARGETS}")
+    if not self.mlp_gated and "gate" in self.lora_targets:
+      raise ConfigError("model.lora_targets has 'gate', but with model.mlp_gated=False the MLP has no gate projection")
     if self.sliding_window < 0:
       raise ConfigError(f"model.sliding_window must be >= 0 (0: none), got {self.sliding_window}")
 

@@ -1,4 +1,4 @@
-"""The Transformer's parts: masks, rotary embeddings, RMSNorm, attention and the SwiGLU MLP.
+"""The Transformer's parts: masks, rotary embeddings, RMSNorm and LayerNorm, attention and the MLP.
 
 Einsum letters: B batch, T query length, S key length, D model, N query heads, K kv heads,
 H head dim, F feed-forward.
@@ -113,6 +113,34 @@ class RMSNorm(nn.Module):
     return (normed * (1.0 + scale if self.cfg.norm_plus_one else scale)).astype(self.cfg.compute_dtype)
 
 
+class LayerNorm(nn.Module):
+  """Mean-centred normalisation with a scale and a bias (GPT-2), in float32."""
+
+  cfg: ModelConfig
+  axis_name: str = axes.EMBED
+
+  @nn.compact
+  def __call__(self, x):
+    shape, logical_axes = (x.shape[-1],), (self.axis_name,)
+    scale = param(self, "scale", nn.initializers.ones, shape, logical_axes, self.cfg).astype(jnp.float32)
+    bias = param(self, "bias", nn.initializers.zeros, shape, logical_axes, self.cfg).astype(jnp.float32)
+    x32 = x.astype(jnp.float32)
+    centred = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+    normed = centred * jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + self.cfg.norm_eps)
+    return (normed * scale + bias).astype(self.cfg.compute_dtype)
+
+
+def norm(cfg: ModelConfig, name: str) -> nn.Module:
+  """The block and final norm `cfg.norm_type` names (q/k norms are always RMSNorm)."""
+  return LayerNorm(cfg, name=name) if cfg.norm_type == "layer" else RMSNorm(cfg, name=name)
+
+
+def add_bias(module: nn.Module, name: str, y, shape, logical_axes):
+  """y + a zero-initialised bias `name` of `shape` (y's trailing axes)."""
+  c = module.cfg
+  return y + param(module, name, nn.initializers.zeros, shape, logical_axes, c).astype(c.compute_dtype)
+
+
 def softcap(x: jax.Array, cap: float) -> jax.Array:
   """cap * tanh(x / cap): smooth clipping to (-cap, cap); identity when cap is 0."""
   return cap * jnp.tanh(x / cap) if cap else x
@@ -135,7 +163,8 @@ def attend(q_btnh, k_bskh, v_bskh, mask_b1ts, cfg: ModelConfig) -> jax.Array:
 
 
 class Attention(nn.Module):
-  """Grouped-query attention with rotary embeddings on per-segment positions."""
+  """Grouped-query attention, with rotary embeddings on per-segment positions unless the model
+  learns absolute position embeddings instead."""
 
   cfg: ModelConfig
   train: bool = False
@@ -153,30 +182,33 @@ class Attention(nn.Module):
     q_btnh = proj("q", x_btd, "BTD,DNH->BTNH", (d, n, h), (axes.EMBED, axes.HEADS, axes.HEAD_DIM), 1, fan_in_init(0, (1, 2)))
     k_btkh = proj("k", x_btd, "BTD,DKH->BTKH", (d, k, h), (axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM), 1, fan_in_init(0, (1, 2)))
     v_btkh = proj("v", x_btd, "BTD,DKH->BTKH", (d, k, h), (axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM), 1, fan_in_init(0, (1, 2)))
-    dt = c.compute_dtype
-    if c.qkv_bias:
-      zeros = nn.initializers.zeros
-      q_btnh += param(self, "q_bias", zeros, (n, h), (axes.HEADS, axes.HEAD_DIM), c).astype(dt)
-      k_btkh += param(self, "k_bias", zeros, (k, h), (axes.KV_HEADS, axes.HEAD_DIM), c).astype(dt)
-      v_btkh += param(self, "v_bias", zeros, (k, h), (axes.KV_HEADS, axes.HEAD_DIM), c).astype(dt)
+    if c.qkv_bias or c.linear_bias:
+      q_btnh = add_bias(self, "q_bias", q_btnh, (n, h), (axes.HEADS, axes.HEAD_DIM))
+      k_btkh = add_bias(self, "k_bias", k_btkh, (k, h), (axes.KV_HEADS, axes.HEAD_DIM))
+      v_btkh = add_bias(self, "v_bias", v_btkh, (k, h), (axes.KV_HEADS, axes.HEAD_DIM))
     if c.qk_norm:
       q_btnh = RMSNorm(c, axes.HEAD_DIM, name="q_norm")(q_btnh)
       k_btkh = RMSNorm(c, axes.HEAD_DIM, name="k_norm")(k_btkh)
     q_btnh = nn.with_logical_constraint(q_btnh, (axes.BATCH, axes.LENGTH, axes.HEADS, axes.HEAD_DIM))
-    inv_freq_h = rope_inv_freq(c)
-    q_btnh = apply_rope(q_btnh, positions_bt, inv_freq_h)
-    k_btkh = apply_rope(k_btkh, positions_bt, inv_freq_h)
+    if c.position_embedding == "rope":
+      inv_freq_h = rope_inv_freq(c)
+      q_btnh = apply_rope(q_btnh, positions_bt, inv_freq_h)
+      k_btkh = apply_rope(k_btkh, positions_bt, inv_freq_h)
     if layer_cache is not None:
       write = jax.vmap(lambda cache_skh, new_tkh, i: jax.lax.dynamic_update_slice(cache_skh, new_tkh, (i, 0, 0)))
       layer_cache = (write(layer_cache[0], k_btkh, cache_index_b), write(layer_cache[1], v_btkh, cache_index_b))
       k_btkh, v_btkh = layer_cache
     out_btnh = attend(q_btnh, k_btkh, v_btkh, mask_b1ts, c)
     o_axes = (axes.HEADS, axes.HEAD_DIM, axes.EMBED)
-    return proj("o", out_btnh, "BTNH,NHD->BTD", (n, h, d), o_axes, 2, fan_in_init((0, 1), 2)), layer_cache
+    out_btd = proj("o", out_btnh, "BTNH,NHD->BTD", (n, h, d), o_axes, 2, fan_in_init((0, 1), 2))
+    if c.linear_bias:
+      out_btd = add_bias(self, "o_bias", out_btd, (d,), (axes.EMBED,))
+    return out_btd, layer_cache
 
 
 class Mlp(nn.Module):
-  """Gated feed-forward: SwiGLU, or GeGLU with the tanh GELU."""
+  """Gated feed-forward (SwiGLU, or GeGLU with the tanh GELU), or act(up) then down without a gate
+  (GPT-2: the tanh GELU, with biases)."""
 
   cfg: ModelConfig
   train: bool = False
@@ -187,8 +219,13 @@ class Mlp(nn.Module):
     def proj(name, x, spec, shape, logical_axes):
       return project(self, name, x, spec, shape, logical_axes, 1, fan_in_init(0, 1), self.train)
 
-    gate_btf = proj("gate", x_btd, "BTD,DF->BTF", (c.d_model, c.mlp_dim), (axes.EMBED, axes.MLP))
-    up_btf = proj("up", x_btd, "BTD,DF->BTF", (c.d_model, c.mlp_dim), (axes.EMBED, axes.MLP))
     act = jax.nn.silu if c.mlp_activation == "silu" else functools.partial(jax.nn.gelu, approximate=True)
-    hidden_btf = nn.with_logical_constraint(act(gate_btf) * up_btf, (axes.BATCH, axes.LENGTH, axes.MLP))
-    return proj("down", hidden_btf, "BTF,FD->BTD", (c.mlp_dim, c.d_model), (axes.MLP, axes.EMBED))
+    # The gate is made first: parameter creation order fixes the init rngs of existing models.
+    gate_btf = proj("gate", x_btd, "BTD,DF->BTF", (c.d_model, c.mlp_dim), (axes.EMBED, axes.MLP)) if c.mlp_gated else None
+    up_btf = proj("up", x_btd, "BTD,DF->BTF", (c.d_model, c.mlp_dim), (axes.EMBED, axes.MLP))
+    if c.linear_bias:
+      up_btf = add_bias(self, "up_bias", up_btf, (c.mlp_dim,), (axes.MLP,))
+    hidden_btf = act(gate_btf) * up_btf if c.mlp_gated else act(up_btf)
+    hidden_btf = nn.with_logical_constraint(hidden_btf, (axes.BATCH, axes.LENGTH, axes.MLP))
+    down_btd = proj("down", hidden_btf, "BTF,FD->BTD", (c.mlp_dim, c.d_model), (axes.MLP, axes.EMBED))
+    return add_bias(self, "down_bias", down_btd, (c.d_model,), (axes.EMBED,)) if c.linear_bias else down_btd

@@ -1,4 +1,4 @@
-"""A decoder-only Transformer (Llama-style) as pure Flax modules.
+"""A decoder-only Transformer (Llama-style, or GPT-2-style per its config) as pure Flax modules.
 
 Parameters are a plain pytree and `apply` is a pure function:
 
@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from sft.model import axes
 from sft.model.config import ModelConfig
-from sft.model.layers import Attention, Mlp, RMSNorm, attention_mask, decode_mask, fan_in_init, param, softcap
+from sft.model.layers import Attention, Mlp, RMSNorm, attention_mask, decode_mask, fan_in_init, norm, param, softcap
 
 
 class Block(nn.Module):
@@ -33,12 +33,12 @@ class Block(nn.Module):
     full_mask_b1ts, sliding_mask_b1ts = masks
     mask_b1ts = jnp.where(is_sliding, sliding_mask_b1ts, full_mask_b1ts)
     attn_out, layer_cache = Attention(c, self.train, name="attn")(
-        RMSNorm(c, name="attn_norm")(x_btd), positions_bt, mask_b1ts, layer_cache, cache_index_b
+        norm(c, "attn_norm")(x_btd), positions_bt, mask_b1ts, layer_cache, cache_index_b
     )
     if c.sandwich_norms:
       attn_out = RMSNorm(c, name="post_attn_norm")(attn_out)
     x_btd = x_btd + attn_out
-    mlp_out = Mlp(c, self.train, name="mlp")(RMSNorm(c, name="mlp_norm")(x_btd))
+    mlp_out = Mlp(c, self.train, name="mlp")(norm(c, "mlp_norm")(x_btd))
     if c.sandwich_norms:
       mlp_out = RMSNorm(c, name="post_mlp_norm")(mlp_out)
     x_btd = x_btd + mlp_out
@@ -69,6 +69,12 @@ class Transformer(nn.Module):
         self, "embedding", nn.initializers.normal(stddev=0.02), (c.vocab_size, c.d_model), (axes.VOCAB, axes.EMBED), c
     )
     x_btd = jnp.take(embedding_vd, tokens_bt, axis=0).astype(c.compute_dtype)
+    if c.position_embedding == "learned":
+      # Indexed by each token's own position (restarting per packed segment; the cache slot when decoding).
+      position_embedding_pd = param(
+          self, "position_embedding", nn.initializers.normal(stddev=0.01), (c.max_positions, c.d_model), (None, axes.EMBED), c
+      )
+      x_btd = x_btd + jnp.take(position_embedding_pd, positions_bt, axis=0).astype(c.compute_dtype)
     if c.embed_scale:
       x_btd = x_btd * jnp.asarray(c.d_model**0.5, c.compute_dtype)  # rounded to the compute dtype, as Gemma does
     x_btd = nn.with_logical_constraint(x_btd, (axes.BATCH, axes.LENGTH, axes.EMBED))
@@ -90,7 +96,7 @@ class Transformer(nn.Module):
         metadata_params={nn.PARTITION_NAME: axes.LAYERS},
     )(c, self.train, name="layers")
     x_btd, cache = layers(x_btd, positions_bt, masks, cache, cache_index_b, is_sliding_l)
-    x_btd = RMSNorm(c, name="final_norm")(x_btd)
+    x_btd = norm(c, "final_norm")(x_btd)
 
     if c.tie_embeddings:
       logits_btv = jnp.einsum("BTD,VD->BTV", x_btd, embedding_vd.astype(c.compute_dtype))

@@ -40,6 +40,9 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
   cfg = hf.from_hf_config(hf.read_hf_config(config_path), dtype=model["dtype"], param_dtype=model["param_dtype"], source=str(config_path))
   log.info("model: shape and numerics from %s (the model.* shape keys of the config are not used)", config_path)
   lora = {k: model[k] for k in ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")}
+  if not cfg.mlp_gated and "gate" in lora["lora_targets"]:  # the presets name every projection; GPT-2 has no gate
+    lora["lora_targets"] = tuple(t for t in lora["lora_targets"] if t != "gate")
+    log.info("LoRA: %s has no gate projection; adapters on %s", config_path, lora["lora_targets"])
   return dataclasses.replace(cfg, remat=model["remat"], **lora)
 
 
@@ -75,6 +78,8 @@ class RunSetup:
 def setup_run(config: ml_collections.ConfigDict) -> RunSetup:
   """Model config, mesh, rules and parameter shardings; raises ConfigError before any work is done."""
   model_cfg = model_config(config)
+  if model_cfg.position_embedding == "learned" and config.train.seq_len > model_cfg.max_positions:
+    raise ConfigError(f"train.seq_len={config.train.seq_len} is more than the model's {model_cfg.max_positions} learned positions")
   mesh = sharding.make_mesh(config.mesh.to_dict())
   rules = sharding.logical_rules(config.sharding_rules, mesh)
   model = Transformer(model_cfg)
