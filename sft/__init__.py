@@ -7,13 +7,14 @@
 Packages, bottom to top of the import graph: `sft.pipeline` (tokenizers and the grain input
 pipeline) and `sft.databuilder` (raw records -> an audited chat dataset); `sft.model` (the
 Transformer); `sft.hf` (Hugging Face checkpoints); `sft.trainer` (run setup, sharded training),
-`sft.evaluator` (metrics and generation), `sft.serve` (answering prompts); `sft.jobs` and
+`sft.evaluator` (metrics per task, generation, reports), `sft.serve` (answering prompts),
+`sft.eval_job` (evaluating a saved model); `sft.jobs` and
 `sft.cli` (what the launcher runs).
 """
 
 from sft.errors import ConfigError
 
-__all__ = ["ConfigError", "base_config", "build_dataset", "respond", "train_and_evaluate"]
+__all__ = ["ConfigError", "base_config", "build_dataset", "evaluate_model", "respond", "train_and_evaluate"]
 
 
 def __getattr__(name):
@@ -22,7 +23,7 @@ def __getattr__(name):
     from sft.config import base_config  # noqa: PLC0415
 
     return base_config
-  if name in ("build_dataset", "respond", "train_and_evaluate"):
+  if name in ("build_dataset", "evaluate_model", "respond", "train_and_evaluate"):
     from sft import jobs  # noqa: PLC0415
 
     return getattr(jobs, name)

@@ -2,6 +2,7 @@
 
   sft --config=quickstart --workdir=/tmp/sft-quickstart --config.train.sft_steps=50
   sft --config=finetune:lora --workdir=/tmp/sft-lora --config.model.checkpoint=/path/to/hf_model
+  sft --config=eval --workdir=/tmp/sft-eval --config.eval.model_workdir=/tmp/sft-quickstart --config.data.dir=/tmp/sft-quickstart/data
   python launch.py --config=configs/quickstart.py --workdir=/tmp/sft-quickstart
 
 --config is a config file (path[:argument]) or the name of one in the `configs` package.
@@ -118,6 +119,8 @@ def run(argv):
   try:
     if _CONFIG.value.get("job") == "build":
       jobs.build_dataset(_CONFIG.value, _WORKDIR.value)
+    elif _CONFIG.value.get("job") == "eval":
+      jobs.evaluate_model(_CONFIG.value, _WORKDIR.value)
     elif _GENERATE.value:
       for prompt, answer in zip(_GENERATE.value, jobs.respond(_CONFIG.value, _WORKDIR.value, _GENERATE.value)):
         print(f"> {prompt}\n{answer}\n")

@@ -29,7 +29,7 @@ def model_section() -> ml_collections.ConfigDict:
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.job = "train"  # launch.py trains with this config ("build" configs run the data builder)
+  c.job = "train"  # launch.py trains with this config ("eval": evaluates a model; "build" configs run the data builder)
   c.seed = 0  # parameter init and data order
 
   c.data = ml_collections.ConfigDict()
@@ -68,12 +68,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.every_steps = 100  # also at the start and at the end
   c.eval.batch_size = 16  # rows per eval step, over all processes
-  c.eval.num_generations = 64  # held-out prompts answered greedily for exact match
+  c.eval.num_generations = 64  # held-out prompts answered greedily, shared between the tasks; -1: all
   c.eval.max_new_tokens = 48
   c.eval.num_samples_to_print = 5
   # How answers are compared for exact match and token F1: "squad" (lowercase, no punctuation, no
   # articles, single spaces: SQuAD's evaluation script) or "whitespace" (single spaces only).
   c.eval.answer_normalization = "squad"
+  # The eval job (job="eval", configs/eval.py): the model is the latest checkpoint of a training workdir
+  # (model_workdir), or else the Hugging Face folder model.checkpoint; the records are those of eval
+  # files (any format the data builder reads), or else the validation split of data.dir / data.build.
+  c.eval.model_workdir = ""
+  c.eval.files = ()
 
   # Answering prompts with `launch.py --generate=...` from the latest checkpoint of the workdir.
   c.sample = ml_collections.ConfigDict()

@@ -113,7 +113,7 @@ def _sharding_rules(value) -> str | None:
 # output.num_shards, runner, clean.control_strings, clean.phone_leniency, decontaminate.exact_min_words,
 # read_max_record_bytes, dedup bands x rows) by calling it. A build config's keys are the data.build ones.
 CONSTRAINTS = {
-    "job": OneOf(("train", "build")),
+    "job": OneOf(("train", "eval", "build")),
     "seed": AT_LEAST_0,
     "data.source": OneOf(("build", "dir")),
     "tokenizer.vocab_size": AT_LEAST_1,
@@ -139,7 +139,7 @@ CONSTRAINTS = {
     "train.log_every": AT_LEAST_1,
     "eval.every_steps": AT_LEAST_1,
     "eval.batch_size": AT_LEAST_1,
-    "eval.num_generations": AT_LEAST_0,
+    "eval.num_generations": Range(0, also=(-1,)),
     "eval.max_new_tokens": AT_LEAST_1,
     "eval.num_samples_to_print": AT_LEAST_0,
     "eval.answer_normalization": OneOf(("squad", "whitespace")),  # sft.evaluator.metrics.NORMALIZATIONS
@@ -299,7 +299,7 @@ def _key_problems(defaults: dict[str, Any], values: dict[str, Any], sections: se
 
 
 def _some_steps(v: dict[str, Any]) -> str | None:
-  if v["train.pretrain_steps"] + v["train.sft_steps"] >= 1:
+  if v["job"] == "eval" or v["train.pretrain_steps"] + v["train.sft_steps"] >= 1:
     return None
   return "train.pretrain_steps + train.sft_steps: at least one step to train, got 0"
 
@@ -312,7 +312,15 @@ def _one_mesh_remainder(v: dict[str, Any]) -> str | None:
 
 
 def _data_dir_named(v: dict[str, Any]) -> str | None:
+  if v["job"] == "eval" and v["eval.files"]:  # the eval job reads its files instead
+    return None
   return "data.dir: the folder of a data build, needed with data.source 'dir'" if v["data.source"] == "dir" and not v["data.dir"] else None
+
+
+def _eval_model_named(v: dict[str, Any]) -> str | None:
+  if v["job"] != "eval" or v["eval.model_workdir"] or v["model.checkpoint"]:
+    return None
+  return "the eval job needs a model: eval.model_workdir (a training workdir) or model.checkpoint (a Hugging Face folder)"
 
 
 def _llama3_factors(v: dict[str, Any]) -> str | None:
@@ -324,9 +332,10 @@ def _llama3_factors(v: dict[str, Any]) -> str | None:
 
 # Values that are each valid but cannot work together: (the keys read, the check), run only when those keys are valid.
 CROSS_CHECKS = (
-    (("train.pretrain_steps", "train.sft_steps"), _some_steps),
+    (("job", "train.pretrain_steps", "train.sft_steps"), _some_steps),
     (("mesh.data", "mesh.fsdp", "mesh.tensor"), _one_mesh_remainder),
-    (("data.source", "data.dir"), _data_dir_named),
+    (("job", "eval.files", "data.source", "data.dir"), _data_dir_named),
+    (("job", "eval.model_workdir", "model.checkpoint"), _eval_model_named),
     (("model.rope_type", "model.rope_low_freq_factor", "model.rope_high_freq_factor"), _llama3_factors),
 )
 

@@ -3,7 +3,8 @@ answer prompts. The top of the import graph: this is where the data builder is h
 annotate with, so the builder itself never imports serving or training.
 
     import sft
-    sft.train_and_evaluate(config, workdir)   # or sft.build_dataset(build_config, out_dir), sft.respond(...)
+    sft.train_and_evaluate(config, workdir)   # or sft.build_dataset(build_config, out_dir), sft.respond(...),
+                                              # sft.evaluate_model(eval_config, workdir)
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any, Sequence
 
 import ml_collections
 
-from sft import databuilder, serve
+from sft import databuilder, eval_job, serve
 from sft.config_check import check_config
 from sft.trainer import loop
 
@@ -37,6 +38,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   if config.data.source == "build":
     kwargs.setdefault("generator", annotation_generator(config.data.build))
   return loop.train_and_evaluate(config, workdir, **kwargs)
+
+
+def evaluate_model(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, float]:
+  """`sft.eval_job.evaluate_model`: a trained or Hugging Face model on held-out records, with a report."""
+  return eval_job.evaluate_model(config, workdir)
 
 
 def respond(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, prompts: Sequence[str]) -> list[str]:

@@ -30,7 +30,7 @@ def test_config_loads_and_documents_its_command(name):
 
     assert list_inputs(params_of(module.get_config()))
     return
-  args = ["full", "lora"] if name != "quickstart" else [None]
+  args = ["full", "lora"] if name == "finetune" else [None]
   for arg in args:
     config = module.get_config() if arg is None else module.get_config(arg)
     model = config.model.to_dict()
@@ -81,6 +81,10 @@ def every_config():
 @pytest.mark.parametrize("name", [name for name, _ in every_config()])
 def test_every_experiment_config_passes_the_check(name):
   config = dict(every_config())[name]
+  if name == "eval":  # the model and the records are named on the command line
+    with pytest.raises(ConfigError, match="needs a model"):
+      check_config(config)
+    config.eval.model_workdir, config.data.dir = "/a/run", "/a/run/data"
   check_config(config)
   check_config(ml_collections.ConfigDict(json.loads(config.to_json())))  # as serve.py reads config.json back: tuples are lists
 
@@ -387,7 +391,7 @@ def test_the_job_picks_the_defaults_to_compare_with():
   assert problems_of(config).startswith("train: no such key")
   config = base_config()
   config.job = "evaluate"
-  assert problems_of(config) == "job: must be one of 'train', 'build'; got 'evaluate'"
+  assert problems_of(config) == "job: must be one of 'train', 'eval', 'build'; got 'evaluate'"
 
 
 def test_a_placeholder_takes_none_or_its_type(monkeypatch):

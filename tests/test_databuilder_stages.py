@@ -4,6 +4,8 @@ import collections
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sft.databuilder import annotate, build_config, clean, decontaminate, quality, readers, records, stages, templates
 from sft.databuilder.pipeline import params_of
@@ -38,7 +40,7 @@ def test_every_schema_becomes_the_same_chat(tmp_path):
   assert [r["id"] for r in out] == ["a.jsonl:1", "a.jsonl:2", "a.jsonl:3", "a.jsonl:4", "a.jsonl:5"]
   for r in out[:4]:
     assert r["kind"] == "chat" and r["messages"] == [{"role": "user", "content": user}, {"role": "assistant", "content": bot}]
-  assert out[4]["task"] == "closed_qa" and out[4]["messages"][1]["content"] == bot
+  assert (out[4]["task"], out[4]["template"]) == ("qa", "closed_qa") and out[4]["messages"][1]["content"] == bot
   assert user in out[4]["messages"][0]["content"]
 
 
@@ -117,6 +119,41 @@ def test_templates_paraphrase_by_id_and_check_types():
   assert templates.task_of({"text"}) is None
   with pytest.raises(ValueError, match="'document' is list"):
     templates.to_chat({"document": ["a"], "summary": "b"}, "summary", "r:1", "r")
+
+
+def test_every_template_names_an_evaluation_task_and_keeps_its_options():
+  assert set(templates.TEMPLATE_TASK) == set(templates.TASKS)
+  assert set(templates.TEMPLATE_TASK.values()) <= set(templates.TASK_NAMES)
+  chat = templates.to_chat({"text": "Great film!", "label": "positive", "labels": ["positive", "negative"]}, "classification", "r:0", "r")
+  assert (chat["task"], chat["template"], chat["labels"]) == ("classification", "classification", ["positive", "negative"])
+  assert templates.to_chat({"document": "a b", "summary": "a"}, "summary", "r:0", "r")["task"] == "summarisation"
+  assert templates.task_of({"text", "answer", "choices"}) == "cloze"
+  cloze = templates.to_chat({"text": "The capital of France is ____.", "answer": "Paris", "choices": ["Rome", "Paris"]}, "cloze", "r:1", "r")
+  assert (cloze["task"], cloze["choices"], cloze["messages"][1]["content"]) == ("cloze", ["Rome", "Paris"], "Paris")
+  assert "The capital of France is ____." in cloze["messages"][0]["content"] and "Rome, Paris" in cloze["messages"][0]["content"]
+  with pytest.raises(templates.Invalid, match="not one of 'labels'"):
+    templates.to_chat({"text": "t", "label": "x", "labels": ["a", "b"]}, "classification", "r:0", "r")
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    text=st.text(st.sampled_from("ab _-.\n"), max_size=20),
+    answer=st.text(st.sampled_from("ab "), max_size=4),
+    choices=st.none() | st.lists(st.text(st.sampled_from("ab"), max_size=3), max_size=4),
+)
+def test_a_cloze_record_is_a_well_formed_chat_or_a_counted_rejection(tmp_path_factory, text, answer, choices):
+  """Any text, answer and choices: a chat whose prompt holds the text with its one blank and whose
+  response is the answer (one of the choices), or a rejection with a reason, never a traceback."""
+  raw = {"text": text, "answer": answer, **({"choices": choices} if choices is not None else {})}
+  path = tmp_path_factory.mktemp("cloze") / "c.jsonl"
+  path.write_text(json.dumps(raw) + "\n")
+  [out] = readers.read_file(path, "c.jsonl")
+  if records.is_dropped(out):
+    assert out["dropped"]["reason"] in ("bad cloze", "bad choices")
+    return
+  assert text.count(templates.BLANK) == 1 and answer.strip()
+  assert out["task"] == "cloze" and text in out["messages"][0]["content"] and out["messages"][1]["content"] == answer
+  assert choices is None or (answer in out["choices"] and len(set(out["choices"])) == len(out["choices"]))
 
 
 def test_clean_worked_example():

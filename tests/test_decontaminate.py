@@ -68,7 +68,7 @@ def test_template_eval_items_are_keyed_by_their_fields(tmp_path):
   assert {"what is entropy", "define osmosis", "why is the sky blue"} <= set(index["exact"])
   assert _reason(_chat("Why is the sky blue?", "Rayleigh scattering."), index)[0] == "eval item (exact)"
   # a two-word question matches a record whose own template fields equal it, whatever the paraphrase
-  templated = _chat("Answer the following question.\n\nDefine osmosis.", "Water moving across a membrane.", task="closed_qa")
+  templated = _chat("Answer the following question.\n\nDefine osmosis.", "Water moving across a membrane.", task="qa", template="closed_qa")
   assert _reason(templated, index)[0] == "eval item (exact)"
   assert _reason(_chat("Define osmosis in plants and animals.", "..."), index) is None  # below exact_min_words: equality only
 

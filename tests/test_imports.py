@@ -1,6 +1,6 @@
 """The import graph of `sft` has no cycles and flows one way, bottom to top:
 
-    errors, console -> pipeline -> databuilder -> model -> config, hf -> config_check -> evaluator -> trainer -> serve
+    errors, console -> pipeline -> databuilder -> model -> config, hf -> config_check -> evaluator -> trainer -> serve, eval_job
     -> jobs -> cli, the `sft` package
 
 Every import counts, function-level ones included, and importing `a.b.c` also runs the `__init__` of
@@ -25,7 +25,7 @@ LAYERS = [
     ("sft.config_check",),
     ("sft.evaluator",),
     ("sft.trainer",),
-    ("sft.serve",),
+    ("sft.serve", "sft.eval_job"),
     ("sft.jobs",),
     ("sft.cli", "sft.__main__", "sft"),
 ]

@@ -45,6 +45,7 @@ def test_quickstart_runs_then_resumes(tmp_path):
     assert (tmp_path / name).exists(), name
   assert "data builder: read" in first.stdout
   assert (tmp_path / "curves.png").exists() and any((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+  assert "## Per task" in (tmp_path / "eval" / "report.md").read_text() and (tmp_path / "eval" / "results.json").exists()
 
   second = launch(tmp_path, "--config.train.sft_steps=6")
   assert second.returncode == 0, second.stderr[-3000:]
@@ -57,6 +58,33 @@ def test_quickstart_runs_then_resumes(tmp_path):
   assert answered.returncode == 0, answered.stderr[-3000:]
   assert answered.stdout.count("> ") == 2 and "> What does `json.dumps` do?" in answered.stdout
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["6", "8"]  # untouched
+
+
+  # The eval job on the trained workdir: eval files of two tasks, one line that is no record.
+  evalset = tmp_path / "evalset.jsonl"
+  evalset.write_text(
+      json.dumps({"text": "Serialize obj to JSON.", "label": "json", "labels": ["json", "shlex"]}) + "\n"
+      + json.dumps({"text": "Return a ____ of the string.", "answer": "copy", "choices": ["copy", "json"]}) + "\n"
+      + "{not json\n"
+  )
+  cmd = [sys.executable, "launch.py", "--config=configs/eval.py", f"--workdir={tmp_path / 'ev'}", f"--config.eval.model_workdir={tmp_path}"]
+  evaluated = subprocess.run([*cmd, f"--config.eval.files=('{evalset}',)"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+  assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+  assert "2 chats; 1 rejected" in evaluated.stdout and "eval: report in" in evaluated.stdout
+  results = json.loads((tmp_path / "ev" / "eval" / "results.json").read_text())
+  assert set(results["tasks"]) == {"classification", "cloze"} and results["metrics"]["eval/cloze/choice_items"] == 1
+  assert (tmp_path / "ev" / "eval" / "confusion-classification.png").exists()
+  on_split = subprocess.run([*cmd, f"--config.data.dir={tmp_path / 'data'}"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+  assert on_split.returncode == 0, on_split.stderr[-3000:]
+  assert "the validation split of" in (tmp_path / "ev" / "eval" / "report.md").read_text()
+
+
+def test_an_eval_job_without_a_model_or_checkpoint_fails_clearly(tmp_path):
+  cmd = [sys.executable, "launch.py", "--config=configs/eval.py", f"--workdir={tmp_path}", "--config.data.dir=/nowhere"]
+  no_model = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert no_model.returncode != 0 and "the eval job needs a model" in no_model.stderr
+  untrained = subprocess.run([*cmd, f"--config.eval.model_workdir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert untrained.returncode != 0 and "has no config.json" in untrained.stderr
 
 
 def test_generate_without_a_checkpoint_is_a_clear_error(tmp_path):

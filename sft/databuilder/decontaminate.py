@@ -54,6 +54,8 @@ def _paraphrase_patterns(task: str) -> tuple[tuple[re.Pattern, tuple[str, ...], 
       fixed += len(literal)
       if field == "options":
         parts.append(".*?")
+      elif field == "blank":
+        parts.append(re.escape(templates.BLANK))
       elif field is not None:
         parts.append(f"(?P<{field}>.*?)")
         fields.append(field)
@@ -65,11 +67,11 @@ def _template_fields(record: records.Record) -> str:
   """The fields a template filled into the record's prompt, without its instruction words ("" if none).
   The paraphrase to_chat picked for this id is tried first, then the others with the most fixed text
   first, since a bare "{question}" matches any prompt."""
-  task = record.get("task")
-  if task not in templates.TASKS:
+  template = record.get("template")
+  if template not in templates.TASKS:
     return ""
   user = next((m["content"] for m in record["messages"] if m["role"] == "user"), "")
-  patterns = _paraphrase_patterns(task)
+  patterns = _paraphrase_patterns(template)
   picked = patterns[records.stable_hash(record["id"]) % len(patterns)]
   for pattern, fields, _ in [picked, *sorted(patterns, key=lambda p: -p[2])]:
     if match := pattern.fullmatch(user):

@@ -113,8 +113,8 @@ def to_record(raw: Any, record_id: str, source: str, field_map: dict[str, str] |
       raise Malformed("missing field", absent[0])
     try:
       return templates.to_chat(raw, task, record_id, source)
-    except ValueError as err:
-      raise Malformed("wrong type", str(err)) from None
+    except templates.Invalid as err:
+      raise Malformed(err.reason, str(err)) from None
   elif "text" in keys and keys <= {"text", "id", "title", "url"}:
     body = _text_field(raw, "text")
     if not body.strip():

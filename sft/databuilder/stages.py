@@ -84,7 +84,8 @@ def process_record(record: records.Record, params: dict[str, Any], index: dict[s
 
 
 def format_record(record: records.Record, system_prompt: str, validation_fraction: float, salt: str) -> list[records.Record]:
-  """Final chat schema (optional system turn), and the split: pretrain for text, else by hash."""
+  """Final chat schema (optional system turn, `task`: "chat" when no template set one), and the split:
+  pretrain for text, else by hash."""
   if records.is_dropped(record):
     return [record]
   if record["kind"] == "text":
@@ -93,7 +94,7 @@ def format_record(record: records.Record, system_prompt: str, validation_fractio
     record = {**record, "messages": [{"role": "system", "content": system_prompt}, *record["messages"]]}
   key = record.get("group") or record["id"]
   split = "validation" if records.unit_interval(key, salt) < validation_fraction else "train"
-  return [{**record, "split": split}]
+  return [{**record, "task": record.get("task") or "chat", "split": split}]
 
 
 def run(runner: Runner, inputs: Sequence[tuple[str, str, str]], params: dict[str, Any], index: dict[str, Any], generator: annotate.Generator | None) -> Any:

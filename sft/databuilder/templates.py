@@ -1,11 +1,17 @@
-"""Structured raw data -> instruction examples, with several paraphrased instructions per task type.
+"""Structured raw data -> instruction examples, with several paraphrased instructions per template.
 
-A record whose fields match a task type becomes a chat; which paraphrase it gets is chosen by a
+A record whose fields match a template becomes a chat; which paraphrase it gets is chosen by a
 stable hash of its id, so the same input always gives the same example and the mix is even.
 
     {"text": "Great film!", "label": "positive", "labels": ["positive", "negative"]}
-      -> user: "Classify the following text into one of: positive, negative.\n\nGreat film!"
+      -> user: "Classify the following text as one of: positive, negative.\n\nGreat film!"
          assistant: "positive"
+         task: "classification", template: "classification", labels: ["positive", "negative"]
+
+Every built chat record carries its `task`, one of TASK_NAMES, which decides how evaluation scores
+it (sft/evaluator/tasks.py); a chat that came without a template is "chat". Classification records
+keep their label set as `labels`; cloze records keep their candidates as `choices`, which evaluation
+ranks by log-likelihood.
 """
 
 from __future__ import annotations
@@ -14,7 +20,11 @@ from typing import Any
 
 from sft.databuilder import records
 
-# task type -> (fields that identify it, optional fields, instruction paraphrases, response field)
+# What evaluation knows how to score; a template maps to one of them (TEMPLATE_TASK).
+TASK_NAMES = ("classification", "summarisation", "qa", "translation", "extraction", "cloze", "chat")
+BLANK = "____"  # where a cloze text's answer goes
+
+# template -> (fields that identify it, optional fields, instruction paraphrases, response field)
 TASKS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...], str]] = {
     "qa": (
         ("context", "question", "answer"), (),
@@ -66,7 +76,28 @@ TASKS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...], str]] 
         ),
         "value",
     ),
+    "cloze": (
+        ("text", "answer"), ("choices",),
+        (
+            "Fill in the blank ({blank}){options}.\n\n{text}",
+            "{text}\n\nWhich word goes in the blank{options}?",
+            "Complete the sentence by filling in {blank}{options}.\n\n{text}",
+        ),
+        "answer",
+    ),
 }
+TEMPLATE_TASK = {
+    "qa": "qa", "closed_qa": "qa", "summary": "summarisation", "translation": "translation",
+    "classification": "classification", "extraction": "extraction", "cloze": "cloze",
+}
+
+
+class Invalid(ValueError):
+  """A record whose fields are present but unusable; `reason` is the short phrase the report counts."""
+
+  def __init__(self, reason: str, detail: str):
+    super().__init__(detail)
+    self.reason = reason
 
 
 def task_of(fields: set[str]) -> str | None:
@@ -75,24 +106,51 @@ def task_of(fields: set[str]) -> str | None:
   return max(matches, key=lambda n: len(TASKS[n][0])) if matches else None
 
 
-def to_chat(raw: dict[str, Any], task: str, record_id: str, source: str) -> records.Record:
-  """The chat for one structured record; raises ValueError naming a field that is not text."""
-  needed, optional, paraphrases, response_field = TASKS[task]
+def _options(raw: dict[str, Any], field: str, answer: str) -> list[str] | None:
+  """The record's label set or candidates as strings (None if absent); the answer must be one of them."""
+  options = raw.get(field)
+  if options is None:
+    return None
+  if isinstance(options, list) and not options:
+    raise Invalid(f"bad {field}", f"field '{field}' is empty")
+  if not isinstance(options, list) or not all(isinstance(x, (str, int)) and not isinstance(x, bool) for x in options):
+    raise Invalid("wrong type", f"field '{field}' is not a list of labels")
+  options = [str(x) for x in options]
+  if len(set(options)) != len(options):
+    raise Invalid(f"bad {field}", f"field '{field}' repeats an entry: {options}")
+  if answer not in options:
+    raise Invalid(f"bad {field}", f"the answer {answer!r} is not one of '{field}': {options}")
+  return options
+
+
+def to_chat(raw: dict[str, Any], template_name: str, record_id: str, source: str) -> records.Record:
+  """The chat for one structured record; raises Invalid (a ValueError) naming a field that is not text,
+  a label or answer missing from its options, or a cloze text without exactly one blank."""
+  needed, optional, paraphrases, response_field = TASKS[template_name]
   values = {}
   for field in needed:
     value = raw[field]
     if isinstance(value, (int, float)) and not isinstance(value, bool) and field == "label":
       value = str(value)
     if not isinstance(value, str):
-      raise ValueError(f"field '{field}' is {type(value).__name__}, not text")
+      raise Invalid("wrong type", f"field '{field}' is {type(value).__name__}, not text")
     values[field] = value
-  if task == "classification":
-    labels = raw.get("labels")
-    if labels is not None and (not isinstance(labels, list) or not all(isinstance(x, (str, int)) for x in labels)):
-      raise ValueError("field 'labels' is not a list of labels")
-    values["options"] = f" as one of: {', '.join(map(str, labels))}" if labels else ""
+  extra: dict[str, Any] = {}
+  if template_name == "classification":
+    labels = _options(raw, "labels", values["label"])
+    values["options"] = f" as one of: {', '.join(labels)}" if labels else ""
+    extra = {"labels": labels} if labels else {}
+  elif template_name == "cloze":
+    if values["text"].count(BLANK) != 1:
+      raise Invalid("bad cloze", f"the text needs exactly one blank {BLANK}, has {values['text'].count(BLANK)}")
+    if not values["answer"].strip():
+      raise Invalid("bad cloze", "the answer is empty")
+    choices = _options(raw, "choices", values["answer"])
+    values["options"] = f" with one of: {', '.join(choices)}" if choices else ""
+    values["blank"] = BLANK
+    extra = {"choices": choices} if choices else {}
   template = paraphrases[records.stable_hash(record_id) % len(paraphrases)]
   messages = [{"role": "user", "content": template.format(**values)}, {"role": "assistant", "content": values[response_field]}]
   if isinstance(raw.get("system"), str) and raw["system"]:
     messages.insert(0, {"role": "system", "content": raw["system"]})
-  return records.chat(record_id, source, messages, task=task)
+  return records.chat(record_id, source, messages, task=TEMPLATE_TASK[template_name], template=template_name, **extra)

@@ -1,6 +1,6 @@
 """The evaluator: held-out loss and perplexity, greedy generation, text metrics."""
 
-from sft.evaluator.evaluate import Evaluator, Sample
+from sft.evaluator.evaluate import EvalResult, Evaluator, Sample
 from sft.evaluator.generate import generate, make_generate, make_greedy_generate, pad_prompts, strip_generation
 from sft.evaluator.metrics import (
     bleu,
@@ -14,4 +14,6 @@ from sft.evaluator.metrics import (
     rouge,
     token_f1,
 )
+from sft.evaluator.report import write_report
 from sft.evaluator.sampling import Sampler
+from sft.evaluator.tasks import TASKS

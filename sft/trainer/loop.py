@@ -23,7 +23,7 @@ from sft import hf, pipeline
 from sft.config_check import check_config
 from sft.console import ensure_console_handler
 from sft.errors import ConfigError, RunStopped
-from sft.evaluator import Evaluator
+from sft.evaluator import Evaluator, write_report
 from sft.model import Transformer, count_params, lora
 from sft.trainer import multihost, preemption, rundir, setup, sharding, sources
 from sft.trainer import state as state_lib
@@ -166,19 +166,22 @@ def _train_and_evaluate(config, workdir: pathlib.Path, run: setup.RunSetup, gene
       seq_len=tc.seq_len, batch_size=config.eval.batch_size, num_generations=config.eval.num_generations,
       max_new_tokens=config.eval.max_new_tokens, normalization=config.eval.answer_normalization,
       out_sharding=run.replicated,
+      score_step=step_lib.jit_score_step(run.model.apply, state_shardings.params, run.batch_sharding, run.replicated),
+      batch_rows=sharding.process_rows(run.batch_sharding, config.eval.batch_size, tc.seq_len),
   )
   metrics_log = MetricsLog(workdir / "metrics.jsonl", resume_step=start_step, enabled=jax.process_index() == 0)
   total_steps = tc.pretrain_steps + tc.sft_steps
 
+  final = {}  # the last step's evaluation, for the report
+
   def evaluate(step: int, params) -> dict[str, float]:
-    metrics = evaluator.loss_metrics(params)
-    generation, samples = evaluator.generation_metrics(params)
-    metrics.update(generation)
-    log.info("%s", eval_line(step, metrics))
+    result = evaluator.evaluate(params)
+    log.info("%s", eval_line(step, result.metrics))
     if step == total_steps:
-      for s in samples[: config.eval.num_samples_to_print]:
+      final["result"] = result
+      for s in result.samples[: config.eval.num_samples_to_print]:
         log.info("  prompt: %s\n    reference: %s\n    generated: %s", s.prompt, s.reference, s.prediction)
-    return metrics
+    return result.metrics
 
   if start_step >= total_steps:
     log.info("already trained for %d steps (train.pretrain_steps + train.sft_steps); raise them to go on", start_step)
@@ -195,6 +198,9 @@ def _train_and_evaluate(config, workdir: pathlib.Path, run: setup.RunSetup, gene
     log.info("exported the fine-tuned model for transformers to %s", exported)
   if metrics_log.enabled:
     log.info("training curves in %s", plot_curves(metrics_log.history, workdir / CURVES))
+    if "result" in final:
+      about = {"model": f"{workdir}/{setup.CHECKPOINTS}/{total_steps}", "records": f"the eval split ({len(splits['eval'])} records)", "answer normalisation": config.eval.answer_normalization}
+      log.info("eval report in %s", write_report(final["result"], workdir / "eval", about=about))
   return _summary(metrics_log, total_steps, time.time() - t_start)
 
 

@@ -102,3 +102,18 @@ def jit_eval_step(apply_fn, param_shardings, batch_sharding, replicated) -> Any:
     return eval_step(params, batch, apply_fn=apply_fn)
 
   return jax.jit(step, in_shardings=(param_shardings, batch_sharding), out_shardings=replicated)
+
+
+def score_step(params, batch: Batch, *, apply_fn: Callable) -> dict[str, jax.Array]:
+  """Per row: the summed log-likelihood of its loss-masked targets, and their count (choice ranking)."""
+  logits_btv = apply_fn({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"])
+  mask_bt = batch["loss_mask"].astype(jnp.float32)
+  nll_bt = optax.softmax_cross_entropy_with_integer_labels(logits_btv.astype(jnp.float32), batch["targets"])
+  return {"loglik_b": -jnp.sum(nll_bt * mask_bt, axis=1), "tokens_b": jnp.sum(mask_bt, axis=1)}
+
+
+def jit_score_step(apply_fn, param_shardings, batch_sharding, replicated) -> Any:
+  def step(params, batch):
+    return score_step(params, batch, apply_fn=apply_fn)
+
+  return jax.jit(step, in_shardings=(param_shardings, batch_sharding), out_shardings=replicated)

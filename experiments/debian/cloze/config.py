@@ -1,0 +1,37 @@
+"""python launch.py --config=experiments/debian/cloze/config.py --workdir=/tmp/debian-cloze
+
+A word blanked out of a Debian package description, filled in by generation (exact match) and
+chosen among 4 candidates by log-likelihood (accuracy, gold rank), a 2M-parameter model trained from
+scratch on CPU. Make the data first: python experiments/debian/make_data.py (results.md beside this file).
+"""
+
+import pathlib
+
+from sft.config import base_config
+from sft.errors import ConfigError
+
+RAW = pathlib.Path(__file__).resolve().parent.parent / "raw" / "cloze"
+
+
+def get_config():
+  if not any(RAW.glob("*.jsonl")):
+    raise ConfigError(f"{RAW} holds no data: make it with python experiments/debian/make_data.py (it needs apt's English package lists)")
+  c = base_config()
+  c.data.build.stdlib = False
+  c.data.build.input_dir = str(RAW)
+  c.data.build.output.validation_fraction = 0.1
+  c.model.d_model = 192
+  c.model.num_layers = 4
+  c.model.num_heads = 3
+  c.model.num_kv_heads = 1
+  c.model.head_dim = 64
+  c.model.mlp_dim = 512
+  c.train.seq_len = 128
+  c.train.batch_size = 16
+  c.train.sft_steps = 300
+  c.train.lr = 3e-3
+  c.eval.every_steps = 100
+  c.eval.num_generations = -1  # every held-out sentence
+  c.eval.max_new_tokens = 8
+  c.checkpoint.every_steps = 100
+  return c

@@ -1,0 +1,156 @@
+"""Evaluation per task: which answers are generated, which metrics score them, candidates ranked by
+log-likelihood (checked against the model's own log-probabilities), and the written report."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from sft.evaluator import Evaluator, metrics, write_report
+from sft.evaluator import choices as choices_lib
+from sft.evaluator import tasks as tasks_lib
+from sft.evaluator.report import _fence
+from sft.model import Transformer
+from sft.trainer import sharding
+from sft.trainer import step as step_lib
+
+
+def _chat(user, answer, **extra):
+  return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}], **extra}
+
+
+@settings(max_examples=200, deadline=None)
+@given(sizes=st.lists(st.integers(0, 12), min_size=1, max_size=7), num=st.integers(-1, 60))
+def test_generation_prompts_are_shared_evenly_between_tasks(sizes, num):
+  records = [{"task": task, "i": i} for task, n in zip(tasks_lib.TASKS, sizes) for i in range(n)]
+  picked = tasks_lib.pick_for_generation(records, num)
+  assert picked == sorted(set(picked)) and all(0 <= i < len(records) for i in picked)
+  assert len(picked) == (len(records) if num < 0 else min(num, len(records)))
+  counts = {t: sum(records[i]["task"] == t for i in picked) for t in tasks_lib.TASKS}
+  available = {t: sizes[k] if k < len(sizes) else 0 for k, t in enumerate(tasks_lib.TASKS)}
+  for a in counts:  # a task with fewer answers than another, by two or more, has none left to give
+    for b in counts:
+      assert counts[a] >= counts[b] - 1 or counts[a] == available[a]
+
+
+def test_each_task_is_scored_by_its_metrics():
+  assert tasks_lib.task_of({"task": "summarisation"}) == "summarisation"
+  assert tasks_lib.task_of({}) == tasks_lib.task_of({"task": "poetry"}) == "chat"
+  preds, refs = ["positive", "negative", "maybe"], ["positive", "positive", "negative"]
+  scores, details = tasks_lib.score("classification", preds, refs, labels=["negative", "positive"])
+  report = metrics.classification_report(preds, refs, labels=["negative", "positive"])
+  assert scores["accuracy"] == report["accuracy"] == pytest.approx(1 / 3)
+  assert scores["macro_f1"] == report["macro"]["f1"] and details["classification_report"] == report
+  assert {"rouge1", "rouge2", "rougeL", "rougeLsum"} <= set(tasks_lib.score("summarisation", ["a b"], ["a c"])[0])
+  assert set(tasks_lib.score("translation", ["a b"], ["a b"])[0]) == {"exact_match", "token_f1", "bleu", "chrf"}
+  assert set(tasks_lib.score("qa", ["a"], ["a"])[0]) == {"exact_match", "token_f1"}
+  assert tasks_lib.score("chat", ["the cat"], ["the cat sat"])[0]["rougeL"] == pytest.approx(0.8)
+  scores, details = tasks_lib.score("classification", ["x"], ["the"])  # a label that normalises to nothing
+  assert "accuracy" not in scores and "empty after" in details["error"]
+  assert tasks_lib.score("qa", [], []) == ({}, {})
+
+
+def test_choice_ranking_worked_example():
+  rows = choices_lib.ChoiceRows({}, np.asarray([0, 0, 0, 1, 1]), [
+      {"record": 0, "choices": ["Rome", "Paris", "Oslo"], "gold": 1},
+      {"record": 1, "choices": ["a", "bbbb"], "gold": 1},
+  ], {})
+  summary, items = choices_lib.choice_metrics(np.asarray([-3.0, -1.2, -1.2, -1.0, -2.0]), rows)
+  assert [i["gold_rank"] for i in items] == [2, 2] and [i["pick"] for i in items] == [1, 0]
+  assert items[1]["pick_norm"] == 1  # -2.0 over 4 bytes beats -1.0 over 1
+  assert summary == {"choice_accuracy": 0.5, "choice_accuracy_norm": 1.0, "gold_rank": 2.0, "choice_items": 2.0}
+
+
+def test_candidate_log_likelihoods_equal_the_models_own(tokenizer, tiny_model_config):
+  """Each row's score is the sum of log p(token) over the candidate's turn, computed from an unpadded
+  forward pass of that sequence alone; items whose answer is no candidate are counted, not scored."""
+  records = [
+      _chat("The capital of France is ____.", "Paris", task="cloze", choices=["Rome", "Paris", "a much longer answer"]),
+      _chat("Pick one.", "z", task="cloze", choices=["x", "y"]),
+      _chat("No candidates.", "q", task="cloze"),
+  ]
+  rows = choices_lib.choice_rows(records, range(3), tokenizer, seq_len=48)
+  assert len(rows) == 3 and rows.skipped == {choices_lib.SKIP_NOT_AMONG: 1} and rows.items[0]["gold"] == 1
+  model = Transformer(tiny_model_config)
+  params = model.init(jax.random.key(0), *(jnp.zeros((1, 8), jnp.int32),) * 3)["params"]
+  out = step_lib.score_step(params, {k: jnp.asarray(v) for k, v in rows.batch.items()}, apply_fn=model.apply)
+  for r, choice in enumerate(records[0]["choices"]):
+    tokens, mask = tokenizer.tokenize_chat([records[0]["messages"][0], {"role": "assistant", "content": choice}])
+    ids = jnp.asarray(tokens)[None]
+    logits = model.apply({"params": params}, ids[:, :-1], jnp.arange(len(tokens) - 1)[None], jnp.ones_like(ids[:, :-1]))
+    logp = jax.nn.log_softmax(logits[0].astype(jnp.float32))[jnp.arange(len(tokens) - 1), tokens[1:]]
+    assert float(out["loglik_b"][r]) == pytest.approx(float(jnp.sum(logp * mask[1:])), rel=1e-5, abs=1e-4)
+    assert float(out["tokens_b"][r]) == mask[1:].sum() > 0
+  too_long = choices_lib.choice_rows(records, [0], tokenizer, seq_len=4)
+  assert len(too_long) == 0 and too_long.skipped == {choices_lib.SKIP_TOO_LONG: 1}
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.text(st.sampled_from("`a\n|#"), max_size=30))
+def test_quoted_examples_cannot_close_their_fence(text):
+  fenced = _fence(text)
+  fence = fenced.split("text\n", 1)[0]
+  assert fenced.endswith("\n" + fence) and fence not in text and set(fence) == {"`"}
+
+
+def _outside_fences(markdown: str) -> str:
+  """The lines of a Markdown text that no fenced block holds (CommonMark: a fence closes on a line of at
+  least as many backticks)."""
+  out, fence = [], 0
+  for line in markdown.split("\n"):
+    ticks = len(line) - len(line.lstrip("`"))
+    if not fence and ticks >= 3:
+      fence = ticks
+    elif fence and ticks >= fence and not line.strip("`").strip():
+      fence = 0
+    elif not fence:
+      out.append(line)
+  return "\n".join(out)
+
+
+def _evaluator(records, tokenizer, model, params_shardings, mesh, **kwargs):
+  batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
+  replicated = NamedSharding(mesh, PartitionSpec())
+  return Evaluator(
+      records, tokenizer=tokenizer, model=model,
+      eval_step=step_lib.jit_eval_step(model.apply, params_shardings, batch_sharding, replicated),
+      place_batch=lambda batch: sharding.global_batch(batch, batch_sharding), seq_len=64, batch_size=4,
+      max_new_tokens=6, out_sharding=replicated,
+      score_step=step_lib.jit_score_step(model.apply, params_shardings, batch_sharding, replicated), **kwargs,
+  )  # fmt: skip
+
+
+def test_an_evaluation_reports_every_task_and_writes_its_report(tmp_path, tokenizer, tiny_model_config):
+  records = [
+      *[_chat(f"Classify: text {i} |", ["yes", "no"][i % 2], task="classification", labels=["yes", "no", "maybe"]) for i in range(5)],
+      *[_chat(f"Summarize: long text number {i}", f"text {i}", task="summarisation") for i in range(3)],
+      *[_chat(f"The ____ sat, {i}.", "cat", task="cloze", choices=["cat", "dog"]) for i in range(3)],
+      _chat("```\n# A heading and a fence\n```", "hello"),
+  ]
+  model = Transformer(tiny_model_config)
+  params = model.init(jax.random.key(0), *(jnp.zeros((1, 8), jnp.int32),) * 3)["params"]
+  mesh = Mesh(np.asarray(jax.devices()[:1]), ("data",))
+  replicated = NamedSharding(mesh, PartitionSpec())
+  params_shardings = jax.tree.map(lambda _: replicated, params)
+  with jax.set_mesh(mesh):
+    result = _evaluator(records, tokenizer, model, params_shardings, mesh, num_generations=-1).evaluate(params)
+  m = result.metrics
+  assert [t for t in result.tasks] == ["classification", "summarisation", "cloze", "chat"]
+  assert sum(m[f"eval/{t}/loss_tokens"] for t in result.tasks) == m["eval/loss_tokens"] > 0
+  for key in ("classification/accuracy", "classification/macro_f1", "summarisation/rougeL", "cloze/choice_accuracy", "chat/rougeL"):
+    assert 0.0 <= m[f"eval/{key}"] <= 1.0, key
+  assert m["eval/cloze/choice_items"] == 3 and len(result.samples) == len(records)
+  assert result.tasks["classification"]["details"]["classification_report"]["labels"] == ["maybe", "no", "yes"]
+  report = write_report(result, tmp_path / "eval", about={"model": "random | init"})
+  text = report.read_text()
+  for heading in ("## All tasks", "## Per task", "## classification", "## cloze", "### Worst answers", "confusion-classification.png"):
+    assert heading in text, heading
+  assert "# A heading and a fence" in text and "# A heading and a fence" not in _outside_fences(text)
+  saved = json.loads((tmp_path / "eval" / "results.json").read_text())
+  assert saved["metrics"] == pytest.approx(m) and set(saved["tasks"]) == set(result.tasks)
+  assert (tmp_path / "eval" / "confusion-classification.png").read_bytes()[:4] == b"\x89PNG"
