@@ -108,6 +108,8 @@ def test_report_has_tables_examples_and_plots(built):
   for heading in ("## Sources", "## Stages", "## Drop reasons, with examples", "## Cleaning", "## Duplicate clusters", "## Language and source mix"):
     assert heading in report
   assert "`alpaca.jsonl:4` of alpaca.jsonl:2" in report and "| pii_email | 1 |" in report
+  tasks = report.split("## Tasks of kept chats", 1)[1]
+  assert "| chat |" in tasks and "| classification |" in tasks  # the planted template records keep their task
   for plot in ("stages", "drop_reasons", "length_chars", "length_words", "languages", "sources"):
     assert (out / "plots" / f"{plot}.png").stat().st_size > 1000
 

@@ -141,6 +141,23 @@ def test_study_records_have_their_schema():
     assert r["text"].replace("____", r["answer"]) in {s for p in pkgs for s in make_data.sentences(p.description)}
 
 
+def test_pretraining_texts_hold_no_study_package_and_no_cloze_sentence():
+  pkgs = make_data.unique_descriptions(_many(60))
+  first = make_data.sentences(pkgs[7].description)[0]
+  word = first.split()[5]
+  studies = {
+      "summarisation": make_data.summarisation(pkgs, 10, seed=0),
+      "cloze": [{"id": f"debian-cloze-{pkgs[7].name}", "text": first.replace(word, "____", 1), "answer": word, "choices": [word, "x"]}],
+  }
+  copy = packages.Package("copycat", "a synopsis", pkgs[7].description.replace("Unique 7.", "Other."), "net")
+  texts = make_data.pretrain_texts([*pkgs, copy], studies, 1000, seed=0)
+  used = {r["id"].split("-", 2)[2] for rows in studies.values() for r in rows}
+  names = {r["id"].removeprefix("debian-text-") for r in texts}
+  assert all(set(r) == {"id", "text"} for r in texts) and not used & names and "copycat" not in names
+  assert len(texts) == len(pkgs) - len(used) and not any(first in r["text"] for r in texts)
+  assert make_data.pretrain_texts(pkgs, studies, 5, seed=1) == make_data.pretrain_texts(pkgs, studies, 5, seed=1)
+
+
 def test_unique_descriptions_bounds_and_duplicates():
   short = packages.Package("short", "s y", "too short", "net")
   twin = packages.Package("twin", "another synopsis", _many(1)[0].description, "net")
@@ -252,3 +269,12 @@ def test_each_study_config_needs_its_data_and_reads_it_as_its_task(tmp_path, mon
   assert config.data.build.input_dir == str(tmp_path)
   [record] = readers.read_file(tmp_path / "descriptions.jsonl", "descriptions.jsonl")
   assert record["kind"] == "chat" and record["task"] == task
+
+
+def test_weighted_distractors_follow_the_answer_frequencies():
+  rng = random.Random(0)
+  weights = {"package": 50, "library": 10, "tool": 10, "never": 0, "font": 5}
+  drawn = [make_data.choices("data", sorted(weights) + ["data"], rng, exclude={"font"}, weights=weights) for _ in range(300)]
+  assert all(len(set(c)) == 4 and "data" in c and "never" not in c and "font" not in c for c in drawn)
+  with pytest.raises(ValueError, match="cannot give 3 distractors"):
+    make_data.choices("data", ["data", "package", "never"], rng, weights=weights)

@@ -46,6 +46,13 @@ def test_quickstart_runs_then_resumes(tmp_path):
   assert "data builder: read" in first.stdout
   assert (tmp_path / "curves.png").exists() and any((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
   assert "## Per task" in (tmp_path / "eval" / "report.md").read_text() and (tmp_path / "eval" / "results.json").exists()
+  study = tmp_path / "study"  # a study's results.md, as experiments/ records them
+  wrote = subprocess.run(
+      [sys.executable, "experiments/write_results.py", f"--workdir={tmp_path}", f"--study={study}", "--title=T", "--command=c"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300,
+  )
+  assert wrote.returncode == 0, wrote.stderr[-3000:]
+  assert "## Per task at the end" in (study / "results.md").read_text() and (study / "curves.png").exists()
 
   second = launch(tmp_path, "--config.train.sft_steps=6")
   assert second.returncode == 0, second.stderr[-3000:]

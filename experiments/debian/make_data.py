@@ -16,8 +16,8 @@ answer fit in about 256 tokens. Classification takes at most per_study // len(SE
 from each of SECTIONS, which are frequent sections whose packages differ in what they are for.
 
 Cloze: the blanked word is one of VOCAB_SIZE frequent content words of the descriptions (the most
-common lowercase words of 4+ letters that are not function words), and the 3 distractors come from
-the same vocabulary. Frequent words were chosen over rare ones because a small model sees each
+common lowercase words of 4+ letters that are not function words), and the 3 distractors are other
+answers of the study, drawn in proportion to how often each is an answer (see `cloze`). Frequent words were chosen over rare ones because a small model sees each
 of them in many contexts during training, so the blank is guessable from the sentence (and the
 choices are all words of the same register, so none is ruled out by form alone). Only a word that
 occurs once in its sentence is blanked (otherwise the other occurrence gives it away), and
@@ -129,41 +129,57 @@ def blank(sentence: str, vocab: set[str] | frozenset[str], rng: random.Random) -
   return sentence[:m.start()] + BLANK + sentence[m.end():], m.group()
 
 
-def choices(answer: str, vocab: Sequence[str], rng: random.Random, exclude: set[str] = frozenset(), k: int = NUM_CHOICES) -> list[str]:
+def choices(
+    answer: str, vocab: Sequence[str], rng: random.Random, exclude: set[str] = frozenset(), k: int = NUM_CHOICES,
+    weights: dict[str, int] | None = None,
+) -> list[str]:
   """`k` distinct words: the answer at a random place and k - 1 distractors from `vocab` (sorted
-  for determinism), none of them in `exclude`."""
+  for determinism), none of them in `exclude`; drawn in proportion to `weights` when given."""
   pool = sorted(set(vocab) - {answer} - set(exclude))
+  if weights is not None:
+    pool = [w for w in pool if weights.get(w, 0) > 0]
   if len(pool) < k - 1:
     raise ValueError(f"a vocabulary of {len(pool)} words cannot give {k - 1} distractors")
-  picked = rng.sample(pool, k - 1)
+  if weights is None:
+    picked = rng.sample(pool, k - 1)
+  else:
+    picked = rng.sample(pool, k - 1, counts=[weights[w] for w in pool])
+    while len(set(picked)) < k - 1:  # a frequent word drawn twice: draw again
+      picked = rng.sample(pool, k - 1, counts=[weights[w] for w in pool])
   picked.insert(rng.randrange(k), answer)
   return picked
 
 
 def cloze(pkgs: Sequence[packages.Package], n: int, seed: int, vocab_size: int = VOCAB_SIZE) -> list[dict]:
+  """One blanked sentence per package, then 3 distractors each, drawn in proportion to how often each
+  word is an answer: so every word is a distractor about as often as it is the gold, and knowing which
+  words are frequent answers does not pick the gold (drawn uniformly instead, the most frequent answer
+  among the choices would be right half the time)."""
   rng = random.Random(f"{seed}:cloze")
   vocab = vocabulary([p.description for p in pkgs], vocab_size)
   vocab_set = frozenset(vocab)
   order = list(pkgs)
   rng.shuffle(order)
-  seen, out = set(), []
+  seen, blanked = set(), []
   for p in order:
-    if len(out) >= n:
+    if len(blanked) >= n:
       break
     pool = [s for s in sentences(p.description) if is_sentence(s) and s not in seen]
     rng.shuffle(pool)
     for sentence in pool:
       made = blank(sentence, vocab_set, rng)
-      if made is None:
-        continue
-      text, answer = made
-      try:
-        options = choices(answer, vocab, rng, exclude=set(_WORD.findall(sentence)))
-      except ValueError:  # a vocabulary too small for this sentence (only in tiny lists)
-        continue
-      seen.add(sentence)
-      out.append({"id": f"debian-cloze-{p.name}", "text": text, "answer": answer, "choices": options})
-      break
+      if made is not None:
+        seen.add(sentence)
+        blanked.append((p.name, sentence, *made))
+        break
+  answers = collections.Counter(answer for *_, answer in blanked)
+  out = []
+  for name, sentence, text, answer in blanked:
+    try:
+      options = choices(answer, vocab, rng, exclude=set(_WORD.findall(sentence)), weights=answers)
+    except ValueError:  # too few answer words outside this sentence (only in tiny lists)
+      continue
+    out.append({"id": f"debian-cloze-{name}", "text": text, "answer": answer, "choices": options})
   return sorted(out, key=lambda r: r["id"])
 
 
@@ -174,15 +190,34 @@ def write_jsonl(path: pathlib.Path, rows: Sequence[dict]) -> None:
   path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
 
-def make(pkgs: Sequence[packages.Package], out: pathlib.Path, seed: int, per_study: int) -> dict[str, list[dict]]:
+def pretrain_texts(pkgs: Sequence[packages.Package], studies: dict[str, list[dict]], n: int, seed: int) -> list[dict]:
+  """Synopsis and long description of `n` packages that no study uses, as text records for a
+  pretraining phase: the model learns the language of descriptions before SFT, and no study's
+  answer comes with them. Descriptions holding a cloze sentence (blank filled) are left out too,
+  since common sentences ("This package contains the documentation.") recur across packages."""
+  used = {r["id"].split("-", 2)[2] for rows in studies.values() for r in rows}  # "debian-<study>-<package>"
+  filled = {r["text"].replace(BLANK, r["answer"]) for r in studies.get("cloze", [])}
+  pool = [p for p in pkgs if p.name not in used and not filled.intersection(sentences(p.description))]
+  rng = random.Random(f"{seed}:pretrain")
+  chosen = sorted(rng.sample(pool, min(n, len(pool))), key=lambda p: p.name)
+  return [{"id": f"debian-text-{p.name}", "text": f"{p.synopsis}\n\n{p.description}"} for p in chosen]
+
+
+def make(pkgs: Sequence[packages.Package], out: pathlib.Path, seed: int, per_study: int, pretrain: int = 0) -> dict[str, list[dict]]:
+  """Writes each study's descriptions.jsonl, and with `pretrain` > 0 the same pretrain.jsonl of
+  that many other packages' descriptions into every study folder."""
   usable = unique_descriptions(pkgs)
   studies = {
       "summarisation": summarisation(usable, per_study, seed),
       "classification": classification(usable, per_study, seed),
       "cloze": cloze(usable, per_study, seed),
   }
+  texts = pretrain_texts(usable, studies, pretrain, seed) if pretrain else []
   for name, rows in studies.items():
     write_jsonl(out / name / "descriptions.jsonl", rows)
+    if texts:
+      write_jsonl(out / name / "pretrain.jsonl", texts)
+  studies["pretrain"] = texts
   return studies
 
 
@@ -191,6 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--out", type=pathlib.Path, default=HERE / "raw")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--per_study", type=int, default=3000, help="records per study (classification: split evenly over its sections)")
+  parser.add_argument("--pretrain", type=int, default=8000, help="descriptions of other packages, as pretraining text (0: none)")
   parser.add_argument("--lists_dir", type=pathlib.Path, default=None, help="apt's lists directory (default: from apt-config, else /var/lib/apt/lists)")
   args = parser.parse_args(argv)
   try:
@@ -198,12 +234,14 @@ def main(argv: Sequence[str] | None = None) -> int:
   except packages.ListsError as err:
     print(f"make_data.py: {err}", file=sys.stderr)
     return 2
-  studies = make(pkgs, args.out, args.seed, args.per_study)
+  studies = make(pkgs, args.out, args.seed, args.per_study, args.pretrain)
   print(f"read {counts['translation_stanzas']} descriptions from {counts['translation_lists']} Translation-en lists and "
         f"{counts['packages_stanzas']} stanzas from {counts['packages_lists']} Packages lists: "
         f"{counts['packages']} packages, {counts['with_section']} with a section")
+  texts = studies.pop("pretrain")
   for name, rows in studies.items():
     print(f"{name}: {len(rows)} records -> {args.out / name / 'descriptions.jsonl'}")
+  print(f"pretraining text: {len(texts)} other packages' descriptions -> <study>/pretrain.jsonl")
   labels = collections.Counter(r["label"] for r in studies["classification"])
   print("classification labels: " + ", ".join(f"{k} {v}" for k, v in sorted(labels.items())))
   answers = collections.Counter(r["answer"] for r in studies["cloze"])

@@ -27,6 +27,8 @@ def fact(record: records.Record, tokenizer: str = "") -> list[dict[str, Any]]:
     out["excerpt"] = text[:200]
   else:
     out["split"] = record["split"]
+    if record["kind"] == "chat":
+      out["task"] = record.get("task", "chat")
     if tokenizer:
       from sft.databuilder.stages import token_counter  # noqa: PLC0415
 
@@ -192,6 +194,12 @@ def write_report(out_dir: pathlib.Path, facts: list[dict[str, Any]], manifest: d
   _plot(plots / "languages.png", "bar", dict(langs.most_common(15)), "language of kept records", "records")
   _plot(plots / "sources.png", "bar", dict(sources.most_common(25)), "source of kept records", "records")
   md.append("\n![languages](plots/languages.png) ![sources](plots/sources.png)\n")
+  tasks = collections.Counter((f["task"], f["split"]) for f in kept if "task" in f)
+  if tasks:
+    splits = sorted({split for _, split in tasks})
+    md.append("## Tasks of kept chats\n\nEvaluation scores each task by its own metrics (sft/evaluator/tasks.py).\n")
+    names = sorted({task for task, _ in tasks}, key=lambda t: -sum(tasks[t, s] for s in splits))
+    md.append(_table(["task", *splits], [[t, *(tasks[t, s] for s in splits)] for t in names]))
   path = out_dir / "report.md"
   write.atomic_write_text(path, "\n".join(md) + "\n")
   return path

@@ -164,6 +164,8 @@ def eval_line(step: int, m: dict[str, float]) -> str:
   parts = [f"eval @ {step}: loss {m['eval/loss']:.3f} ppl {m['eval/perplexity']:.1f} acc {m['eval/accuracy']:.3f}"]
   if "eval/exact_match" in m:
     parts.append(f"exact match {m['eval/exact_match']:.3f} token F1 {m['eval/token_f1']:.3f}")
+  if "eval/choice_accuracy" in m:
+    parts.append(f"choices: accuracy {m['eval/choice_accuracy']:.3f} gold rank {m['eval/gold_rank']:.2f}")
   per_task = [f"{task} {key} {m[f'eval/{task}/{key}']:.3f}" for task, key in HEADLINE.items() if f"eval/{task}/{key}" in m]
   if per_task:
     parts.append(", ".join(per_task))

@@ -1,7 +1,8 @@
 """python launch.py --config=experiments/debian/classification/config.py --workdir=/tmp/debian-classification
 
-Debian package description -> its archive section, one of 8 (accuracy, macro-F1, confusion matrix), a 2M-parameter model trained from
-scratch on CPU. Make the data first: python experiments/debian/make_data.py (results.md beside this file).
+Debian package description -> its archive section, one of 8 (accuracy, macro-F1, confusion matrix).
+A 2M-parameter model is pretrained briefly on other packages' descriptions, then fine-tuned, on CPU.
+Make the data first: python experiments/debian/make_data.py. Results: results.md beside this file.
 """
 
 import pathlib
@@ -28,10 +29,11 @@ def get_config():
   c.model.mlp_dim = 512
   c.train.seq_len = 192
   c.train.batch_size = 16
+  c.train.pretrain_steps = 150  # next-token steps on other packages' descriptions (pretrain.jsonl)
   c.train.sft_steps = 300
   c.train.lr = 3e-3
-  c.eval.every_steps = 100
+  c.eval.every_steps = 150
   c.eval.num_generations = -1  # every held-out description
   c.eval.max_new_tokens = 8
-  c.checkpoint.every_steps = 100
+  c.checkpoint.every_steps = 150
   return c

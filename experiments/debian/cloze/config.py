@@ -1,8 +1,9 @@
 """python launch.py --config=experiments/debian/cloze/config.py --workdir=/tmp/debian-cloze
 
-A word blanked out of a Debian package description, filled in by generation (exact match) and
-chosen among 4 candidates by log-likelihood (accuracy, gold rank), a 2M-parameter model trained from
-scratch on CPU. Make the data first: python experiments/debian/make_data.py (results.md beside this file).
+A word blanked out of a Debian package description, filled in by generation (exact match) and chosen
+among 4 candidates by log-likelihood (accuracy, gold rank). A 2M-parameter model is pretrained briefly
+on other packages' descriptions, then fine-tuned, on CPU.
+Make the data first: python experiments/debian/make_data.py. Results: results.md beside this file.
 """
 
 import pathlib
@@ -28,10 +29,11 @@ def get_config():
   c.model.mlp_dim = 512
   c.train.seq_len = 128
   c.train.batch_size = 16
+  c.train.pretrain_steps = 150  # next-token steps on other packages' descriptions (pretrain.jsonl)
   c.train.sft_steps = 300
   c.train.lr = 3e-3
-  c.eval.every_steps = 100
+  c.eval.every_steps = 150
   c.eval.num_generations = -1  # every held-out sentence
   c.eval.max_new_tokens = 8
-  c.checkpoint.every_steps = 100
+  c.checkpoint.every_steps = 150
   return c
