@@ -53,6 +53,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict()
   c.train.seq_len = 256  # tokens per packed row
   c.train.batch_size = 16  # rows per step, over all processes
+  c.train.grad_accum_steps = 1  # micro-batches of batch_size / this many rows per step, gradients summed in one jitted step
+  c.train.loss_chunk_size = 0  # tokens per chunk of the logits + cross-entropy (0: whole sequence; N: no (B, T, V) logits)
   c.train.pretrain_steps = 0  # next-token steps on the raw text before SFT (0: SFT alone)
   c.train.sft_steps = 200  # steps on chat records, loss on assistant tokens only
   c.train.lr = 1e-3  # peak learning rate of each phase

@@ -126,6 +126,8 @@ CONSTRAINTS = {
     "model.lora_targets": _strings,
     "train.seq_len": AT_LEAST_1,
     "train.batch_size": AT_LEAST_1,
+    "train.grad_accum_steps": AT_LEAST_1,
+    "train.loss_chunk_size": AT_LEAST_0,
     "train.pretrain_steps": AT_LEAST_0,
     "train.sft_steps": AT_LEAST_0,
     "train.lr": POSITIVE,
@@ -330,10 +332,17 @@ def _llama3_factors(v: dict[str, Any]) -> str | None:
   return None
 
 
+def _micro_batches_divide(v: dict[str, Any]) -> str | None:
+  if v["train.batch_size"] % v["train.grad_accum_steps"]:
+    return f"train.grad_accum_steps ({v['train.grad_accum_steps']}) must divide train.batch_size ({v['train.batch_size']})"
+  return None
+
+
 # Values that are each valid but cannot work together: (the keys read, the check), run only when those keys are valid.
 CROSS_CHECKS = (
     (("job", "train.pretrain_steps", "train.sft_steps"), _some_steps),
     (("mesh.data", "mesh.fsdp", "mesh.tensor"), _one_mesh_remainder),
+    (("train.batch_size", "train.grad_accum_steps"), _micro_batches_divide),
     (("job", "eval.files", "data.source", "data.dir"), _data_dir_named),
     (("job", "eval.model_workdir", "model.checkpoint"), _eval_model_named),
     (("model.rope_type", "model.rope_low_freq_factor", "model.rope_high_freq_factor"), _llama3_factors),

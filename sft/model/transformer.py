@@ -57,13 +57,15 @@ class Transformer(nn.Module):
   For decoding, pass `cache` (from `init_cache`) and `cache_index_b`, the slot of each row's first new
   token; segment ids are then unused, and (logits, updated cache) is returned.
   With `train=True`, LoRA dropout is on and needs a "dropout" rng.
+  With `return_hidden=True`, the final-norm hidden states (B, T, D) come back instead of logits, for a
+  loss that unembeds them a chunk at a time (`apply(..., method=Transformer.unembed)`).
   """
 
   cfg: ModelConfig
   train: bool = False
 
   @nn.compact
-  def __call__(self, tokens_bt, positions_bt, segment_ids_bt=None, cache=None, cache_index_b=None):
+  def __call__(self, tokens_bt, positions_bt, segment_ids_bt=None, cache=None, cache_index_b=None, return_hidden=False):
     c = self.cfg
     embedding_vd = param(
         self, "embedding", nn.initializers.normal(stddev=0.02), (c.vocab_size, c.d_model), (axes.VOCAB, axes.EMBED), c
@@ -99,13 +101,28 @@ class Transformer(nn.Module):
     x_btd = norm(c, "final_norm")(x_btd)
 
     if c.tie_embeddings:
-      logits_btv = jnp.einsum("BTD,VD->BTV", x_btd, embedding_vd.astype(c.compute_dtype))
+      table = embedding_vd
     else:
-      unembed_dv = param(self, "unembed", fan_in_init(0, 1), (c.d_model, c.vocab_size), (axes.EMBED, axes.VOCAB), c)
-      logits_btv = jnp.einsum("BTD,DV->BTV", x_btd, unembed_dv.astype(c.compute_dtype))
-    logits_btv = nn.with_logical_constraint(logits_btv, (axes.BATCH, axes.LENGTH, axes.VOCAB)).astype(jnp.float32)
-    logits_btv = softcap(logits_btv, c.final_logit_softcap)
+      table = param(self, "unembed", fan_in_init(0, 1), (c.d_model, c.vocab_size), (axes.EMBED, axes.VOCAB), c)
+    if return_hidden:
+      return x_btd
+    logits_btv = unembed_logits(x_btd, table, c)
     return logits_btv if cache is None else (logits_btv, cache)
+
+  def unembed(self, x_btd):
+    """Hidden states (B, T, D) -> float32 logits (B, T, V) with the tied embedding or `unembed`."""
+    c = self.cfg
+    table = nn.unbox(self.get_variable("params", "embedding" if c.tie_embeddings else "unembed"))
+    return unembed_logits(x_btd, table, c)
+
+
+def unembed_logits(x_btd: jax.Array, table: jax.Array, cfg: ModelConfig) -> jax.Array:
+  """The output projection, accumulated and returned in float32 (bf16 logits would round before the
+  softmax); `table` is the embedding (V, D) when tied, else the unembedding (D, V)."""
+  spec = "BTD,VD->BTV" if cfg.tie_embeddings else "BTD,DV->BTV"
+  logits_btv = jnp.einsum(spec, x_btd, table.astype(cfg.compute_dtype), preferred_element_type=jnp.float32)
+  logits_btv = nn.with_logical_constraint(logits_btv, (axes.BATCH, axes.LENGTH, axes.VOCAB))
+  return softcap(logits_btv, cfg.final_logit_softcap)
 
 
 def count_params(params) -> int:

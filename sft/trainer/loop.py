@@ -112,7 +112,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   check_config(config)
   log.info("config:\n%s", config_summary(config))
   run = setup.setup_run(config)
-  run.check_batch("train.batch_size", config.train.batch_size)
+  run.check_batch("train.batch_size", config.train.batch_size, config.train.grad_accum_steps)
   run.check_batch("eval.batch_size", config.eval.batch_size)
   workdir.mkdir(parents=True, exist_ok=True)
   with _workdir_lock(workdir):
@@ -157,9 +157,12 @@ def _train_and_evaluate(config, workdir: pathlib.Path, run: setup.RunSetup, gene
   dropout_rng = jax.random.key(config.seed + 1) if run.model_cfg.lora_dropout else None
   train_step = step_lib.jit_train_step(
       Transformer(run.model_cfg, train=True).apply, optimizer, schedule, state_shardings, run.batch_sharding,
-      run.replicated, trainable=trainable, dropout_rng=dropout_rng,
+      run.replicated, trainable=trainable, dropout_rng=dropout_rng, grad_accum_steps=tc.grad_accum_steps,
+      loss_chunk_size=tc.loss_chunk_size,
   )
-  eval_step = step_lib.jit_eval_step(run.model.apply, state_shardings.params, run.batch_sharding, run.replicated)
+  eval_step = step_lib.jit_eval_step(
+      run.model.apply, state_shardings.params, run.batch_sharding, run.replicated, loss_chunk_size=tc.loss_chunk_size
+  )
   evaluator = Evaluator(
       splits["eval"], tokenizer=tokenizer, model=run.model, eval_step=eval_step,
       place_batch=lambda batch: sharding.global_batch(batch, run.batch_sharding),

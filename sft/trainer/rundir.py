@@ -55,6 +55,9 @@ SAFE_AT_RESUME = (
     "mesh",
     "sharding_rules",
     "model.remat",
+    # How the same global batch is cut for memory: only float rounding of the same sums changes.
+    "train.grad_accum_steps",
+    "train.loss_chunk_size",
 )
 _ABSENT = object()
 

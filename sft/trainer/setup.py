@@ -66,12 +66,19 @@ class RunSetup:
   def replicated(self) -> NamedSharding:
     return NamedSharding(self.mesh, PartitionSpec())
 
-  def check_batch(self, name: str, batch_size: int) -> None:
+  def check_batch(self, name: str, batch_size: int, micro_batches: int = 1) -> None:
+    """Every process and batch shard gets whole rows; with `micro_batches` (gradient accumulation),
+    every micro-batch too, so that splitting the batch moves no row between devices."""
     shards = sharding.batch_shards(self.mesh, self.rules)
     if batch_size % shards or batch_size % jax.process_count():
       raise ConfigError(
           f"{name} ({batch_size}) must divide by the batch shards of the mesh ({shards}) "
           f"and by the number of processes ({jax.process_count()})"
+      )
+    if batch_size % micro_batches or (batch_size // micro_batches) % shards:
+      raise ConfigError(
+          f"{name} ({batch_size}) split into {micro_batches} micro-batches must leave a whole number of rows "
+          f"per micro-batch and batch shard of the mesh ({shards})"
       )
 
 

@@ -1,7 +1,8 @@
-"""The loss, the one jitted train step, and the eval step.
+"""The one jitted train step (with gradient accumulation), the eval step, and the scoring step.
 
 The loss is the cross-entropy summed over every loss-masked token of the *global* batch and divided
-by their number: each response token weighs the same, however the examples were packed into rows.
+by their number: each response token weighs the same, however the examples were packed into rows, and
+however the batch was split into micro-batches. The sums themselves are in sft/trainer/loss.py.
 """
 
 from __future__ import annotations
@@ -11,30 +12,57 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
+from sft.trainer.loss import Batch, loss_fn, loss_sums, token_sums  # noqa: F401  (token_sums, loss_fn: the loss API)
 from sft.trainer.state import TrainState
 
-Batch = dict[str, jax.Array]
+
+def split_micro_batches(batch: Batch, num_micro: int, sharding: NamedSharding | None = None) -> Batch:
+  """(B, T) -> (k, B/k, T) with micro-batch i = rows i, i + k, i + 2k, ...
+
+  A data-sharded batch gives each device a contiguous block of rows. Reshaping to (B/k, k, T) cuts
+  every block into whole groups of k rows (given (B/k) % shards == 0: see RunSetup.check_batch), so each
+  micro-batch takes B/(k * shards) rows from every device and no row crosses devices; slicing rows
+  [i B/k, (i+1) B/k) instead would put each micro-batch on a few devices and idle the rest.
+  `sharding` pins that layout: (None, <the batch's axes>)."""
+
+  def split(x_bt):
+    x_kbt = jnp.swapaxes(x_bt.reshape(x_bt.shape[0] // num_micro, num_micro, *x_bt.shape[1:]), 0, 1)
+    return x_kbt if sharding is None else jax.lax.with_sharding_constraint(x_kbt, sharding)
+
+  return jax.tree.map(split, batch)
 
 
-def token_sums(logits_btv: jax.Array, batch: Batch) -> dict[str, jax.Array]:
-  """Sums over loss-masked tokens: cross-entropy, correct argmax predictions, and their count."""
-  mask_bt = batch["loss_mask"].astype(jnp.float32)
-  nll_bt = optax.softmax_cross_entropy_with_integer_labels(logits_btv, batch["targets"])
-  correct_bt = (jnp.argmax(logits_btv, axis=-1) == batch["targets"]).astype(jnp.float32)
-  return {
-      "nll_sum": jnp.sum(nll_bt * mask_bt),
-      "correct_sum": jnp.sum(correct_bt * mask_bt),
-      "loss_tokens": jnp.sum(mask_bt),
-  }
+def _is_none(x) -> bool:
+  return x is None
 
 
-def loss_fn(params, batch: Batch, apply_fn: Callable, rngs=None) -> tuple[jax.Array, dict[str, jax.Array]]:
-  kwargs = {"rngs": rngs} if rngs is not None else {}
-  logits_btv = apply_fn({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"], **kwargs)
-  sums = token_sums(logits_btv, batch)
-  loss = sums["nll_sum"] / jnp.maximum(sums["loss_tokens"], 1.0)
-  return loss, sums
+def accumulated_grads(sums_of: Callable, params, micro_batches: Batch, trainable_mask) -> tuple[Any, dict[str, jax.Array]]:
+  """Gradients of the nll summed over every micro-batch (scanned: one micro-batch's activations alive at
+  a time) divided once by their total loss tokens, and the summed token sums. `sums_of(params,
+  micro_batch, index)` gives a micro-batch's sums; frozen leaves (mask False) get zero gradients
+  without a float32 accumulator."""
+  zeros = jax.tree.map(lambda p, t: jnp.zeros(p.shape, jnp.float32) if t else None, params, trainable_mask)
+
+  def nll_sum_of(params, micro_batch, index):
+    sums = sums_of(params, micro_batch, index)
+    return sums["nll_sum"], sums
+
+  def micro_step(carry, xs):
+    (grad_sum, sums), (micro_batch, index) = carry, xs
+    grads, micro_sums = jax.grad(nll_sum_of, has_aux=True)(params, micro_batch, index)
+    grad_sum = jax.tree.map(lambda acc, g: None if acc is None else acc + g.astype(jnp.float32), grad_sum, grads, is_leaf=_is_none)
+    return (grad_sum, jax.tree.map(jnp.add, sums, micro_sums)), None
+
+  num_micro = jax.tree.leaves(micro_batches)[0].shape[0]
+  sums0 = {k: jnp.zeros((), jnp.float32) for k in ("nll_sum", "correct_sum", "loss_tokens")}
+  (grad_sum, sums), _ = jax.lax.scan(micro_step, (zeros, sums0), (micro_batches, jnp.arange(num_micro)))
+  denom = jnp.maximum(sums["loss_tokens"], 1.0)
+  grads = jax.tree.map(
+      lambda acc, p: jnp.zeros_like(p) if acc is None else (acc / denom).astype(p.dtype), grad_sum, params, is_leaf=_is_none
+  )
+  return grads, sums
 
 
 def train_step(
@@ -46,19 +74,34 @@ def train_step(
     schedule: optax.Schedule,
     trainable: Callable | None = None,
     dropout_rng: jax.Array | None = None,
+    grad_accum_steps: int = 1,
+    loss_chunk_size: int = 0,
+    micro_batch_sharding: NamedSharding | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One AdamW update. Metrics are device scalars; the caller decides when to fetch them.
 
   With `trainable` (params -> bool tree), frozen parameters are held constant inside the loss, so no
-  gradient is computed for them (LoRA)."""
+  gradient is computed for them (LoRA). With `grad_accum_steps` k > 1 the batch is k micro-batches of
+  B/k rows, scanned; the update and metrics equal one step on the whole batch up to float rounding."""
+  mask = trainable(state.params) if trainable is not None else jax.tree.map(lambda _: True, state.params)
+  step_rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, state.step)
 
-  def loss_of(params):
-    if trainable is not None:
-      params = jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, trainable(params))
-    rngs = None if dropout_rng is None else {"dropout": jax.random.fold_in(dropout_rng, state.step)}
-    return loss_fn(params, batch, apply_fn, rngs)
+  def held(params):
+    return params if trainable is None else jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, mask)
 
-  (loss, sums), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
+  if grad_accum_steps == 1:
+    rngs = None if step_rng is None else {"dropout": step_rng}
+    loss_of = lambda params: loss_fn(held(params), batch, apply_fn, rngs, loss_chunk_size)  # noqa: E731
+    (loss, sums), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
+  else:
+
+    def sums_of(params, micro_batch, index):
+      rngs = None if step_rng is None else {"dropout": jax.random.fold_in(step_rng, index)}
+      return loss_sums(held(params), micro_batch, apply_fn, rngs, loss_chunk_size)
+
+    micro_batches = split_micro_batches(batch, grad_accum_steps, micro_batch_sharding)
+    grads, sums = accumulated_grads(sums_of, state.params, micro_batches, mask)
+    loss = sums["nll_sum"] / jnp.maximum(sums["loss_tokens"], 1.0)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = {
@@ -73,20 +116,22 @@ def train_step(
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def eval_step(params, batch: Batch, *, apply_fn: Callable) -> dict[str, jax.Array]:
+def eval_step(params, batch: Batch, *, apply_fn: Callable, loss_chunk_size: int = 0) -> dict[str, jax.Array]:
   """Sums for one batch; add them up over the eval set, then divide."""
-  logits_btv = apply_fn({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"])
-  return token_sums(logits_btv, batch)
+  return loss_sums(params, batch, apply_fn, chunk_size=loss_chunk_size)
 
 
 def jit_train_step(
-    apply_fn, optimizer, schedule, state_shardings: TrainState, batch_sharding, replicated, *, trainable=None, dropout_rng=None
+    apply_fn, optimizer, schedule, state_shardings: TrainState, batch_sharding, replicated, *, trainable=None, dropout_rng=None,
+    grad_accum_steps: int = 1, loss_chunk_size: int = 0,
 ) -> Any:
   """The compiled update: state donated, laid out as `state_shardings`, metrics replicated."""
+  micro_batch_sharding = NamedSharding(batch_sharding.mesh, PartitionSpec(None, *batch_sharding.spec)) if grad_accum_steps > 1 else None
 
   def step(state, batch):
     return train_step(
-        state, batch, apply_fn=apply_fn, optimizer=optimizer, schedule=schedule, trainable=trainable, dropout_rng=dropout_rng
+        state, batch, apply_fn=apply_fn, optimizer=optimizer, schedule=schedule, trainable=trainable, dropout_rng=dropout_rng,
+        grad_accum_steps=grad_accum_steps, loss_chunk_size=loss_chunk_size, micro_batch_sharding=micro_batch_sharding,
     )
 
   return jax.jit(
@@ -97,9 +142,9 @@ def jit_train_step(
   )
 
 
-def jit_eval_step(apply_fn, param_shardings, batch_sharding, replicated) -> Any:
+def jit_eval_step(apply_fn, param_shardings, batch_sharding, replicated, *, loss_chunk_size: int = 0) -> Any:
   def step(params, batch):
-    return eval_step(params, batch, apply_fn=apply_fn)
+    return eval_step(params, batch, apply_fn=apply_fn, loss_chunk_size=loss_chunk_size)
 
   return jax.jit(step, in_shardings=(param_shardings, batch_sharding), out_shardings=replicated)
 
@@ -108,7 +153,7 @@ def score_step(params, batch: Batch, *, apply_fn: Callable) -> dict[str, jax.Arr
   """Per row: the summed log-likelihood of its loss-masked targets, and their count (choice ranking)."""
   logits_btv = apply_fn({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"])
   mask_bt = batch["loss_mask"].astype(jnp.float32)
-  nll_bt = optax.softmax_cross_entropy_with_integer_labels(logits_btv.astype(jnp.float32), batch["targets"])
+  nll_bt = optax.softmax_cross_entropy_with_integer_labels(logits_btv, batch["targets"])  # float32 logits
   return {"loglik_b": -jnp.sum(nll_bt * mask_bt, axis=1), "tokens_b": jnp.sum(mask_bt, axis=1)}
 
 
