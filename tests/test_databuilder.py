@@ -59,20 +59,28 @@ def test_module_names():
 
 
 def test_records_account_for_every_candidate():
-  docs = read_module(SOURCE, "mini") + read_module(SOURCE, "other")  # every name is now in two modules
+  import collections
+
+  docs = read_module(SOURCE, "mini") + read_module(SOURCE, "other")
   records, rejected = api_records(docs)
-  tasks = [r["task"] for r in records]
-  reasons = [r["dropped"]["reason"] for r in rejected]
-  # summary: 4 candidates per module; dumps, Encoder and helper have usable summaries, encode has none.
-  assert tasks.count("summary") == 6 and reasons.count("no docstring") == 2
-  # module: "Which module defines `dumps`?" is ambiguous when two modules define it.
-  assert tasks.count("module") == 0 and reasons.count("name in several modules") == 4
-  assert tasks.count("signature") == 8
-  assert len(records) + len(rejected) == 8 + 4 + 8
+  # dumps, Encoder and helper are documented and have a parameter with a default: one record per task
+  # each, in both modules; encode has no docstring: one rejected candidate stands for its four tasks.
+  assert collections.Counter(r["task"] for r in records) == {"summarisation": 6, "extraction": 6, "qa": 6, "classification": 6}
+  assert [r["dropped"]["reason"] for r in rejected] == ["no docstring"] * 2
+  assert [r["id"] for r in rejected] == ["stdlib/undocumented:mini.Encoder.encode", "stdlib/undocumented:other.Encoder.encode"]
+  assert len(records) + len(rejected) == 3 * 4 * 2 + 2
   assert {r["dropped"]["stage"] for r in rejected} == {"read"}
-  record = next(r for r in records if r["id"] == "stdlib/signature:mini.Encoder.encode")
-  assert record["messages"][1]["content"] == "mini.Encoder.encode(o)"
-  assert record["group"] == "mini.Encoder" and record["source"] == "stdlib" and record["kind"] == "chat"
+  by_id = {r["id"]: r for r in records}
+  qa = {m["role"]: m["content"] for m in by_id["stdlib/qa:mini.dumps"]["messages"]}
+  assert qa == {"user": "In `dumps(obj, *, indent=None)`, what is the default value of `indent`?", "assistant": "None"}
+  extraction = by_id["stdlib/extraction:mini.Encoder.helper"]
+  assert [m["content"] for m in extraction["messages"]] == ["List the parameter names of `helper(a, b=2)`.", "a, b"]
+  assert extraction["group"] == "mini.Encoder" and extraction["source"] == "stdlib" and extraction["kind"] == "chat"
+  summary = by_id["stdlib/summarisation:mini.dumps"]["messages"]
+  assert summary[0]["content"] == "Summarise in one sentence:\n\nSerialize obj to a JSON formatted str. More detail here."
+  assert summary[1]["content"] == "Serialize obj to a JSON formatted str."
+  kinds = {r["id"].split(":")[1]: r["messages"][1]["content"] for r in records if r["task"] == "classification"}
+  assert kinds == {f"{m}.{q}": k for m in ("mini", "other") for q, k in (("dumps", "function"), ("Encoder", "class"), ("Encoder.helper", "method"))}
 
 
 def test_read_stdlib_counts_what_it_skips(tmp_path):
@@ -111,4 +119,4 @@ class Box:
   kept, rejected = api_records(docs)
   ids = [r["id"] for r in kept + rejected + pretrain_texts(docs)]
   assert len(ids) == len(set(ids)), sorted(ids)
-  assert "stdlib/summary:box.Box.size#2" in ids
+  assert "stdlib/summarisation:box.Box.size#2" in ids

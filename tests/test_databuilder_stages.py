@@ -135,6 +135,14 @@ def test_every_template_names_an_evaluation_task_and_keeps_its_options():
     templates.to_chat({"text": "t", "label": "x", "labels": ["a", "b"]}, "classification", "r:0", "r")
 
 
+def test_a_chat_may_name_its_task(tmp_path):
+  chat = [{"role": "user", "content": "Is this spam?"}, {"role": "assistant", "content": "no"}]
+  lines = [{"messages": chat, "task": "classification"}, {"messages": chat, "task": "poetry"}, {"messages": chat, "task": ["qa"]}, {"messages": chat}]
+  out = _read(tmp_path, "t.jsonl", "\n".join(json.dumps(x) for x in lines))
+  assert out[0]["task"] == "classification" and "task" not in out[3]
+  assert [r["dropped"]["reason"] for r in out[1:3]] == ["unknown task", "unknown task"]
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     text=st.text(st.sampled_from("ab _-.\n"), max_size=20),

@@ -66,5 +66,6 @@ def test_quickstart_notebook_runs(tmp_path, monkeypatch):
   assert last < first
   assert re.search(r"exact match \d\.\d{3} -> \d\.\d{3}", text)
   assert text.count("reference:") >= 3
-  assert "> What does `json.dumps` do?\n" in text
+  assert "| classification |" in text and "| summarisation |" in text  # the report's per-task table
+  assert "> List the parameter names of `dumps(" in text
   assert os.listdir(tmp_path / "cwd") == []  # everything went to a temporary folder

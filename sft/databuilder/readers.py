@@ -123,9 +123,20 @@ def to_record(raw: Any, record_id: str, source: str, field_map: dict[str, str] |
   else:
     raise Malformed("unknown schema", f"fields {sorted(keys)}; map them with field_map")
   turns = _check_order(turns)
+  task = _task_field(raw)
   if turns[-1]["role"] == "user":
-    return records.chat(record_id, source, turns, needs_response=True)
-  return records.chat(record_id, source, turns)
+    return records.chat(record_id, source, turns, needs_response=True, **task)
+  return records.chat(record_id, source, turns, **task)
+
+
+def _task_field(raw: dict[str, Any]) -> dict[str, str]:
+  """A chat's own "task" (how evaluation scores it): one of templates.TASK_NAMES, or absent."""
+  task = raw.get("task")
+  if task is None:
+    return {}
+  if task not in templates.TASK_NAMES:
+    raise Malformed("unknown task", f"task {str(task)[:40]!r} is not one of {', '.join(templates.TASK_NAMES)}")
+  return {"task": task}
 
 
 # What one bad record can raise while it is parsed or checked: deep nesting (RecursionError), a
