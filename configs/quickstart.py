@@ -12,12 +12,12 @@ prompt, so a model trained from scratch can answer for APIs it never saw (sft/da
     qa              "In `dumps(obj, *, skipkeys=False)`, what is the default value of `skipkeys`?"  -> "False"
     classification  "In module `json`, is `JSONEncoder.encode` a function, a class or a method?"  -> "method"
 
-SFT from scratch with the loss on answer tokens only; summarisation and extraction are learnt only once
-the model can copy from its prompt, which takes most of the run. Held-out APIs (chosen by a hash of
-their module and top-level name) are never trained on; their response loss and the exact match and token
-F1 of greedy answers are reported. The raw docstrings are written as the `pretrain` split and train
-the tokenizer; `--config.train.pretrain_steps=N` adds a next-token phase on them before SFT, which
-this five-minute budget spends on SFT instead. Run it again with the same --workdir to resume.
+A short next-token pretraining phase on the raw docstrings (the `pretrain` split, which also trains
+the tokenizer), then SFT with the loss on answer tokens only; summarisation and extraction are learnt
+once the model can copy from its prompt, which takes most of the run. Held-out APIs (chosen by a hash
+of their module and top-level name) are never trained on; their response loss and the metrics of each
+task (accuracy, ROUGE, exact match, token F1) are reported, in <workdir>/eval/report.md at the end.
+Run it again with the same --workdir to resume.
 """
 
 from sft.config import base_config
@@ -38,7 +38,7 @@ def get_config():
   c.model.mlp_dim = 256
   c.train.seq_len = 128
   c.train.batch_size = 16
-  c.train.pretrain_steps = 0
+  c.train.pretrain_steps = 50
   c.train.sft_steps = 900
   c.train.lr = 5e-3
   c.eval.every_steps = 300
