@@ -301,6 +301,17 @@ def test_fine_tune_a_local_checkpoint_through_the_launcher(tmp_path, mode):
       {"params": params}, jnp.asarray([tokens]), jnp.arange(len(tokens))[None], jnp.ones((1, len(tokens)), jnp.int32)
   )[0]
   np.testing.assert_allclose(ours, _hf_logits(tuned, tokens), atol=1e-4, rtol=1e-4)
+  if mode == "full":  # the eval job on the exported Hugging Face folder, without training
+    evaluated = subprocess.run(
+        [sys.executable, "launch.py", "--config=configs/eval.py", f"--workdir={tmp_path / 'ev'}", f"--config.model.checkpoint={exported}",
+         f"--config.data.dir={data_dir}", "--config.model.dtype=float32", "--config.train.seq_len=64", "--config.eval.batch_size=4",
+         "--config.eval.max_new_tokens=6"],
+        cwd=root, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert evaluated.returncode == 0, evaluated.stdout[-2000:] + evaluated.stderr[-3000:]
+    results = json.loads((tmp_path / "ev" / "eval" / "results.json").read_text())
+    assert results["about"]["model"] == str(exported) and results["tasks"]["chat"]["generated"] == results["tasks"]["chat"]["records"] > 0
+    assert results["metrics"]["eval/loss"] == pytest.approx(rows[-1]["eval/loss"], rel=1e-4)  # the same model, the same split
 
 
 # Hand-crafted safetensors headers: what the package (0.8.0) refuses by itself, and the one defect
