@@ -55,7 +55,7 @@ def model_run_config(config: ml_collections.ConfigDict) -> tuple[ml_collections.
 
 def read_eval_files(paths: Any) -> tuple[list[dict[str, Any]], dict[str, int]]:
   """(chat records, counts) of eval files read by the data builder's readers; records that are no chat
-  (documents, rejected lines) are counted, not evaluated."""
+  (documents, rejected lines) or have no answer to compare with are counted, not evaluated."""
   records, counts = [], {"files": 0, "chats": 0, "documents": 0, "rejected": 0}
   for name in paths:
     path = pathlib.Path(name)
@@ -63,9 +63,10 @@ def read_eval_files(paths: Any) -> tuple[list[dict[str, Any]], dict[str, int]]:
       raise ConfigError(f"eval.files: {name!r} is not a file")
     counts["files"] += 1
     for record in readers.read_file(path, path.name):
-      if records_lib.is_dropped(record):
+      if records_lib.is_dropped(record) or record.get("needs_response"):
         counts["rejected"] += 1
-        log.warning("eval: %s: %s rejected: %s %s", path, record["id"], record["dropped"]["reason"], record["dropped"]["detail"])
+        why = record["dropped"] if records_lib.is_dropped(record) else {"reason": "no reference answer", "detail": "its last turn is the user's"}
+        log.warning("eval: %s: %s rejected: %s %s", path, record["id"], why["reason"], why["detail"])
       elif record["kind"] == "chat":
         records.append(record)
         counts["chats"] += 1

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from sft.errors import ConfigError
 from sft.evaluator import Evaluator, metrics, write_report
 from sft.evaluator import choices as choices_lib
 from sft.evaluator import tasks as tasks_lib
@@ -154,3 +155,29 @@ def test_an_evaluation_reports_every_task_and_writes_its_report(tmp_path, tokeni
   saved = json.loads((tmp_path / "eval" / "results.json").read_text())
   assert saved["metrics"] == pytest.approx(m) and set(saved["tasks"]) == set(result.tasks)
   assert (tmp_path / "eval" / "confusion-classification.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_eval_files_count_what_cannot_be_evaluated(tmp_path):
+  """Lines that are no record, documents and prompts without an answer are counted; the rest evaluate."""
+  from sft.eval_job import read_eval_files
+
+  path = tmp_path / "e.jsonl"
+  path.write_text("\n".join([
+      json.dumps({"prompt": "Hi?", "completion": "Hello."}),
+      json.dumps({"prompt": "No answer here?"}),
+      json.dumps({"text": "a document"}),
+      "{broken",
+  ]) + "\n")
+  records, counts = read_eval_files([str(path)])
+  assert [r["messages"][-1]["content"] for r in records] == ["Hello."]
+  assert counts == {"files": 1, "chats": 1, "documents": 1, "rejected": 2}
+  with pytest.raises(ConfigError, match="no chat records"):
+    read_eval_files([str(_only(tmp_path, json.dumps({"prompt": "x"})))])
+  with pytest.raises(ConfigError, match="is not a file"):
+    read_eval_files([str(tmp_path / "missing.jsonl")])
+
+
+def _only(tmp_path, line):
+  path = tmp_path / "only.jsonl"
+  path.write_text(line + "\n")
+  return path
