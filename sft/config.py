@@ -54,6 +54,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.seq_len = 256  # tokens per packed row
   c.train.batch_size = 16  # rows per step, over all processes
   c.train.grad_accum_steps = 1  # micro-batches of batch_size / this many rows per step, gradients summed in one jitted step
+  # "jit": one program over the mesh (data, fsdp and tensor parallel, as the mesh says); "pmap": data
+  # parallel under jax.pmap, the state replicated on every device, sums and gradients added with psum
+  # (needs mesh.fsdp = mesh.tensor = 1). The same update either way; a run may switch at resume.
+  c.train.parallelism = "jit"
   c.train.loss_chunk_size = 0  # tokens per chunk of the logits + cross-entropy (0: whole sequence; N: no (B, T, V) logits)
   c.train.pretrain_steps = 0  # next-token steps on the raw text before SFT (0: SFT alone)
   c.train.sft_steps = 200  # steps on chat records, loss on assistant tokens only

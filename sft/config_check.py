@@ -127,6 +127,7 @@ CONSTRAINTS = {
     "train.seq_len": AT_LEAST_1,
     "train.batch_size": AT_LEAST_1,
     "train.grad_accum_steps": AT_LEAST_1,
+    "train.parallelism": OneOf(("jit", "pmap")),
     "train.loss_chunk_size": AT_LEAST_0,
     "train.pretrain_steps": AT_LEAST_0,
     "train.sft_steps": AT_LEAST_0,
@@ -338,14 +339,29 @@ def _micro_batches_divide(v: dict[str, Any]) -> str | None:
   return None
 
 
+def _pmap_data_parallel(v: dict[str, Any]) -> str | None:
+  if v["train.parallelism"] != "pmap" or (v["mesh.fsdp"], v["mesh.tensor"]) == (1, 1):
+    return None
+  return (f"train.parallelism 'pmap' is data parallel only (a whole copy of the state on every device): it needs "
+          f"mesh.fsdp = mesh.tensor = 1, got fsdp={v['mesh.fsdp']}, tensor={v['mesh.tensor']} (use 'jit' to shard the model)")
+
+
+def _splash_blocks(v: dict[str, Any]) -> str | None:
+  if v["model.attention"] == "splash" and v["train.seq_len"] % 128:
+    return f"model.attention 'splash' runs in blocks of 128 tokens: train.seq_len must be a multiple of 128, got {v['train.seq_len']}"
+  return None
+
+
 # Values that are each valid but cannot work together: (the keys read, the check), run only when those keys are valid.
 CROSS_CHECKS = (
     (("job", "train.pretrain_steps", "train.sft_steps"), _some_steps),
     (("mesh.data", "mesh.fsdp", "mesh.tensor"), _one_mesh_remainder),
     (("train.batch_size", "train.grad_accum_steps"), _micro_batches_divide),
+    (("train.parallelism", "mesh.fsdp", "mesh.tensor"), _pmap_data_parallel),
     (("job", "eval.files", "data.source", "data.dir"), _data_dir_named),
     (("job", "eval.model_workdir", "model.checkpoint"), _eval_model_named),
     (("model.rope_type", "model.rope_low_freq_factor", "model.rope_high_freq_factor"), _llama3_factors),
+    (("model.attention", "train.seq_len"), _splash_blocks),
 )
 
 

@@ -49,3 +49,21 @@ def chat_records(stdlib_sample):
 @pytest.fixture
 def tiny_model_config():
   return ModelConfig(vocab_size=512, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory, chat_records):
+  """A data build of the chat records (no language filter, 10% validation): what tiny training runs read."""
+  import json
+
+  from sft.databuilder import build_config, build_dataset
+
+  raw = tmp_path_factory.mktemp("raw")
+  (raw / "chats.jsonl").write_text("".join(json.dumps({"messages": r["messages"]}) + "\n" for r in chat_records))
+  config = build_config()
+  config.input_dir = str(raw)
+  config.filter.language.enabled = False
+  config.output.validation_fraction = 0.1
+  out = tmp_path_factory.mktemp("built") / "data"
+  build_dataset(config, out, progress=False)
+  return out

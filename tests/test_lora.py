@@ -107,3 +107,59 @@ def test_bad_lora_settings_are_clear_errors():
     dataclasses.replace(BASE, lora_rank=4, lora_targets=("qq",))
   with pytest.raises(ConfigError, match="lora_rank"):
     dataclasses.replace(BASE, lora_rank=-1)
+
+
+def _jitted_init(cfg):
+  return jax.jit(lambda rng: nn.unbox(Transformer(cfg).init(rng, TOKENS, POSITIONS, SEGMENTS)["params"]))(jax.random.key(0))
+
+
+def test_adapter_init_compiles_to_the_adapters_alone():
+  # A base much bigger than its adapters: the compiled init must not allocate anything base-sized.
+  cfg = dataclasses.replace(BASE, vocab_size=512, d_model=128, head_dim=32, mlp_dim=256, lora_rank=2, lora_targets=("q", "v"))
+  init_fn = lora.adapter_init(Transformer(cfg), (TOKENS, POSITIONS, SEGMENTS))
+  compiled = jax.jit(init_fn).lower(jax.random.key(0)).compile()
+  out = jax.eval_shape(init_fn, jax.random.key(0))
+  assert all("_lora_" in str(path[-1]) for path, _ in jax.tree_util.tree_flatten_with_path(out)[0])
+  adapter_bytes = sum(x.size * 4 for x in jax.tree.leaves(out))
+  whole = _jitted_init(cfg)
+  base_bytes = sum(x.nbytes for x in jax.tree.leaves(lora.base_params(whole)))
+  memory = compiled.memory_analysis()
+  assert memory.output_size_in_bytes < adapter_bytes + 1024
+  assert memory.temp_size_in_bytes < base_bytes / 20, (memory.temp_size_in_bytes, base_bytes)
+  assert "f32[512,128]" not in compiled.as_text()  # no embedding table is ever made
+  # The adapters are those a whole init makes: A as before, B zero.
+  jax.tree.map(np.testing.assert_array_equal, compiled(jax.random.key(0)), lora.adapters(whole))
+
+
+def test_lora_on_a_hugging_face_checkpoint_keeps_the_loaded_base_and_its_logits(tmp_path, monkeypatch):
+  from sft import hf
+  from sft.config import base_config
+  from sft.trainer import setup
+
+  rng = np.random.default_rng(0)
+  base = jax.tree.map(lambda a: rng.normal(0, 0.2, a.shape).astype(np.float32), hf.weights.abstract_params(BASE))
+  hf.export_model(base, BASE, tmp_path / "ckpt", "llama")
+  config = base_config()
+  config.model.checkpoint = str(tmp_path / "ckpt")
+  config.model.lora_rank, config.model.lora_targets = 4, ("q", "k", "v", "o", "gate", "up", "down")
+  config.train.seq_len = 12
+  run = setup.setup_run(config)
+  assert run.model_cfg.lora_rank == 4
+  loaded = []
+  load_params = hf.load_params
+  monkeypatch.setattr(hf, "load_params", lambda *a, **k: loaded.append(load_params(*a, **k)) or loaded[-1])
+  params = setup.checkpoint_params(config, run, run.param_shardings, jax.random.key(0))
+  assert len(loaded) == 1
+  # The base leaves are the very arrays loaded (no copy), the adapters are fresh: B zero.
+  for got, want in zip(jax.tree.leaves(lora.base_params(params)), jax.tree.leaves(loaded[0])):
+    assert got is want
+  assert jax.tree.structure(params) == jax.tree.structure(run.abstract_params)
+  adapters = lora.adapters(params)
+  assert all(not np.any(np.asarray(v)) for k, v in jax.tree_util.tree_flatten_with_path(adapters)[0] if "_lora_b" in str(k[-1]))
+  assert np.any(np.asarray(adapters["layers"]["attn"]["q_lora_a"]))
+  for got, placement in zip(jax.tree.leaves(params), jax.tree.leaves(run.param_shardings)):
+    assert got.sharding == placement
+  apply = lambda cfg: jax.jit(Transformer(cfg).apply)  # noqa: E731
+  np.testing.assert_array_equal(
+      apply(run.model_cfg)({"params": params}, TOKENS, POSITIONS, SEGMENTS), apply(BASE)({"params": base}, TOKENS, POSITIONS, SEGMENTS)
+  )

@@ -20,8 +20,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from sft.databuilder import build_config, build_dataset
-
 WORKER = pathlib.Path(__file__).resolve().parent / "resume_worker.py"
 STEPS = 24
 TIMING_KEYS = ("train/tokens_per_s",)
@@ -29,17 +27,6 @@ TIMING_KEYS = ("train/tokens_per_s",)
 COMPILE_CACHE = pathlib.Path(tempfile.gettempdir()) / f"sft-test-resume-jit-cache-{os.getuid()}"
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory, chat_records):
-  raw = tmp_path_factory.mktemp("raw")
-  (raw / "chats.jsonl").write_text("".join(json.dumps({"messages": r["messages"]}) + "\n" for r in chat_records))
-  config = build_config()
-  config.input_dir = str(raw)
-  config.filter.language.enabled = False
-  config.output.validation_fraction = 0.1
-  out = tmp_path_factory.mktemp("built") / "data"
-  build_dataset(config, out, progress=False)
-  return out
 
 
 def start(workdir, data_dir, overrides=None, devices=1):

@@ -22,7 +22,7 @@ from sft.trainer import rundir
 
 # The keys the trainer lets a resumed run change, as the spec states them (not read from the module).
 SAFE = ("train.sft_steps", "train.pretrain_steps", "train.log_every", "eval", "sample", "checkpoint", "mesh",
-        "sharding_rules", "model.remat", "train.grad_accum_steps", "train.loss_chunk_size")
+        "sharding_rules", "model.remat", "model.remat_policy", "model.attention", "train.grad_accum_steps", "train.loss_chunk_size", "train.parallelism")
 HOST = socket.gethostname()
 LINUX = os.path.exists("/proc/self/stat")
 

@@ -88,7 +88,9 @@ class ScriptedModel:
     self.vocab_size = vocab_size
     self.cfg = ModelConfig(vocab_size=vocab_size, d_model=8, num_layers=1, num_heads=1, num_kv_heads=1, head_dim=8, mlp_dim=8)
 
-  def apply(self, variables, tokens_bt, positions_bt, cache=None, cache_index_b=None):
+  def apply(self, variables, tokens_bt, positions_bt=None, cache=None, cache_index_b=None, return_hidden=False, method=None):
+    if method is not None:  # Transformer.unembed: its "hidden states" are already the logits
+      return tokens_bt
     next_bt = self.script[jnp.minimum(positions_bt + 1, len(self.script) - 1)]
     return jax.nn.one_hot(next_bt, self.vocab_size) * 10.0, cache
 

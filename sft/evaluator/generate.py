@@ -1,7 +1,8 @@
 """Generation with a KV cache (greedy or sampled), as one jitted loop (no host round-trip per token).
 
 Prompts are right-padded to (B, P). Prefill runs the model once over the prompts and fills the cache;
-each row's first answer token comes from the logits at its last real prompt token. Every later step
+each row's first answer token comes from the logits at its last real prompt token, the only position
+unembedded (never (B, P, V) logits: at a vocabulary of 150k that alone is gigabytes). Every later step
 feeds one token per row, written at cache slot `prompt_length + i`: slots a row has not written yet
 (its padding included) are overwritten before any query can see them.
 """
@@ -11,14 +12,17 @@ from __future__ import annotations
 import functools
 from typing import Callable, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from sft.errors import ConfigError
 from sft.evaluator.sampling import Sampler
-from sft.model import Transformer
-from sft.model.transformer import init_cache
+from sft.model import Transformer, axes
+from sft.model.transformer import init_cache, split_cache, split_layers
+
+CACHE_AXES = (axes.LAYERS, axes.BATCH, axes.LENGTH, axes.KV_HEADS, axes.HEAD_DIM)
 
 GREEDY = Sampler()
 
@@ -32,6 +36,28 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarr
   for row, prompt in enumerate(prompts):
     tokens[row, : len(prompt)] = prompt
   return tokens, lengths
+
+
+def constrain_cache(cache):
+  """Pins the (k, v) cache, each (L, B, S, K, H), or its per-layer list of (B, S, K, H) pairs, to the
+  sharding the active logical axis rules give (rows over the batch's mesh axes, kv heads over
+  "tensor"); without rules or a mesh, unchanged."""
+  if isinstance(cache, list):
+    return [tuple(nn.with_logical_constraint(x, CACHE_AXES[1:]) for x in layer) for layer in cache]
+  return tuple(nn.with_logical_constraint(x, CACHE_AXES) for x in cache)
+
+
+def prefill(model: Transformer, params, prompt_tokens_bp: jax.Array, prompt_lengths_b: jax.Array, cache):
+  """Runs the prompts through the model, filling `cache`; returns ((B, V) float32 logits at each row's
+  last prompt token, cache). Only those B positions are unembedded: never (B, P, V) logits."""
+  batch, prompt_len = prompt_tokens_bp.shape
+  positions_bp = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32), (batch, prompt_len))
+  hidden_bpd, cache = model.apply(
+      {"params": params}, prompt_tokens_bp, positions_bp, cache=cache, cache_index_b=jnp.zeros((batch,), jnp.int32),
+      return_hidden=True,
+  )
+  last_b1d = jnp.take_along_axis(hidden_bpd, (prompt_lengths_b - 1).astype(jnp.int32)[:, None, None], axis=1)
+  return model.apply({"params": params}, last_b1d, method=Transformer.unembed)[:, 0], cache
 
 
 def generate(
@@ -54,12 +80,9 @@ def generate(
         f"a prompt of {prompt_len} tokens plus {max_new_tokens} new ones is more than the model's {cfg.max_positions} positions"
     )
   stop_s = jnp.asarray(stop_ids or (-1,), jnp.int32)
-  cache = init_cache(model.cfg, batch, prompt_len + max_new_tokens)
-  positions_bp = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32), (batch, prompt_len))
-  logits_bpv, cache = model.apply(
-      {"params": params}, prompt_tokens_bp, positions_bp, cache=cache, cache_index_b=jnp.zeros((batch,), jnp.int32)
-  )
-  first_b = sampler(logits_bpv[jnp.arange(batch), prompt_lengths_b - 1], jax.random.fold_in(rng, 0))
+  cache = constrain_cache(init_cache(model.cfg, batch, prompt_len + max_new_tokens))
+  logits_bv, cache = prefill(model, params, prompt_tokens_bp, prompt_lengths_b, cache)
+  first_b = sampler(logits_bv, jax.random.fold_in(rng, 0))
   out_bn = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first_b)
 
   def is_stop(tokens_b):
@@ -69,16 +92,19 @@ def generate(
     i, _, _, done_b, _ = carry
     return (i < max_new_tokens) & ~jnp.all(done_b)
 
+  # Per-layer weights and cache for the loop: split once here, so no token step copies them out of stacks.
+  layer_params = split_layers(params)
+
   def body(carry):
     i, last_b, out_bn, done_b, cache = carry
     slot_b = prompt_lengths_b + i - 1  # where `last_b`, the answer token i - 1, goes
     logits_b1v, cache = model.apply(
-        {"params": params}, last_b[:, None], slot_b[:, None], cache=cache, cache_index_b=slot_b
+        {"params": layer_params}, last_b[:, None], slot_b[:, None], cache=cache, cache_index_b=slot_b
     )
     next_b = jnp.where(done_b, pad_id, sampler(logits_b1v[:, 0], jax.random.fold_in(rng, i)))
-    return i + 1, next_b, out_bn.at[:, i].set(next_b), done_b | is_stop(next_b), cache
+    return i + 1, next_b, out_bn.at[:, i].set(next_b), done_b | is_stop(next_b), constrain_cache(cache)
 
-  init = (jnp.int32(1), first_b, out_bn, is_stop(first_b), cache)
+  init = (jnp.int32(1), first_b, out_bn, is_stop(first_b), constrain_cache(split_cache(cache)))
   return jax.lax.while_loop(cond, body, init)[2]
 
 

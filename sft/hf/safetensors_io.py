@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import pathlib
 import struct
+import sys
 from typing import Iterator, Mapping
 
 import ml_dtypes
@@ -89,12 +91,21 @@ class SafetensorsFile:
   def shape(self, name: str) -> tuple[int, ...]:
     return tuple(self._file.get_slice(name).get_shape())
 
-  def get(self, name: str) -> np.ndarray:
+  def check_dtype(self, name: str) -> None:
     dtype = self._file.get_slice(name).get_dtype()
     if dtype not in _DTYPES:
       raise ValueError(f"{self.path}: tensor {name!r} has dtype {dtype}, which sft does not read")
+
+  def get(self, name: str) -> np.ndarray:
+    self.check_dtype(name)
     with _file_errors(self.path):
       return self._file.get_tensor(name)
+
+  def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+    """The box `index` (one slice per axis) of a tensor: only those bytes are read from the file."""
+    self.check_dtype(name)
+    with _file_errors(self.path):
+      return self._file.get_slice(name)[index]
 
 
 def save_file(tensors: Mapping[str, np.ndarray], path: str | pathlib.Path, metadata: Mapping[str, str] | None = None):
@@ -160,15 +171,100 @@ def open_checkpoint(folder: str | pathlib.Path) -> dict[str, SafetensorsFile]:
   )
 
 
+def plan_shards(sizes: Mapping[str, int], max_shard_bytes: int) -> list[list[str]]:
+  """Tensor names (in name order) grouped into shards of at most `max_shard_bytes` (a bigger tensor
+  stands alone), from their sizes in bytes alone."""
+  shards, shard, size = [], [], 0
+  for name in sorted(sizes):
+    if shard and size + sizes[name] > max_shard_bytes:
+      shards.append(shard)
+      shard, size = [], 0
+    shard.append(name)
+    size += sizes[name]
+  return shards + [shard] if shard else shards
+
+
 def iter_shards(tensors: Mapping[str, np.ndarray], max_shard_bytes: int) -> Iterator[dict[str, np.ndarray]]:
   """Groups tensors (in name order) into shards of at most `max_shard_bytes` (a bigger tensor stands alone)."""
-  shard, size = {}, 0
-  for name in sorted(tensors):
-    nbytes = tensors[name].nbytes
-    if shard and size + nbytes > max_shard_bytes:
-      yield shard
-      shard, size = {}, 0
-    shard[name] = tensors[name]
-    size += nbytes
-  if shard:
-    yield shard
+  for names in plan_shards({name: t.nbytes for name, t in tensors.items()}, max_shard_bytes):
+    yield {name: tensors[name] for name in names}
+
+
+# The package's writer lays tensors out by dtype in this order, then by name; StreamWriter does the
+# same, so that its files are byte for byte the package's.
+_WRITE_RANK = {np.dtype(_DTYPES[k]): i for i, k in enumerate(["I64", "F64", "F32", "I32", "BF16", "F16", "I16", "I8", "U8", "BOOL"])}
+_NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
+_CHUNK_BYTES = 64 * 2**20  # a strided (transposed) tensor is copied out in pieces of about this size
+
+
+def write_order(specs: Mapping[str, tuple[np.dtype, tuple[int, ...]]]) -> list[str]:
+  """The order `StreamWriter` takes the tensors of `specs` (name -> (dtype, shape)) in."""
+  for name, (dtype, _) in specs.items():
+    if np.dtype(dtype) not in _WRITABLE:
+      raise ValueError(f"tensor {name!r} has dtype {np.dtype(dtype)}, which sft does not write to safetensors")
+  return sorted(specs, key=lambda name: (_WRITE_RANK[np.dtype(specs[name][0])], name))
+
+
+class StreamWriter:
+  """Writes one .safetensors file a tensor at a time, holding none of them: the header (dtypes,
+  shapes, offsets) is computed from `specs` (name -> (dtype, shape)) up front, then `write` takes
+  each tensor in `write_order(specs)` and copies its bytes to the file. Written beside the target and
+  renamed into place when every tensor is in (a context manager: on an error, nothing is left)."""
+
+  def __init__(self, path: str | pathlib.Path, specs: Mapping[str, tuple[np.dtype, tuple[int, ...]]], metadata: Mapping[str, str] | None = None):
+    if sys.byteorder != "little":
+      raise ValueError("safetensors files are little-endian; this host is not")
+    self.path = pathlib.Path(path)
+    self._order = write_order(specs)
+    self._specs = {name: (np.dtype(dtype), tuple(shape)) for name, (dtype, shape) in specs.items()}
+    header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name in self._order:
+      dtype, shape = self._specs[name]
+      nbytes = math.prod(shape) * dtype.itemsize
+      header[name] = {"dtype": _NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+      offset += nbytes
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    raw += b" " * (-len(raw) % 8)  # as the package pads it: the data starts 8-byte aligned
+    self._tmp = self.path.with_name(self.path.name + ".tmp")
+    self._file = self._tmp.open("wb")
+    self._file.write(struct.pack("<Q", len(raw)) + raw)
+    self._next = 0
+
+  def write(self, name: str, array: np.ndarray) -> None:
+    if self._next >= len(self._order) or name != self._order[self._next]:
+      expected = self._order[self._next] if self._next < len(self._order) else "nothing more"
+      raise ValueError(f"{self.path}: tensor {name!r} written out of order (expected {expected!r})")
+    dtype, shape = self._specs[name]
+    if array.dtype != dtype or array.shape != shape:
+      raise ValueError(f"{self.path}: tensor {name!r} is {array.dtype} {array.shape}, its header says {dtype} {shape}")
+    if array.flags.c_contiguous:
+      self._file.write(array.reshape(-1).view(np.uint8).data)
+    else:  # a strided view (a transpose): copied out a bounded chunk of rows at a time
+      rows = max(1, _CHUNK_BYTES // max(1, array[0].nbytes))
+      for start in range(0, array.shape[0], rows):
+        self._file.write(np.ascontiguousarray(array[start : start + rows]).reshape(-1).view(np.uint8).data)
+    self._next += 1
+
+  def close(self) -> None:
+    """Finishes the file: every tensor of `specs` must have been written."""
+    try:
+      if self._next != len(self._order):
+        raise ValueError(f"{self.path}: closed with {len(self._order) - self._next} tensors unwritten ({self._order[self._next]!r} next)")
+      self._file.close()
+      self._tmp.replace(self.path)
+    finally:
+      self.abort()
+
+  def abort(self) -> None:
+    self._file.close()
+    self._tmp.unlink(missing_ok=True)
+
+  def __enter__(self) -> "StreamWriter":
+    return self
+
+  def __exit__(self, exc_type, *_) -> None:
+    if exc_type is None:
+      self.close()
+    else:
+      self.abort()

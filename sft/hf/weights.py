@@ -1,16 +1,20 @@
 """Hugging Face safetensors checkpoints <-> sft parameter trees.
 
-Loading reads one tensor at a time and places each parameter straight into its `NamedSharding`
-(every device receives only its own slice), so no device ever holds a full copy of the model.
-Only safetensors and JSON are read: never pickles, never remote code.
+Loading creates each parameter already sharded: every device's shard is read from the memory-mapped
+files on its own (`safetensors` `get_slice`), only the box of each HF tensor it needs, so no host
+ever holds a whole parameter it does not keep. Exporting streams tensor by tensor in the parameters'
+dtype, written by process 0 only. Only safetensors and JSON are read: never pickles, never remote code.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
+import math
 import pathlib
 import re
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import flax.linen as nn
 import jax
@@ -18,105 +22,128 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from sft.console import bar, track
+from sft.console import bar
 from sft.hf import safetensors_io
 from sft.hf.config import from_hf_config, read_hf_config, to_hf_config
 from sft.model import ModelConfig, Transformer
 
-Convert = Callable[[np.ndarray, ModelConfig], np.ndarray]
-_same: Convert = lambda w, c: w
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """How one layer's sft tensor is laid out from its HF tensor: a reshape, then a transpose. HF axis k
+  splits into `groups[k]` consecutive axes (the sizes come from the sft shape); sft axis i is axis
+  `perm[i]` of that split view. Empty `groups` and `perm`: the HF layout itself, any rank.
+
+  Being a pure reshape and transpose, any box of the sft tensor (a device's shard) comes from one box
+  of the HF tensor (`region`), so loading reads no more than the shard: exactly the shard whenever the
+  sft slice of each split axis but the outermost of its group is whole (a head_dim never split).
+  Otherwise whole rows of that group are read, and cut in memory."""
+
+  groups: tuple[int, ...] = ()
+  perm: tuple[int, ...] = ()
+
+  def _perm(self, ndim: int) -> tuple[int, ...]:
+    return self.perm or tuple(range(ndim))
+
+  def split_shape(self, sft_shape: tuple[int, ...]) -> tuple[int, ...]:
+    perm = self._perm(len(sft_shape))
+    return tuple(sft_shape[perm.index(j)] for j in range(len(perm)))
+
+  def hf_shape(self, sft_shape: tuple[int, ...]) -> tuple[int, ...]:
+    split, shape, a = self.split_shape(sft_shape), [], 0
+    for g in self.groups or (1,) * len(split):
+      shape.append(math.prod(split[a : a + g]))
+      a += g
+    return tuple(shape)
+
+  def to_sft(self, w: np.ndarray, sft_shape: tuple[int, ...]) -> np.ndarray:
+    return w.reshape(self.split_shape(sft_shape)).transpose(self._perm(len(sft_shape)))
+
+  def to_hf(self, p: np.ndarray) -> np.ndarray:
+    """A view where possible: no data is copied by the reshape of a transposed view's split axes."""
+    return p.transpose(np.argsort(self._perm(p.ndim))).reshape(self.hf_shape(p.shape))
+
+  def region(self, index: tuple[slice, ...], sft_shape: tuple[int, ...]) -> tuple[tuple[slice, ...], Callable[[np.ndarray], np.ndarray]]:
+    """(the box of the HF tensor that holds the sft box `index` (slices with step 1), a function
+    from that box's values to the sft box's)."""
+    perm, split = self._perm(len(sft_shape)), self.split_shape(sft_shape)
+    wanted = [slice(0, 0)] * len(split)
+    for i, s in enumerate(index):
+      wanted[perm[i]] = s
+    hf_index, block_shape, cut, a = [], [], [], 0
+    for g in self.groups or (1,) * len(split):
+      outer, inner = wanted[a], split[a + 1 : a + g]
+      rows = math.prod(inner)
+      hf_index.append(slice(outer.start * rows, outer.stop * rows))
+      block_shape += [outer.stop - outer.start, *inner]
+      cut += [slice(None), *wanted[a + 1 : a + g]]
+      a += g
+    return tuple(hf_index), lambda block: block.reshape(block_shape)[tuple(cut)].transpose(perm)
 
 
-def _heads(n_attr: str) -> tuple[Convert, Convert]:
-  """(D, n*H) projection weights stored by HF as (n*H, D) <-> sft's (D, n, H)."""
-  return (
-      lambda w, c: w.T.reshape(c.d_model, getattr(c, n_attr), c.head_dim),
-      lambda p, c: p.reshape(c.d_model, -1).T,
-  )
+_same = Layout()
+_transpose = Layout((1, 1), (1, 0))
+_heads = Layout((2, 1), (2, 0, 1))  # (n*H, D) projection weights <-> sft's (D, n, H)
+_head_bias = Layout((2,), (0, 1))  # (n*H,) <-> (n, H)
 
-
-def _head_bias(n_attr: str) -> tuple[Convert, Convert]:
-  return (lambda w, c: w.reshape(getattr(c, n_attr), c.head_dim), lambda p, c: p.reshape(-1))
-
-
-_transpose: tuple[Convert, Convert] = (lambda w, c: w.T, lambda p, c: p.T)
-
-# sft path under params["layers"] -> (HF name inside model.layers.{i}., to sft, to HF)
-LAYER_TENSORS: dict[tuple[str, ...], tuple[str, Convert, Convert]] = {
-    ("attn", "q"): ("self_attn.q_proj.weight", *_heads("num_heads")),
-    ("attn", "k"): ("self_attn.k_proj.weight", *_heads("num_kv_heads")),
-    ("attn", "v"): ("self_attn.v_proj.weight", *_heads("num_kv_heads")),
-    ("attn", "o"): (
-        "self_attn.o_proj.weight",
-        lambda w, c: w.T.reshape(c.num_heads, c.head_dim, c.d_model),
-        lambda p, c: p.reshape(-1, c.d_model).T,
-    ),
-    ("attn", "q_bias"): ("self_attn.q_proj.bias", *_head_bias("num_heads")),
-    ("attn", "k_bias"): ("self_attn.k_proj.bias", *_head_bias("num_kv_heads")),
-    ("attn", "v_bias"): ("self_attn.v_proj.bias", *_head_bias("num_kv_heads")),
-    ("attn", "q_norm", "scale"): ("self_attn.q_norm.weight", _same, _same),
-    ("attn", "k_norm", "scale"): ("self_attn.k_norm.weight", _same, _same),
-    ("attn_norm", "scale"): ("input_layernorm.weight", _same, _same),
-    ("mlp_norm", "scale"): ("post_attention_layernorm.weight", _same, _same),
-    ("mlp", "gate"): ("mlp.gate_proj.weight", *_transpose),
-    ("mlp", "up"): ("mlp.up_proj.weight", *_transpose),
-    ("mlp", "down"): ("mlp.down_proj.weight", *_transpose),
+# sft path under params["layers"] -> (HF name inside model.layers.{i}., layout)
+LAYER_TENSORS: dict[tuple[str, ...], tuple[str, Layout]] = {
+    ("attn", "q"): ("self_attn.q_proj.weight", _heads),
+    ("attn", "k"): ("self_attn.k_proj.weight", _heads),
+    ("attn", "v"): ("self_attn.v_proj.weight", _heads),
+    ("attn", "o"): ("self_attn.o_proj.weight", Layout((1, 2), (1, 2, 0))),  # (D, n*H) <-> (n, H, D)
+    ("attn", "q_bias"): ("self_attn.q_proj.bias", _head_bias),
+    ("attn", "k_bias"): ("self_attn.k_proj.bias", _head_bias),
+    ("attn", "v_bias"): ("self_attn.v_proj.bias", _head_bias),
+    ("attn", "q_norm", "scale"): ("self_attn.q_norm.weight", _same),
+    ("attn", "k_norm", "scale"): ("self_attn.k_norm.weight", _same),
+    ("attn_norm", "scale"): ("input_layernorm.weight", _same),
+    ("mlp_norm", "scale"): ("post_attention_layernorm.weight", _same),
+    ("mlp", "gate"): ("mlp.gate_proj.weight", _transpose),
+    ("mlp", "up"): ("mlp.up_proj.weight", _transpose),
+    ("mlp", "down"): ("mlp.down_proj.weight", _transpose),
 }
-TOP_TENSORS: dict[tuple[str, ...], tuple[str, Convert, Convert]] = {
-    ("embedding",): ("model.embed_tokens.weight", _same, _same),
-    ("final_norm", "scale"): ("model.norm.weight", _same, _same),
-    ("unembed",): ("lm_head.weight", *_transpose),
+TOP_TENSORS: dict[tuple[str, ...], tuple[str, Layout]] = {
+    ("embedding",): ("model.embed_tokens.weight", _same),
+    ("final_norm", "scale"): ("model.norm.weight", _same),
+    ("unembed",): ("lm_head.weight", _transpose),
 }
 # Gemma 2 names its four norms differently: post_attention_layernorm is on the attention output.
-SANDWICH_NORMS: dict[tuple[str, ...], tuple[str, Convert, Convert]] = {
-    ("post_attn_norm", "scale"): ("post_attention_layernorm.weight", _same, _same),
-    ("mlp_norm", "scale"): ("pre_feedforward_layernorm.weight", _same, _same),
-    ("post_mlp_norm", "scale"): ("post_feedforward_layernorm.weight", _same, _same),
+SANDWICH_NORMS: dict[tuple[str, ...], tuple[str, Layout]] = {
+    ("post_attn_norm", "scale"): ("post_attention_layernorm.weight", _same),
+    ("mlp_norm", "scale"): ("pre_feedforward_layernorm.weight", _same),
+    ("post_mlp_norm", "scale"): ("post_feedforward_layernorm.weight", _same),
 }
-
 
 # GPT-2 stores Conv1D weights as (in, out), the transpose of nn.Linear's, and q, k, v fused in c_attn.
-def _gpt2_heads(w, c):
-  return w.reshape(c.d_model, c.num_heads, c.head_dim)
-
-
-def _gpt2_head_bias(w, c):
-  return w.reshape(c.num_heads, c.head_dim)
-
-
-_flatten_in: Convert = lambda p, c: p.reshape(c.d_model, -1)
-_flatten: Convert = lambda p, c: p.reshape(-1)
-GPT2_LAYER_TENSORS: dict[tuple[str, ...], tuple[str, Convert, Convert]] = {
-    ("attn", "q"): ("attn.c_attn.weight", _gpt2_heads, _flatten_in),
-    ("attn", "k"): ("attn.c_attn.weight", _gpt2_heads, _flatten_in),
-    ("attn", "v"): ("attn.c_attn.weight", _gpt2_heads, _flatten_in),
-    ("attn", "q_bias"): ("attn.c_attn.bias", _gpt2_head_bias, _flatten),
-    ("attn", "k_bias"): ("attn.c_attn.bias", _gpt2_head_bias, _flatten),
-    ("attn", "v_bias"): ("attn.c_attn.bias", _gpt2_head_bias, _flatten),
-    ("attn", "o"): (
-        "attn.c_proj.weight",
-        lambda w, c: w.reshape(c.num_heads, c.head_dim, c.d_model),
-        lambda p, c: p.reshape(-1, c.d_model),
-    ),
-    ("attn", "o_bias"): ("attn.c_proj.bias", _same, _same),
-    ("attn_norm", "scale"): ("ln_1.weight", _same, _same),
-    ("attn_norm", "bias"): ("ln_1.bias", _same, _same),
-    ("mlp_norm", "scale"): ("ln_2.weight", _same, _same),
-    ("mlp_norm", "bias"): ("ln_2.bias", _same, _same),
-    ("mlp", "up"): ("mlp.c_fc.weight", _same, _same),
-    ("mlp", "up_bias"): ("mlp.c_fc.bias", _same, _same),
-    ("mlp", "down"): ("mlp.c_proj.weight", _same, _same),
-    ("mlp", "down_bias"): ("mlp.c_proj.bias", _same, _same),
+_gpt2_heads = Layout((1, 2), (0, 1, 2))  # (D, n*H) <-> (D, n, H)
+GPT2_LAYER_TENSORS: dict[tuple[str, ...], tuple[str, Layout]] = {
+    ("attn", "q"): ("attn.c_attn.weight", _gpt2_heads),
+    ("attn", "k"): ("attn.c_attn.weight", _gpt2_heads),
+    ("attn", "v"): ("attn.c_attn.weight", _gpt2_heads),
+    ("attn", "q_bias"): ("attn.c_attn.bias", _head_bias),
+    ("attn", "k_bias"): ("attn.c_attn.bias", _head_bias),
+    ("attn", "v_bias"): ("attn.c_attn.bias", _head_bias),
+    ("attn", "o"): ("attn.c_proj.weight", Layout((2, 1), (0, 1, 2))),  # (n*H, D) <-> (n, H, D)
+    ("attn", "o_bias"): ("attn.c_proj.bias", _same),
+    ("attn_norm", "scale"): ("ln_1.weight", _same),
+    ("attn_norm", "bias"): ("ln_1.bias", _same),
+    ("mlp_norm", "scale"): ("ln_2.weight", _same),
+    ("mlp_norm", "bias"): ("ln_2.bias", _same),
+    ("mlp", "up"): ("mlp.c_fc.weight", _same),
+    ("mlp", "up_bias"): ("mlp.c_fc.bias", _same),
+    ("mlp", "down"): ("mlp.c_proj.weight", _same),
+    ("mlp", "down_bias"): ("mlp.c_proj.bias", _same),
 }
-GPT2_TOP_TENSORS: dict[tuple[str, ...], tuple[str, Convert, Convert]] = {
-    ("embedding",): ("transformer.wte.weight", _same, _same),
-    ("position_embedding",): ("transformer.wpe.weight", _same, _same),
-    ("final_norm", "scale"): ("transformer.ln_f.weight", _same, _same),
-    ("final_norm", "bias"): ("transformer.ln_f.bias", _same, _same),
-    ("unembed",): ("lm_head.weight", *_transpose),
+GPT2_TOP_TENSORS: dict[tuple[str, ...], tuple[str, Layout]] = {
+    ("embedding",): ("transformer.wte.weight", _same),
+    ("position_embedding",): ("transformer.wpe.weight", _same),
+    ("final_norm", "scale"): ("transformer.ln_f.weight", _same),
+    ("final_norm", "bias"): ("transformer.ln_f.bias", _same),
+    ("unembed",): ("lm_head.weight", _transpose),
 }
 # sft path under params["layers"] -> (i, n): the tensor is the i-th of n equal slices of its HF
-# tensor's last axis.
+# tensor's last axis. Still a box of the HF tensor, so fused q, k, v are read slice by slice too.
 GPT2_FUSED: dict[tuple[str, ...], tuple[int, int]] = {
     ("attn", "q"): (0, 3), ("attn", "k"): (1, 3), ("attn", "v"): (2, 3),
     ("attn", "q_bias"): (0, 3), ("attn", "k_bias"): (1, 3), ("attn", "v_bias"): (2, 3),
@@ -127,13 +154,13 @@ def _is_gpt2(cfg: ModelConfig) -> bool:
   return cfg.position_embedding == "learned"  # the one family with a learned position table
 
 
-def _layer_tensors(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[str, Convert, Convert]]:
+def _layer_tensors(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[str, Layout]]:
   if _is_gpt2(cfg):
     return GPT2_LAYER_TENSORS
   return {**LAYER_TENSORS, **SANDWICH_NORMS} if cfg.sandwich_norms else LAYER_TENSORS
 
 
-def _entry(path: tuple[str, ...], cfg: ModelConfig) -> tuple[str, Convert, Convert]:
+def _entry(path: tuple[str, ...], cfg: ModelConfig) -> tuple[str, Layout]:
   if path[0] == "layers":
     return _layer_tensors(cfg)[path[1:]]
   return (GPT2_TOP_TENSORS if _is_gpt2(cfg) else TOP_TENSORS)[path]
@@ -192,7 +219,12 @@ def _check_names(files: Mapping[str, Any], expected: set[str], cfg: ModelConfig,
 
 def load_params(folder: str | pathlib.Path, cfg: ModelConfig, shardings: Any = None) -> Any:
   """The parameters in `folder`, as the tree `Transformer(cfg)` uses, placed per `shardings`
-  (a matching tree of NamedShardings) or on the default device."""
+  (a matching tree of NamedShardings) or on the default device.
+
+  Every shape and dtype is checked from the headers before any tensor is read. With shardings, each
+  distinct shard of this process's devices is read from the (memory-mapped) files on its own, the
+  box of each HF tensor it needs (`Layout.region`) and nothing more, and converted to the parameter
+  dtype there: no host ever holds more than its own devices' shards of one parameter."""
   folder = pathlib.Path(folder)
   files = safetensors_io.open_checkpoint(folder)
   sources = _sources(files, cfg)
@@ -202,34 +234,72 @@ def load_params(folder: str | pathlib.Path, cfg: ModelConfig, shardings: Any = N
   flat_shardings = {}
   if shardings is not None:
     flat_shardings = {_path(kp): s for kp, s in jax.tree_util.tree_flatten_with_path(shardings)[0]}
+  for key_path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
+    path = _path(key_path)
+    want = _hf_shape(path, _layer_shape(path, leaf.shape), cfg)
+    for name in names[path]:
+      source = sources[name]
+      if files[source].shape(source) != want:
+        raise ValueError(f"{folder}: tensor {name} has shape {files[source].shape(source)}, the config needs {want}")
+      files[source].check_dtype(source)
 
   def load(key_path, leaf):
     path = _path(key_path)
-    to_sft, slot = _entry(path, cfg)[1], _slot(path, cfg)
-    host = np.empty(leaf.shape, leaf.dtype)
-    parts = [host[i] for i in range(cfg.num_layers)] if path[0] == "layers" else [host]
-    for name, part in zip(names[path], parts):
-      want, source = _hf_shape(path, part.shape, cfg), sources[name]
-      if files[source].shape(source) != want:
-        raise ValueError(f"{folder}: tensor {name} has shape {files[source].shape(source)}, the config needs {want}")
-      tensor = files[source].get(source)
-      if slot is not None:
-        tensor = np.split(tensor, slot[1], axis=-1)[slot[0]]
-      part[...] = to_sft(tensor, cfg).astype(leaf.dtype)
-      progress.update(1)
+    read = lambda index: _read_box(files, [sources[n] for n in names[path]], path, leaf, index, cfg)  # noqa: E731
     sharding = flat_shardings.get(path)
     if sharding is None:
-      return jnp.asarray(host)
-    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+      value = jnp.asarray(read(tuple(slice(None) for _ in leaf.shape)))
+    else:
+      boxes = {}  # devices holding the same box (replicas) share one read
+
+      def callback(index):
+        key = tuple(s.indices(n) for s, n in zip(index, leaf.shape))
+        if key not in boxes:
+          boxes[key] = read(index)
+        return boxes[key]
+
+      value = jax.make_array_from_callback(leaf.shape, sharding, callback)
+    progress.update(len(names[path]))
+    return value
 
   total = sum(len(group) for group in names.values())
   with bar(total, f"loading {folder}", " tensors", enabled=jax.process_index() == 0) as progress:
     return jax.tree_util.tree_map_with_path(load, abstract)
 
 
+def _layer_shape(path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
+  """The shape of one HF tensor's share of a parameter: stacked layers drop their leading L axis."""
+  return tuple(shape[1:]) if path[0] == "layers" else tuple(shape)
+
+
+def _read_box(files, sources: list[str], path: tuple[str, ...], leaf, index: tuple[slice, ...], cfg: ModelConfig) -> np.ndarray:
+  """The box `index` of parameter `path` (one HF tensor per layer in `sources`), read from the files
+  box by box and converted to the parameter's dtype."""
+  layout, slot = _entry(path, cfg)[1], _slot(path, cfg)
+  bounds = [s.indices(n) for s, n in zip(index, leaf.shape)]
+  if any(step != 1 for _, _, step in bounds):
+    raise ValueError(f"{path}: a shard index with a step is not a box ({index})")
+  index = tuple(slice(start, stop) for start, stop, _ in bounds)
+  shape = _layer_shape(path, leaf.shape)
+
+  def read_one(source: str, box: tuple[slice, ...]) -> np.ndarray:
+    hf_index, finish = layout.region(box, shape)
+    if slot is not None:  # GPT-2's fused q, k, v: the slot's columns of the HF tensor
+      offset = slot[0] * layout.hf_shape(shape)[-1]
+      hf_index = (*hf_index[:-1], slice(hf_index[-1].start + offset, hf_index[-1].stop + offset))
+    return finish(files[source].read(source, hf_index))
+
+  if path[0] != "layers":
+    return np.ascontiguousarray(read_one(sources[0], index), dtype=leaf.dtype)
+  out = np.empty(tuple(s.stop - s.start for s in index), leaf.dtype)
+  for j, layer in enumerate(range(index[0].start, index[0].stop)):
+    out[j] = read_one(sources[layer], index[1:])  # converted to the parameter dtype layer by layer
+  return out
+
+
 def _hf_shape(path: tuple[str, ...], sft_shape: tuple[int, ...], cfg: ModelConfig) -> tuple[int, ...]:
-  to_hf, slot = _entry(path, cfg)[2], _slot(path, cfg)
-  shape = to_hf(np.empty(sft_shape, np.uint8), cfg).shape  # views only: no data is touched
+  layout, slot = _entry(path, cfg)[1], _slot(path, cfg)
+  shape = layout.hf_shape(sft_shape)
   return shape if slot is None else (*shape[:-1], shape[-1] * slot[1])
 
 
@@ -243,31 +313,76 @@ def load_model(folder: str | pathlib.Path, *, dtype: str = "float32", param_dtyp
   return cfg, load_params(folder, cfg, shardings)
 
 
-def _host(x) -> np.ndarray:
+@dataclasses.dataclass
+class _Source:
+  """Where one HF tensor's values are in a parameter tree: (leaf, layer or None, slot or None) per piece."""
+
+  pieces: list[tuple[Any, int | None, tuple[int, int] | None]]
+  layout: Layout
+  shape: tuple[int, ...]
+  dtype: np.dtype
+
+  @property
+  def nbytes(self) -> int:
+    return math.prod(self.shape) * self.dtype.itemsize
+
+
+def _export_plan(params: Any, cfg: ModelConfig) -> dict[str, _Source]:
+  """HF tensor name -> where its values are, with its shape and dtype (the parameter's): from shapes
+  alone, so that files can be laid out before any value is gathered."""
+  names = hf_names(cfg)
+  plan = {}
+  for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    path = _path(key_path)
+    layout, slot = _entry(path, cfg)[1], _slot(path, cfg)
+    shape = _hf_shape(path, _layer_shape(path, leaf.shape), cfg)
+    stacked = path[0] == "layers"
+    for i, name in enumerate(names[path]):
+      source = plan.setdefault(name, _Source([], layout, shape, np.dtype(leaf.dtype)))
+      source.pieces.append((leaf, i if stacked else None, slot))
+  return plan
+
+
+def _gather(leaf: Any, layer: int | None) -> np.ndarray:
+  """One layer of a parameter (or the whole of an unstacked one) on the host, in its own dtype: only
+  that much is gathered. Every process must call this for a parameter sharded across processes."""
+  x = leaf if layer is None else leaf[layer]
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
     x = multihost_utils.process_allgather(x, tiled=True)
   return np.asarray(jax.device_get(x))
 
 
+def _hf_tensor(source: _Source) -> np.ndarray:
+  """One HF tensor on the host, in its parameter's dtype: possibly a strided view of the gathered
+  values (the writer copies it out in bounded chunks), so the host holds about one tensor."""
+  if len(source.pieces) == 1 and source.pieces[0][2] is None:
+    leaf, layer, _ = source.pieces[0]
+    return source.layout.to_hf(_gather(leaf, layer))
+  out = np.empty(source.shape, source.dtype)  # GPT-2's fused q, k, v: filled one slot at a time
+  for leaf, layer, (i, n) in source.pieces:
+    width = source.shape[-1] // n
+    out[..., i * width : (i + 1) * width] = source.layout.to_hf(_gather(leaf, layer))
+  return out
+
+
+def iter_hf_tensors(params: Any, cfg: ModelConfig, names: list[str] | None = None) -> Iterator[tuple[str, np.ndarray]]:
+  """(HF tensor name, numpy array) one at a time, in `names` order (default: sorted), each gathered
+  only when asked for. Every process must iterate it alike (gathering a sharded parameter takes them all)."""
+  plan = _export_plan(params, cfg)
+  for name in sorted(plan) if names is None else names:
+    yield name, _hf_tensor(plan[name])
+
+
 def to_hf_tensors(params: Any, cfg: ModelConfig, *, desc: str | None = None) -> dict[str, np.ndarray]:
-  """HF tensor name -> numpy array, for every parameter; with a progress bar under `desc` if given
-  (on process 0: every process must call this, as gathering a sharded parameter takes them all)."""
-  names = hf_names(cfg)
-  tensors, slices = {}, {}
-  total = sum(len(group) for group in names.values())
-  with bar(total, desc or "", " tensors", enabled=desc is not None and jax.process_index() == 0) as progress:
-    for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-      path = _path(key_path)
-      to_hf, slot = _entry(path, cfg)[2], _slot(path, cfg)
-      value = _host(leaf)
-      parts = [value[i] for i in range(cfg.num_layers)] if path[0] == "layers" else [value]
-      for name, part in zip(names[path], parts):
-        if slot is None:
-          tensors[name] = np.ascontiguousarray(to_hf(part, cfg))
-        else:
-          slices.setdefault(name, [None] * slot[1])[slot[0]] = to_hf(part, cfg)
-        progress.update(1)
-  tensors.update({name: np.concatenate(parts, axis=-1) for name, parts in slices.items()})
+  """HF tensor name -> numpy array, for every parameter, all held at once (`export_model` streams
+  instead); with a progress bar under `desc` if given (on process 0: every process must call this, as
+  gathering a sharded parameter takes them all)."""
+  plan = _export_plan(params, cfg)
+  tensors = {}
+  with bar(len(plan), desc or "", " tensors", enabled=desc is not None and jax.process_index() == 0) as progress:
+    for name, tensor in iter_hf_tensors(params, cfg):
+      tensors[name] = np.ascontiguousarray(tensor)
+      progress.update(1)
   return tensors
 
 
@@ -275,25 +390,36 @@ def export_model(
     params: Any, cfg: ModelConfig, folder: str | pathlib.Path, family: str, *, max_shard_bytes: int = 5 * 2**30
 ) -> pathlib.Path:
   """Writes config.json and safetensors (sharded with an index past `max_shard_bytes`) that
-  `transformers` loads as the same model. Only process 0 writes."""
+  `transformers` loads as the same model, each tensor in its parameter's dtype (bfloat16 stays bfloat16).
+
+  Streamed: file layout and headers come from shapes alone, then tensors are gathered one at a time
+  (only that tensor, on every process, as gathering takes them all), written by process 0 and
+  dropped, so no host ever holds more than about one tensor. The files are byte for byte what the
+  `safetensors` package writes for the same tensors."""
   folder = pathlib.Path(folder)
   torch_dtype = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[cfg.param_dtype]
   hf_config = to_hf_config(cfg, family, torch_dtype=torch_dtype)
-  tensors = to_hf_tensors(params, cfg, desc=f"exporting {folder}")
-  if jax.process_index() != 0:
-    return folder
-  folder.mkdir(parents=True, exist_ok=True)
-  (folder / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-  shards = list(safetensors_io.iter_shards(tensors, max_shard_bytes))
+  plan = _export_plan(params, cfg)
+  groups = safetensors_io.plan_shards({name: source.nbytes for name, source in plan.items()}, max_shard_bytes)
+  n = len(groups)
+  files = [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)] if n > 1 else ["model.safetensors"]
+  writing = jax.process_index() == 0
+  if writing:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
   metadata = {"format": "pt"}  # what transformers expects of a PyTorch-loadable file
-  n = len(shards)
-  names = [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)] if n > 1 else ["model.safetensors"]
-  weight_map = {}
-  for name, shard in track(list(zip(names, shards)), f"exporting {folder}", unit=" files"):
-    safetensors_io.save_file(shard, folder / name, metadata)
-    weight_map.update({tensor: name for tensor in shard})
-  if n == 1:
-    return folder
-  index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())}, "weight_map": weight_map}
-  (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+  with bar(len(plan), f"exporting {folder}", " tensors", enabled=writing) as progress:
+    for file, group in zip(files, groups):
+      specs = {name: (plan[name].dtype, plan[name].shape) for name in group}
+      with safetensors_io.StreamWriter(folder / file, specs, metadata) if writing else contextlib.nullcontext() as writer:
+        for name in safetensors_io.write_order(specs):
+          tensor = _hf_tensor(plan[name])
+          if writer is not None:
+            writer.write(name, tensor)
+          del tensor
+          progress.update(1)
+  if writing and n > 1:
+    weight_map = {name: file for file, group in zip(files, groups) for name in group}
+    index = {"metadata": {"total_size": sum(source.nbytes for source in plan.values())}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
   return folder

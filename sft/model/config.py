@@ -14,6 +14,8 @@ ROPE_TYPES = ("default", "llama3")
 ACTIVATIONS = ("silu", "gelu_tanh")
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 NORM_TYPES = ("rms", "layer")
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "splash")
+REMAT_POLICIES = ("full", "save_dots")
 POSITION_EMBEDDINGS = ("rope", "learned")
 
 
@@ -65,6 +67,10 @@ class ModelConfig:
   dtype: str = "float32"  # activations and matmuls; "bfloat16" on TPUs and GPUs
   param_dtype: str = "float32"  # stored parameters (and optimizer moments)
   remat: bool = False  # recompute each layer's activations in the backward pass
+  remat_policy: str = "full"  # with remat: "full" keeps each layer's input only; "save_dots" keeps its matmul outputs
+  # "xla" (any backend), "cudnn" (flash attention on NVIDIA GPUs) or "splash" (Pallas on TPUs): see
+  # sft.model.attention. Decoding with a KV cache always uses "xla".
+  attention: str = "xla"
 
   def __post_init__(self):
     object.__setattr__(self, "lora_targets", tuple(self.lora_targets))  # a ConfigDict may hand over a list
@@ -87,6 +93,12 @@ class ModelConfig:
       raise ConfigError(f"model.norm_type must be one of {NORM_TYPES}, got {self.norm_type!r}")
     if self.position_embedding not in POSITION_EMBEDDINGS:
       raise ConfigError(f"model.position_embedding must be one of {POSITION_EMBEDDINGS}, got {self.position_embedding!r}")
+    if self.attention not in ATTENTION_IMPLEMENTATIONS:
+      raise ConfigError(f"model.attention must be one of {ATTENTION_IMPLEMENTATIONS}, got {self.attention!r}")
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ConfigError(f"model.remat_policy must be one of {REMAT_POLICIES}, got {self.remat_policy!r}")
+    if self.attention == "cudnn" and self.attn_logit_softcap:
+      raise ConfigError("model.attention='cudnn' has no attention logit soft-capping (model.attn_logit_softcap): use 'xla'")
     if self.mlp_activation not in ACTIVATIONS:
       raise ConfigError(f"model.mlp_activation must be one of {ACTIVATIONS}, got {self.mlp_activation!r}")
     for name in ("query_pre_attn_scalar", "attn_logit_softcap", "final_logit_softcap"):

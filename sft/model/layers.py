@@ -1,4 +1,5 @@
-"""The Transformer's parts: masks, rotary embeddings, RMSNorm and LayerNorm, attention and the MLP.
+"""The Transformer's parts: rotary embeddings, RMSNorm and LayerNorm, the attention layer and the MLP
+(masks and attention implementations are in sft.model.attention).
 
 Einsum letters: B batch, T query length, S key length, D model, N query heads, K kv heads,
 H head dim, F feed-forward.
@@ -15,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sft.model import axes
+from sft.model.attention import causal_xla_attention, kernel_attention, xla_attention
 from sft.model.config import ModelConfig
 
 
@@ -44,31 +46,6 @@ def project(module: nn.Module, name: str, x, spec: str, shape, logical_axes, n_i
     x = nn.Dropout(c.lora_dropout, deterministic=False)(x)
   mid = jnp.einsum(f"{x_spec},{w_in}R->{mid_spec}", x, a.astype(c.compute_dtype))
   return y + (c.lora_alpha / r) * jnp.einsum(f"{mid_spec},R{w_out}->{out_spec}", mid, b.astype(c.compute_dtype))
-
-
-def _window(query_t1: jax.Array, key_1s: jax.Array, sliding_window: int) -> jax.Array:
-  """key <= query, and within `sliding_window` tokens of it when that is set."""
-  visible = key_1s <= query_t1
-  if sliding_window:
-    visible &= query_t1 - key_1s < sliding_window
-  return visible
-
-
-def attention_mask(segment_ids_bt: jax.Array, sliding_window: int = 0) -> jax.Array:
-  """Causal and segment-aware: a token sees earlier tokens of its own packed example only.
-
-  Returns a bool mask of shape (B, 1, T, T). Padding (segment 0) sees padding, so no row is empty.
-  """
-  index_t = jnp.arange(segment_ids_bt.shape[-1])
-  same_segment_btt = segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :]
-  causal_tt = _window(index_t[:, None], index_t[None, :], sliding_window)
-  return (same_segment_btt & causal_tt)[:, None, :, :]
-
-
-def decode_mask(cache_index_b: jax.Array, num_new: int, cache_len: int, sliding_window: int = 0) -> jax.Array:
-  """(B, 1, T, S): new token t of row b sits at cache_index_b + t and sees cache slots up to there."""
-  query_bt = cache_index_b[:, None] + jnp.arange(num_new)[None, :]
-  return _window(query_bt[:, :, None], jnp.arange(cache_len)[None, None, :], sliding_window)[:, None, :, :]
 
 
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
@@ -141,27 +118,6 @@ def add_bias(module: nn.Module, name: str, y, shape, logical_axes):
   return y + param(module, name, nn.initializers.zeros, shape, logical_axes, c).astype(c.compute_dtype)
 
 
-def softcap(x: jax.Array, cap: float) -> jax.Array:
-  """cap * tanh(x / cap): smooth clipping to (-cap, cap); identity when cap is 0."""
-  return cap * jnp.tanh(x / cap) if cap else x
-
-
-def attend(q_btnh, k_bskh, v_bskh, mask_b1ts, cfg: ModelConfig) -> jax.Array:
-  """Softmax attention of N query heads over K kv heads (N = K * G)."""
-  scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
-  if not cfg.attn_logit_softcap:
-    # jax.nn.dot_product_attention groups the query heads over the kv heads itself.
-    return jax.nn.dot_product_attention(q_btnh, k_bskh, v_bskh, mask=mask_b1ts, scale=scale)
-  b, t, n, h = q_btnh.shape
-  k = k_bskh.shape[2]
-  q_btkgh = q_btnh.reshape(b, t, k, n // k, h)
-  scores_bkgts = jnp.einsum("BTKGH,BSKH->BKGTS", q_btkgh, k_bskh).astype(jnp.float32) * scale
-  scores_bkgts = softcap(scores_bkgts, cfg.attn_logit_softcap)
-  scores_bkgts = jnp.where(mask_b1ts[:, :, None], scores_bkgts, jnp.finfo(jnp.float32).min)
-  probs_bkgts = jax.nn.softmax(scores_bkgts, axis=-1).astype(v_bskh.dtype)
-  return jnp.einsum("BKGTS,BSKH->BTKGH", probs_bkgts, v_bskh).reshape(b, t, n, h)
-
-
 class Attention(nn.Module):
   """Grouped-query attention, with rotary embeddings on per-segment positions unless the model
   learns absolute position embeddings instead."""
@@ -170,10 +126,11 @@ class Attention(nn.Module):
   train: bool = False
 
   @nn.compact
-  def __call__(self, x_btd, positions_bt, mask_b1ts, layer_cache=None, cache_index_b=None):
-    """Without a cache, keys are the T inputs (mask (B, 1, T, T)). With `layer_cache` (k, v), each
-    (B, S, K, H), the T new keys are written at `cache_index_b` per row, queries attend to all S
-    cached keys (mask (B, 1, T, S)), and the updated cache is returned alongside the output."""
+  def __call__(self, x_btd, positions_bt, mask_b1ts, layer_cache=None, cache_index_b=None, segment_ids_bt=None, is_sliding=False):
+    """Without a cache, keys are the T inputs: under the bool mask (B, 1, T, T), or, when the mask is
+    None, by the `cfg.attention` kernel from the segment ids (`is_sliding`: this layer's window). With
+    `layer_cache` (k, v), each (B, S, K, H), the T new keys are written at `cache_index_b` per row,
+    queries attend to all S cached keys (mask (B, 1, T, S)), and the updated cache is returned."""
     c = self.cfg
     d, n, k, h = c.d_model, c.num_heads, c.num_kv_heads, c.head_dim
     def proj(name, x, spec, shape, logical_axes, n_in, init):
@@ -198,7 +155,12 @@ class Attention(nn.Module):
       write = jax.vmap(lambda cache_skh, new_tkh, i: jax.lax.dynamic_update_slice(cache_skh, new_tkh, (i, 0, 0)))
       layer_cache = (write(layer_cache[0], k_btkh, cache_index_b), write(layer_cache[1], v_btkh, cache_index_b))
       k_btkh, v_btkh = layer_cache
-    out_btnh = attend(q_btnh, k_btkh, v_btkh, mask_b1ts, c)
+    if mask_b1ts is None:
+      out_btnh = kernel_attention(q_btnh, k_btkh, v_btkh, segment_ids_bt, is_sliding, c)
+    elif layer_cache is None:
+      out_btnh = causal_xla_attention(q_btnh, k_btkh, v_btkh, mask_b1ts, c)
+    else:
+      out_btnh = xla_attention(q_btnh, k_btkh, v_btkh, mask_b1ts, c)
     o_axes = (axes.HEADS, axes.HEAD_DIM, axes.EMBED)
     out_btd = proj("o", out_btnh, "BTNH,NHD->BTD", (n, h, d), o_axes, 2, fan_in_init((0, 1), 2))
     if c.linear_bias:

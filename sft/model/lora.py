@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -37,6 +38,46 @@ def with_base(params: Any, base: Any) -> Any:
   if isinstance(params, dict):
     return {k: (v if "_lora_" in k else with_base(v, base[k])) for k, v in params.items()}
   return base
+
+
+def adapters(params: Any) -> Any:
+  """The tree with only its adapters (subtrees without any left out): what `init_adapters` makes."""
+  if not isinstance(params, dict):
+    return params
+  out = {}
+  for key, value in params.items():
+    if "_lora_" in key:
+      out[key] = value
+    elif isinstance(value, dict) and (sub := adapters(value)):
+      out[key] = sub
+  return out
+
+
+def with_adapters(base: Any, adapter_tree: Any) -> Any:
+  """`base` (a tree without adapters) with the adapters of `adapter_tree` added beside their
+  projections; the base leaves are the very same arrays, not copies."""
+  out = dict(base)
+  for key, value in adapter_tree.items():
+    out[key] = with_adapters(base[key], value) if isinstance(value, dict) and "_lora_" not in key else value
+  return out
+
+
+def adapter_init(model: Any, dummy_inputs: tuple) -> Any:
+  """rng -> fresh adapters of `model` (A as the model initialises it, B zero), the values of a whole
+  `model.init(rng)`. Its outputs are the adapters alone, so under `jax.jit` the base weights'
+  initialisation is dead code that XLA drops: no base-sized buffer is ever allocated."""
+
+  def init(rng):
+    return adapters(nn.unbox(model.init(rng, *dummy_inputs)["params"]))
+
+  return init
+
+
+def init_adapters(model: Any, dummy_inputs: tuple, shardings: Any, rng: jax.Array) -> Any:
+  """Fresh adapters (`adapter_init`), each created directly in its shards (`shardings`: the whole
+  parameter tree's, of which only the adapters' are used). Beside a loaded base (`with_adapters`),
+  no second copy of the base is ever made."""
+  return jax.jit(adapter_init(model, dummy_inputs), out_shardings=adapters(shardings))(rng)
 
 
 def merge(params: Any, cfg: ModelConfig) -> tuple[Any, ModelConfig]:

@@ -17,8 +17,9 @@ import jax
 import jax.numpy as jnp
 
 from sft.model import axes
+from sft.model.attention import attention_mask, decode_mask, softcap
 from sft.model.config import ModelConfig
-from sft.model.layers import Attention, Mlp, RMSNorm, attention_mask, decode_mask, fan_in_init, norm, param, softcap
+from sft.model.layers import Attention, Mlp, RMSNorm, fan_in_init, norm, param
 
 
 class Block(nn.Module):
@@ -28,12 +29,15 @@ class Block(nn.Module):
   train: bool = False
 
   @nn.compact
-  def __call__(self, x_btd, positions_bt, masks, layer_cache, cache_index_b, is_sliding):
+  def __call__(self, x_btd, positions_bt, masks, segment_ids_bt, layer_cache, cache_index_b, is_sliding):
     c = self.cfg
-    full_mask_b1ts, sliding_mask_b1ts = masks
-    mask_b1ts = jnp.where(is_sliding, sliding_mask_b1ts, full_mask_b1ts)
+    mask_b1ts = None  # masks None: the attention kernel masks from the segment ids
+    if masks is not None:
+      full_mask_b1ts, sliding_mask_b1ts = masks
+      mixed = c.sliding_window and c.sliding_window_pattern > 1
+      mask_b1ts = jnp.where(is_sliding, sliding_mask_b1ts, full_mask_b1ts) if mixed else sliding_mask_b1ts
     attn_out, layer_cache = Attention(c, self.train, name="attn")(
-        norm(c, "attn_norm")(x_btd), positions_bt, mask_b1ts, layer_cache, cache_index_b
+        norm(c, "attn_norm")(x_btd), positions_bt, mask_b1ts, layer_cache, cache_index_b, segment_ids_bt, is_sliding
     )
     if c.sandwich_norms:
       attn_out = RMSNorm(c, name="post_attn_norm")(attn_out)
@@ -45,20 +49,45 @@ class Block(nn.Module):
     return nn.with_logical_constraint(x_btd, (axes.BATCH, axes.LENGTH, axes.EMBED)), layer_cache
 
 
+# What a rematerialised layer keeps for the backward pass (model.remat_policy): "full" keeps only its
+# input and recomputes the rest; "save_dots" also keeps the projections' and MLP's matmul outputs
+# (not attention's batched score products), recomputing norms, activations and attention.
+REMAT_POLICIES = {"full": None, "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
 def init_cache(cfg: ModelConfig, batch: int, cache_len: int) -> tuple[jax.Array, jax.Array]:
   """Empty (k, v) cache, each (L, B, S, K, H) in the compute dtype."""
   shape = (cfg.num_layers, batch, cache_len, cfg.num_kv_heads, cfg.head_dim)
   return jnp.zeros(shape, cfg.compute_dtype), jnp.zeros(shape, cfg.compute_dtype)
 
 
+def split_layers(params):
+  """Parameters with the stacked (L, ...) `layers` tree as a tuple of L per-layer trees, for per-layer
+  decoding (see Transformer); anything without `layers` is returned as it is."""
+  if "layers" not in params:
+    return params
+  stacked = params["layers"]
+  num_layers = jax.tree.leaves(stacked)[0].shape[0]
+  return {**params, "layers": tuple(jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(num_layers))}
+
+
+def split_cache(cache: tuple[jax.Array, jax.Array]) -> list[tuple[jax.Array, jax.Array]]:
+  """The stacked (k, v) cache, each (L, B, S, K, H), as a list of L per-layer (k, v), each (B, S, K, H)."""
+  k_lbskh, v_lbskh = cache
+  return [(k_lbskh[i], v_lbskh[i]) for i in range(k_lbskh.shape[0])]
+
+
 class Transformer(nn.Module):
   """tokens (B, T), positions (B, T), segment ids (B, T) -> float32 logits (B, T, V).
 
   For decoding, pass `cache` (from `init_cache`) and `cache_index_b`, the slot of each row's first new
-  token; segment ids are then unused, and (logits, updated cache) is returned.
+  token; segment ids are then unused, and (logits, updated cache) is returned. A decoding loop passes
+  the cache as per-layer arrays (`split_cache`) with parameters from `split_layers`: its layers then
+  run one by one on weights and cache slots of their own.
   With `train=True`, LoRA dropout is on and needs a "dropout" rng.
-  With `return_hidden=True`, the final-norm hidden states (B, T, D) come back instead of logits, for a
-  loss that unembeds them a chunk at a time (`apply(..., method=Transformer.unembed)`).
+  With `return_hidden=True`, the final-norm hidden states (B, T, D) come back instead of logits (with the
+  cache when decoding), for a loss that unembeds them a chunk at a time, or a prefill that unembeds only
+  each row's last prompt token (`apply(..., method=Transformer.unembed)`).
   """
 
   cfg: ModelConfig
@@ -80,24 +109,39 @@ class Transformer(nn.Module):
     if c.embed_scale:
       x_btd = x_btd * jnp.asarray(c.d_model**0.5, c.compute_dtype)  # rounded to the compute dtype, as Gemma does
     x_btd = nn.with_logical_constraint(x_btd, (axes.BATCH, axes.LENGTH, axes.EMBED))
-    if cache is None:
-      masks = (attention_mask(segment_ids_bt), attention_mask(segment_ids_bt, c.sliding_window))
+    # (full, sliding) bool masks for the XLA path and for decoding; the same array twice without a window.
+    if cache is not None:
+      num_new, cache_len = tokens_bt.shape[1], cache[0][0].shape[1]  # layer 0's keys (B, S, K, H), stacked or not
+      full = decode_mask(cache_index_b, num_new, cache_len)
+      masks = (full, decode_mask(cache_index_b, num_new, cache_len, c.sliding_window) if c.sliding_window else full)
+    elif c.attention == "xla":
+      full = attention_mask(segment_ids_bt)
+      masks = (full, attention_mask(segment_ids_bt, c.sliding_window) if c.sliding_window else full)
     else:
-      num_new, cache_len = tokens_bt.shape[1], cache[0].shape[2]
-      masks = (decode_mask(cache_index_b, num_new, cache_len), decode_mask(cache_index_b, num_new, cache_len, c.sliding_window))
+      masks = None
     is_sliding_l = jnp.asarray([c.layer_uses_sliding_window(i) for i in range(c.num_layers)])
 
-    block = nn.remat(Block, prevent_cse=False) if c.remat else Block
-    # One traced layer scanned L times: compile time does not grow with depth.
-    layers = nn.scan(
-        block,
-        variable_axes={"params": 0},
-        split_rngs={"params": True, "dropout": True},
-        in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, 0),
-        length=c.num_layers,
-        metadata_params={nn.PARTITION_NAME: axes.LAYERS},
-    )(c, self.train, name="layers")
-    x_btd, cache = layers(x_btd, positions_bt, masks, cache, cache_index_b, is_sliding_l)
+    if isinstance(cache, list):
+      # Per-layer decoding (split_layers, split_cache): layer i's weights and cache are arrays of their
+      # own, so a decoding loop neither copies a layer's weights out of the stack nor rebuilds the
+      # stacked cache at every token.
+      layer_params, cache = self.variables["params"]["layers"], list(cache)
+      for i in range(c.num_layers):
+        x_btd, cache[i] = Block(c, self.train).apply(
+            {"params": layer_params[i]}, x_btd, positions_bt, masks, segment_ids_bt, cache[i], cache_index_b, is_sliding_l[i]
+        )
+    else:
+      block = nn.remat(Block, prevent_cse=False, policy=REMAT_POLICIES[c.remat_policy]) if c.remat else Block
+      # One traced layer scanned L times: compile time does not grow with depth.
+      layers = nn.scan(
+          block,
+          variable_axes={"params": 0},
+          split_rngs={"params": True, "dropout": True},
+          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast, 0),
+          length=c.num_layers,
+          metadata_params={nn.PARTITION_NAME: axes.LAYERS},
+      )(c, self.train, name="layers")
+      x_btd, cache = layers(x_btd, positions_bt, masks, segment_ids_bt, cache, cache_index_b, is_sliding_l)
     x_btd = norm(c, "final_norm")(x_btd)
 
     if c.tie_embeddings:
@@ -105,7 +149,7 @@ class Transformer(nn.Module):
     else:
       table = param(self, "unembed", fan_in_init(0, 1), (c.d_model, c.vocab_size), (axes.EMBED, axes.VOCAB), c)
     if return_hidden:
-      return x_btd
+      return x_btd if cache is None else (x_btd, cache)
     logits_btv = unembed_logits(x_btd, table, c)
     return logits_btv if cache is None else (logits_btv, cache)
 

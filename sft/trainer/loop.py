@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 
-from sft import hf, pipeline
+from sft import pipeline
 from sft.config_check import check_config
 from sft.console import ensure_console_handler
 from sft.errors import ConfigError, RunStopped
@@ -74,10 +74,8 @@ def initial_state(config, run: setup.RunSetup, optimizer, abstract_state, state_
     return restored
   if not config.model.checkpoint:
     return state_lib.create_train_state(run.model, optimizer, dummy, state_shardings, rng), 0
-  base_cfg = dataclasses.replace(run.model_cfg, lora_rank=0)
-  params = hf.load_params(config.model.checkpoint, base_cfg, lora.base_params(state_shardings.params))
-  if run.model_cfg.lora_rank:  # fresh adapters beside the loaded weights
-    params = lora.with_base(state_lib.create_train_state(run.model, optimizer, dummy, state_shardings, rng).params, params)
+  # Each device reads its own slices; with LoRA only the adapters are initialised (no second base copy).
+  params = setup.checkpoint_params(config, run, state_shardings.params, rng)
   log.info("weights: loaded from %s", config.model.checkpoint)
   return state_lib.train_state_from_params(params, optimizer, state_shardings), 0
 
@@ -112,7 +110,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   check_config(config)
   log.info("config:\n%s", config_summary(config))
   run = setup.setup_run(config)
-  run.check_batch("train.batch_size", config.train.batch_size, config.train.grad_accum_steps)
+  if config.train.parallelism == "pmap":
+    run.check_pmap_batch("train.batch_size", config.train.batch_size, config.train.grad_accum_steps)
+  else:
+    run.check_batch("train.batch_size", config.train.batch_size, config.train.grad_accum_steps)
   run.check_batch("eval.batch_size", config.eval.batch_size)
   workdir.mkdir(parents=True, exist_ok=True)
   with _workdir_lock(workdir):
@@ -147,19 +148,17 @@ def _train_and_evaluate(config, workdir: pathlib.Path, run: setup.RunSetup, gene
 
   schedule, optimizer, trainable = build_optimizer(config, run.model_cfg)
   abstract_state, state_shardings = state_lib.state_shardings(run.model, optimizer, run.dummy_inputs, run.mesh, run.rules)
+  if tc.parallelism == "pmap":  # data parallel: every device holds the whole state (config_check: no fsdp, no tensor)
+    state_shardings = jax.tree.map(lambda _: run.replicated, state_shardings)
   _log_model(run.abstract_params, trainable, run.model_cfg)
-  iterators = make_iterators(config, splits, tokenizer, sharding.process_rows(run.batch_sharding, tc.batch_size, tc.seq_len))
+  iterators = make_iterators(config, splits, tokenizer, _train_rows(config, run))
   checkpointer = Checkpointer(
       workdir / setup.CHECKPOINTS, max_to_keep=config.checkpoint.max_to_keep, save_interval_steps=config.checkpoint.every_steps
   )
   train_state, start_step = initial_state(config, run, optimizer, abstract_state, state_shardings, checkpointer, iterators)
 
   dropout_rng = jax.random.key(config.seed + 1) if run.model_cfg.lora_dropout else None
-  train_step = step_lib.jit_train_step(
-      Transformer(run.model_cfg, train=True).apply, optimizer, schedule, state_shardings, run.batch_sharding,
-      run.replicated, trainable=trainable, dropout_rng=dropout_rng, grad_accum_steps=tc.grad_accum_steps,
-      loss_chunk_size=tc.loss_chunk_size,
-  )
+  stepper = _stepper(config, run, optimizer, schedule, trainable, dropout_rng, state_shardings)
   eval_step = step_lib.jit_eval_step(
       run.model.apply, state_shardings.params, run.batch_sharding, run.replicated, loss_chunk_size=tc.loss_chunk_size
   )
@@ -178,7 +177,8 @@ def _train_and_evaluate(config, workdir: pathlib.Path, run: setup.RunSetup, gene
   final = {}  # the last step's evaluation, for the report
 
   def evaluate(step: int, params) -> dict[str, float]:
-    result = evaluator.evaluate(params)
+    with on_mesh(run):
+      result = evaluator.evaluate(params)
     log.info("%s", eval_line(step, result.metrics))
     if step == total_steps:
       final["result"] = result
@@ -188,11 +188,13 @@ def _train_and_evaluate(config, workdir: pathlib.Path, run: setup.RunSetup, gene
 
   if start_step >= total_steps:
     log.info("already trained for %d steps (train.pretrain_steps + train.sft_steps); raise them to go on", start_step)
-  with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
+  with stepper.context():
     try:
       if start_step == 0:
         metrics_log.write(0, evaluate(0, train_state.params))
-      train_state = _train(config, train_state, train_step, iterators, run.batch_sharding, checkpointer, metrics_log, evaluate, start_step)
+      state = stepper.to_step(train_state)
+      del train_state  # pmap: from here the step's replicated state is the only copy
+      train_state = _train(config, state, stepper, iterators, checkpointer, metrics_log, evaluate, start_step)
     finally:
       checkpointer.close()  # waits for the last save, also when a signal stopped the run
       metrics_log.close()  # the TensorBoard event file, flushed
@@ -207,17 +209,75 @@ def _train_and_evaluate(config, workdir: pathlib.Path, run: setup.RunSetup, gene
   return _summary(metrics_log, total_steps, time.time() - t_start)
 
 
-def _train(config, train_state, train_step, iterators, batch_sharding, checkpointer, metrics_log, evaluate, start_step):
-  """The loop from `start_step`: a step per batch, metric lines every log_every, evals and checkpoints.
-  A SIGTERM / SIGINT ends it after the running step with a checkpoint (RunStopped)."""
+def on_mesh(run: setup.RunSetup):
+  """The context the jitted steps trace and run in: the mesh, and the logical axis rules."""
+  stack = contextlib.ExitStack()
+  stack.enter_context(jax.set_mesh(run.mesh))
+  stack.enter_context(nn.logical_axis_rules(run.rules))
+  return stack
+
+
+def _train_rows(config, run: setup.RunSetup) -> slice:
+  """The rows of every global train batch this process reads (see sharding.process_rows)."""
+  tc = config.train
+  if tc.parallelism == "pmap":
+    return sharding.pmap_process_rows(tc.batch_size)
+  return sharding.process_rows(run.batch_sharding, tc.batch_size, tc.seq_len)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stepper:
+  """How the loop runs `train_step` in either train.parallelism. Outside it the train state is always
+  laid out as the mesh's state shardings say (what checkpoints, evaluation and export take)."""
+
+  step: Any  # (the step's state, a placed batch) -> (the step's state, metrics: device scalars)
+  place_batch: Any  # this process's rows of a batch -> the step's batch
+  to_step: Any  # train state -> the step's state (pmap: replicated over the local devices)
+  from_step: Any  # the inverse
+  context: Any  # () -> the context manager the loop runs in
+  converts: bool  # whether from_step costs a copy (then it runs only for evals and saves)
+
+
+def _stepper(config, run: setup.RunSetup, optimizer, schedule, trainable, dropout_rng, state_shardings) -> Stepper:
+  tc = config.train
+  kwargs = dict(trainable=trainable, dropout_rng=dropout_rng, grad_accum_steps=tc.grad_accum_steps, loss_chunk_size=tc.loss_chunk_size)
+  apply_fn = Transformer(run.model_cfg, train=True).apply
+  if tc.parallelism == "jit":
+    step = step_lib.jit_train_step(apply_fn, optimizer, schedule, state_shardings, run.batch_sharding, run.replicated, **kwargs)
+    identity = lambda x: x  # noqa: E731
+    return Stepper(
+        step=step, place_batch=lambda batch: sharding.global_batch(batch, run.batch_sharding), to_step=identity,
+        from_step=identity, context=lambda: on_mesh(run), converts=False,
+    )
+  # pmap: traced and run outside the mesh context (pmap has a mesh of its own; the model's sharding
+  # constraints are no-ops there), its metrics read from this process's first device.
+  pmapped = step_lib.pmap_train_step(apply_fn, optimizer, schedule, **kwargs)
+  devices = jax.local_device_count()
+
+  def step(state, batch):
+    state, metrics = pmapped(state, batch)
+    return state, {k: v.addressable_shards[0].data.reshape(()) for k, v in metrics.items()}
+
+  return Stepper(
+      step=step, place_batch=lambda batch: sharding.per_device_batch(batch, devices), to_step=sharding.replicate_for_pmap,
+      from_step=lambda state: sharding.unreplicate_from_pmap(state, state_shardings), context=contextlib.nullcontext,
+      converts=True,
+  )
+
+
+def _train(config, state, stepper: Stepper, iterators, checkpointer, metrics_log, evaluate, start_step):
+  """The loop from `start_step` (`state`: the step's state, see Stepper): a step per batch, metric lines
+  every log_every, evals and checkpoints; returns the final train state. A SIGTERM / SIGINT ends it
+  after the running step with a checkpoint (RunStopped)."""
   tc = config.train
   total_steps = tc.pretrain_steps + tc.sft_steps
   progress, pending_tokens, last_logged = Progress(total_steps), [], start_step
   with preemption.StopRequests() as stop:
     for step in range(start_step, total_steps):
       phase = "pretrain" if step < tc.pretrain_steps else "sft"
-      batch = sharding.global_batch(next(iterators[phase]), batch_sharding)
-      train_state, metrics = train_step(train_state, batch)
+      batch = stepper.place_batch(next(iterators[phase]))
+      state, metrics = stepper.step(state, batch)
+      train_state = None  # the train state of this step (layout of the mesh), made when needed
       pending_tokens.append(metrics["tokens"])  # stays on device until the next log line
       done, row = step + 1, {}
       log_now = done % tc.log_every == 0 or done == total_steps
@@ -231,18 +291,21 @@ def _train(config, train_state, train_step, iterators, batch_sharding, checkpoin
         row = {"phase": phase, **{f"train/{k}": v for k, v in metrics.items()}, "train/tokens_per_s": tokens_per_s}
       paused = time.time()
       if done % config.eval.every_steps == 0 or done == total_steps:
+        train_state = stepper.from_step(state)
         row.update(evaluate(done, train_state.params))
       if row:
         metrics_log.write(done, row)
       stopping = stop.requested(sync=log_now) or checkpointer.reached_preemption(done)
-      checkpointer.save(done, train_state, iterators, force=done == total_steps or stopping)
+      force = done == total_steps or stopping
+      if not stepper.converts or force or checkpointer.manager.should_save(done):
+        checkpointer.save(done, stepper.from_step(state) if train_state is None else train_state, iterators, force=force)
       progress.exclude(paused)
       if stopping and done < total_steps:
         name = signal.Signals(stop.signum or signal.SIGTERM).name
         message = f"stopped by {name} after step {done}; checkpoint saved in {checkpointer.directory}; run the same command to resume"
         log.warning("%s", message)
         raise RunStopped(message, stop.signum or signal.SIGTERM)
-  return train_state
+  return stepper.from_step(state)
 
 
 def _summary(metrics_log: MetricsLog, total_steps: int, wall_s: float) -> dict[str, Any]:

@@ -54,10 +54,15 @@ SAFE_AT_RESUME = (
     "checkpoint",
     "mesh",
     "sharding_rules",
+    # How the same maths is computed: what is kept for the backward pass, which attention kernel.
     "model.remat",
-    # How the same global batch is cut for memory: only float rounding of the same sums changes.
+    "model.remat_policy",
+    "model.attention",
+    # How the same global batch is cut for memory or devices: only float rounding of the same sums
+    # changes (a checkpoint is the same in both parallelisms: the pmap mode saves one copy of its state).
     "train.grad_accum_steps",
     "train.loss_chunk_size",
+    "train.parallelism",
 )
 _ABSENT = object()
 

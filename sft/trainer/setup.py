@@ -16,7 +16,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sft import hf
 from sft.errors import ConfigError
-from sft.model import ModelConfig, Transformer
+from sft.model import ModelConfig, Transformer, lora
 from sft.pipeline import ChatTokenizer, load_tokenizer
 from sft.trainer import sharding
 from sft.trainer import state as state_lib
@@ -28,7 +28,7 @@ CHECKPOINTS = "checkpoints"
 
 
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
-  """From the checkpoint's config.json when there is one (dtype, remat and LoRA still from the run config);
+  """From the checkpoint's config.json when there is one (dtypes, remat, attention and LoRA still from the run config);
   a malformed config.json is a ConfigError naming the file and key."""
   model = config.model.to_dict()
   checkpoint = model.pop("checkpoint")
@@ -43,7 +43,8 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
   if not cfg.mlp_gated and "gate" in lora["lora_targets"]:  # the presets name every projection; GPT-2 has no gate
     lora["lora_targets"] = tuple(t for t in lora["lora_targets"] if t != "gate")
     log.info("LoRA: %s has no gate projection; adapters on %s", config_path, lora["lora_targets"])
-  return dataclasses.replace(cfg, remat=model["remat"], **lora)
+  training = {k: model[k] for k in ("remat", "remat_policy", "attention")}
+  return dataclasses.replace(cfg, **training, **lora)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +80,22 @@ class RunSetup:
       raise ConfigError(
           f"{name} ({batch_size}) split into {micro_batches} micro-batches must leave a whole number of rows "
           f"per micro-batch and batch shard of the mesh ({shards})"
+      )
+
+  def check_pmap_batch(self, name: str, batch_size: int, micro_batches: int = 1) -> None:
+    """train.parallelism="pmap": every process gets an equal block of rows, every one of its devices an
+    equal part of that, and every device whole micro-batches (`micro_batches`: gradient accumulation)."""
+    devices, processes = jax.local_device_count(), jax.process_count()
+    if batch_size % (devices * processes):
+      raise ConfigError(
+          f"{name} ({batch_size}) must divide by the number of devices with train.parallelism='pmap' "
+          f"({devices} local device(s) x {processes} process(es))"
+      )
+    per_device = batch_size // (devices * processes)
+    if per_device % micro_batches:
+      raise ConfigError(
+          f"{name} ({batch_size}) leaves {per_device} row(s) per device with train.parallelism='pmap', "
+          f"which do not split into {micro_batches} micro-batches (train.grad_accum_steps)"
       )
 
 
@@ -124,5 +141,16 @@ def serving_params(config: ml_collections.ConfigDict, workdir: str | pathlib.Pat
     abstract = state_lib.abstract_with_shardings(run.abstract_params, run.param_shardings)
     return checkpointer.restore_params(step, abstract), f"{workdir}/{CHECKPOINTS}/{step}"
   if config.model.checkpoint:
-    return hf.load_params(config.model.checkpoint, run.model_cfg, run.param_shardings), config.model.checkpoint
+    return checkpoint_params(config, run, run.param_shardings, jax.random.key(config.get("seed", 0))), config.model.checkpoint
   raise ConfigError(f"{workdir} has no checkpoint to answer with: train there first (or set model.checkpoint)")
+
+
+def checkpoint_params(config: ml_collections.ConfigDict, run: RunSetup, param_shardings: Any, rng: jax.Array) -> Any:
+  """The configured Hugging Face checkpoint's weights placed per `param_shardings` (each device reads
+  its own shard), with fresh LoRA adapters beside them when LoRA is on: only the adapters are
+  initialised (A random, B zero, so the model is the checkpoint's), never a second copy of the base."""
+  base_cfg = dataclasses.replace(run.model_cfg, lora_rank=0)
+  params = hf.load_params(config.model.checkpoint, base_cfg, lora.base_params(param_shardings))
+  if run.model_cfg.lora_rank:
+    params = lora.with_adapters(params, lora.init_adapters(run.model, run.dummy_inputs, param_shardings, rng))
+  return params

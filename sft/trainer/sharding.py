@@ -1,4 +1,5 @@
-"""Device mesh from the config, logical-axis rules, and placement of batches on the mesh."""
+"""Device mesh from the config, logical-axis rules, and placement of batches on the mesh (or, in pmap
+mode, of batches and the replicated state on this process's devices)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 from jax.experimental import mesh_utils
-from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from sft.errors import ConfigError
 from sft.model import axes
@@ -92,3 +93,56 @@ def process_rows(sharding: NamedSharding, batch_size: int, seq_len: int) -> slic
   if len(held) != hi - lo:
     raise ConfigError(f"this process's devices hold rows {sorted(held)} of the batch, not one block: change the mesh")
   return slice(lo, hi)
+
+
+# --- train.parallelism="pmap": a leading axis over this process's devices ----------------------------
+
+PMAP_AXIS = "batch"  # the pmapped step's device axis: the name its psums add up over
+
+
+def replicate_for_pmap(tree):
+  """Arrays replicated over a mesh (every local device holds the whole array) -> the same arrays with
+  a leading axis over this process's devices, as jax.pmap takes them. No transfer: each device's
+  entry is the copy it already holds."""
+  local = jax.local_devices()
+  pmap_sharding = NamedSharding(Mesh(np.asarray(local), (PMAP_AXIS,)), PartitionSpec(PMAP_AXIS))
+
+  def replicate(x):
+    by_device = {shard.device: shard.data for shard in x.addressable_shards}
+    if not x.sharding.is_fully_replicated or set(by_device) != set(local):
+      raise ValueError(f"replicate_for_pmap takes arrays replicated over every local device, got {x.sharding}")
+    return jax.make_array_from_single_device_arrays((len(local), *x.shape), pmap_sharding, [by_device[d][None] for d in local])
+
+  return jax.tree.map(replicate, tree)
+
+
+def unreplicate_from_pmap(tree, shardings):
+  """The inverse of `replicate_for_pmap`: each leaf once, laid out as `shardings` (replicated
+  NamedShardings over a mesh whose addressable devices are this process's), from the copies the local
+  devices hold: what checkpoints and the eval step take, the same as in jit mode."""
+
+  def unreplicate(x, sharding):
+    by_device = {shard.device: shard.data for shard in x.addressable_shards}
+    return jax.make_array_from_single_device_arrays(
+        x.shape[1:], sharding, [by_device[d].reshape(x.shape[1:]) for d in sharding.addressable_devices]
+    )
+
+  return jax.tree.map(unreplicate, tree, shardings)
+
+
+def per_device_batch(local_batch: Mapping[str, np.ndarray], devices: int) -> dict[str, np.ndarray]:
+  """This process's rows (B, T) -> (devices, B / devices, T): device i takes the i-th block of rows."""
+  out = {}
+  for k, v in local_batch.items():
+    v = np.asarray(v)
+    if v.shape[0] % devices:
+      raise ConfigError(f"a batch of {v.shape[0]} rows on this process does not split over its {devices} devices")
+    out[k] = v.reshape(devices, v.shape[0] // devices, *v.shape[1:])
+  return out
+
+
+def pmap_process_rows(batch_size: int) -> slice:
+  """The rows of the global batch that this process feeds to its devices in pmap mode: the
+  process_index-th of process_count equal blocks (the psum adds up every process's devices)."""
+  per_process = batch_size // jax.process_count()
+  return slice(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)

@@ -129,7 +129,8 @@ def train_state_from_params(params: Any, optimizer: optax.GradientTransformation
   def init(params):
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
 
-  return jax.jit(init, in_shardings=(shardings.params,), out_shardings=shardings)(params)
+  # Donated: the state's parameters are the loaded buffers themselves, not a copy of them.
+  return jax.jit(init, in_shardings=(shardings.params,), out_shardings=shardings, donate_argnums=0)(params)
 
 
 def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:

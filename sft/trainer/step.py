@@ -1,8 +1,12 @@
-"""The one jitted train step (with gradient accumulation), the eval step, and the scoring step.
+"""The one train step (with gradient accumulation), the eval step, and the scoring step.
 
 The loss is the cross-entropy summed over every loss-masked token of the *global* batch and divided
 by their number: each response token weighs the same, however the examples were packed into rows, and
-however the batch was split into micro-batches. The sums themselves are in sft/trainer/loss.py.
+however the batch was split into micro-batches or devices. The sums themselves are in sft/trainer/loss.py.
+
+`train_step` is compiled two ways: `jit_train_step` (the global batch sharded over the mesh, the
+default) and `pmap_train_step` (train.parallelism="pmap": data parallel under jax.pmap, each device
+its own rows, the sums and gradients added up over devices with lax.psum before the one division).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from sft.trainer.loss import Batch, loss_fn, loss_sums, token_sums  # noqa: F401  (token_sums, loss_fn: the loss API)
+from sft.trainer.sharding import PMAP_AXIS
 from sft.trainer.state import TrainState
 
 
@@ -38,11 +43,14 @@ def _is_none(x) -> bool:
   return x is None
 
 
-def accumulated_grads(sums_of: Callable, params, micro_batches: Batch, trainable_mask) -> tuple[Any, dict[str, jax.Array]]:
+def accumulated_grads(
+    sums_of: Callable, params, micro_batches: Batch, trainable_mask, axis_name: str | None = None
+) -> tuple[Any, dict[str, jax.Array]]:
   """Gradients of the nll summed over every micro-batch (scanned: one micro-batch's activations alive at
   a time) divided once by their total loss tokens, and the summed token sums. `sums_of(params,
   micro_batch, index)` gives a micro-batch's sums; frozen leaves (mask False) get zero gradients
-  without a float32 accumulator."""
+  without a float32 accumulator. Under pmap (`axis_name`), the gradient sums and token sums of every
+  device are added up (psum, frozen leaves left out) before the division: the global batch's mean."""
   zeros = jax.tree.map(lambda p, t: jnp.zeros(p.shape, jnp.float32) if t else None, params, trainable_mask)
 
   def nll_sum_of(params, micro_batch, index):
@@ -58,6 +66,8 @@ def accumulated_grads(sums_of: Callable, params, micro_batches: Batch, trainable
   num_micro = jax.tree.leaves(micro_batches)[0].shape[0]
   sums0 = {k: jnp.zeros((), jnp.float32) for k in ("nll_sum", "correct_sum", "loss_tokens")}
   (grad_sum, sums), _ = jax.lax.scan(micro_step, (zeros, sums0), (micro_batches, jnp.arange(num_micro)))
+  if axis_name is not None:
+    grad_sum, sums = jax.lax.psum((grad_sum, sums), axis_name)
   denom = jnp.maximum(sums["loss_tokens"], 1.0)
   grads = jax.tree.map(
       lambda acc, p: jnp.zeros_like(p) if acc is None else (acc / denom).astype(p.dtype), grad_sum, params, is_leaf=_is_none
@@ -77,19 +87,25 @@ def train_step(
     grad_accum_steps: int = 1,
     loss_chunk_size: int = 0,
     micro_batch_sharding: NamedSharding | None = None,
+    axis_name: str | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One AdamW update. Metrics are device scalars; the caller decides when to fetch them.
 
   With `trainable` (params -> bool tree), frozen parameters are held constant inside the loss, so no
   gradient is computed for them (LoRA). With `grad_accum_steps` k > 1 the batch is k micro-batches of
-  B/k rows, scanned; the update and metrics equal one step on the whole batch up to float rounding."""
+  B/k rows, scanned; the update and metrics equal one step on the whole batch up to float rounding.
+  With `axis_name` (inside pmap, `batch` one device's rows) the token sums and gradient sums are added
+  up over that axis first (see `accumulated_grads`, a single micro-batch when k = 1), so every device
+  applies the update and reports the metrics of the global batch; dropout masks differ per device."""
   mask = trainable(state.params) if trainable is not None else jax.tree.map(lambda _: True, state.params)
   step_rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, state.step)
+  if step_rng is not None and axis_name is not None:
+    step_rng = jax.random.fold_in(step_rng, jax.lax.axis_index(axis_name))
 
   def held(params):
     return params if trainable is None else jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, mask)
 
-  if grad_accum_steps == 1:
+  if grad_accum_steps == 1 and axis_name is None:
     rngs = None if step_rng is None else {"dropout": step_rng}
     loss_of = lambda params: loss_fn(held(params), batch, apply_fn, rngs, loss_chunk_size)  # noqa: E731
     (loss, sums), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
@@ -100,8 +116,11 @@ def train_step(
       return loss_sums(held(params), micro_batch, apply_fn, rngs, loss_chunk_size)
 
     micro_batches = split_micro_batches(batch, grad_accum_steps, micro_batch_sharding)
-    grads, sums = accumulated_grads(sums_of, state.params, micro_batches, mask)
+    grads, sums = accumulated_grads(sums_of, state.params, micro_batches, mask, axis_name)
     loss = sums["nll_sum"] / jnp.maximum(sums["loss_tokens"], 1.0)
+  tokens = jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32)
+  if axis_name is not None:
+    tokens = jax.lax.psum(tokens, axis_name)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = {
@@ -111,7 +130,7 @@ def train_step(
       "param_norm": optax.tree.norm(params),
       "learning_rate": schedule(state.step),
       "loss_tokens": sums["loss_tokens"],
-      "tokens": jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32),
+      "tokens": tokens,
   }
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
@@ -140,6 +159,24 @@ def jit_train_step(
       out_shardings=(state_shardings, replicated),
       donate_argnums=(0,),
   )
+
+
+def pmap_train_step(apply_fn, optimizer, schedule, *, trainable=None, dropout_rng=None, grad_accum_steps: int = 1, loss_chunk_size: int = 0) -> Any:
+  """`train_step` under jax.pmap over this process's devices (data parallel, train.parallelism="pmap").
+
+  Takes the state replicated (a leading device axis: sharding.replicate_for_pmap) and donated, and the
+  batch as (devices, B / devices, T) (sharding.per_device_batch); each device runs its rows (in
+  micro-batches of B / (devices k) rows with grad_accum_steps k), the sums and gradients are added up
+  over every device of every process, and each device applies the same update. Metrics come back once
+  per device, all equal: read [0]."""
+
+  def step(state, batch):
+    return train_step(
+        state, batch, apply_fn=apply_fn, optimizer=optimizer, schedule=schedule, trainable=trainable, dropout_rng=dropout_rng,
+        grad_accum_steps=grad_accum_steps, loss_chunk_size=loss_chunk_size, axis_name=PMAP_AXIS,
+    )
+
+  return jax.pmap(step, axis_name=PMAP_AXIS, donate_argnums=(0,))
 
 
 def jit_eval_step(apply_fn, param_shardings, batch_sharding, replicated, *, loss_chunk_size: int = 0) -> Any:

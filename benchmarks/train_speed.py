@@ -1,0 +1,194 @@
+"""Training speed: this project's jitted train step against Hugging Face transformers on PyTorch.
+
+    python benchmarks/train_speed.py [--batch 8] [--seq_len 512] [--repeats 5] [--steps 3]
+
+Both sides train the same 26.1M-parameter Llama (vocab 8192, d_model 512, MLP 1408, 6 layers, 8 heads /
+4 KV heads, head_dim 64, untied unembedding) from the same weights (ours, exported to a Hugging Face
+folder and loaded by `LlamaForCausalLM`), in float32, on the same random batch of one full-length example
+per row with every token in the loss. One step is forward, backward, global-norm clipping to 1.0 and
+AdamW (weight decay 0.1). Ours is one `jax.jit` call with donated state; theirs is `loss.backward()`,
+`clip_grad_norm_` and `torch.optim.AdamW` (foreach), with SDPA attention. Each repeat times `--steps`
+steps of one side, then of the other, after a warm-up (compilation is not timed); the figure is the
+median over repeats. PyTorch uses as many threads as XLA's CPU client (the machine's cores).
+
+It also times one 2048^3 float32 matmul on each side (the roofline of both steps) and prints the step's
+matmul FLOPs per token as benchmarks/mfu.py counts them (6 x matmul parameters + 12 L T heads head_dim).
+`--tiny` shrinks everything so a test runs it in seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
+
+from benchmarks.mfu import model_flops  # noqa: E402
+from sft.hf import export_model  # noqa: E402
+from sft.model import ModelConfig, Transformer  # noqa: E402
+from sft.trainer import sharding  # noqa: E402
+from sft.trainer import state as state_lib  # noqa: E402
+from sft.trainer import step as step_lib  # noqa: E402
+
+LR, B1, B2, EPS, WEIGHT_DECAY, CLIP = 1e-4, 0.9, 0.95, 1e-8, 0.1, 1.0
+
+BENCH_MODEL = dict(
+    vocab_size=8192, d_model=512, num_layers=6, num_heads=8, num_kv_heads=4, head_dim=64, mlp_dim=1408,
+    tie_embeddings=False, rope_theta=10_000.0, norm_eps=1e-6,
+)
+TINY_MODEL = dict(BENCH_MODEL, vocab_size=256, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, mlp_dim=128)
+
+
+def random_batch(batch: int, seq_len: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(0, vocab, (batch, seq_len + 1)).astype(np.int32)
+  return {
+      "inputs": tokens[:, :-1],
+      "targets": tokens[:, 1:],
+      "loss_mask": np.ones((batch, seq_len), np.int32),
+      "segment_ids": np.ones((batch, seq_len), np.int32),
+      "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch, seq_len)).copy(),
+  }
+
+
+class Ours:
+  """The library's own state and jitted step, as a run builds them (a 1-device data mesh)."""
+
+  def __init__(self, cfg: ModelConfig, batch_np, **step_kwargs):
+    seq_len = batch_np["inputs"].shape[1]
+    mesh = sharding.make_mesh({"data": -1}, devices=jax.devices()[:1])
+    rules = sharding.logical_rules((("batch", ("data",)),), mesh)
+    self.model = Transformer(cfg)
+    schedule = lambda _: LR  # noqa: E731
+    optimizer = state_lib.make_optimizer(schedule, b1=B1, b2=B2, eps=EPS, weight_decay=WEIGHT_DECAY, grad_clip_norm=CLIP)
+    dummy = (jnp.zeros((1, seq_len), jnp.int32),) * 3
+    _, shardings = state_lib.state_shardings(self.model, optimizer, dummy, mesh, rules)
+    self.state = state_lib.create_train_state(self.model, optimizer, dummy, shardings, jax.random.key(0))
+    batch_sharding = sharding.batch_sharding(mesh, rules)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    self.step_fn = step_lib.jit_train_step(self.model.apply, optimizer, schedule, shardings, batch_sharding, replicated, **step_kwargs)
+    self.batch = jax.device_put({k: jnp.asarray(v) for k, v in batch_np.items()}, batch_sharding)
+
+  def params_host(self):
+    return jax.device_get(self.state.params)
+
+  def step(self) -> float:
+    self.state, metrics = self.step_fn(self.state, self.batch)
+    return float(metrics["loss"])  # fetching the loss waits for the step
+
+
+class Theirs:
+  """LlamaForCausalLM on the same weights, its usual PyTorch training step."""
+
+  def __init__(self, folder: str, batch_np):
+    import torch
+    import transformers
+
+    self.torch = torch
+    self.model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
+    self.model.train()
+    decay = [p for n, p in self.model.named_parameters() if "norm" not in n]
+    no_decay = [p for n, p in self.model.named_parameters() if "norm" in n]
+    self.optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=LR, betas=(B1, B2), eps=EPS, foreach=True,
+    )
+    self.inputs = torch.from_numpy(batch_np["inputs"].astype(np.int64))
+    self.targets = torch.from_numpy(batch_np["targets"].astype(np.int64))
+
+  def step(self) -> float:
+    torch = self.torch
+    logits = self.model(input_ids=self.inputs).logits
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), self.targets.reshape(-1))
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(self.model.parameters(), CLIP)
+    self.optimizer.step()
+    self.optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
+def matmul_gflops(n: int, repeats: int = 3) -> tuple[float, float]:
+  """(JAX, PyTorch) GFLOP/s of one n x n x n float32 matmul, best of `repeats`."""
+  import torch
+
+  a = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  ta = torch.ones((n, n))
+  torch.mm(ta, ta)
+  best_jax = best_torch = float("inf")
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    f(a).block_until_ready()
+    best_jax = min(best_jax, time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    torch.mm(ta, ta)
+    best_torch = min(best_torch, time.perf_counter() - t0)
+  return 2 * n**3 / best_jax / 1e9, 2 * n**3 / best_torch / 1e9
+
+
+def timed(side, steps: int) -> float:
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    side.step()
+  return time.perf_counter() - t0
+
+
+def main(argv=None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--batch", type=int, default=8)
+  parser.add_argument("--seq_len", type=int, default=512)
+  parser.add_argument("--steps", type=int, default=3, help="steps per timed repeat")
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--tiny", action="store_true", help="a small model and batch, for a quick check")
+  parser.add_argument("--remat", action="store_true", help="our side recomputes each layer's activations")
+  args = parser.parse_args(argv)
+  import torch
+
+  torch.set_num_threads(os.cpu_count() or 1)
+  if args.tiny:
+    args.batch, args.seq_len, args.steps, args.repeats = 2, 32, 1, 2
+  cfg = ModelConfig(**(TINY_MODEL if args.tiny else BENCH_MODEL), remat=args.remat)
+  batch_np = random_batch(args.batch, args.seq_len, cfg.vocab_size)
+  ours = Ours(cfg, batch_np)
+  with tempfile.TemporaryDirectory() as folder:
+    export_model(ours.params_host(), cfg, folder, "llama")
+    theirs = Theirs(folder, batch_np)
+  first_loss = (ours.step(), theirs.step())  # warm-up: compiles ours; both see the same weights and batch here
+  ours.step(), theirs.step()
+  times = {"ours": [], "theirs": []}
+  for _ in range(args.repeats):
+    times["ours"].append(timed(ours, args.steps))
+    times["theirs"].append(timed(theirs, args.steps))
+  tokens = args.batch * args.seq_len * args.steps
+  tok_s = {side: tokens / statistics.median(ts) for side, ts in times.items()}
+  n_params = sum(int(x.size) for x in jax.tree.leaves(ours.state.params))
+  flops = model_flops(cfg, args.seq_len).per_token  # 6 N + 12 L T heads head_dim, as benchmarks/mfu.py counts
+  jax_gflops, torch_gflops = matmul_gflops(256 if args.tiny else 2048)
+  result = {
+      "params": n_params, "batch": args.batch, "seq_len": args.seq_len, "threads": torch.get_num_threads(),
+      "ours_tokens_per_s": tok_s["ours"], "theirs_tokens_per_s": tok_s["theirs"], "ratio": tok_s["ours"] / tok_s["theirs"],
+      "first_loss": first_loss, "flops_per_token": flops, "matmul_gflops": (jax_gflops, torch_gflops),
+  }
+  print(f"model: {n_params / 1e6:.1f}M parameters, batch {args.batch} x {args.seq_len} tokens, float32, AdamW + clipping")
+  print(f"threads: {result['threads']} (PyTorch); step 1 loss: ours {first_loss[0]:.4f}, Hugging Face {first_loss[1]:.4f}")
+  print(f"matmul {'256' if args.tiny else '2048'}^3 float32: JAX {jax_gflops:.0f} GFLOP/s, PyTorch {torch_gflops:.0f} GFLOP/s")
+  print(f"step FLOPs: {flops / 1e6:.1f} MFLOP/token; roofline at JAX's matmul speed: {jax_gflops * 1e9 / flops:,.0f} tokens/s")
+  for side, name in (("ours", "sft (jax.jit)"), ("theirs", "transformers (PyTorch)")):
+    share = tok_s[side] * flops / (jax_gflops if side == "ours" else torch_gflops) / 1e9
+    print(f"{name:>24}: {tok_s[side]:8,.0f} tokens/s  ({share:.0%} of its matmul roofline; repeats {times[side]})")
+  print(f"ratio (sft / transformers): {result['ratio']:.2f}x")
+  return result
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,75 @@
+"""Generation's prefill: only each row's last prompt token is unembedded, with the same tokens as the
+model's own full forward pass; the KV cache carries a sharding constraint that is a no-op without a mesh."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from sft.evaluator.generate import constrain_cache, make_greedy_generate, pad_prompts, prefill
+from sft.model import ModelConfig, Transformer
+from sft.model.transformer import init_cache
+
+# A vocabulary much wider than anything else, so that a (B, P, V) array is the largest one by far.
+CFG = ModelConfig(vocab_size=512, d_model=16, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=8, mlp_dim=32, tie_embeddings=False)
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3, 4], [12, 13, 14, 15]]  # uneven: rows end at different slots
+
+
+def _params(cfg=CFG):
+  dummy = jnp.zeros((1, 4), jnp.int32)
+  return nn.unbox(Transformer(cfg).init(jax.random.key(3), dummy, dummy, dummy)["params"])
+
+
+def test_greedy_tokens_equal_the_full_forward_pass_on_uneven_prompts():
+  model, params, new = Transformer(CFG), _params(), 6
+  tokens, lengths = pad_prompts(PROMPTS, pad_id=0)
+  generated = np.asarray(make_greedy_generate(model, max_new_tokens=new, stop_id=-1, pad_id=0)(params, tokens, lengths))
+  # Reference: every position's logits over prompt + generated tokens, right-padded, causal.
+  width = max(map(len, PROMPTS)) + new
+  full = np.asarray([p + list(g) + [0] * (width - len(p) - new) for p, g in zip(PROMPTS, generated)], np.int32)
+  logits_btv = jax.jit(model.apply)({"params": params}, full, np.broadcast_to(np.arange(width), full.shape), np.ones_like(full))
+  for row, prompt in enumerate(PROMPTS):
+    greedy = np.argmax(logits_btv[row, len(prompt) - 1 : len(prompt) - 1 + new], axis=-1)
+    assert greedy.tolist() == generated[row].tolist(), row
+  # And the prefill's logits are those of the full pass at each row's last prompt token.
+  logits_bv, _ = prefill(model, params, tokens, lengths, init_cache(CFG, len(PROMPTS), width))
+  np.testing.assert_allclose(logits_bv, logits_btv[np.arange(len(PROMPTS)), lengths - 1], rtol=1e-5, atol=1e-5)
+
+
+def _shapes(jaxpr):
+  """Every variable's shape in a jaxpr and the jaxprs nested in it (scan, while, pjit bodies)."""
+  for eqn in jaxpr.eqns:
+    for var in [*eqn.invars, *eqn.outvars]:
+      if hasattr(var, "aval") and hasattr(var.aval, "shape"):
+        yield tuple(var.aval.shape)
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (list, tuple)) else [param]:
+        inner = getattr(sub, "jaxpr", None)
+        if inner is not None:
+          yield from _shapes(getattr(inner, "jaxpr", inner))
+
+
+def test_prefill_never_makes_logits_for_every_prompt_position():
+  model, params = Transformer(CFG), _params()
+  tokens, lengths = pad_prompts(PROMPTS, pad_id=0)
+  batch, prompt_len = tokens.shape
+  cache = init_cache(CFG, batch, prompt_len + 4)
+  closed = jax.make_jaxpr(lambda p, t, n, c: prefill(model, p, t, n, c))(params, tokens, lengths, cache)
+  shapes = set(_shapes(closed.jaxpr))
+  assert (batch, 1, CFG.vocab_size) in shapes  # the last token's logits are made...
+  assert not [s for s in shapes if CFG.vocab_size in s and prompt_len in s]  # ...and no logits over the prompt
+  # The compiled prefill holds no (B, P, V) buffer either.
+  compiled = jax.jit(lambda p, t, n, c: prefill(model, p, t, n, c)).lower(params, tokens, lengths, cache).compile()
+  assert f"f32[{batch},{prompt_len},{CFG.vocab_size}]" not in compiled.as_text()
+
+
+def test_the_cache_constraint_follows_the_rules_and_is_a_no_op_without_a_mesh():
+  cache = init_cache(CFG, 2, 8)
+  for x, y in zip(constrain_cache(cache), cache):
+    assert x is y  # no mesh, no rules: the arrays themselves
+  mesh = Mesh(np.asarray(jax.devices()[:1]), ("data",))
+  rules = (("batch", "data"), ("layers", None), ("length", None), ("kv_heads", None), ("head_dim", None))
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    text = jax.jit(constrain_cache).lower(cache).as_text()
+  assert text.count("sharding_constraint") + text.count("@Sharding") >= 2, text[:2000]

@@ -1,0 +1,44 @@
+"""benchmarks/train_speed.py and benchmarks/generate_speed.py run end to end in --tiny mode, in this
+process: both sides timed, the ratio printed, and both sides really computing the same thing (the same
+first loss from the same weights; the same greedy tokens)."""
+
+import importlib.util
+import os
+import re
+import sys
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load(name):
+  spec = importlib.util.spec_from_file_location(f"{name}_bench", os.path.join(ROOT, "benchmarks", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_train_speed_runs_both_sides_on_the_same_weights(capsys):
+  result = load("train_speed").main(["--tiny"])
+  out = capsys.readouterr().out
+  assert result["ours_tokens_per_s"] > 0 and result["theirs_tokens_per_s"] > 0
+  assert result["ratio"] == pytest.approx(result["ours_tokens_per_s"] / result["theirs_tokens_per_s"])
+  ours_loss, their_loss = result["first_loss"]
+  assert ours_loss == pytest.approx(their_loss, rel=1e-4)  # same weights, same batch, same loss
+  assert re.search(r"ratio \(sft / transformers\): [\d.]+x", out) and "threads: " in out
+
+
+def test_generate_speed_prints_both_sides_and_the_ratio(capsys):
+  results = load("generate_speed").main(["--tiny", "--batch", "1", "3"])
+  out = capsys.readouterr().out
+  assert "torch.set_num_threads(" in out
+  for batch, result in zip((1, 3), results):
+    assert result["batch"] == batch and result["ours"] > 0 and result["hf"] > 0
+    assert result["ratio"] == pytest.approx(result["ours"] / result["hf"])
+    assert result["tokens_equal"] == 1.0  # 8 tokens of a toy model: the two sides agree exactly
+    assert re.search(rf"batch {batch}: ours +[\d.]+ tokens/s, HF generate +[\d.]+ tokens/s, ratio [\d.]+x", out), out
