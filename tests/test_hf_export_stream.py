@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
+from sft.hf import export as hf_export
 from sft.hf import export_model, load_params, safetensors_io, to_hf_tensors, weights
 from sft.model import ModelConfig
 
@@ -92,10 +93,10 @@ def test_export_holds_about_one_tensor_on_the_host(tmp_path, monkeypatch):
   # Every matrix the same size (512 x 512 float32 = 1 MiB), 4 layers: 30 of them, 30 MiB in all.
   cfg = ModelConfig(vocab_size=512, d_model=512, num_layers=4, num_heads=8, num_kv_heads=8, head_dim=64, mlp_dim=512, tie_embeddings=False)
   params = random_params(cfg)
-  largest = max(source.nbytes for source in weights._export_plan(params, cfg).values())
+  largest = max(source.nbytes for source in hf_export._export_plan(params, cfg).values())
   total = sum(x.nbytes for x in jax.tree.leaves(params))
   live, peak = [0], [0]
-  gather = weights._gather
+  gather = hf_export._gather
 
   def counted(leaf, layer):  # a host copy numpy allocates (so tracemalloc sees it), counted while alive
     value = np.array(gather(leaf, layer))
@@ -104,7 +105,7 @@ def test_export_holds_about_one_tensor_on_the_host(tmp_path, monkeypatch):
     weakref.finalize(value, lambda n=value.nbytes: live.__setitem__(0, live[0] - n))
     return value
 
-  monkeypatch.setattr(weights, "_gather", counted)
+  monkeypatch.setattr(hf_export, "_gather", counted)
   monkeypatch.setattr(safetensors_io, "_CHUNK_BYTES", largest // 8)  # transposes are copied out in eighths
   export_model(params, cfg, tmp_path / "warm", "llama", max_shard_bytes=3 * largest)  # compile the per-layer slicing first
   tracemalloc.start()
@@ -128,12 +129,12 @@ def test_export_holds_about_one_tensor_on_the_host(tmp_path, monkeypatch):
 def test_only_process_0_writes_but_every_process_gathers(tmp_path, monkeypatch):
   params = random_params(LLAMA)
   gathered = []
-  gather = weights._gather
-  monkeypatch.setattr(weights, "_gather", lambda leaf, layer: gathered.append(layer) or gather(leaf, layer))
+  gather = hf_export._gather
+  monkeypatch.setattr(hf_export, "_gather", lambda leaf, layer: gathered.append(layer) or gather(leaf, layer))
   monkeypatch.setattr(jax, "process_index", lambda: 1)
   export_model(params, LLAMA, tmp_path / "out", "llama", max_shard_bytes=12_000)
   assert not (tmp_path / "out").exists()
-  assert len(gathered) == len(weights._export_plan(params, LLAMA))  # one gather per tensor, as on process 0
+  assert len(gathered) == len(hf_export._export_plan(params, LLAMA))  # one gather per tensor, as on process 0
 
 
 def test_stream_writer_matches_the_package_for_every_dtype(tmp_path):

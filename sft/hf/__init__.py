@@ -2,4 +2,5 @@
 (safetensors only)."""
 
 from sft.hf.config import FAMILIES, from_hf_config, read_hf_config, to_hf_config
-from sft.hf.weights import export_model, hf_names, iter_hf_tensors, load_model, load_params, to_hf_tensors
+from sft.hf.export import export_model, iter_hf_tensors, to_hf_tensors
+from sft.hf.weights import hf_names, load_model, load_params

@@ -1,30 +1,28 @@
 """Hugging Face safetensors checkpoints <-> sft parameter trees.
 
-Loading creates each parameter already sharded: every device's shard is read from the memory-mapped
-files on its own (`safetensors` `get_slice`), only the box of each HF tensor it needs, so no host
-ever holds a whole parameter it does not keep. Exporting streams tensor by tensor in the parameters'
-dtype, written by process 0 only. Only safetensors and JSON are read: never pickles, never remote code.
+Each parameter's conversion is a `Layout`; loading creates each parameter already sharded: every
+device's shard is read from the memory-mapped files on its own (`safetensors` `get_slice`), only the
+box of each HF tensor it needs, so no host ever holds a whole parameter it does not keep. Exporting
+(streamed, tensor by tensor) is in sft.hf.export. Only safetensors and JSON are read: never pickles,
+never remote code.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
 import math
 import pathlib
 import re
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 
 from sft.console import bar
 from sft.hf import safetensors_io
-from sft.hf.config import from_hf_config, read_hf_config, to_hf_config
+from sft.hf.config import from_hf_config, read_hf_config
 from sft.model import ModelConfig, Transformer
 
 
@@ -160,13 +158,13 @@ def _layer_tensors(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[str, Layout]
   return {**LAYER_TENSORS, **SANDWICH_NORMS} if cfg.sandwich_norms else LAYER_TENSORS
 
 
-def _entry(path: tuple[str, ...], cfg: ModelConfig) -> tuple[str, Layout]:
+def entry(path: tuple[str, ...], cfg: ModelConfig) -> tuple[str, Layout]:
   if path[0] == "layers":
     return _layer_tensors(cfg)[path[1:]]
   return (GPT2_TOP_TENSORS if _is_gpt2(cfg) else TOP_TENSORS)[path]
 
 
-def _slot(path: tuple[str, ...], cfg: ModelConfig) -> tuple[int, int] | None:
+def fused_slot(path: tuple[str, ...], cfg: ModelConfig) -> tuple[int, int] | None:
   return GPT2_FUSED.get(path[1:]) if _is_gpt2(cfg) and path[0] == "layers" else None
 
 
@@ -179,7 +177,7 @@ def _layer_name(cfg: ModelConfig, i: int, hf: str) -> str:
 _IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq|transformer\.h\.\d+\.attn\.(bias|masked_bias)")
 
 
-def _path(key_path) -> tuple[str, ...]:
+def key_path_names(key_path) -> tuple[str, ...]:
   return tuple(k.key for k in key_path)
 
 
@@ -192,8 +190,8 @@ def hf_names(cfg: ModelConfig) -> dict[tuple[str, ...], list[str]]:
   """sft parameter path -> the HF tensor names it is made of (one per layer for stacked layers)."""
   names = {}
   for key_path, _ in jax.tree_util.tree_flatten_with_path(abstract_params(cfg))[0]:
-    path = _path(key_path)
-    hf = _entry(path, cfg)[0]
+    path = key_path_names(key_path)
+    hf = entry(path, cfg)[0]
     names[path] = [_layer_name(cfg, i, hf) for i in range(cfg.num_layers)] if path[0] == "layers" else [hf]
   return names
 
@@ -233,10 +231,10 @@ def load_params(folder: str | pathlib.Path, cfg: ModelConfig, shardings: Any = N
   abstract = abstract_params(cfg)
   flat_shardings = {}
   if shardings is not None:
-    flat_shardings = {_path(kp): s for kp, s in jax.tree_util.tree_flatten_with_path(shardings)[0]}
+    flat_shardings = {key_path_names(kp): s for kp, s in jax.tree_util.tree_flatten_with_path(shardings)[0]}
   for key_path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
-    path = _path(key_path)
-    want = _hf_shape(path, _layer_shape(path, leaf.shape), cfg)
+    path = key_path_names(key_path)
+    want = hf_shape(path, layer_shape(path, leaf.shape), cfg)
     for name in names[path]:
       source = sources[name]
       if files[source].shape(source) != want:
@@ -244,7 +242,7 @@ def load_params(folder: str | pathlib.Path, cfg: ModelConfig, shardings: Any = N
       files[source].check_dtype(source)
 
   def load(key_path, leaf):
-    path = _path(key_path)
+    path = key_path_names(key_path)
     read = lambda index: _read_box(files, [sources[n] for n in names[path]], path, leaf, index, cfg)  # noqa: E731
     sharding = flat_shardings.get(path)
     if sharding is None:
@@ -267,7 +265,7 @@ def load_params(folder: str | pathlib.Path, cfg: ModelConfig, shardings: Any = N
     return jax.tree_util.tree_map_with_path(load, abstract)
 
 
-def _layer_shape(path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
+def layer_shape(path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
   """The shape of one HF tensor's share of a parameter: stacked layers drop their leading L axis."""
   return tuple(shape[1:]) if path[0] == "layers" else tuple(shape)
 
@@ -275,12 +273,12 @@ def _layer_shape(path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ..
 def _read_box(files, sources: list[str], path: tuple[str, ...], leaf, index: tuple[slice, ...], cfg: ModelConfig) -> np.ndarray:
   """The box `index` of parameter `path` (one HF tensor per layer in `sources`), read from the files
   box by box and converted to the parameter's dtype."""
-  layout, slot = _entry(path, cfg)[1], _slot(path, cfg)
+  layout, slot = entry(path, cfg)[1], fused_slot(path, cfg)
   bounds = [s.indices(n) for s, n in zip(index, leaf.shape)]
   if any(step != 1 for _, _, step in bounds):
     raise ValueError(f"{path}: a shard index with a step is not a box ({index})")
   index = tuple(slice(start, stop) for start, stop, _ in bounds)
-  shape = _layer_shape(path, leaf.shape)
+  shape = layer_shape(path, leaf.shape)
 
   def read_one(source: str, box: tuple[slice, ...]) -> np.ndarray:
     hf_index, finish = layout.region(box, shape)
@@ -297,8 +295,8 @@ def _read_box(files, sources: list[str], path: tuple[str, ...], leaf, index: tup
   return out
 
 
-def _hf_shape(path: tuple[str, ...], sft_shape: tuple[int, ...], cfg: ModelConfig) -> tuple[int, ...]:
-  layout, slot = _entry(path, cfg)[1], _slot(path, cfg)
+def hf_shape(path: tuple[str, ...], sft_shape: tuple[int, ...], cfg: ModelConfig) -> tuple[int, ...]:
+  layout, slot = entry(path, cfg)[1], fused_slot(path, cfg)
   shape = layout.hf_shape(sft_shape)
   return shape if slot is None else (*shape[:-1], shape[-1] * slot[1])
 
@@ -311,115 +309,3 @@ def load_model(folder: str | pathlib.Path, *, dtype: str = "float32", param_dtyp
     raise FileNotFoundError(f"{folder} has no config.json")
   cfg = from_hf_config(read_hf_config(config_path), dtype=dtype, param_dtype=param_dtype, source=str(config_path))
   return cfg, load_params(folder, cfg, shardings)
-
-
-@dataclasses.dataclass
-class _Source:
-  """Where one HF tensor's values are in a parameter tree: (leaf, layer or None, slot or None) per piece."""
-
-  pieces: list[tuple[Any, int | None, tuple[int, int] | None]]
-  layout: Layout
-  shape: tuple[int, ...]
-  dtype: np.dtype
-
-  @property
-  def nbytes(self) -> int:
-    return math.prod(self.shape) * self.dtype.itemsize
-
-
-def _export_plan(params: Any, cfg: ModelConfig) -> dict[str, _Source]:
-  """HF tensor name -> where its values are, with its shape and dtype (the parameter's): from shapes
-  alone, so that files can be laid out before any value is gathered."""
-  names = hf_names(cfg)
-  plan = {}
-  for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-    path = _path(key_path)
-    layout, slot = _entry(path, cfg)[1], _slot(path, cfg)
-    shape = _hf_shape(path, _layer_shape(path, leaf.shape), cfg)
-    stacked = path[0] == "layers"
-    for i, name in enumerate(names[path]):
-      source = plan.setdefault(name, _Source([], layout, shape, np.dtype(leaf.dtype)))
-      source.pieces.append((leaf, i if stacked else None, slot))
-  return plan
-
-
-def _gather(leaf: Any, layer: int | None) -> np.ndarray:
-  """One layer of a parameter (or the whole of an unstacked one) on the host, in its own dtype: only
-  that much is gathered. Every process must call this for a parameter sharded across processes."""
-  x = leaf if layer is None else leaf[layer]
-  if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    x = multihost_utils.process_allgather(x, tiled=True)
-  return np.asarray(jax.device_get(x))
-
-
-def _hf_tensor(source: _Source) -> np.ndarray:
-  """One HF tensor on the host, in its parameter's dtype: possibly a strided view of the gathered
-  values (the writer copies it out in bounded chunks), so the host holds about one tensor."""
-  if len(source.pieces) == 1 and source.pieces[0][2] is None:
-    leaf, layer, _ = source.pieces[0]
-    return source.layout.to_hf(_gather(leaf, layer))
-  out = np.empty(source.shape, source.dtype)  # GPT-2's fused q, k, v: filled one slot at a time
-  for leaf, layer, (i, n) in source.pieces:
-    width = source.shape[-1] // n
-    out[..., i * width : (i + 1) * width] = source.layout.to_hf(_gather(leaf, layer))
-  return out
-
-
-def iter_hf_tensors(params: Any, cfg: ModelConfig, names: list[str] | None = None) -> Iterator[tuple[str, np.ndarray]]:
-  """(HF tensor name, numpy array) one at a time, in `names` order (default: sorted), each gathered
-  only when asked for. Every process must iterate it alike (gathering a sharded parameter takes them all)."""
-  plan = _export_plan(params, cfg)
-  for name in sorted(plan) if names is None else names:
-    yield name, _hf_tensor(plan[name])
-
-
-def to_hf_tensors(params: Any, cfg: ModelConfig, *, desc: str | None = None) -> dict[str, np.ndarray]:
-  """HF tensor name -> numpy array, for every parameter, all held at once (`export_model` streams
-  instead); with a progress bar under `desc` if given (on process 0: every process must call this, as
-  gathering a sharded parameter takes them all)."""
-  plan = _export_plan(params, cfg)
-  tensors = {}
-  with bar(len(plan), desc or "", " tensors", enabled=desc is not None and jax.process_index() == 0) as progress:
-    for name, tensor in iter_hf_tensors(params, cfg):
-      tensors[name] = np.ascontiguousarray(tensor)
-      progress.update(1)
-  return tensors
-
-
-def export_model(
-    params: Any, cfg: ModelConfig, folder: str | pathlib.Path, family: str, *, max_shard_bytes: int = 5 * 2**30
-) -> pathlib.Path:
-  """Writes config.json and safetensors (sharded with an index past `max_shard_bytes`) that
-  `transformers` loads as the same model, each tensor in its parameter's dtype (bfloat16 stays bfloat16).
-
-  Streamed: file layout and headers come from shapes alone, then tensors are gathered one at a time
-  (only that tensor, on every process, as gathering takes them all), written by process 0 and
-  dropped, so no host ever holds more than about one tensor. The files are byte for byte what the
-  `safetensors` package writes for the same tensors."""
-  folder = pathlib.Path(folder)
-  torch_dtype = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[cfg.param_dtype]
-  hf_config = to_hf_config(cfg, family, torch_dtype=torch_dtype)
-  plan = _export_plan(params, cfg)
-  groups = safetensors_io.plan_shards({name: source.nbytes for name, source in plan.items()}, max_shard_bytes)
-  n = len(groups)
-  files = [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)] if n > 1 else ["model.safetensors"]
-  writing = jax.process_index() == 0
-  if writing:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-  metadata = {"format": "pt"}  # what transformers expects of a PyTorch-loadable file
-  with bar(len(plan), f"exporting {folder}", " tensors", enabled=writing) as progress:
-    for file, group in zip(files, groups):
-      specs = {name: (plan[name].dtype, plan[name].shape) for name in group}
-      with safetensors_io.StreamWriter(folder / file, specs, metadata) if writing else contextlib.nullcontext() as writer:
-        for name in safetensors_io.write_order(specs):
-          tensor = _hf_tensor(plan[name])
-          if writer is not None:
-            writer.write(name, tensor)
-          del tensor
-          progress.update(1)
-  if writing and n > 1:
-    weight_map = {name: file for file, group in zip(files, groups) for name in group}
-    index = {"metadata": {"total_size": sum(source.nbytes for source in plan.values())}, "weight_map": weight_map}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-  return folder
