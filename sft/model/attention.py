@@ -154,7 +154,8 @@ def splash_attention(q_btnh, k_btkh, v_btkh, segment_ids_bt, cfg: ModelConfig, s
   k_bkth, v_bkth = jnp.swapaxes(k_btkh, 1, 2), jnp.swapaxes(v_btkh, 1, 2)
   local = functools.partial(_splash_local, cfg=cfg, sliding=sliding)
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or mesh.size == 1:
+  # No mesh, or no axis rules in force (inside pmap, each device runs its own rows): the kernel directly.
+  if mesh.empty or mesh.size == 1 or not nn.get_logical_axis_rules():
     out_bnth = local(q_bnth, k_bkth, v_bkth, segment_ids_bt)
   else:
     q_spec = nn.logical_to_mesh_axes((axes.BATCH, axes.HEADS, None, None))

@@ -33,13 +33,6 @@ def base_params(params: Any) -> Any:
   return params
 
 
-def with_base(params: Any, base: Any) -> Any:
-  """`params` with every non-adapter leaf taken from `base` (adapters kept)."""
-  if isinstance(params, dict):
-    return {k: (v if "_lora_" in k else with_base(v, base[k])) for k, v in params.items()}
-  return base
-
-
 def adapters(params: Any) -> Any:
   """The tree with only its adapters (subtrees without any left out): what `init_adapters` makes."""
   if not isinstance(params, dict):
