@@ -6,8 +6,10 @@ Both sides train the same 26.1M-parameter Llama (vocab 8192, d_model 512, MLP 14
 4 KV heads, head_dim 64, untied unembedding) from the same weights (ours, exported to a Hugging Face
 folder and loaded by `LlamaForCausalLM`), in float32, on the same random batch of one full-length example
 per row with every token in the loss. One step is forward, backward, global-norm clipping to 1.0 and
-AdamW (weight decay 0.1). Ours is one `jax.jit` call with donated state; theirs is `loss.backward()`,
-`clip_grad_norm_` and `torch.optim.AdamW` (foreach), with SDPA attention. Each repeat times `--steps`
+AdamW (weight decay 0.1). Ours is one `jax.jit` call with donated state, its 6 layers traced one by
+one (`model.scan_layers=False`, what a run of a model this shallow would choose; `--scan_layers` times
+the scan); theirs is `loss.backward()`, `clip_grad_norm_` and `torch.optim.AdamW` (foreach), with SDPA
+attention. Each repeat times `--steps`
 steps of one side, then of the other, after a warm-up (compilation is not timed); the figure is the
 median over repeats. PyTorch uses as many threads as XLA's CPU client (the machine's cores).
 
@@ -151,13 +153,14 @@ def main(argv=None) -> dict:
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--tiny", action="store_true", help="a small model and batch, for a quick check")
   parser.add_argument("--remat", action="store_true", help="our side recomputes each layer's activations")
+  parser.add_argument("--scan_layers", action="store_true", help="our side scans one traced layer (model.scan_layers=True)")
   args = parser.parse_args(argv)
   import torch
 
   torch.set_num_threads(os.cpu_count() or 1)
   if args.tiny:
     args.batch, args.seq_len, args.steps, args.repeats = 2, 32, 1, 2
-  cfg = ModelConfig(**(TINY_MODEL if args.tiny else BENCH_MODEL), remat=args.remat)
+  cfg = ModelConfig(**(TINY_MODEL if args.tiny else BENCH_MODEL), remat=args.remat, scan_layers=args.scan_layers)
   batch_np = random_batch(args.batch, args.seq_len, cfg.vocab_size)
   ours = Ours(cfg, batch_np)
   with tempfile.TemporaryDirectory() as folder:
@@ -180,6 +183,7 @@ def main(argv=None) -> dict:
       "first_loss": first_loss, "flops_per_token": flops, "matmul_gflops": (jax_gflops, torch_gflops),
   }
   print(f"model: {n_params / 1e6:.1f}M parameters, batch {args.batch} x {args.seq_len} tokens, float32, AdamW + clipping")
+  print(f"ours: model.scan_layers={cfg.scan_layers}, model.remat={cfg.remat}, attention {cfg.attention!r}")
   print(f"threads: {result['threads']} (PyTorch); step 1 loss: ours {first_loss[0]:.4f}, Hugging Face {first_loss[1]:.4f}")
   print(f"matmul {'256' if args.tiny else '2048'}^3 float32: JAX {jax_gflops:.0f} GFLOP/s, PyTorch {torch_gflops:.0f} GFLOP/s")
   print(f"step FLOPs: {flops / 1e6:.1f} MFLOP/token; roofline at JAX's matmul speed: {jax_gflops * 1e9 / flops:,.0f} tokens/s")

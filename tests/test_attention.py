@@ -181,3 +181,37 @@ def test_blocked_causal_attention_equals_one_block(seq_len):
   weights = jnp.asarray(rng.normal(size=(b, seq_len, n, h)), jnp.float32)
   grad = lambda f: jax.grad(lambda q: jnp.sum(f(q) * weights))(q)  # noqa: E731
   np.testing.assert_allclose(grad(blocked), grad(whole), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("changes", [{}, {"remat": True, "remat_policy": "save_dots"}, {"sliding_window": 16, "sliding_window_pattern": 2}])
+def test_layers_traced_one_by_one_equal_the_scan(changes):
+  """`scan_layers=False` runs the same stacked parameters layer by layer: the loss and every gradient
+  equal the scanned model's, with remat and with alternating sliding-window layers."""
+  batch = packed_batch()
+  scanned = dataclasses.replace(BASE, num_layers=3, **changes)
+  params, loss, grads = loss_and_grads(scanned, batch)
+  _, loop_loss, loop_grads = loss_and_grads(dataclasses.replace(scanned, scan_layers=False), batch, params)
+  np.testing.assert_allclose(loop_loss, loss, rtol=1e-6)
+  assert jax.tree.structure(loop_grads) == jax.tree.structure(grads)
+  for g, ref in zip(jax.tree.leaves(loop_grads), jax.tree.leaves(grads)):
+    np.testing.assert_allclose(g, ref, rtol=1e-5, atol=1e-7)
+
+
+def test_layers_one_by_one_keep_lora_dropout_per_layer():
+  """With LoRA dropout in training, each layer draws its own mask: the loss depends on the dropout rng,
+  and two layers with equal weights get different adapter gradients."""
+  cfg = dataclasses.replace(BASE, num_layers=2, scan_layers=False, lora_rank=4, lora_dropout=0.5)
+  model = Transformer(cfg, train=True)
+  batch = packed_batch()
+  zeros = (jnp.zeros((1, SEQ_LEN), jnp.int32),) * 3
+  params = nn.unbox(model.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, *zeros)["params"])
+  # Layer 0's weights in both layers, with the adapters' B non-zero so that dropout reaches the loss.
+  same = jax.tree_util.tree_map_with_path(
+      lambda path, x: jnp.broadcast_to(x[:1], x.shape) + (0.1 if "lora_b" in jax.tree_util.keystr(path) else 0.0),
+      params["layers"],
+  )
+  params = {**params, "layers": same}
+  loss = lambda p, seed: loss_fn(p, batch, model.apply, rngs={"dropout": jax.random.key(seed)})[0]  # noqa: E731
+  assert float(loss(params, 2)) != float(loss(params, 3))
+  grads = jax.grad(loss)(params, 2)["layers"]["attn"]["q_lora_a"]
+  assert not np.allclose(grads[0], grads[1])

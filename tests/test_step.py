@@ -7,6 +7,9 @@ import subprocess
 import sys
 
 import flax.linen as nn
+import hypothesis
+import hypothesis.extra.numpy as hnp
+import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,7 +25,7 @@ from sft.pipeline import train_dataset
 from sft.trainer import setup, sharding
 from sft.trainer import state as state_lib
 from sft.trainer import step as step_lib
-from sft.trainer.loss import loss_fn
+from sft.trainer.loss import cross_entropy, loss_fn
 from sft.trainer.state import TrainState
 
 ROWS, SEQ_LEN = 8, 32
@@ -174,6 +177,45 @@ def test_the_unembedding_accumulates_in_float32(tiny_model_config):
   assert logits_btv.dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(logits_btv), np.asarray(exact_btv), rtol=1e-5, atol=1e-6)
   assert not np.array_equal(np.asarray(logits_btv), np.asarray(logits_btv.astype(jnp.bfloat16).astype(jnp.float32)))
+
+
+@hypothesis.settings(max_examples=40, deadline=None)
+@hypothesis.given(
+    logits=hnp.arrays(np.float32, (3, 5, 7), elements=st.floats(-60, 60, width=32)),
+    targets=hnp.arrays(np.int32, (3, 5), elements=st.integers(0, 6)),
+)
+def test_cross_entropy_equals_optax_and_so_does_its_gradient(logits, targets):
+  ours = lambda x: jnp.sum(cross_entropy(x, targets) * jnp.arange(15.0).reshape(3, 5))  # noqa: E731
+  ref = lambda x: jnp.sum(optax.softmax_cross_entropy_with_integer_labels(x, targets) * jnp.arange(15.0).reshape(3, 5))  # noqa: E731
+  np.testing.assert_allclose(cross_entropy(logits, targets), optax.softmax_cross_entropy_with_integer_labels(logits, targets), rtol=1e-6, atol=1e-5)
+  np.testing.assert_allclose(jax.grad(ours)(logits), jax.grad(ref)(logits), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_unembedding_gradient_equals_autodiff(tiny_model_config, tie, dtype):
+  """The unembedding's hand-written backward pass (a transposed copy of the hidden states) gives the
+  gradients plain autodiff of the same product gives, for the hidden states and the table."""
+  import dataclasses
+
+  from sft.model.transformer import _spec, unembed_logits
+
+  cfg = dataclasses.replace(tiny_model_config, tie_embeddings=tie, dtype=dtype)
+  rng = np.random.default_rng(0)
+  shape = (cfg.vocab_size, cfg.d_model) if tie else (cfg.d_model, cfg.vocab_size)
+  x_btd = jnp.asarray(rng.normal(size=(2, 5, cfg.d_model)), cfg.compute_dtype)
+  table = jnp.asarray(rng.normal(size=shape), jnp.float32)
+  weights_btv = jnp.asarray(rng.normal(size=(2, 5, cfg.vocab_size)), jnp.float32)
+
+  def autodiff(x, t):
+    return jnp.einsum(_spec(tie), x, t.astype(cfg.compute_dtype), preferred_element_type=jnp.float32)
+
+  ours = jax.grad(lambda x, t: jnp.sum(unembed_logits(x, t, cfg) * weights_btv), argnums=(0, 1))(x_btd, table)
+  ref = jax.grad(lambda x, t: jnp.sum(autodiff(x, t) * weights_btv), argnums=(0, 1))(x_btd, table)
+  tol = 1e-5 if dtype == "float32" else 1e-2
+  for a, b in zip(ours, ref):
+    assert a.dtype == b.dtype and a.shape == b.shape
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"grad_accum_steps": 2, "loss_chunk_size": 16}])

@@ -22,7 +22,11 @@ from sft.evaluator.sampling import Sampler
 from sft.model import Transformer, axes
 from sft.model.transformer import init_cache, split_cache, split_layers
 
-CACHE_AXES = (axes.LAYERS, axes.BATCH, axes.LENGTH, axes.KV_HEADS, axes.HEAD_DIM)
+# Keys (L, B, K, H, S) and values (L, B, K, S, H): see sft.model.transformer.init_cache.
+CACHE_AXES = (
+    (axes.LAYERS, axes.BATCH, axes.KV_HEADS, axes.HEAD_DIM, axes.LENGTH),
+    (axes.LAYERS, axes.BATCH, axes.KV_HEADS, axes.LENGTH, axes.HEAD_DIM),
+)
 
 GREEDY = Sampler()
 
@@ -39,12 +43,12 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarr
 
 
 def constrain_cache(cache):
-  """Pins the (k, v) cache, each (L, B, S, K, H), or its per-layer list of (B, S, K, H) pairs, to the
-  sharding the active logical axis rules give (rows over the batch's mesh axes, kv heads over
-  "tensor"); without rules or a mesh, unchanged."""
+  """Pins the (k, v) cache, stacked or as its per-layer list of pairs, to the sharding the active
+  logical axis rules give (rows over the batch's mesh axes, kv heads over "tensor"); without rules or
+  a mesh, unchanged."""
   if isinstance(cache, list):
-    return [tuple(nn.with_logical_constraint(x, CACHE_AXES[1:]) for x in layer) for layer in cache]
-  return tuple(nn.with_logical_constraint(x, CACHE_AXES) for x in cache)
+    return [tuple(nn.with_logical_constraint(x, names[1:]) for x, names in zip(layer, CACHE_AXES)) for layer in cache]
+  return tuple(nn.with_logical_constraint(x, names) for x, names in zip(cache, CACHE_AXES))
 
 
 def prefill(model: Transformer, params, prompt_tokens_bp: jax.Array, prompt_lengths_b: jax.Array, cache):

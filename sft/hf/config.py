@@ -326,7 +326,7 @@ def _checked(cfg: ModelConfig, family: str, out: dict[str, Any], comparable: Mod
   if cfg.lora_rank:
     raise ConfigError("merge the LoRA adapters first (sft.model.lora.merge): a checkpoint holds plain weights")
   # Training-only fields (dtypes, remat, LoRA settings) are not part of the checkpoint's maths.
-  training_only = ("dtype", "param_dtype", "remat", "remat_policy", "attention", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
+  training_only = ("dtype", "param_dtype", "remat", "remat_policy", "scan_layers", "attention", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
   reloaded = dataclasses.replace(from_hf_config(out), **{k: getattr(cfg, k) for k in training_only})
   if comparable.position_embedding == "rope":
     comparable = dataclasses.replace(comparable, max_positions=reloaded.max_positions)  # no table to size

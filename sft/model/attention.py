@@ -75,6 +75,23 @@ def xla_attention(q_btnh, k_bskh, v_bskh, mask_b1ts, cfg: ModelConfig) -> jax.Ar
   return jnp.einsum("BKGTS,BSKH->BTKGH", probs_bkgts, v_bskh).reshape(b, t, n, h)
 
 
+def cached_attention(q_btnh, k_bkhs, v_bksh, mask_b1ts, cfg: ModelConfig) -> jax.Array:
+  """Attention of T new queries over a KV cache of keys (B, K, H, S) and values (B, K, S, H): the
+  (row, kv head) batch axes lead and each product reads its cache operand in place, as (H, S) and
+  (S, H) matrices (keys stored (S, H) ran the score product 3x slower)."""
+  b, t, n, h = q_btnh.shape
+  k = k_bkhs.shape[1]
+  q_bkgth = q_btnh.reshape(b, t, k, n // k, h).transpose(0, 2, 3, 1, 4)  # T new tokens: a small copy
+  scores_bkgts = jnp.einsum("BKGTH,BKHS->BKGTS", q_bkgth, k_bkhs, preferred_element_type=jnp.float32) * _scale(cfg)
+  scores_bkgts = softcap(scores_bkgts, cfg.attn_logit_softcap)
+  scores_bkgts = jnp.where(mask_b1ts[:, :, None], scores_bkgts, jnp.finfo(jnp.float32).min)
+  probs_bkgts = jax.nn.softmax(scores_bkgts, axis=-1).astype(v_bksh.dtype)
+  out_bkgth = jnp.einsum("BKGTS,BKSH->BKGTH", probs_bkgts, v_bksh)
+  if t == 1:  # one new token: the same bytes as (B, 1, N, H); a transpose here would let XLA transpose
+    return out_bkgth.reshape(b, t, n, h)  # the output projection's weights instead, at every step
+  return out_bkgth.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+
+
 # Self-attention runs in up to this many query blocks, block i over keys [0, end of block i] only: the
 # causal mask's fully masked upper blocks are never computed ((n + 1) / 2n of the score work for n
 # blocks: 62% at 4). Blocks are at least MIN_QUERY_BLOCK tokens, so short sequences stay one block.

@@ -68,6 +68,9 @@ class ModelConfig:
   param_dtype: str = "float32"  # stored parameters (and optimizer moments)
   remat: bool = False  # recompute each layer's activations in the backward pass
   remat_policy: str = "full"  # with remat: "full" keeps each layer's input only; "save_dots" keeps its matmul outputs
+  # Training's layers as one scanned step (compile time flat in depth) or, False, traced one by one
+  # (faster steps on CPU: no stacked activations carried through the loop; compile time grows with depth).
+  scan_layers: bool = True
   # "xla" (any backend), "cudnn" (flash attention on NVIDIA GPUs) or "splash" (Pallas on TPUs): see
   # sft.model.attention. Decoding with a KV cache always uses "xla".
   attention: str = "xla"

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sft.model import axes
-from sft.model.attention import causal_xla_attention, kernel_attention, xla_attention
+from sft.model.attention import cached_attention, causal_xla_attention, kernel_attention
 from sft.model.config import ModelConfig
 
 
@@ -28,12 +28,22 @@ def fan_in_init(in_axis, out_axis, scale: float = 1.0):
   return nn.initializers.variance_scaling(scale, "fan_in", "truncated_normal", in_axis=in_axis, out_axis=out_axis)
 
 
+def _flat_einsum(spec: str, x, w, n_in: int):
+  """`einsum(spec, x, w)` with the `n_in` contracted axes (x's last, w's first) merged into one: a
+  plain 2-D weight, which XLA otherwise copies into another axis order at every call (every decoding
+  step, for the attention output projection)."""
+  (x_spec, w_spec), out_spec = spec.split("->")[0].split(","), spec.split("->")[1]
+  x_flat = x.reshape(*x.shape[: x.ndim - n_in], -1)
+  w_flat = w.reshape(-1, *w.shape[n_in:])
+  return jnp.einsum(f"{x_spec[:-n_in]}X,X{w_spec[n_in:]}->{out_spec}", x_flat, w_flat)
+
+
 def project(module: nn.Module, name: str, x, spec: str, shape, logical_axes, n_in: int, init, train: bool):
   """`einsum(spec, x, W)` for the weight `name` of shape `shape` whose first `n_in` axes contract
   with x; plus, when `name` is a LoRA target, (alpha / r) * (x A) B with B starting at zero."""
   c = module.cfg
   w = param(module, name, init, shape, logical_axes, c)
-  y = jnp.einsum(spec, x, w.astype(c.compute_dtype))
+  y = jnp.einsum(spec, x, w.astype(c.compute_dtype)) if n_in == 1 else _flat_einsum(spec, x, w.astype(c.compute_dtype), n_in)
   if not c.lora_rank or name not in c.lora_targets:
     return y
   (x_spec, w_spec), out_spec = spec.split("->")[0].split(","), spec.split("->")[1]
@@ -129,7 +139,7 @@ class Attention(nn.Module):
   def __call__(self, x_btd, positions_bt, mask_b1ts, layer_cache=None, cache_index_b=None, segment_ids_bt=None, is_sliding=False):
     """Without a cache, keys are the T inputs: under the bool mask (B, 1, T, T), or, when the mask is
     None, by the `cfg.attention` kernel from the segment ids (`is_sliding`: this layer's window). With
-    `layer_cache` (k, v), each (B, S, K, H), the T new keys are written at `cache_index_b` per row,
+    `layer_cache` (keys (B, K, H, S), values (B, K, S, H)), the T new keys are written at `cache_index_b` per row,
     queries attend to all S cached keys (mask (B, 1, T, S)), and the updated cache is returned."""
     c = self.cfg
     d, n, k, h = c.d_model, c.num_heads, c.num_kv_heads, c.head_dim
@@ -152,15 +162,15 @@ class Attention(nn.Module):
       q_btnh = apply_rope(q_btnh, positions_bt, inv_freq_h)
       k_btkh = apply_rope(k_btkh, positions_bt, inv_freq_h)
     if layer_cache is not None:
-      write = jax.vmap(lambda cache_skh, new_tkh, i: jax.lax.dynamic_update_slice(cache_skh, new_tkh, (i, 0, 0)))
-      layer_cache = (write(layer_cache[0], k_btkh, cache_index_b), write(layer_cache[1], v_btkh, cache_index_b))
-      k_btkh, v_btkh = layer_cache
+      write_k = jax.vmap(lambda cache_khs, new_tkh, i: jax.lax.dynamic_update_slice(cache_khs, new_tkh.transpose(1, 2, 0), (0, 0, i)))
+      write_v = jax.vmap(lambda cache_ksh, new_tkh, i: jax.lax.dynamic_update_slice(cache_ksh, new_tkh.transpose(1, 0, 2), (0, i, 0)))
+      layer_cache = (write_k(layer_cache[0], k_btkh, cache_index_b), write_v(layer_cache[1], v_btkh, cache_index_b))
     if mask_b1ts is None:
       out_btnh = kernel_attention(q_btnh, k_btkh, v_btkh, segment_ids_bt, is_sliding, c)
     elif layer_cache is None:
       out_btnh = causal_xla_attention(q_btnh, k_btkh, v_btkh, mask_b1ts, c)
     else:
-      out_btnh = xla_attention(q_btnh, k_btkh, v_btkh, mask_b1ts, c)
+      out_btnh = cached_attention(q_btnh, *layer_cache, mask_b1ts, c)
     o_axes = (axes.HEADS, axes.HEAD_DIM, axes.EMBED)
     out_btd = proj("o", out_btnh, "BTNH,NHD->BTD", (n, h, d), o_axes, 2, fan_in_init((0, 1), 2))
     if c.linear_bias:

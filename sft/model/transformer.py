@@ -12,6 +12,8 @@ carries logical axis names from `sft.model.axes`; the config maps those to mesh 
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -56,9 +58,13 @@ REMAT_POLICIES = {"full": None, "save_dots": jax.checkpoint_policies.dots_with_n
 
 
 def init_cache(cfg: ModelConfig, batch: int, cache_len: int) -> tuple[jax.Array, jax.Array]:
-  """Empty (k, v) cache, each (L, B, S, K, H) in the compute dtype."""
-  shape = (cfg.num_layers, batch, cache_len, cfg.num_kv_heads, cfg.head_dim)
-  return jnp.zeros(shape, cfg.compute_dtype), jnp.zeros(shape, cfg.compute_dtype)
+  """Empty (k, v) cache in the compute dtype: keys (L, B, K, H, S), values (L, B, K, S, H). Both put
+  the (row, kv head) batch axes first and each side of attention's two products reads its operand in
+  place: scores = q (G, H) @ keys (H, S), output = probs (G, S) @ values (S, H). With (B, S, K, H)
+  XLA transposed the whole cache at every decoding step."""
+  k, h = cfg.num_kv_heads, cfg.head_dim
+  keys = jnp.zeros((cfg.num_layers, batch, k, h, cache_len), cfg.compute_dtype)
+  return keys, jnp.zeros((cfg.num_layers, batch, k, cache_len, h), cfg.compute_dtype)
 
 
 def split_layers(params):
@@ -72,9 +78,9 @@ def split_layers(params):
 
 
 def split_cache(cache: tuple[jax.Array, jax.Array]) -> list[tuple[jax.Array, jax.Array]]:
-  """The stacked (k, v) cache, each (L, B, S, K, H), as a list of L per-layer (k, v), each (B, S, K, H)."""
-  k_lbskh, v_lbskh = cache
-  return [(k_lbskh[i], v_lbskh[i]) for i in range(k_lbskh.shape[0])]
+  """The stacked (k, v) cache as a list of L per-layer (k (B, K, H, S), v (B, K, S, H))."""
+  k_lbkhs, v_lbksh = cache
+  return [(k_lbkhs[i], v_lbksh[i]) for i in range(k_lbkhs.shape[0])]
 
 
 class Transformer(nn.Module):
@@ -111,7 +117,7 @@ class Transformer(nn.Module):
     x_btd = nn.with_logical_constraint(x_btd, (axes.BATCH, axes.LENGTH, axes.EMBED))
     # (full, sliding) bool masks for the XLA path and for decoding; the same array twice without a window.
     if cache is not None:
-      num_new, cache_len = tokens_bt.shape[1], cache[0][0].shape[1]  # layer 0's keys (B, S, K, H), stacked or not
+      num_new, cache_len = tokens_bt.shape[1], cache[0][0].shape[-1]  # layer 0's keys (B, K, H, S), stacked or not
       full = decode_mask(cache_index_b, num_new, cache_len)
       masks = (full, decode_mask(cache_index_b, num_new, cache_len, c.sliding_window) if c.sliding_window else full)
     elif c.attention == "xla":
@@ -130,6 +136,8 @@ class Transformer(nn.Module):
         x_btd, cache[i] = Block(c, self.train).apply(
             {"params": layer_params[i]}, x_btd, positions_bt, masks, segment_ids_bt, cache[i], cache_index_b, is_sliding_l[i]
         )
+    elif cache is None and not c.scan_layers and not self.is_initializing():
+      x_btd = self._layers_one_by_one(x_btd, positions_bt, masks, segment_ids_bt, is_sliding_l)
     else:
       block = nn.remat(Block, prevent_cse=False, policy=REMAT_POLICIES[c.remat_policy]) if c.remat else Block
       # One traced layer scanned L times: compile time does not grow with depth.
@@ -153,6 +161,28 @@ class Transformer(nn.Module):
     logits_btv = unembed_logits(x_btd, table, c)
     return logits_btv if cache is None else (logits_btv, cache)
 
+  def _layers_one_by_one(self, x_btd, positions_bt, masks, segment_ids_bt, is_sliding_l):
+    """The layers as L traced copies over slices of the same stacked (L, ...) parameters
+    (`model.scan_layers=False`): no loop-carried stacks of activations for the backward pass, at the
+    price of a compile time that grows with depth."""
+    c = self.cfg
+    stacked = nn.unbox(self.variables["params"]["layers"])
+    dropout = self.train and c.lora_rank and c.lora_dropout
+
+    def layer(params, x_btd, i, rng):
+      rngs = {"dropout": rng} if dropout else {}
+      return Block(c, self.train).apply(
+          {"params": params}, x_btd, positions_bt, masks, segment_ids_bt, None, None, is_sliding_l[i], rngs=rngs
+      )[0]
+
+    if c.remat:
+      layer = jax.checkpoint(layer, prevent_cse=False, policy=REMAT_POLICIES[c.remat_policy], static_argnums=(2,))
+    rng = self.make_rng("dropout") if dropout else None
+    for i in range(c.num_layers):
+      layer_rng = jax.random.fold_in(rng, i) if dropout else None
+      x_btd = layer(jax.tree.map(lambda x, i=i: x[i], stacked), x_btd, i, layer_rng)
+    return x_btd
+
   def unembed(self, x_btd):
     """Hidden states (B, T, D) -> float32 logits (B, T, V) with the tied embedding or `unembed`."""
     c = self.cfg
@@ -163,10 +193,37 @@ class Transformer(nn.Module):
 def unembed_logits(x_btd: jax.Array, table: jax.Array, cfg: ModelConfig) -> jax.Array:
   """The output projection, accumulated and returned in float32 (bf16 logits would round before the
   softmax); `table` is the embedding (V, D) when tied, else the unembedding (D, V)."""
-  spec = "BTD,VD->BTV" if cfg.tie_embeddings else "BTD,DV->BTV"
-  logits_btv = jnp.einsum(spec, x_btd, table.astype(cfg.compute_dtype), preferred_element_type=jnp.float32)
+  logits_btv = _unembed_product(x_btd, table.astype(cfg.compute_dtype), cfg.tie_embeddings)
   logits_btv = nn.with_logical_constraint(logits_btv, (axes.BATCH, axes.LENGTH, axes.VOCAB))
   return softcap(logits_btv, cfg.final_logit_softcap)
+
+
+def _spec(tied: bool) -> str:
+  return "BTD,VD->BTV" if tied else "BTD,DV->BTV"
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _unembed_product(x_btd, table, tied: bool):
+  return jnp.einsum(_spec(tied), x_btd, table, preferred_element_type=jnp.float32)
+
+
+def _unembed_product_fwd(x_btd, table, tied):
+  return _unembed_product(x_btd, table, tied), (x_btd, table)
+
+
+def _unembed_product_bwd(tied, residuals, g_btv):
+  """The table's gradient as (D, tokens) @ (tokens, V) from an explicitly transposed copy of the hidden
+  states (D x tokens: small): left to itself, XLA:CPU transposed the (tokens, V) logits' gradient
+  instead and ran the product at half its matmul speed. The barrier keeps the transpose from being
+  folded back into the product."""
+  x_btd, table = residuals
+  dx_btd = jnp.einsum("BTV,VD->BTD" if tied else "BTV,DV->BTD", g_btv, table, preferred_element_type=jnp.float32)
+  x_dn = jax.lax.optimization_barrier(x_btd.reshape(-1, x_btd.shape[-1]).T)
+  dtable_dv = jnp.matmul(x_dn, g_btv.reshape(-1, g_btv.shape[-1]), preferred_element_type=jnp.float32)
+  return dx_btd.astype(x_btd.dtype), (dtable_dv.T if tied else dtable_dv).astype(table.dtype)
+
+
+_unembed_product.defvjp(_unembed_product_fwd, _unembed_product_bwd)
 
 
 def count_params(params) -> int:

@@ -10,17 +10,25 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from sft.model import Transformer
 
 Batch = dict[str, jax.Array]
 
 
+def cross_entropy(logits_btv: jax.Array, targets_bt: jax.Array) -> jax.Array:
+  """(B, T) -log softmax(logits)[target]. The target's logit is picked with a compare-and-select that
+  fuses into the passes over the logits (its gradient too), where an indexed gather's gradient is a
+  scatter into a zeroed (B, T, V) buffer."""
+  is_target_btv = jnp.arange(logits_btv.shape[-1], dtype=targets_bt.dtype) == targets_bt[..., None]
+  target_logit_bt = jnp.sum(jnp.where(is_target_btv, logits_btv, 0.0), axis=-1)
+  return jax.nn.logsumexp(logits_btv, axis=-1) - target_logit_bt
+
+
 def token_sums(logits_btv: jax.Array, batch: Batch) -> dict[str, jax.Array]:
   """Sums over loss-masked tokens: cross-entropy, correct argmax predictions, and their count."""
   mask_bt = batch["loss_mask"].astype(jnp.float32)
-  nll_bt = optax.softmax_cross_entropy_with_integer_labels(logits_btv, batch["targets"])
+  nll_bt = cross_entropy(logits_btv, batch["targets"])
   correct_bt = (jnp.argmax(logits_btv, axis=-1) == batch["targets"]).astype(jnp.float32)
   return {
       "nll_sum": jnp.sum(nll_bt * mask_bt),

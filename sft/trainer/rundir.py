@@ -57,6 +57,7 @@ SAFE_AT_RESUME = (
     # How the same maths is computed: what is kept for the backward pass, which attention kernel.
     "model.remat",
     "model.remat_policy",
+    "model.scan_layers",
     "model.attention",
     # How the same global batch is cut for memory or devices: only float rounding of the same sums
     # changes (a checkpoint is the same in both parallelisms: the pmap mode saves one copy of its state).

@@ -43,7 +43,7 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
   if not cfg.mlp_gated and "gate" in lora["lora_targets"]:  # the presets name every projection; GPT-2 has no gate
     lora["lora_targets"] = tuple(t for t in lora["lora_targets"] if t != "gate")
     log.info("LoRA: %s has no gate projection; adapters on %s", config_path, lora["lora_targets"])
-  training = {k: model[k] for k in ("remat", "remat_policy", "attention")}
+  training = {k: model[k] for k in ("remat", "remat_policy", "scan_layers", "attention")}
   return dataclasses.replace(cfg, **training, **lora)
 
 
