@@ -1,5 +1,9 @@
 """Generation's prefill: only each row's last prompt token is unembedded, with the same tokens as the
-model's own full forward pass; the KV cache carries a sharding constraint that is a no-op without a mesh."""
+model's own full forward pass; the KV cache carries a sharding constraint that is a no-op without a mesh;
+a decoding step moves no cache or weight bytes around."""
+
+import math
+import re
 
 import flax.linen as nn
 import jax
@@ -7,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from sft.evaluator.generate import constrain_cache, make_greedy_generate, pad_prompts, prefill
+from sft.evaluator.generate import constrain_cache, make_generate, make_greedy_generate, pad_prompts, prefill
 from sft.model import ModelConfig, Transformer
 from sft.model.transformer import init_cache
 
@@ -73,3 +77,31 @@ def test_the_cache_constraint_follows_the_rules_and_is_a_no_op_without_a_mesh():
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     text = jax.jit(constrain_cache).lower(cache).as_text()
   assert text.count("sharding_constraint") + text.count("@Sharding") >= 2, text[:2000]
+
+
+def _while_bodies(hlo: str) -> dict[str, str]:
+  """{op_name of each while loop: its body computation's text} in compiled HLO text."""
+  computations = {}
+  for block in hlo.split("\n\n"):
+    head = re.match(r"\s*(ENTRY )?%(\S+) ", block)
+    if head:
+      computations[head.group(2)] = block
+  return {op: computations[body] for body, op in re.findall(r"while\(.*?body=%(\S+?),.*?op_name=\"([^\"]+)\"", hlo)}
+
+
+def test_a_decoding_step_copies_neither_the_cache_nor_the_weights():
+  """The token loop's compiled body holds no copy or transpose bigger than a token's activations: the
+  cache is read in place (keys (B, K, H, S), values (B, K, S, H)) and no weight is re-laid out per token
+  (before, every step transposed each layer's whole cache and its output projection)."""
+  cfg = ModelConfig(vocab_size=512, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=48, tie_embeddings=False)
+  model, params = Transformer(cfg), _params(cfg)
+  tokens, lengths = pad_prompts([[1, 2, 3], [4, 5, 6, 7, 8]], pad_id=0)
+  generate = make_generate(model, max_new_tokens=11, stop_ids=(), pad_id=0)
+  bodies = _while_bodies(generate.lower(params, tokens, lengths, jax.random.key(0)).compile().as_text())
+  (body,) = [text for op, text in bodies.items() if op.endswith("jit(generate)/while")]
+  moved = []
+  for name, dims, op in re.findall(r"%(\S+) = \w+\[([0-9,]*)\]\S* (\w+)\(", body):
+    if op in ("copy", "transpose") or name.startswith(("copy", "transpose")):
+      moved.append((name, math.prod(int(d) for d in dims.split(",") if d)))
+  largest_activation = 2 * cfg.num_heads * cfg.head_dim  # a token's queries, B x N x H
+  assert [m for m in moved if m[1] > largest_activation] == [], moved
