@@ -22,7 +22,7 @@ from sft.trainer import rundir
 
 # The keys the trainer lets a resumed run change, as the spec states them (not read from the module).
 SAFE = ("train.sft_steps", "train.pretrain_steps", "train.log_every", "eval", "sample", "checkpoint", "mesh",
-        "sharding_rules", "model.remat", "model.remat_policy", "model.attention", "train.grad_accum_steps", "train.loss_chunk_size", "train.parallelism")
+        "sharding_rules", "model.remat", "model.remat_policy", "model.scan_layers", "model.attention", "train.grad_accum_steps", "train.loss_chunk_size", "train.parallelism")
 HOST = socket.gethostname()
 LINUX = os.path.exists("/proc/self/stat")
 
@@ -241,6 +241,37 @@ def test_of_processes_racing_for_the_lock_exactly_one_wins(tmp_path, before):
   assert all(o.startswith("refused: ") and "is in use by pid" in o for o in outcomes if o != "won"), outcomes
   assert [p.exitcode for p in procs] == [0] * n
   assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+
+def test_a_takeover_waits_while_another_process_is_acquiring(tmp_path):
+  """Acquisitions of one workdir's lock take turns (an advisory lock on the directory): a process that
+  finds a stale lock neither moves it nor creates its own while another process is mid-acquisition,
+  and wins once that one is done. Interleaved takeovers once let two runs both hold a workdir."""
+  import fcntl
+  import queue
+
+  _write_lock(tmp_path, pid=_exited_pid(), host=HOST)
+  stale = (tmp_path / rundir.LOCK_FILE).read_bytes()
+  ctx = multiprocessing.get_context("spawn")
+  barrier, results, release = ctx.Barrier(1), ctx.Queue(), ctx.Event()
+  fd = os.open(tmp_path, os.O_RDONLY)
+  fcntl.flock(fd, fcntl.LOCK_EX)  # as if another process were taking the lock over right now
+  proc = ctx.Process(target=_contend, args=(str(tmp_path), barrier, results, release))
+  proc.start()
+  try:
+    with pytest.raises(queue.Empty):
+      results.get(timeout=5)  # long enough for the child to import, start and reach the lock
+    assert (tmp_path / rundir.LOCK_FILE).read_bytes() == stale  # untouched while it waits
+    os.close(fd)  # the other acquisition is done
+    fd = None
+    assert results.get(timeout=60) == "won"
+  finally:
+    if fd is not None:
+      os.close(fd)
+    release.set()
+    proc.join(60)
+  assert proc.exitcode == 0
 
 
 # --- the config at resume ------------------------------------------------------------------------

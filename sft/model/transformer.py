@@ -193,7 +193,11 @@ class Transformer(nn.Module):
 def unembed_logits(x_btd: jax.Array, table: jax.Array, cfg: ModelConfig) -> jax.Array:
   """The output projection, accumulated and returned in float32 (bf16 logits would round before the
   softmax); `table` is the embedding (V, D) when tied, else the unembedding (D, V)."""
-  logits_btv = _unembed_product(x_btd, table.astype(cfg.compute_dtype), cfg.tie_embeddings)
+  table = table.astype(cfg.compute_dtype)
+  if jax.default_backend() == "cpu":  # see _unembed_product_bwd; GPUs and TPUs multiply transposed operands as they are
+    logits_btv = _unembed_product(x_btd, table, cfg.tie_embeddings)
+  else:
+    logits_btv = jnp.einsum(_spec(cfg.tie_embeddings), x_btd, table, preferred_element_type=jnp.float32)
   logits_btv = nn.with_logical_constraint(logits_btv, (axes.BATCH, axes.LENGTH, axes.VOCAB))
   return softcap(logits_btv, cfg.final_logit_softcap)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import fcntl
 import functools
 import json
 import logging
@@ -234,6 +235,28 @@ def _wait_for_writer(workdir: pathlib.Path, path: pathlib.Path, raw: bytes, age:
 
 
 @contextlib.contextmanager
+def _one_acquirer_at_a_time(workdir: pathlib.Path) -> Iterator[None]:
+  """Serialises acquisitions of a workdir's lock between processes with an advisory lock on the
+  directory itself, held for the acquisition only. Without it, two processes taking over the same
+  stale lock could interleave: the slower one moved the winner's fresh lock aside, and a third
+  process created its own in the gap, so two runs believed they held the workdir. Where the file
+  system has no flock, the rename-and-check takeover alone remains."""
+  try:
+    fd = os.open(workdir, os.O_RDONLY)
+  except OSError:
+    yield
+    return
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError:
+      pass
+    yield
+  finally:
+    os.close(fd)  # releases the flock
+
+
+@contextlib.contextmanager
 def workdir_lock(workdir: str | pathlib.Path) -> Iterator[pathlib.Path]:
   """Holds `<workdir>/run.lock` while the block runs: one run per workdir. A lock left by a process of
   this host that is gone (or whose pid was reused) is taken over with a warning; a live holder, or
@@ -242,11 +265,12 @@ def workdir_lock(workdir: str | pathlib.Path) -> Iterator[pathlib.Path]:
   workdir.mkdir(parents=True, exist_ok=True)
   path = workdir / LOCK_FILE
   content = (json.dumps(_holder_record()) + "\n").encode()
-  for _ in range(_ATTEMPTS):
-    if _try_acquire(workdir, path, content):
-      break
-  else:
-    raise ConfigError(f"could not lock {workdir}: {path} kept changing under other processes; try again")
+  with _one_acquirer_at_a_time(workdir):
+    for _ in range(_ATTEMPTS):
+      if _try_acquire(workdir, path, content):
+        break
+    else:
+      raise ConfigError(f"could not lock {workdir}: {path} kept changing under other processes; try again")
   try:
     yield path
   finally:
