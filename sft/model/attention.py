@@ -87,8 +87,6 @@ def cached_attention(q_btnh, k_bkhs, v_bksh, mask_b1ts, cfg: ModelConfig) -> jax
   scores_bkgts = jnp.where(mask_b1ts[:, :, None], scores_bkgts, jnp.finfo(jnp.float32).min)
   probs_bkgts = jax.nn.softmax(scores_bkgts, axis=-1).astype(v_bksh.dtype)
   out_bkgth = jnp.einsum("BKGTS,BKSH->BKGTH", probs_bkgts, v_bksh)
-  if t == 1:  # one new token: the same bytes as (B, 1, N, H); a transpose here would let XLA transpose
-    return out_bkgth.reshape(b, t, n, h)  # the output projection's weights instead, at every step
   return out_bkgth.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
