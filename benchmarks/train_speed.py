@@ -9,8 +9,9 @@ per row with every token in the loss. One step is forward, backward, global-norm
 AdamW (weight decay 0.1). Ours is one `jax.jit` call with donated state, its 6 layers traced one by
 one (`model.scan_layers=False`, what a run of a model this shallow would choose; `--scan_layers` times
 the scan); theirs is `loss.backward()`, `clip_grad_norm_` and `torch.optim.AdamW` (foreach), with SDPA
-attention. Each repeat times `--steps`
-steps of one side, then of the other, after a warm-up (compilation is not timed); the figure is the
+attention. `--micro_batches k` makes both sides accumulate gradients over k micro-batches within the
+step (ours `train.grad_accum_steps`, theirs backward on each chunk's loss / k): the same update, with
+a k-times smaller working set. Each repeat times `--steps` steps of one side, then of the other, after a warm-up (compilation is not timed); the figure is the
 median over repeats. PyTorch uses as many threads as XLA's CPU client (the machine's cores).
 
 It also times one 2048^3 float32 matmul on each side (the roofline of both steps) and prints the step's
@@ -91,7 +92,7 @@ class Ours:
 class Theirs:
   """LlamaForCausalLM on the same weights, its usual PyTorch training step."""
 
-  def __init__(self, folder: str, batch_np):
+  def __init__(self, folder: str, batch_np, micro_batches: int = 1):
     import torch
     import transformers
 
@@ -106,16 +107,21 @@ class Theirs:
     )
     self.inputs = torch.from_numpy(batch_np["inputs"].astype(np.int64))
     self.targets = torch.from_numpy(batch_np["targets"].astype(np.int64))
+    self.micro_batches = micro_batches
 
   def step(self) -> float:
-    torch = self.torch
-    logits = self.model(input_ids=self.inputs).logits
-    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), self.targets.reshape(-1))
-    loss.backward()
+    """One update; with micro-batches, the usual accumulation: backward on each chunk's loss / k (every
+    row has the same token count here, so that is the batch's mean)."""
+    torch, k, total = self.torch, self.micro_batches, 0.0
+    for inputs, targets in zip(self.inputs.chunk(k), self.targets.chunk(k)):
+      logits = self.model(input_ids=inputs).logits
+      loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1)) / k
+      loss.backward()
+      total += float(loss.detach())
     torch.nn.utils.clip_grad_norm_(self.model.parameters(), CLIP)
     self.optimizer.step()
     self.optimizer.zero_grad(set_to_none=True)
-    return float(loss.detach())
+    return total
 
 
 def matmul_gflops(n: int, repeats: int = 3) -> tuple[float, float]:
@@ -154,6 +160,7 @@ def main(argv=None) -> dict:
   parser.add_argument("--tiny", action="store_true", help="a small model and batch, for a quick check")
   parser.add_argument("--remat", action="store_true", help="our side recomputes each layer's activations")
   parser.add_argument("--scan_layers", action="store_true", help="our side scans one traced layer (model.scan_layers=True)")
+  parser.add_argument("--micro_batches", type=int, default=1, help="both sides accumulate gradients over this many micro-batches per step")
   args = parser.parse_args(argv)
   import torch
 
@@ -162,10 +169,10 @@ def main(argv=None) -> dict:
     args.batch, args.seq_len, args.steps, args.repeats = 2, 32, 1, 2
   cfg = ModelConfig(**(TINY_MODEL if args.tiny else BENCH_MODEL), remat=args.remat, scan_layers=args.scan_layers)
   batch_np = random_batch(args.batch, args.seq_len, cfg.vocab_size)
-  ours = Ours(cfg, batch_np)
+  ours = Ours(cfg, batch_np, grad_accum_steps=args.micro_batches)
   with tempfile.TemporaryDirectory() as folder:
     export_model(ours.params_host(), cfg, folder, "llama")
-    theirs = Theirs(folder, batch_np)
+    theirs = Theirs(folder, batch_np, args.micro_batches)
   first_loss = (ours.step(), theirs.step())  # warm-up: compiles ours; both see the same weights and batch here
   ours.step(), theirs.step()
   times = {"ours": [], "theirs": []}
@@ -178,11 +185,12 @@ def main(argv=None) -> dict:
   flops = model_flops(cfg, args.seq_len).per_token  # 6 N + 12 L T heads head_dim, as benchmarks/mfu.py counts
   jax_gflops, torch_gflops = matmul_gflops(256 if args.tiny else 2048)
   result = {
-      "params": n_params, "batch": args.batch, "seq_len": args.seq_len, "threads": torch.get_num_threads(),
+      "params": n_params, "batch": args.batch, "micro_batches": args.micro_batches, "seq_len": args.seq_len, "threads": torch.get_num_threads(),
       "ours_tokens_per_s": tok_s["ours"], "theirs_tokens_per_s": tok_s["theirs"], "ratio": tok_s["ours"] / tok_s["theirs"],
       "first_loss": first_loss, "flops_per_token": flops, "matmul_gflops": (jax_gflops, torch_gflops),
   }
-  print(f"model: {n_params / 1e6:.1f}M parameters, batch {args.batch} x {args.seq_len} tokens, float32, AdamW + clipping")
+  micro = f", {args.micro_batches} micro-batches per step on both sides" if args.micro_batches > 1 else ""
+  print(f"model: {n_params / 1e6:.1f}M parameters, batch {args.batch} x {args.seq_len} tokens{micro}, float32, AdamW + clipping")
   print(f"ours: model.scan_layers={cfg.scan_layers}, model.remat={cfg.remat}, attention {cfg.attention!r}")
   print(f"threads: {result['threads']} (PyTorch); step 1 loss: ours {first_loss[0]:.4f}, Hugging Face {first_loss[1]:.4f}")
   print(f"matmul {'256' if args.tiny else '2048'}^3 float32: JAX {jax_gflops:.0f} GFLOP/s, PyTorch {torch_gflops:.0f} GFLOP/s")

@@ -32,6 +32,12 @@ def test_train_speed_runs_both_sides_on_the_same_weights(capsys):
   assert ours_loss == pytest.approx(their_loss, rel=1e-4)  # same weights, same batch, same loss
   assert re.search(r"ratio \(sft / transformers\): [\d.]+x", out) and "threads: " in out
 
+  # In micro-batches, both sides still report the whole batch's mean loss at the same weights.
+  micro = load("train_speed").main(["--tiny", "--micro_batches", "2"])
+  assert micro["micro_batches"] == 2 and "2 micro-batches per step on both sides" in capsys.readouterr().out
+  assert micro["first_loss"][0] == pytest.approx(ours_loss, rel=1e-5)
+  assert micro["first_loss"][1] == pytest.approx(their_loss, rel=1e-5)
+
 
 def test_generate_speed_prints_both_sides_and_the_ratio(capsys):
   results = load("generate_speed").main(["--tiny", "--batch", "1", "3"])

@@ -28,10 +28,20 @@ def fan_in_init(in_axis, out_axis, scale: float = 1.0):
   return nn.initializers.variance_scaling(scale, "fan_in", "truncated_normal", in_axis=in_axis, out_axis=out_axis)
 
 
-def _flat_einsum(spec: str, x, w, n_in: int):
-  """`einsum(spec, x, w)` with the `n_in` contracted axes (x's last, w's first) merged into one: a
-  plain 2-D weight, which XLA otherwise copies into another axis order at every call (every decoding
-  step, for the attention output projection)."""
+def _contract(spec: str, x, w, n_in: int):
+  """`einsum(spec, x, w)`: x's last `n_in` axes against w's first `n_in`.
+
+  On CPU, one 2-D product (tokens, in) @ (in, out): with the einsum's 3-D and 4-D operands, XLA:CPU's
+  layout assignment wrote gradients as (features, tokens) from inside elementwise fusions (the SwiGLU
+  backward's, at a tenth of memory speed). Elsewhere, the einsum, with a multi-axis contraction merged
+  into one axis: a plain 2-D weight, which XLA otherwise copies into another axis order at every call
+  (every decoding step, for the attention output)."""
+  if jax.default_backend() == "cpu":
+    x_mi = x.reshape(-1, math.prod(w.shape[:n_in]))
+    y_mo = x_mi @ w.reshape(x_mi.shape[1], -1)
+    return y_mo.reshape(*x.shape[: x.ndim - n_in], *w.shape[n_in:])
+  if n_in == 1:
+    return jnp.einsum(spec, x, w)
   (x_spec, w_spec), out_spec = spec.split("->")[0].split(","), spec.split("->")[1]
   x_flat = x.reshape(*x.shape[: x.ndim - n_in], -1)
   w_flat = w.reshape(-1, *w.shape[n_in:])
@@ -43,7 +53,7 @@ def project(module: nn.Module, name: str, x, spec: str, shape, logical_axes, n_i
   with x; plus, when `name` is a LoRA target, (alpha / r) * (x A) B with B starting at zero."""
   c = module.cfg
   w = param(module, name, init, shape, logical_axes, c)
-  y = jnp.einsum(spec, x, w.astype(c.compute_dtype)) if n_in == 1 else _flat_einsum(spec, x, w.astype(c.compute_dtype), n_in)
+  y = _contract(spec, x, w.astype(c.compute_dtype), n_in)
   if not c.lora_rank or name not in c.lora_targets:
     return y
   (x_spec, w_spec), out_spec = spec.split("->")[0].split(","), spec.split("->")[1]
