@@ -1,13 +1,11 @@
 """Hugging Face weights load shard by shard: each device's box of a parameter maps back to one box of
 its HF tensor, and only that box is read from the files."""
 
-import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from fresh_process import run_json
 
 from sft.hf import weights
 
@@ -50,10 +48,7 @@ def _inner_axes(layout, ndim):
 
 def test_sharded_loading_on_8_devices_reads_each_shard_once():
   script = os.path.join(os.path.dirname(__file__), "hf_slice_check.py")
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  proc = subprocess.run([sys.executable, script], capture_output=True, text=True, env=env, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  result, _ = run_json([script])
   for name, r in result["families"].items():
     # The sharded load equals the parameters written and the unsharded (whole-tensor) load, bit for bit.
     assert r["equal_written"] and r["equal_unsharded"] and r["placed"], name

@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import pytest
+from fresh_process import fresh_env
 
 from sft.model import ModelConfig, Transformer
 
@@ -81,8 +82,7 @@ def test_peak_table(mfu):
 
 def test_benchmark_runs_on_cpu_with_the_tiny_preset(mfu):
   cmd = [sys.executable, SCRIPT, "--preset=tiny", "--steps=2", "--warmup=1", "--peak_tflops=1", "--json"]
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu"}
-  out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+  out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=fresh_env(JAX_PLATFORMS="cpu"))
   assert out.returncode == 0, out.stderr[-3000:]
   lines = out.stdout.strip().splitlines()
   text = "\n".join(lines[:-1])

@@ -5,7 +5,6 @@ checkpoints are saved and restored, and every loss equals that of one process wi
 import importlib
 import inspect
 import json
-import os
 import pathlib
 import socket
 import subprocess
@@ -13,6 +12,7 @@ import sys
 
 import numpy as np
 import pytest
+from fresh_process import fresh_env
 
 from sft.databuilder import api_records, pretrain_texts, read_module
 
@@ -40,7 +40,7 @@ def free_port() -> int:
 
 
 def start(workdir: pathlib.Path, num_processes: int, overrides: dict) -> list[subprocess.Popen]:
-  port, env = free_port(), {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  port, env = free_port(), fresh_env()
   workdir.mkdir(parents=True, exist_ok=True)
   return [
       subprocess.Popen(

@@ -14,6 +14,7 @@ import sys
 
 import numpy as np
 import pytest
+from fresh_process import fresh_env, run_json
 
 from sft.config import base_config
 from sft.config_check import config_problems
@@ -106,12 +107,7 @@ print(json.dumps(result))
 
 @pytest.fixture(scope="module")
 def pmap_vs_jit():
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  proc = subprocess.run(
-      [sys.executable, "-c", SCRIPT.format(tests=TESTS)], capture_output=True, text=True, env=env, timeout=600, cwd=TESTS
-  )
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+  return run_json(["-c", SCRIPT.format(tests=TESTS)], cwd=TESTS)[0]
 
 
 def test_the_batch_is_uneven_over_devices(pmap_vs_jit):
@@ -186,8 +182,7 @@ WORKER = os.path.join(TESTS, "resume_worker.py")
 def _train(workdir, data_dir, overrides, devices=2):
   """A tiny training run through the trainer (tests/resume_worker.py) in its own process; the runs of
   a workdir share compiled programs (the eval step, initialisation) through JAX's compilation cache."""
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env.update(JAX_COMPILATION_CACHE_DIR=str(workdir) + ".jit-cache", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  env = fresh_env(JAX_COMPILATION_CACHE_DIR=str(workdir) + ".jit-cache", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   cmd = [sys.executable, WORKER, str(workdir), str(data_dir), json.dumps(overrides), str(devices)]
   proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
   assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]

@@ -1,15 +1,13 @@
 """Sampling: greedy, temperature, top-k and top-p draw from the distributions they promise; generation
 stops at the chat template's end of turn; its ids can be placed replicated for multi-process runs."""
 
-import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from fresh_process import fresh_env, run_json
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from test_hf_tokenizer import CHAT, CHATML, FAMILIES, make_folder
 
@@ -189,11 +187,7 @@ print(json.dumps({
 
 
 def test_out_sharding_replicates_a_batch_sharded_over_eight_devices():
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env["PYTHONPATH"] = os.pathsep.join([ROOT, os.path.join(ROOT, "tests")])
-  proc = subprocess.run([sys.executable, "-c", EIGHT_DEVICES], capture_output=True, text=True, env=env, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  result, _ = run_json(["-c", EIGHT_DEVICES], env=fresh_env(PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")])))
   assert result["devices"] == 8
   assert not result["plain_replicated"]  # left alone, the ids follow the batch: one process could not read them all
   assert result["placed_replicated"] and result["placed_shard_shapes"] == [[8, 6]] and result["equal"]

@@ -1,10 +1,7 @@
 """The train step's scale options: gradient accumulation equals one big step, the chunked loss equals the
 full one and holds less memory, and a run compiles its step once."""
 
-import json
 import os
-import subprocess
-import sys
 
 import flax.linen as nn
 import hypothesis
@@ -15,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from fresh_process import run_json
 from jax.sharding import NamedSharding, PartitionSpec
 
 from sft.config import base_config
@@ -307,12 +305,7 @@ def test_accumulation_on_8_devices_moves_no_rows_and_matches_one_device():
   as one device's, and no more all-to-alls or permutes (rows moving between devices) than the step
   without accumulation (the tensor-parallel model has a few of its own), nor a full rematerialisation."""
   tests = os.path.dirname(os.path.abspath(__file__))
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  proc = subprocess.run(
-      [sys.executable, "-c", MULTIDEVICE.format(tests=tests)], capture_output=True, text=True, env=env, timeout=600, cwd=tests
-  )
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  result, proc = run_json(["-c", MULTIDEVICE.format(tests=tests)], cwd=tests)
   for key in ("loss", "grad_norm"):
     np.testing.assert_allclose(result["accumulated"][key], result["one"][key], rtol=RTOL, err_msg=key)
   assert result["max_param_diff"] < 3e-5  # Adam's per-weight scaling, as in the one-device test
