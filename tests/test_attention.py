@@ -163,8 +163,8 @@ def test_splash_under_a_mesh_runs_per_device_shards():
 
 @pytest.mark.parametrize("seq_len", [256, 384, 512])
 def test_blocked_causal_attention_equals_one_block(seq_len):
-  """The XLA path skips the score blocks the causal mask hides entirely: the output and its gradients
-  equal one block over every key, with packed segments and a sliding window."""
+  """The XLA path skips the score blocks the causal mask hides entirely: the output and the gradients
+  of queries, keys and values equal one block over every key, with packed segments and a sliding window."""
   from sft.model import attention
 
   assert attention.query_blocks(seq_len) > 1
@@ -175,12 +175,13 @@ def test_blocked_causal_attention_equals_one_block(seq_len):
   segment_ids = jnp.asarray((np.arange(seq_len)[None, :, None] >= np.sort(cut, 1)[:, None, :]).sum(-1) + 1, jnp.int32)
   cfg = dataclasses.replace(BASE, num_heads=n, num_kv_heads=k, head_dim=h, sliding_window=100)
   mask = attention.attention_mask(segment_ids, cfg.sliding_window)
-  blocked = lambda q: attention.causal_xla_attention(q, key, v, mask, cfg)  # noqa: E731
-  whole = lambda q: attention.xla_attention(q, key, v, mask, cfg)  # noqa: E731
-  np.testing.assert_allclose(blocked(q), whole(q), rtol=1e-5, atol=1e-6)
+  blocked = lambda q, key, v: attention.causal_xla_attention(q, key, v, mask, cfg)  # noqa: E731
+  whole = lambda q, key, v: attention.xla_attention(q, key, v, mask, cfg)  # noqa: E731
+  np.testing.assert_allclose(blocked(q, key, v), whole(q, key, v), rtol=1e-5, atol=1e-6)
   weights = jnp.asarray(rng.normal(size=(b, seq_len, n, h)), jnp.float32)
-  grad = lambda f: jax.grad(lambda q: jnp.sum(f(q) * weights))(q)  # noqa: E731
-  np.testing.assert_allclose(grad(blocked), grad(whole), rtol=1e-4, atol=1e-5)
+  grads = lambda f: jax.grad(lambda *qkv: jnp.sum(f(*qkv) * weights), argnums=(0, 1, 2))(q, key, v)  # noqa: E731
+  for ours, ref in zip(grads(blocked), grads(whole), strict=True):
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("changes", [{}, {"remat": True, "remat_policy": "save_dots"}, {"sliding_window": 16, "sliding_window_pattern": 2}])
