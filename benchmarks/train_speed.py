@@ -11,8 +11,9 @@ one (`model.scan_layers=False`, what a run of a model this shallow would choose;
 the scan); theirs is `loss.backward()`, `clip_grad_norm_` and `torch.optim.AdamW` (foreach), with SDPA
 attention. `--micro_batches k` makes both sides accumulate gradients over k micro-batches within the
 step (ours `train.grad_accum_steps`, theirs backward on each chunk's loss / k): the same update, with
-a k-times smaller working set. Each repeat times `--steps` steps of one side, then of the other, after a warm-up (compilation is not timed); the figure is the
-median over repeats. PyTorch uses as many threads as XLA's CPU client (the machine's cores).
+a k-times smaller working set (k must divide the batch). Each repeat times `--steps` steps of one
+side, then of the other, after a warm-up (compilation is not timed); the figure is the median over
+repeats. PyTorch uses as many threads as XLA's CPU client (the machine's cores).
 
 It also times one 2048^3 float32 matmul on each side (the roofline of both steps) and prints the step's
 matmul FLOPs per token as benchmarks/mfu.py counts them (6 x matmul parameters + 12 L T heads head_dim).
@@ -167,6 +168,8 @@ def main(argv=None) -> dict:
   torch.set_num_threads(os.cpu_count() or 1)
   if args.tiny:
     args.batch, args.seq_len, args.steps, args.repeats = 2, 32, 1, 2
+  if args.micro_batches < 1 or args.batch % args.micro_batches:
+    parser.error(f"--micro_batches {args.micro_batches} must be >= 1 and divide the batch ({args.batch} rows)")
   cfg = ModelConfig(**(TINY_MODEL if args.tiny else BENCH_MODEL), remat=args.remat, scan_layers=args.scan_layers)
   batch_np = random_batch(args.batch, args.seq_len, cfg.vocab_size)
   ours = Ours(cfg, batch_np, grad_accum_steps=args.micro_batches)

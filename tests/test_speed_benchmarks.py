@@ -37,6 +37,9 @@ def test_train_speed_runs_both_sides_on_the_same_weights(capsys):
   assert micro["micro_batches"] == 2 and "2 micro-batches per step on both sides" in capsys.readouterr().out
   assert micro["first_loss"][0] == pytest.approx(ours_loss, rel=1e-5)
   assert micro["first_loss"][1] == pytest.approx(their_loss, rel=1e-5)
+  with pytest.raises(SystemExit):  # 3 micro-batches of a 2-row batch: an argparse error, not a traceback
+    load("train_speed").main(["--tiny", "--micro_batches", "3"])
+  assert "must be >= 1 and divide the batch" in capsys.readouterr().err
 
 
 def test_generate_speed_prints_both_sides_and_the_ratio(capsys):
