@@ -1,7 +1,9 @@
 """Generation's prefill: only each row's last prompt token is unembedded, with the same tokens as the
 model's own full forward pass; the KV cache carries a sharding constraint that is a no-op without a mesh;
-a decoding step moves no cache or weight bytes around."""
+a decoding step moves no cache or weight bytes around, and on CPU multiplies by (out, in) copies of the
+weights that give the same logits."""
 
+import dataclasses
 import math
 import re
 
@@ -9,11 +11,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax.sharding import Mesh
 
 from sft.evaluator.generate import constrain_cache, make_generate, make_greedy_generate, pad_prompts, prefill
 from sft.model import ModelConfig, Transformer
-from sft.model.transformer import init_cache
+from sft.model.layers import OUT_IN
+from sft.model.transformer import init_cache, split_cache, split_layers, weights_out_in
 
 # A vocabulary much wider than anything else, so that a (B, P, V) array is the largest one by far.
 CFG = ModelConfig(vocab_size=512, d_model=16, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=8, mlp_dim=32, tie_embeddings=False)
@@ -105,3 +109,52 @@ def test_a_decoding_step_copies_neither_the_cache_nor_the_weights():
       moved.append((name, math.prod(int(d) for d in dims.split(",") if d)))
   largest_activation = 2 * cfg.num_heads * cfg.head_dim  # a token's queries, B x N x H
   assert [m for m in moved if m[1] > largest_activation] == [], moved
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"tie_embeddings": True},
+        {"qkv_bias": True, "qk_norm": True},
+        {"mlp_gated": False, "linear_bias": True, "norm_type": "layer", "position_embedding": "learned", "mlp_activation": "gelu_tanh"},
+        {"lora_rank": 2, "lora_targets": ("q", "o", "up", "down")},
+    ],
+    ids=["llama", "tied", "qwen", "gpt2", "lora"],
+)
+def test_a_decoding_step_on_out_in_copies_equals_one_on_the_weights(overrides):
+  """weights_out_in's copies give the same logits and cache as the parameters, for every kind of
+  projection (q/k/v/o, gated or plain MLP, biases, LoRA) and an untied unembedding; and they are what
+  the step multiplies by: zeroing them changes the logits."""
+  cfg = dataclasses.replace(CFG, **overrides)
+  model, layer_params = Transformer(cfg), split_layers(_params(cfg))
+  if cfg.lora_rank:  # B starts at zero: give the LoRA path something to add
+    layer_params = jax.tree_util.tree_map_with_path(
+        lambda path, x: x + 0.1 if "lora_b" in jax.tree_util.keystr(path) else x, layer_params
+    )
+  copies = weights_out_in(layer_params)
+  tokens_b1, slot_b = np.asarray([[3], [9]], np.int32), np.asarray([2, 5], np.int32)
+  cache = split_cache(init_cache(cfg, 2, 8))
+  step = jax.jit(lambda variables: model.apply(variables, tokens_b1, slot_b[:, None], cache=cache, cache_index_b=slot_b))
+  logits_ref, cache_ref = step({"params": layer_params})
+  logits, cache_out = step({"params": layer_params, OUT_IN: copies})
+  np.testing.assert_allclose(logits, logits_ref, rtol=1e-5, atol=5e-5)  # float32 summation order
+  for got, want in zip(jax.tree.leaves(cache_out), jax.tree.leaves(cache_ref)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=5e-5)
+  assert ("unembed" in copies) == (not cfg.tie_embeddings)
+  zeroed, _ = step({"params": layer_params, OUT_IN: jax.tree.map(jnp.zeros_like, copies)})
+  assert not np.allclose(zeroed, logits_ref, atol=1e-3)
+
+
+def test_the_token_loop_multiplies_by_weights_stored_out_in_on_cpu():
+  """Every projection in the compiled token loop contracts its weight's minor axis (an (out, in)
+  copy): without the barrier in generate, XLA cancels the copies' transposes and multiplies by the
+  (in, out) weights again, ~1.5x slower on CPU at a few rows."""
+  model, params = Transformer(CFG), _params()
+  tokens, lengths = pad_prompts(PROMPTS, pad_id=0)
+  hlo = make_generate(model, max_new_tokens=5, stop_ids=(), pad_id=0).lower(params, tokens, lengths, jax.random.key(0)).compile().as_text()
+  projections = re.findall(
+      r"dot\(%\S+, %\S+\), lhs_contracting_dims=\{1\}, rhs_contracting_dims=\{(\d)\}, metadata=\{op_name=\"jit\(generate\)/while/body/", hlo
+  )
+  assert len(projections) == 7 * CFG.num_layers + 1, projections  # q, k, v, o, gate, up, down per layer; the unembedding
+  assert set(projections) == {"1"}, projections

@@ -20,7 +20,8 @@ import numpy as np
 from sft.errors import ConfigError
 from sft.evaluator.sampling import Sampler
 from sft.model import Transformer, axes
-from sft.model.transformer import init_cache, split_cache, split_layers
+from sft.model.layers import OUT_IN
+from sft.model.transformer import init_cache, split_cache, split_layers, weights_out_in
 
 # Keys (L, B, K, H, S) and values (L, B, K, S, H): see sft.model.transformer.init_cache.
 CACHE_AXES = (
@@ -97,14 +98,17 @@ def generate(
     return (i < max_new_tokens) & ~jnp.all(done_b)
 
   # Per-layer weights and cache for the loop: split once here, so no token step copies them out of stacks.
-  layer_params = split_layers(params)
+  variables = {"params": split_layers(params)}
+  copies = weights_out_in(variables["params"]) if jax.default_backend() == "cpu" else {}
+  if copies:
+    # Each projection reads an (out, in) copy (see weights_out_in); behind a barrier, or XLA cancels
+    # the copy's transpose against the product's and multiplies by the (in, out) weight again.
+    variables[OUT_IN] = jax.lax.optimization_barrier(copies)
 
   def body(carry):
     i, last_b, out_bn, done_b, cache = carry
     slot_b = prompt_lengths_b + i - 1  # where `last_b`, the answer token i - 1, goes
-    logits_b1v, cache = model.apply(
-        {"params": layer_params}, last_b[:, None], slot_b[:, None], cache=cache, cache_index_b=slot_b
-    )
+    logits_b1v, cache = model.apply(variables, last_b[:, None], slot_b[:, None], cache=cache, cache_index_b=slot_b)
     next_b = jnp.where(done_b, pad_id, sampler(logits_b1v[:, 0], jax.random.fold_in(rng, i)))
     return i + 1, next_b, out_bn.at[:, i].set(next_b), done_b | is_stop(next_b), constrain_cache(cache)
 

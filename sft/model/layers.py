@@ -48,12 +48,22 @@ def _contract(spec: str, x, w, n_in: int):
   return jnp.einsum(f"{x_spec[:-n_in]}X,X{w_spec[n_in:]}->{out_spec}", x_flat, w_flat)
 
 
+# A variable collection of projection weights stored (out, in): `project` multiplies by that copy
+# when it is given one (CPU decoding, see sft.model.transformer.weights_out_in), else by the weight.
+OUT_IN = "weights_out_in"
+
+
 def project(module: nn.Module, name: str, x, spec: str, shape, logical_axes, n_in: int, init, train: bool):
   """`einsum(spec, x, W)` for the weight `name` of shape `shape` whose first `n_in` axes contract
   with x; plus, when `name` is a LoRA target, (alpha / r) * (x A) B with B starting at zero."""
   c = module.cfg
   w = param(module, name, init, shape, logical_axes, c)
-  y = _contract(spec, x, w.astype(c.compute_dtype), n_in)
+  if module.has_variable(OUT_IN, name):
+    w_oi = module.get_variable(OUT_IN, name).astype(c.compute_dtype)
+    y_mo = x.reshape(-1, w_oi.shape[1]) @ w_oi.T
+    y = y_mo.reshape(*x.shape[: x.ndim - n_in], *shape[n_in:])
+  else:
+    y = _contract(spec, x, w.astype(c.compute_dtype), n_in)
   if not c.lora_rank or name not in c.lora_targets:
     return y
   (x_spec, w_spec), out_spec = spec.split("->")[0].split(","), spec.split("->")[1]
