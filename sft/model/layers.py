@@ -28,6 +28,13 @@ def fan_in_init(in_axis, out_axis, scale: float = 1.0):
   return nn.initializers.variance_scaling(scale, "fan_in", "truncated_normal", in_axis=in_axis, out_axis=out_axis)
 
 
+def _rows_matmul(x, w_io, n_in: int, out_shape):
+  """x with its last `n_in` axes merged, as (tokens, in), times the 2-D `w_io` (in, out); the result
+  with the out axis split into `out_shape`."""
+  y_mo = x.reshape(-1, w_io.shape[0]) @ w_io
+  return y_mo.reshape(*x.shape[: x.ndim - n_in], *out_shape)
+
+
 def _contract(spec: str, x, w, n_in: int):
   """`einsum(spec, x, w)`: x's last `n_in` axes against w's first `n_in`.
 
@@ -37,9 +44,7 @@ def _contract(spec: str, x, w, n_in: int):
   into one axis: a plain 2-D weight, which XLA otherwise copies into another axis order at every call
   (every decoding step, for the attention output)."""
   if jax.default_backend() == "cpu":
-    x_mi = x.reshape(-1, math.prod(w.shape[:n_in]))
-    y_mo = x_mi @ w.reshape(x_mi.shape[1], -1)
-    return y_mo.reshape(*x.shape[: x.ndim - n_in], *w.shape[n_in:])
+    return _rows_matmul(x, w.reshape(math.prod(w.shape[:n_in]), -1), n_in, w.shape[n_in:])
   if n_in == 1:
     return jnp.einsum(spec, x, w)
   (x_spec, w_spec), out_spec = spec.split("->")[0].split(","), spec.split("->")[1]
@@ -59,9 +64,7 @@ def project(module: nn.Module, name: str, x, spec: str, shape, logical_axes, n_i
   c = module.cfg
   w = param(module, name, init, shape, logical_axes, c)
   if module.has_variable(OUT_IN, name):
-    w_oi = module.get_variable(OUT_IN, name).astype(c.compute_dtype)
-    y_mo = x.reshape(-1, w_oi.shape[1]) @ w_oi.T
-    y = y_mo.reshape(*x.shape[: x.ndim - n_in], *shape[n_in:])
+    y = _rows_matmul(x, module.get_variable(OUT_IN, name).astype(c.compute_dtype).T, n_in, shape[n_in:])
   else:
     y = _contract(spec, x, w.astype(c.compute_dtype), n_in)
   if not c.lora_rank or name not in c.lora_targets:
