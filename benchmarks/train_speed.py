@@ -6,9 +6,14 @@ Both sides train the same 26.1M-parameter Llama (vocab 8192, d_model 512, MLP 14
 4 KV heads, head_dim 64, untied unembedding) from the same weights (ours, exported to a Hugging Face
 folder and loaded by `LlamaForCausalLM`), in float32, on the same random batch of one full-length example
 per row with every token in the loss. One step is forward, backward, global-norm clipping to 1.0 and
-AdamW (weight decay 0.1). Ours is one `jax.jit` call with donated state, its 6 layers traced one by
-one (`model.scan_layers=False`, what a run of a model this shallow would choose; `--scan_layers` times
-the scan); theirs is `loss.backward()`, `clip_grad_norm_` and `torch.optim.AdamW` (foreach), with SDPA
+AdamW (weight decay 0.1). Ours is one `jax.jit` call with donated state, in the configuration that is
+fastest here: one traced layer scanned 6 times (`model.scan_layers=True`), each recomputing in the
+backward pass all but its projections' and MLP's matmul outputs (`model.remat=True`,
+`model.remat_policy="save_dots"`). That keeps the step's intermediates at 1.0 GB instead of 2.5 GB;
+XLA:CPU maps them afresh and faults every page in at every step, so the smaller set makes the faster
+step despite the recomputation. `--no-remat`, `--remat_policy full` and `--no-scan_layers` (the 6
+layers traced one by one) time the others. Theirs is `loss.backward()`, `clip_grad_norm_` and
+`torch.optim.AdamW` (foreach), with SDPA
 attention. `--micro_batches k` makes both sides accumulate gradients over k micro-batches within the
 step (ours `train.grad_accum_steps`, theirs backward on each chunk's loss / k): the same update, with
 a k-times smaller working set (k must divide the batch). Each repeat times `--steps` steps of one
@@ -17,6 +22,8 @@ repeats. PyTorch uses as many threads as XLA's CPU client (the machine's cores).
 
 It also times one 2048^3 float32 matmul on each side (the roofline of both steps) and prints the step's
 matmul FLOPs per token as benchmarks/mfu.py counts them (6 x matmul parameters + 12 L T heads head_dim).
+`--profile DIR` then traces one more step of ours into DIR (TensorBoard's profile plugin reads it) and
+prints where its time went, by the model code behind each operation (benchmarks/profile_ops.py).
 `--tiny` shrinks everything so a test runs it in seconds.
 """
 
@@ -159,8 +166,10 @@ def main(argv=None) -> dict:
   parser.add_argument("--steps", type=int, default=3, help="steps per timed repeat")
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--tiny", action="store_true", help="a small model and batch, for a quick check")
-  parser.add_argument("--remat", action="store_true", help="our side recomputes each layer's activations")
-  parser.add_argument("--scan_layers", action="store_true", help="our side scans one traced layer (model.scan_layers=True)")
+  parser.add_argument("--remat", action=argparse.BooleanOptionalAction, default=True, help="our side recomputes each layer's activations (model.remat)")
+  parser.add_argument("--remat_policy", default="save_dots", help="what a rematerialised layer keeps: save_dots or full (model.remat_policy)")
+  parser.add_argument("--scan_layers", action=argparse.BooleanOptionalAction, default=True, help="our side scans one traced layer (model.scan_layers)")
+  parser.add_argument("--profile", metavar="DIR", help="trace one more step of ours into DIR and print its time by source")
   parser.add_argument("--micro_batches", type=int, default=1, help="both sides accumulate gradients over this many micro-batches per step")
   args = parser.parse_args(argv)
   import torch
@@ -170,7 +179,7 @@ def main(argv=None) -> dict:
     args.batch, args.seq_len, args.steps, args.repeats = 2, 32, 1, 2
   if args.micro_batches < 1 or args.batch % args.micro_batches:
     parser.error(f"--micro_batches {args.micro_batches} must be >= 1 and divide the batch ({args.batch} rows)")
-  cfg = ModelConfig(**(TINY_MODEL if args.tiny else BENCH_MODEL), remat=args.remat, scan_layers=args.scan_layers)
+  cfg = ModelConfig(**(TINY_MODEL if args.tiny else BENCH_MODEL), remat=args.remat, remat_policy=args.remat_policy, scan_layers=args.scan_layers)
   batch_np = random_batch(args.batch, args.seq_len, cfg.vocab_size)
   ours = Ours(cfg, batch_np, grad_accum_steps=args.micro_batches)
   with tempfile.TemporaryDirectory() as folder:
@@ -194,7 +203,8 @@ def main(argv=None) -> dict:
   }
   micro = f", {args.micro_batches} micro-batches per step on both sides" if args.micro_batches > 1 else ""
   print(f"model: {n_params / 1e6:.1f}M parameters, batch {args.batch} x {args.seq_len} tokens{micro}, float32, AdamW + clipping")
-  print(f"ours: model.scan_layers={cfg.scan_layers}, model.remat={cfg.remat}, attention {cfg.attention!r}")
+  remat = f"{cfg.remat} ({cfg.remat_policy})" if cfg.remat else "False"
+  print(f"ours: model.scan_layers={cfg.scan_layers}, model.remat={remat}, attention {cfg.attention!r}")
   print(f"threads: {result['threads']} (PyTorch); step 1 loss: ours {first_loss[0]:.4f}, Hugging Face {first_loss[1]:.4f}")
   print(f"matmul {'256' if args.tiny else '2048'}^3 float32: JAX {jax_gflops:.0f} GFLOP/s, PyTorch {torch_gflops:.0f} GFLOP/s")
   print(f"step FLOPs: {flops / 1e6:.1f} MFLOP/token; roofline at JAX's matmul speed: {jax_gflops * 1e9 / flops:,.0f} tokens/s")
@@ -202,7 +212,22 @@ def main(argv=None) -> dict:
     share = tok_s[side] * flops / (jax_gflops if side == "ours" else torch_gflops) / 1e9
     print(f"{name:>24}: {tok_s[side]:8,.0f} tokens/s  ({share:.0%} of its matmul roofline; repeats {times[side]})")
   print(f"ratio (sft / transformers): {result['ratio']:.2f}x")
+  if args.profile:
+    result["profile"] = profile_step(ours, args.profile)
   return result
+
+
+def profile_step(ours: Ours, trace_dir: str) -> list[tuple[float, float, str]]:
+  """One traced step of ours, and its operations' time by source (see benchmarks/profile_ops.py)."""
+  from benchmarks import profile_ops
+
+  with jax.profiler.trace(trace_dir):
+    t0 = time.perf_counter()
+    ours.step()
+    wall_s = time.perf_counter() - t0
+  rows = profile_ops.breakdown(ours.step_fn.lower(ours.state, ours.batch).compile().as_text(), trace_dir)
+  profile_ops.print_breakdown(rows, wall_s)
+  return rows
 
 
 if __name__ == "__main__":

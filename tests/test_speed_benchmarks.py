@@ -23,14 +23,22 @@ def load(name):
   return module
 
 
-def test_train_speed_runs_both_sides_on_the_same_weights(capsys):
-  result = load("train_speed").main(["--tiny"])
+def test_train_speed_runs_both_sides_on_the_same_weights(capsys, tmp_path):
+  result = load("train_speed").main(["--tiny", "--profile", str(tmp_path)])
   out = capsys.readouterr().out
   assert result["ours_tokens_per_s"] > 0 and result["theirs_tokens_per_s"] > 0
   assert result["ratio"] == pytest.approx(result["ours_tokens_per_s"] / result["theirs_tokens_per_s"])
   ours_loss, their_loss = result["first_loss"]
   assert ours_loss == pytest.approx(their_loss, rel=1e-4)  # same weights, same batch, same loss
   assert re.search(r"ratio \(sft / transformers\): [\d.]+x", out) and "threads: " in out
+
+  # --profile: one traced step's operation time by source, the layers' products among them.
+  rows = result["profile"]
+  assert rows and all(ms >= 0 and 0 <= share <= 1 for ms, share, _ in rows) and sum(s for _, s, _ in rows) <= 1 + 1e-9
+  sources = [source for _, _, source in rows]
+  assert any(re.fullmatch(r"(forward|backward): layers/mlp/dot_general", s) for s in sources), sources  # the scanned layer's
+  assert any(s.startswith("backward, recomputed: layers/") for s in sources), sources  # remat (save_dots) recomputes norms
+  assert "where the step's time goes" in out
 
   # In micro-batches, both sides still report the whole batch's mean loss at the same weights.
   micro = load("train_speed").main(["--tiny", "--micro_batches", "2"])
@@ -51,3 +59,22 @@ def test_generate_speed_prints_both_sides_and_the_ratio(capsys):
     assert result["ratio"] == pytest.approx(result["ours"] / result["hf"])
     assert result["tokens_equal"] == 1.0  # 8 tokens of a toy model: the two sides agree exactly
     assert re.search(rf"batch {batch}: ours +[\d.]+ tokens/s, HF generate +[\d.]+ tokens/s, ratio [\d.]+x", out), out
+
+
+def test_profile_labels_fold_layers_and_name_the_pass():
+  profile_ops = load("profile_ops")
+  hlo = "\n".join([
+      '  %ynn_fusion.12 = f32[8,512]{1,0} fusion(%p), kind=kCustom, metadata={op_name="jit(step)/transpose(jvp(Transformer))/Transformer._layers_one_by_one/Block_3/mlp/dot_general" stack_frame_id=1}',
+      '  ROOT %add.7 = f32[8]{0} add(%a, %b), metadata={op_name="jit(step)/jvp(Transformer)/Transformer._layers_one_by_one/Block_11/attn/add"}',
+      '  %copy.2 = f32[8]{0} copy(%a), metadata={op_name="jit(step)/add;jit(step)/mul"}',
+      '  %mul.3 = f32[8]{0} multiply(%a, %a), metadata={op_name="jit(step)/transpose(jvp(Transformer))/while/body/closed_call/checkpoint/rematted_computation/layers/mlp_norm/mul"}',
+      '  %param.1 = f32[8]{0} parameter(0)',
+  ])
+  assert profile_ops.source_ops(hlo) == {
+      "ynn_fusion.12": "backward: Block_*/mlp/dot_general",
+      "add.7": "forward: Block_*/attn/add",
+      "copy.2": "update: add",
+      "mul.3": "backward, recomputed: layers/mlp_norm/mul",
+  }
+  with pytest.raises(FileNotFoundError):
+    profile_ops.operation_times_ns("/nonexistent-trace-dir")
