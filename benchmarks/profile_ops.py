@@ -1,12 +1,13 @@
 """Where a jitted function's time goes on CPU, by the model code that produced each operation.
 
-`breakdown(fn_compiled_text, trace_dir)` reads a `jax.profiler.trace` of one call: every operation XLA:CPU
-ran (a fusion, a library matmul, a copy) is a timed event on one of its worker threads, named as the
-instruction in the compiled HLO, whose metadata names the jax operation and the module path that
-produced it (`.../Block_3/mlp/dot_general`). Times are summed per source, labelled forward, backward
-or update (outside the gradient) and with layer numbers folded together (`Block_*`), so "the MLP's
-products in the backward pass" is one line whatever the depth. Times are thread time: an operation that runs while another runs on the second core counts
-in full, so the lines can add up to more than the wall time.
+`breakdown(hlo_text, trace_dir)` reads a `jax.profiler.trace` of one call: every operation XLA:CPU ran
+(a fusion, a library matmul, a copy) is a timed event on one of its worker threads, named as the
+instruction in the compiled HLO (`hlo_text`), whose metadata names the jax operation and the module
+path that produced it (`.../Block_3/mlp/dot_general`). Times are summed per source, labelled forward,
+backward or update (outside the gradient) and with layer numbers folded together (`Block_*`), so "the
+MLP's products in the backward pass" is one line whatever the depth. Times are thread time: an
+operation that runs while another runs on the second core counts in full, so the lines can add up to
+more than the wall time. CPU runs only: GPUs and TPUs record their kernels on device planes.
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ def operation_times_ns(trace_dir: str) -> collections.Counter:
       for event in line.events:
         if not event.name.startswith(_NOT_AN_OPERATION):
           times[event.name] += event.duration_ns
+  if not times:
+    raise ValueError(f"no XLA:CPU operation in the profile under {trace_dir}: it reads traces of CPU runs only")
   return times
 
 

@@ -13,10 +13,9 @@ backward pass all but its projections' and MLP's matmul outputs (`model.remat=Tr
 XLA:CPU maps them afresh and faults every page in at every step, so the smaller set makes the faster
 step despite the recomputation. `--no-remat`, `--remat_policy full` and `--no-scan_layers` (the 6
 layers traced one by one) time the others. Theirs is `loss.backward()`, `clip_grad_norm_` and
-`torch.optim.AdamW` (foreach), with SDPA
-attention. `--micro_batches k` makes both sides accumulate gradients over k micro-batches within the
-step (ours `train.grad_accum_steps`, theirs backward on each chunk's loss / k): the same update, with
-a k-times smaller working set (k must divide the batch). Each repeat times `--steps` steps of one
+`torch.optim.AdamW` (foreach), with SDPA attention. `--micro_batches k` makes both sides accumulate
+gradients over k micro-batches within the step (ours `train.grad_accum_steps`, theirs backward on each
+chunk's loss / k): the same update, with a k-times smaller working set (k must divide the batch). Each repeat times `--steps` steps of one
 side, then of the other, after a warm-up (compilation is not timed); the figure is the median over
 repeats. PyTorch uses as many threads as XLA's CPU client (the machine's cores).
 
@@ -46,6 +45,7 @@ from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 from benchmarks.mfu import model_flops  # noqa: E402
 from sft.hf import export_model  # noqa: E402
 from sft.model import ModelConfig, Transformer  # noqa: E402
+from sft.model.config import REMAT_POLICIES  # noqa: E402
 from sft.trainer import sharding  # noqa: E402
 from sft.trainer import state as state_lib  # noqa: E402
 from sft.trainer import step as step_lib  # noqa: E402
@@ -167,7 +167,7 @@ def main(argv=None) -> dict:
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--tiny", action="store_true", help="a small model and batch, for a quick check")
   parser.add_argument("--remat", action=argparse.BooleanOptionalAction, default=True, help="our side recomputes each layer's activations (model.remat)")
-  parser.add_argument("--remat_policy", default="save_dots", help="what a rematerialised layer keeps: save_dots or full (model.remat_policy)")
+  parser.add_argument("--remat_policy", default="save_dots", choices=REMAT_POLICIES, help="what a rematerialised layer keeps (model.remat_policy)")
   parser.add_argument("--scan_layers", action=argparse.BooleanOptionalAction, default=True, help="our side scans one traced layer (model.scan_layers)")
   parser.add_argument("--profile", metavar="DIR", help="trace one more step of ours into DIR and print its time by source")
   parser.add_argument("--micro_batches", type=int, default=1, help="both sides accumulate gradients over this many micro-batches per step")

@@ -78,3 +78,18 @@ def test_profile_labels_fold_layers_and_name_the_pass():
   }
   with pytest.raises(FileNotFoundError):
     profile_ops.operation_times_ns("/nonexistent-trace-dir")
+
+
+def test_a_profile_without_cpu_operations_is_a_clear_error(tmp_path):
+  import jax
+
+  with jax.profiler.trace(str(tmp_path)):
+    pass
+  with pytest.raises(ValueError, match="no XLA:CPU operation"):
+    load("profile_ops").operation_times_ns(str(tmp_path))
+
+
+def test_train_speed_rejects_an_unknown_remat_policy(capsys):
+  with pytest.raises(SystemExit):  # argparse's message, not a ConfigError traceback
+    load("train_speed").main(["--tiny", "--remat_policy", "none"])
+  assert "invalid choice" in capsys.readouterr().err
