@@ -8,12 +8,25 @@ and the config it trained with, checked again when a later run resumes.
       write_run_config(workdir, config.to_dict(), start_step)
 
 Only the process that writes the workdir (process 0) calls these.
+
+The lock is the kernel's: an exclusive flock(2) on `<workdir>/run.lock`, held on an open descriptor for
+the whole run and released by the kernel when the process ends, however it ends and in whatever PID
+namespace it runs (pids and /proc mean nothing across namespaces; the lock does). The file's JSON record
+(pid, host, start, command) only names the holder in messages. A free lock whose record names this host
+is a run that ended: taken over with a warning. A free lock whose record names another host is refused
+unless the caller takes it over (`--takeover_lock`): over NFS, Linux (>= 2.6.12) emulates flock with
+POSIX byte-range locks, which hosts share where the server supports locking, but some network and FUSE
+file systems (NFS mounted with `nolock` or `local_lock=flock`, for one) lock for the local host only, so
+a lock free here says nothing of a run on another host. Where the file system has no flock at all
+(ENOLCK, EOPNOTSUPP), the record alone is the lock, with a warning: created exclusively and removed at
+the end, and one a run left behind (it died) is refused until it is taken over explicitly.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import fcntl
 import functools
 import json
@@ -36,10 +49,9 @@ log = logging.getLogger("sft")
 
 LOCK_FILE = "run.lock"
 CONFIG_FILE = "config.json"
-# A lock file that does not parse is a run that died between creating and writing it, once it is this
-# old; younger, it may be a run that is writing it right now.
-CORRUPT_GRACE_S = 10.0
-_REREAD_S = 0.5  # how long a young unreadable lock is re-read before refusing
+# Errors of flock(2) where the file system does not support it.
+_NO_FLOCK = frozenset({errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL})
+_REREAD_S = 1.0  # how long a refused run re-reads a holder's record it finds unreadable (being written)
 _ATTEMPTS = 8
 
 # Keys a resumed run may change: they steer evaluation, sampling, checkpointing, logging, the device
@@ -72,47 +84,22 @@ _ABSENT = object()
 # --- one run per workdir -------------------------------------------------------------------------
 
 
-def _process_start(pid: int) -> int | None:
-  """The start time of `pid` in clock ticks since boot (Linux /proc), to tell a reused pid apart."""
-  try:
-    stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
-    return int(stat.rpartition(")")[2].split()[19])  # field 22; the name before ")" may hold spaces
-  except (OSError, ValueError, IndexError):
-    return None
-
-
-def _pid_alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:  # exists, owned by someone else
-    return True
-  return True
-
-
 def _holder_record() -> dict[str, Any]:
-  pid = os.getpid()
   return {
-      "pid": pid,
+      "pid": os.getpid(),
       "host": socket.gethostname(),
       "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
       "argv": list(sys.argv),
-      "pid_start": _process_start(pid),
   }
 
 
 def _parse_holder(raw: bytes) -> dict[str, Any] | None:
-  """The lock file's record, or None when it does not parse (a crash mid-write)."""
+  """The lock file's record, or None when it does not parse (a run that died writing it)."""
   try:
     holder = json.loads(raw)
   except ValueError:
     return None
   if not isinstance(holder, dict) or not isinstance(holder.get("host"), str):
-    return None
-  pid = holder.get("pid")
-  # os.kill(0 or -n, 0) would ask about process groups, not a process.
-  if type(pid) is not int or not 0 < pid < 2**31:
     return None
   return holder
 
@@ -120,171 +107,144 @@ def _parse_holder(raw: bytes) -> dict[str, Any] | None:
 def _describe(holder: dict[str, Any]) -> str:
   argv = holder.get("argv")
   command = shlex.join(map(str, argv)) if isinstance(argv, list) else "command unknown"
-  return f"pid {holder['pid']} on host {holder['host']} since {holder.get('started', '(time unknown)')} ({command})"
+  started = holder.get("started", "(time unknown)")
+  return f"pid {holder.get('pid', '(unknown)')} on host {holder['host']} since {started} ({command})"
 
 
-def _stale_reason(holder: dict[str, Any]) -> str | None:
-  """Why a well-formed lock of this host is stale, or None if its process still runs."""
-  pid = holder["pid"]
-  if not _pid_alive(pid):
-    return "that process has exited"
-  recorded, now = holder.get("pid_start"), _process_start(pid)
-  if isinstance(recorded, int) and now is not None and recorded != now:
-    return "that pid now belongs to another process"
-  return None
-
-
-def _refusal(workdir: pathlib.Path, path: pathlib.Path, holder: dict[str, Any]) -> ConfigError:
-  other_host = holder["host"] != socket.gethostname()
-  note = (
-      "; a lock from another host is never taken over automatically, as its processes cannot be checked from here"
-      if other_host else ""
-  )
-  return ConfigError(
-      f"{workdir} is in use by {_describe(holder)}; wait for it to finish, or delete {path} if that run is gone{note}"
-  )
-
-
-def _create(path: pathlib.Path, content: bytes) -> bool:
-  """Creates the lock file holding `content`; False if it exists."""
+def _open(path: pathlib.Path) -> tuple[int, bool] | None:
+  """A descriptor of the lock file and whether this call created it; None if it vanished meanwhile."""
   try:
-    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), True
   except FileExistsError:
-    return False
+    pass
   try:
-    os.write(fd, content)
-    os.fsync(fd)
-  except BaseException:
-    os.close(fd)
-    path.unlink(missing_ok=True)
+    return os.open(path, os.O_RDWR), False
+  except FileNotFoundError:
+    return None
+  except PermissionError as e:
+    raise ConfigError(
+        f"cannot open the workdir lock {path} ({e.strerror}); run as its owner, or use another workdir"
+    ) from None
+
+
+def _flock(fd: int, path: pathlib.Path) -> bool:
+  """Takes the exclusive flock of `fd` (open on `path`) without waiting: True once taken, False where
+  the file system has none. BlockingIOError when another open file of it holds the lock."""
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
     raise
-  os.close(fd)
+  except OSError as e:
+    if e.errno in _NO_FLOCK:
+      return False
+    raise ConfigError(f"cannot lock {path} ({e.strerror}); check its file system, or use another workdir") from None
   return True
 
 
-def _put_back(aside: pathlib.Path, path: pathlib.Path) -> None:
-  """Restores a live lock that a takeover moved aside by mistake, unless a new one took its name."""
+def _names(path: pathlib.Path, fd: int) -> bool:
+  """Whether `path` still names the file open as `fd`. A run releasing its lock unlinks the file, so a
+  flock taken on it after that locks a file no later run opens."""
   try:
-    os.link(aside, path)
-  except FileExistsError:
-    pass
-  except OSError:  # no hard links on this filesystem
-    os.replace(aside, path)
-    return
-  aside.unlink(missing_ok=True)
-
-
-def _take_over(path: pathlib.Path, fd: int) -> None:
-  """Moves the stale lock file open as `fd` out of the way. A rename succeeds for one racer only; one
-  that renamed a lock created since it read the stale one (another inode) puts it back."""
-  aside = path.with_name(f"{path.name}.stale-{os.getpid()}-{time.monotonic_ns()}")
-  try:
-    os.rename(path, aside)
+    named, held = os.stat(path), os.fstat(fd)
   except FileNotFoundError:
-    return  # another process took it over first
-  judged, moved = os.fstat(fd), os.stat(aside)
-  if (judged.st_dev, judged.st_ino) != (moved.st_dev, moved.st_ino):
-    _put_back(aside, path)
-  else:
-    aside.unlink(missing_ok=True)
+    return False
+  return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
 
 
-def _try_acquire(workdir: pathlib.Path, path: pathlib.Path, content: bytes) -> bool:
-  """One attempt: True if the lock is ours; False to try again; ConfigError if a live run holds it."""
-  if _create(path, content):
-    return True
-  try:
-    fd = os.open(path, os.O_RDONLY)
-  except FileNotFoundError:
-    return False  # released meanwhile
-  try:  # the fd stays open until the takeover, so its inode cannot be reused meanwhile
-    raw, age = os.read(fd, 1 << 20), time.time() - os.fstat(fd).st_mtime
-    holder = _parse_holder(raw)
-    if holder is None:
-      if age < CORRUPT_GRACE_S:
-        return _wait_for_writer(workdir, path, raw, age)
-      log.warning("%s: taking over %s, unreadable and last written %.0f s ago (a run that crashed starting)", workdir, path, age)
-    else:
-      if holder["host"] != socket.gethostname():
-        raise _refusal(workdir, path, holder)
-      reason = _stale_reason(holder)
-      if reason is None:
-        raise _refusal(workdir, path, holder)
-      log.warning("%s: taking over the lock of %s: %s", workdir, _describe(holder), reason)
-    _take_over(path, fd)
-  finally:
-    os.close(fd)
-  return False
+def _record(fd: int) -> bytes:
+  return os.pread(fd, 1 << 20, 0)
 
 
-def _wait_for_writer(workdir: pathlib.Path, path: pathlib.Path, raw: bytes, age: float) -> bool:
-  """A young unreadable lock is most likely a run writing it right now: re-read it briefly."""
+def _in_use(workdir: pathlib.Path, path: pathlib.Path, fd: int) -> ConfigError:
+  """The refusal while another process holds the flock; it may be writing its record right now."""
   deadline = time.monotonic() + _REREAD_S
-  while time.monotonic() < deadline:
+  while (holder := _parse_holder(_record(fd))) is None and time.monotonic() < deadline:
     time.sleep(0.02)
-    try:
-      if path.read_bytes() != raw:
-        return False  # written (or replaced): judge it again
-    except FileNotFoundError:
-      return False
-  raise ConfigError(
-      f"{workdir} may be in use: its lock {path} is unreadable and was written {age:.0f} s ago, so another run may "
-      f"be starting; try again, or delete {path} if no run uses {workdir} (after {CORRUPT_GRACE_S:.0f} s it is "
-      "taken over)"
+  who = _describe(holder) if holder else "a process whose record is unreadable"
+  return ConfigError(
+      f"{workdir} is in use by {who}; wait for it to finish, or stop it (`fuser -v {path}` lists the processes "
+      "that have the lock open)"
   )
 
 
-@contextlib.contextmanager
-def _one_acquirer_at_a_time(workdir: pathlib.Path) -> Iterator[None]:
-  """Serialises acquisitions of a workdir's lock between processes with an advisory lock on the
-  directory itself, held for the acquisition only. Without it, two processes taking over the same
-  stale lock could interleave: the slower one moved the winner's fresh lock aside, and a third
-  process created its own in the gap, so two runs believed they held the workdir. Where the file
-  system has no flock, the rename-and-check takeover alone remains."""
-  try:
-    fd = os.open(workdir, os.O_RDONLY)
-  except OSError:
-    yield
+def _check_leftover(workdir: pathlib.Path, raw: bytes, *, flocked: bool, takeover: bool) -> None:
+  """Returns if the record `raw` left in a lock that nobody holds may be taken over (warning which run
+  it names); a ConfigError if it may belong to a run the lock cannot see."""
+  holder = _parse_holder(raw)
+  who = _describe(holder) if holder else "a run whose record is unreadable"
+  if flocked and (holder is None or holder["host"] == socket.gethostname()):
+    if raw.strip():  # empty: a file just created by a run that lost the race to lock it, or died first
+      log.warning("%s: taking over the lock of %s: that run has ended (its lock is free)", workdir, who)
     return
-  try:
+  if takeover:
+    log.warning("%s: taking over the lock of %s, as asked", workdir, who)
+    return
+  why = (
+      ": a run of another host, which this host cannot check (a file system shared between hosts may not share locks)"
+      if flocked else ", and its file system has no flock to tell whether that run still holds it"
+  )
+  raise ConfigError(
+      f"{workdir} is locked by {who}{why}; wait for it to finish, or if that run is gone, run again with "
+      "--takeover_lock (Python: sft.train_and_evaluate(config, workdir, takeover_lock=True))"
+  )
+
+
+def _acquire(workdir: pathlib.Path, path: pathlib.Path, takeover: bool) -> int:
+  """The descriptor holding the workdir's lock, its record rewritten to name this process."""
+  for _ in range(_ATTEMPTS):
+    opened = _open(path)
+    if opened is None:
+      continue
+    fd, created = opened
     try:
-      fcntl.flock(fd, fcntl.LOCK_EX)
-    except OSError:
-      pass
-    yield
+      try:
+        flocked = _flock(fd, path)
+      except BlockingIOError:
+        raise _in_use(workdir, path, fd) from None
+      if not _names(path, fd):  # unlinked by the run that held it before we locked it: open it again
+        os.close(fd)
+        continue
+      if not flocked:
+        log.warning("%s: its file system has no flock, so the workdir lock is only the record in %s: a run that "
+                    "dies leaves it behind, to be taken over with --takeover_lock", workdir, path)
+      if not created:
+        _check_leftover(workdir, _record(fd), flocked=flocked, takeover=takeover)
+      os.ftruncate(fd, 0)
+      os.pwrite(fd, (json.dumps(_holder_record()) + "\n").encode(), 0)
+      os.fsync(fd)
+      return fd
+    except BaseException:
+      os.close(fd)
+      raise
+  raise ConfigError(f"could not lock {workdir}: {path} kept changing under other processes; try again")
+
+
+def _release(path: pathlib.Path, fd: int) -> None:
+  """Unlinks the lock file, then closes it (which frees the flock): a run that opened the file before
+  the unlink finds it unlinked once it locks it, and opens the path again."""
+  try:
+    if _names(path, fd):
+      path.unlink()
+    else:
+      log.warning("%s is no longer this run's lock (deleted or replaced); left as it is", path)
   finally:
-    os.close(fd)  # releases the flock
+    os.close(fd)
 
 
 @contextlib.contextmanager
-def workdir_lock(workdir: str | pathlib.Path) -> Iterator[pathlib.Path]:
-  """Holds `<workdir>/run.lock` while the block runs: one run per workdir. A lock left by a process of
-  this host that is gone (or whose pid was reused) is taken over with a warning; a live holder, or
-  any holder on another host, is a ConfigError naming it. Yields the lock file's path."""
+def workdir_lock(workdir: str | pathlib.Path, *, takeover: bool = False) -> Iterator[pathlib.Path]:
+  """Holds `<workdir>/run.lock` while the block runs: one run per workdir. A lock that another process
+  holds is a ConfigError naming it (whatever `takeover` says). A lock nobody holds whose record names
+  this host (or nothing readable) is taken over with a warning; one whose record names another host is
+  a ConfigError unless `takeover`. Yields the lock file's path."""
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   path = workdir / LOCK_FILE
-  content = (json.dumps(_holder_record()) + "\n").encode()
-  with _one_acquirer_at_a_time(workdir):
-    for _ in range(_ATTEMPTS):
-      if _try_acquire(workdir, path, content):
-        break
-    else:
-      raise ConfigError(f"could not lock {workdir}: {path} kept changing under other processes; try again")
+  fd = _acquire(workdir, path, takeover)
   try:
     yield path
   finally:
-    _release(path, content)
-
-
-def _release(path: pathlib.Path, content: bytes) -> None:
-  try:
-    if path.read_bytes() == content:
-      path.unlink()
-      return
-  except FileNotFoundError:
-    pass
-  log.warning("%s is no longer this run's lock (deleted or taken over); left as it is", path)
+    _release(path, fd)
 
 
 # --- the config a run trained with ---------------------------------------------------------------
