@@ -50,3 +50,36 @@ def test_random_folders_build(files, near):
         per_source[record["source"]] += 1
     assert len(ids) == len(set(ids)), [i for i, n in collections.Counter(ids).items() if n > 1]
     assert per_source == {s: row["read"] for s, row in by_source.items()}, "every record lands in exactly one file"
+
+
+def test_a_linked_subfolder_is_read_and_accounted(tmp_path):
+  chat = json.dumps({"prompt": "What is a linked folder?", "completion": "A folder reached through a symbolic link."})
+  (tmp_path / "elsewhere").mkdir()
+  (tmp_path / "elsewhere" / "more.jsonl").write_text("".join(chat.replace("?", f" {i}?") + "\n" for i in range(5)))
+  raw = tmp_path / "raw"
+  raw.mkdir()
+  (raw / "own.jsonl").write_text(chat + "\n")
+  (raw / "linked").symlink_to(tmp_path / "elsewhere")
+  config = build_config()
+  config.input_dir = str(raw)
+  config.filter.language.enabled = False
+  config.num_workers = 1
+  manifest = build_dataset(config, tmp_path / "out", progress=False)
+  assert [i["source"] for i in manifest["inputs"]] == ["linked/more.jsonl", "own.jsonl"]
+  assert manifest["accounting"]["by_source"]["linked/more.jsonl"]["read"] == 5
+
+
+
+def test_a_dangling_link_is_a_counted_row_not_a_failed_build(tmp_path):
+  raw = tmp_path / "raw"
+  raw.mkdir()
+  (raw / "own.jsonl").write_text(json.dumps({"prompt": "What is a dangling link?", "completion": "A link to nothing."}) + "\n")
+  (raw / "gone.jsonl").symlink_to(tmp_path / "nowhere.jsonl")
+  config = build_config()
+  config.input_dir = str(raw)
+  config.filter.language.enabled = False
+  config.num_workers = 1
+  manifest = build_dataset(config, tmp_path / "out", progress=False)
+  gone = manifest["accounting"]["by_source"]["gone.jsonl"]
+  assert gone["read"] == 1 and gone["dropped_by_reason"] == {"read: broken link": 1}, gone
+  assert [i["sha256"] for i in manifest["inputs"] if i["source"] == "gone.jsonl"] == [None]

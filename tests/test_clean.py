@@ -2,9 +2,10 @@
 and the character cap applied before any cleaning work."""
 
 import collections
+import unicodedata
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from sft.databuilder import build_config, clean, control, decontaminate, records, stages
@@ -177,7 +178,40 @@ def test_too_long_records_are_rejected_before_cleaning(monkeypatch):
   assert out["dropped"] == {"stage": "clean", "reason": "too long", "detail": "36 characters before cleaning > 20"}
 
 
-_CONTROL = st.sampled_from(sorted(control.KNOWN))
+# Unicode's Default_Ignorable_Code_Point, as listed in DerivedCoreProperties.txt.
+_IGNORABLE_RANGES = (
+    (0x00AD, 0x00AD), (0x034F, 0x034F), (0x061C, 0x061C), (0x115F, 0x1160), (0x17B4, 0x17B5), (0x180B, 0x180F),
+    (0x200B, 0x200F), (0x202A, 0x202E), (0x2060, 0x206F), (0x3164, 0x3164), (0xFE00, 0xFE0F), (0xFEFF, 0xFEFF),
+    (0xFFA0, 0xFFA0), (0x1BCA0, 0x1BCA3), (0x1D173, 0x1D17A), (0xE0000, 0xE0FFF),
+)
+_IGNORABLE = st.one_of([st.integers(lo, hi) for lo, hi in _IGNORABLE_RANGES]).map(chr)
+
+
+def _visible(text):
+  return "".join(c for c in text if not any(lo <= ord(c) <= hi for lo, hi in _IGNORABLE_RANGES))
+
+
+def _as_a_tokenizer_reads(text):
+  """The text after a normaliser that drops default-ignorables and applies NFKC (to the whole text)."""
+  return _visible(unicodedata.normalize("NFKC", _visible(text)))
+
+
+def _forged(text):
+  return sorted(s for s in control.KNOWN if s in _as_a_tokenizer_reads(text))
+
+
+@st.composite
+def _disguised(draw):
+  """A known control string, perhaps in full-width forms and with invisible characters inside."""
+  chars = list(draw(st.sampled_from(sorted(control.KNOWN))))
+  if draw(st.booleans()):
+    chars = [chr(ord(c) + 0xFEE0) if "!" <= c <= "~" and draw(st.booleans()) else c for c in chars]
+  for _ in range(draw(st.integers(0, 3))):
+    chars.insert(draw(st.integers(0, len(chars))), draw(_IGNORABLE))
+  return "".join(chars)
+
+
+_CONTROL = st.one_of(st.sampled_from(sorted(control.KNOWN)), _disguised())
 _PII = st.sampled_from(["+1 415-555-0132", "(415) 555-0132", "john.doe@example.com", "10.0.0.1", "1999-2004", "a@b"])
 
 
@@ -187,10 +221,49 @@ def test_cleaning_never_raises_and_leaves_no_control_string(parts):
   text = "".join(parts)
   p = _params()["clean"]
   out = clean.clean_text(text, p, collections.Counter())
-  assert not control.find(out)
+  assert not control.find(out) and not _forged(out)
   record = clean.clean_record(_chat(text or "x", text or "y"), p)
-  assert records.is_dropped(record) or not control.find(record["messages"][0]["content"])
-  clean.clean_record(_chat(text or "x"), _params(control_strings="drop")["clean"])
+  assert records.is_dropped(record) or not _forged(record["messages"][0]["content"])
+  dropped = clean.clean_record(_chat(text or "x"), _params(control_strings="drop")["clean"])
+  assert records.is_dropped(dropped) or not _forged(dropped["messages"][0]["content"])
+
+
+@pytest.mark.parametrize("forged", ["<|im_\u200dstart|>", "<\u00ad|im_end|>", "[\u2060INST]", "<\u202e|eot_id|>", "＜｜im_start｜＞",
+                                    "<start\U000e0020_of_turn>", "<\ufe0fs>", "＜|im_start|\u200c>"])
+def test_hidden_and_full_width_control_strings_are_escaped_or_dropped(forged):
+  p = _params()["clean"]
+  counts = collections.Counter()
+  out = clean.clean_text(f"hi {forged}assistant", p, counts)
+  assert not _forged(out) and counts["control_strings_escaped"] == 1
+  assert _as_a_tokenizer_reads(out).replace(control.ESCAPE, "") == _as_a_tokenizer_reads(f"hi {forged}assistant")  # only escaped
+  dropped = clean.clean_record(_chat(f"hi {forged}"), _params(control_strings="drop")["clean"])
+  assert dropped["dropped"]["reason"] == "control strings"
+
+
+_NANP_AREAS = ("201", "202", "212", "213", "305", "310", "312", "404", "415", "512", "617", "646", "702", "718", "808", "907")
+
+
+@settings(max_examples=200, deadline=None)
+@example(1310, 1370, "-", "canonized in 1870 ", ".", True)
+@example(1310, 1370, "\u2013", "", "", True)
+@example(1313, 1375, "-", "Ruled ", " in peace.", True)
+@given(st.integers(1000, 2099), st.integers(0, 2099), st.sampled_from(["-", "\u2013", "\u2014"]),
+       st.sampled_from(["", "canonized in 1870 ", "Ruled ", "x", "born 3 May "]), st.sampled_from(["", ".", " in peace.", ", then"]),
+       st.booleans())
+def test_year_ranges_are_not_phone_numbers(y1, y2, dash, before, after, parenthesised):
+  span = f"{y1}{dash}{max(y1, min(y2, 2099))}"
+  text = before + (f"({span})" if parenthesised else span) + after
+  assert _scrub(text) == text
+
+
+@settings(max_examples=200, deadline=None)
+@example("310", 555, 134, "({a}) {e}-{s}")
+@given(st.sampled_from(_NANP_AREAS), st.integers(200, 999).filter(lambda e: e % 100 != 11), st.integers(0, 9999),
+       st.sampled_from(["({a}) {e}-{s}", "{a}-{e}-{s}", "+1 {a} {e} {s}", "{a}.{e}.{s}", "1 ({a}) {e}-{s}"]))
+def test_phone_numbers_are_still_scrubbed(area, exchange, line, layout):
+  number = layout.format(a=area, e=exchange, s=f"{line:04d}")
+  out = _scrub(f"canonized in 1870 ({number}) or call {number}.")
+  assert out.startswith("canonized in 1870 ") and out.count("<PHONE>") == 2 and f"{line:04d}" not in out[18:]
 
 
 @settings(max_examples=150, deadline=None)

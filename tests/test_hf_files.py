@@ -9,13 +9,14 @@ import struct
 
 import numpy as np
 import pytest
+import safetensors.numpy
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_hf import _VALID, _hf_model, _tensors
 
 from sft.errors import ConfigError
 from sft.hf import config as hf_config
-from sft.hf import from_hf_config, load_model, safetensors_io
+from sft.hf import export_model, from_hf_config, load_model, safetensors_io
 from sft.model import ModelConfig
 
 
@@ -187,3 +188,75 @@ def test_index_names_inside_the_folder_load(tmp_path):
   (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
   _, params = load_model(folder)
   np.testing.assert_array_equal(params["embedding"], tensors["model.embed_tokens.weight"])
+
+
+def _with_ids(name, folder, **ids):
+  """A tiny checkpoint whose config.json carries token ids and a context length, as real ones do."""
+  import torch
+  import transformers
+  from test_hf import COMMON, FAMILIES
+
+  config_cls, extra = FAMILIES[name]
+  config = config_cls(**({} if name == "gpt2" else {**COMMON, "max_position_embeddings": 256}), **extra, **ids)
+  torch.manual_seed(0)
+  model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+  model.save_pretrained(folder)
+  return model
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "gpt2"])
+def test_export_keeps_every_field_of_the_source_config(tmp_path, name):
+  import torch
+  import transformers
+
+  hf = _with_ids(name, tmp_path / "source", bos_token_id=1, eos_token_id=2, pad_token_id=0)
+  source = json.loads((tmp_path / "source" / "config.json").read_text())
+  cfg, params = load_model(tmp_path / "source")
+  out = export_model(params, cfg, tmp_path / "out", name, base_config=hf_config.read_hf_config(tmp_path / "source" / "config.json"))
+  exported = json.loads((out / "config.json").read_text())
+  # Every source field is kept, except what the model defines (GPT-2's dropout is 0: sft trains without it).
+  defined = hf_config._model_fields(cfg, name, "float32")
+  rewritten = () if name == "gpt2" else ("rope_theta", "rope_scaling")  # as rope_parameters
+  assert exported == {**{k: v for k, v in source.items() if k not in rewritten}, **defined}
+  assert (exported["bos_token_id"], exported["eos_token_id"], exported["pad_token_id"]) == (1, 2, 0)
+  if name != "gpt2":
+    assert exported["max_position_embeddings"] == 256
+  again = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+  assert (again.config.eos_token_id, again.config.pad_token_id) == (2, 0)
+  tokens = torch.tensor([[3, 4, 5, 6]])
+  with torch.no_grad():
+    np.testing.assert_allclose(again(tokens).logits.numpy(), hf(tokens).logits.numpy(), atol=1e-5, rtol=1e-5)
+  with pytest.raises(ConfigError, match="model_type 'gpt2'"):
+    hf_config.to_hf_config(cfg, "llama" if name == "gpt2" else name, base={**source, "model_type": "gpt2"})
+
+
+def test_export_from_scratch_writes_token_ids_and_context(tmp_path):
+  import jax
+  import transformers
+
+  from sft.hf.weights import abstract_params
+
+  cfg = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64, max_positions=512)
+  params = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract_params(cfg))
+  out = export_model(params, cfg, tmp_path / "out", "llama", token_ids={"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0})
+  exported = json.loads((out / "config.json").read_text())
+  assert (exported["bos_token_id"], exported["eos_token_id"], exported["pad_token_id"], exported["max_position_embeddings"]) == (1, 2, 0, 512)
+  assert transformers.AutoConfig.from_pretrained(out).eos_token_id == 2
+  with pytest.raises(ConfigError, match="token_ids: unknown keys"):
+    hf_config.to_hf_config(cfg, "llama", token_ids={"eos_id": 2})
+
+
+def test_weights_that_do_not_match_config_json_are_one_line_config_errors(tmp_path):
+  _hf_model("llama", tmp_path)
+  tensors = _tensors(tmp_path)
+  path = tmp_path / "model.safetensors"
+  safetensors.numpy.save_file({**tensors, "model.norm.weight": np.zeros(65, np.float32)}, path)
+  with pytest.raises(ConfigError) as err:
+    load_model(tmp_path)
+  message = str(err.value)
+  assert "\n" not in message and str(path) in message and str(tmp_path / "config.json") in message
+  assert "tensor model.norm.weight has shape (65,), the config needs (64,)" in message
+  del tensors["model.norm.weight"]
+  safetensors.numpy.save_file(tensors, path)
+  with pytest.raises(ConfigError, match=r"missing: \['model.norm.weight'\].*do not match config.json"):
+    load_model(tmp_path)

@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from sft.errors import ConfigError
 from sft.pipeline import tokenize_record
 from sft.pipeline.hf_tokenizer import HFTokenizer
 
@@ -93,7 +94,7 @@ def test_missing_template_and_tokenizer_are_clear_errors(tmp_path):
   (folder / "tokenizer_config.json").write_text("{}")
   with pytest.raises(ValueError, match="no chat template"):
     HFTokenizer(folder)
-  with pytest.raises(FileNotFoundError, match="tokenizer.json nor tokenizer.model"):
+  with pytest.raises(ConfigError, match="tokenizer.json nor tokenizer.model"):
     HFTokenizer(tmp_path / "empty")
 
 

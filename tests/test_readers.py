@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import pathlib
+import re
 import tempfile
 import tracemalloc
 
@@ -14,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sft.databuilder import readers, records
+from sft.errors import ConfigError
 
 EXTENSIONS = (".jsonl", ".json", ".csv", ".tsv", ".txt", ".md", ".parquet")
 FIELDS = (
@@ -251,3 +253,122 @@ def test_limits_at_the_edges(tmp_path, limit):
   out = read(tmp_path, "n.jsonl", b"\n".join(lines), max_record_bytes=limit)
   assert len(out) == 69
   assert all((r.get("dropped", {}).get("reason") == "record too large") == (limit and int(r["id"].split(":")[1]) - 1 > limit) for r in out)
+
+
+def _parquet_peak(path: pathlib.Path, limit: int) -> tuple[list[records.Record], int]:
+  """The records of a Parquet file and the peak memory of reading them: Arrow's (its own pool, which
+  tracemalloc does not see) plus Python's."""
+  import pyarrow
+
+  pool, default = pyarrow.proxy_memory_pool(pyarrow.default_memory_pool()), pyarrow.default_memory_pool()
+  pyarrow.set_memory_pool(pool)
+  tracemalloc.start()
+  try:
+    out = list(readers.read_file(path, path.name, max_record_bytes=limit))
+  finally:
+    pyarrow.set_memory_pool(default)
+    python_peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+  return out, pool.max_memory() + python_peak
+
+
+def test_parquet_rows_over_the_limit_are_not_materialised(tmp_path):
+  import pyarrow
+  import pyarrow.parquet
+
+  row, n = 8 * 2**20, 6  # one row group of six 8 MiB rows: a few hundred KiB on disk
+  path = tmp_path / "big.parquet"
+  pyarrow.parquet.write_table(pyarrow.table({"text": ["x" * row] * n + ["fine"], "id": [str(i) for i in range(n + 1)]}), path)
+  assert path.stat().st_size < 2**20
+  out, peak = _parquet_peak(path, 2**20)
+  assert [r.get("dropped", {}).get("reason") for r in out] == ["record too large"] * n + [None]
+  assert row <= int(out[0]["dropped"]["detail"].split()[0]) < row + 100 and out[-1]["text"] == "fine"
+  # Rows are sized in Arrow, read one at a time, never turned into Python strings: about one row's worth.
+  assert peak < 4 * row, f"peak {peak >> 20} MiB reading {n} rows of {row >> 20} MiB"
+
+
+def test_parquet_small_rows_still_read_in_batches(tmp_path):
+  import pyarrow
+  import pyarrow.parquet
+
+  path = tmp_path / "small.parquet"
+  pyarrow.parquet.write_table(pyarrow.table({"prompt": [f"p{i}" for i in range(600)], "completion": ["c"] * 600}), path, row_group_size=250)
+  out = read(tmp_path, "small.parquet", path.read_bytes(), max_record_bytes=100)
+  assert [r["id"] for r in out] == [f"small.parquet:{i}" for i in range(600)] and not any(map(records.is_dropped, out))
+  group = pyarrow.parquet.ParquetFile(path).metadata.row_group(0)
+  assert readers._parquet_batch_rows(group, 0) == readers._parquet_batch_rows(group, 2**20) == 256
+  assert readers._parquet_batch_rows(group, 1) == 1
+
+
+def _tree(root: pathlib.Path, files: dict[str, str], links: dict[str, str]) -> None:
+  for name, text in files.items():
+    (root / name).parent.mkdir(parents=True, exist_ok=True)
+    (root / name).write_text(text)
+  for name, target in links.items():
+    (root / name).parent.mkdir(parents=True, exist_ok=True)
+    (root / name).symlink_to(target)
+
+
+def _names(folder: pathlib.Path) -> list[str]:
+  return [p.relative_to(folder).as_posix() for p in readers.list_files(folder)]
+
+
+def test_linked_files_and_folders_are_listed_once(tmp_path):
+  chat = '{"prompt": "p", "completion": "c"}\n'
+  _tree(tmp_path / "ext", {"a.jsonl": chat * 3, "deep/b.jsonl": chat}, {})
+  raw = tmp_path / "raw"
+  _tree(raw, {"top.jsonl": chat, "sub/own.jsonl": chat, ".hidden/x.jsonl": chat},
+        {"linked": "../ext", "again": "../ext", "sub/alias.jsonl": "../top.jsonl", "gone.jsonl": "nowhere.jsonl",
+         "z/file.jsonl": str(tmp_path / "ext" / "a.jsonl"), "z/own": "../sub", ".hid": "../ext"})
+  # A linked folder is read under its first name; a file reached twice is listed once, at its own place in
+  # the folder if it has one, else where first met (the real tree before linked folders); a dangling link is
+  # listed, so that reading it is a counted rejection.
+  assert _names(raw) == ["again/deep/b.jsonl", "gone.jsonl", "sub/own.jsonl", "top.jsonl", "z/file.jsonl"]
+  (gone,) = list(readers.read_file(raw / "gone.jsonl", "gone.jsonl"))
+  assert gone["dropped"]["reason"] == "broken link" and gone["dropped"]["detail"].startswith("-> nowhere.jsonl: No such file")
+  (raw / "loop1.jsonl").symlink_to("loop2.jsonl")
+  (raw / "loop2.jsonl").symlink_to("loop1.jsonl")
+  (loop,) = list(readers.read_file(raw / "loop1.jsonl", "loop1.jsonl"))
+  assert loop["dropped"] == {"stage": "read", "reason": "broken link", "detail": "-> loop2.jsonl: Too many levels of symbolic links"}
+
+
+@pytest.mark.parametrize("target", ["..", ".", "../..", "ROOT"])
+def test_a_folder_link_loop_is_refused_by_name(tmp_path, target):
+  raw = tmp_path / "raw"
+  _tree(raw, {"a.jsonl": "{}"}, {"sub/up": str(raw) if target == "ROOT" else target})
+  with pytest.raises(ConfigError, match=re.escape(f"{raw / 'sub' / 'up'} -> ") + ".*a loop"):
+    readers.list_files(raw)
+
+
+@settings(max_examples=30, deadline=None)
+@given(parents=st.lists(st.integers(0, 10), max_size=4),
+       links=st.lists(st.tuples(st.integers(0, 4), st.sampled_from(["dir", "file", "ext", "missing"]), st.integers(0, 4)), max_size=5))
+def test_random_trees_with_links(parents, links):
+  """Every real file once at its own place, a linked outside folder once, dangling links listed, loops refused."""
+  with tempfile.TemporaryDirectory() as tmp:
+    root, ext = pathlib.Path(tmp) / "raw", pathlib.Path(tmp) / "ext"
+    _tree(ext, {"e.jsonl": "{}"}, {})
+    dirs = [root]
+    for i, parent in enumerate(parents):
+      dirs.append(dirs[parent % len(dirs)] / f"d{i}")
+    for i, d in enumerate(dirs):
+      _tree(d, {f"f{i}.jsonl": "{}"}, {})
+    loop, dangling, to_ext = False, [], []
+    for j, (at, kind, target) in enumerate(links):
+      where, name = dirs[at % len(dirs)], f"l{j}"
+      goal = {"dir": dirs[target % len(dirs)], "file": dirs[target % len(dirs)] / f"f{target % len(dirs)}.jsonl",
+              "ext": ext, "missing": root / "missing"}[kind]
+      (where / name).symlink_to(goal)
+      loop |= kind == "dir" and (where == goal or where.is_relative_to(goal))
+      dangling += [(where / name).relative_to(root).as_posix()] if kind == "missing" else []
+      to_ext += [(where / name / "e.jsonl").relative_to(root).as_posix()] if kind == "ext" else []
+    if loop:
+      with pytest.raises(ConfigError, match="a loop"):
+        readers.list_files(root)
+      return
+    listed = _names(root)
+    assert listed == sorted(listed) and len(set(listed)) == len(listed)
+    real = [(d / f"f{i}.jsonl").relative_to(root).as_posix() for i, d in enumerate(dirs)]
+    linked = [n for n in listed if n in to_ext]
+    assert sorted(set(listed) - set(linked)) == sorted(real + dangling)
+    assert len(linked) == (1 if to_ext else 0)

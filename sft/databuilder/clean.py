@@ -3,7 +3,8 @@
 Per text, in order: mojibake and broken Unicode repaired by ftfy (which also normalises to NFC and
 removes control characters other than newline and tab), HTML / markup stripped when the text holds
 tags, whitespace normalised, and optionally PII replaced by placeholders. Chat control strings
-(control.py) are escaped or the record is dropped (clean.control_strings). A record whose turn or
+(control.py; also when hidden by invisible characters or written in full-width forms) are escaped or the
+record is dropped (clean.control_strings). A record whose turn or
 text is empty afterwards is dropped ("empty after cleaning").
 """
 
@@ -80,13 +81,26 @@ def normalize_whitespace(text: str) -> str:
 
 
 def _phone_spans(text: str, region: str, leniency: str) -> list[tuple[int, int]]:
-  """Where phone numbers are. "valid" (the default) needs a number valid for its region, which rejects year
-  ranges (1313-1375), page ranges and dates that a digit-group pattern takes for numbers."""
+  """Where phone numbers are. "valid" (the default) needs a number valid for its region, which rejects most
+  year ranges (1313-1375), page ranges and dates that a digit-group pattern takes for numbers; the year
+  ranges it would still take ("(1310-1370)") are left out by _is_year_range."""
   if leniency not in PHONE_LENIENCIES:
     raise ValueError(f"unknown clean.phone_leniency {leniency!r}; choose among {PHONE_LENIENCIES}")
   level = getattr(phonenumbers.Leniency, leniency.upper())
   # max_tries: the matcher stops silently after that many rejected candidates; no limit on long texts.
-  return [(m.start, m.end) for m in phonenumbers.PhoneNumberMatcher(text, region or None, level, max_tries=sys.maxsize)]
+  found = phonenumbers.PhoneNumberMatcher(text, region or None, level, max_tries=sys.maxsize)
+  return [(m.start, m.end) for m in found if not _is_year_range(m.raw_string)]
+
+
+# "(1310-1370)": the matcher reads "(1" as the country code 1 and takes the rest for a local number.
+_YEAR_RANGE = re.compile(r"\(?\s*(\d{4})\s*[-\u2010-\u2015]\s*(\d{4})\s*\)?")
+
+
+def _is_year_range(candidate: str) -> bool:
+  """Whether a phone-number candidate is a range of years, y1-y2 with 1000 <= y1 <= y2 <= 2099 (hyphen or
+  dash, in parentheses or not), which no real number in the formats the matcher accepts looks like."""
+  m = _YEAR_RANGE.fullmatch(candidate.strip())
+  return bool(m) and 1000 <= int(m[1]) <= int(m[2]) <= 2099
 
 
 _DIGIT_OR_AT = re.compile(r"[\d@]")

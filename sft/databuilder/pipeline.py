@@ -76,6 +76,8 @@ def params_of(config: ml_collections.ConfigDict) -> dict[str, Any]:
     raise ConfigError("filter.length.min_tokens / max_tokens need filter.length.tokenizer")
   if p["filter"]["length"]["tokenizer"] and not pathlib.Path(p["filter"]["length"]["tokenizer"]).exists():
     raise ConfigError(f"filter.length.tokenizer={p['filter']['length']['tokenizer']!r} does not exist")
+  if p["filter"]["length"]["tokenizer"]:
+    stages.tokenizer_control_strings(p["filter"]["length"]["tokenizer"])  # a folder it cannot open: its ConfigError now
   ann = p["annotate"]
   if (ann["self_instruct"]["num_instructions"] > 0 or ann["score"]["enabled"]) and not ann["model_workdir"]:
     raise ConfigError("annotate.self_instruct and annotate.score need annotate.model_workdir (a trained workdir)")
@@ -253,7 +255,9 @@ def _build_into(folder: pathlib.Path, params: dict[str, Any], inputs: list[tuple
       "config_hash": config_hash(params),
       "versions": _versions(),
       "inputs": [
-          {"source": source, "path": path, "sha256": write.sha256(pathlib.Path(path))} if kind == "file" else {"source": source, "python": platform.python_version()}
+          # A dangling link is a counted "broken link" row of the report, with no bytes to hash.
+          {"source": source, "path": path, "sha256": write.sha256(pathlib.Path(path)) if pathlib.Path(path).is_file() else None}
+          if kind == "file" else {"source": source, "python": platform.python_version()}
           for kind, path, source in inputs
       ],
       "eval_sets": eval_items,

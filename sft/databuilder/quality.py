@@ -1,6 +1,7 @@
 """Filter for quality: each rule returns None (keep) or the reason and detail of a drop.
 
-    length     characters, words and (with a tokenizer) tokens of the whole record, within bounds
+    length     characters, words and (with a tokenizer) tokens of the whole record, within bounds; a
+               text the tokenizer library fails on (a Rust panic included) is dropped with the reason
     gopher     Gopher heuristics (Rae et al. 2021, as in datatrove): mean word length, symbol and
                non-alphabetic word ratios, duplicated lines and paragraphs, top and duplicated
                n-gram character fractions, stop words. Applied to texts of at least
@@ -41,7 +42,10 @@ def length(record: records.Record, p: dict[str, Any], count_tokens: Callable[[st
     if hi and n > hi:
       return f"too many {what}", f"{n} > {hi}"
   if count_tokens is not None:
-    n_tokens = count_tokens(text)
+    try:
+      n_tokens = count_tokens(text)
+    except ValueError as err:  # the tokenizer library failed on this text (TokenizerFailure): this record only
+      return "tokenizer failed", str(err)
     if n_tokens < p["min_tokens"]:
       return "too few tokens", f"{n_tokens} < {p['min_tokens']}"
     if p["max_tokens"] and n_tokens > p["max_tokens"]:

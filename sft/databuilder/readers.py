@@ -18,13 +18,16 @@ line, row or file becomes a rejected record with the reason.
 from __future__ import annotations
 
 import codecs
+import collections
 import csv
 import io
 import json
+import os
 import pathlib
 from typing import Any, BinaryIO, Iterator, TextIO
 
 from sft.databuilder import records, templates
+from sft.errors import ConfigError
 
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet", ".txt": "text", ".md": "text"}
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bot": "assistant", "model": "assistant", "system": "system"}
@@ -327,15 +330,46 @@ def _parquet_values(path: pathlib.Path, source: str, limit: int) -> Iterator[tup
 
   i = 0
   try:
-    for batch in pyarrow.parquet.ParquetFile(path).iter_batches(batch_size=256):  # a batch at a time in memory
-      for row in batch.to_pylist():
-        raw = json.dumps(row, ensure_ascii=False, default=str)
-        size = len(raw.encode("utf-8", "surrogatepass"))
-        yield (f"{source}:{i}", _TooLarge(size), raw[:_RAW_CHARS]) if limit and size > limit else (f"{source}:{i}", row, raw[:_RAW_CHARS])
-        i += 1
+    parquet = pyarrow.parquet.ParquetFile(path)
+    for group in range(parquet.num_row_groups):
+      rows = _parquet_batch_rows(parquet.metadata.row_group(group), limit)
+      for batch in parquet.iter_batches(batch_size=rows, row_groups=[group]):  # a batch at a time in memory
+        for row, size in _parquet_rows(batch, limit):
+          record_id = f"{source}:{i}"
+          i += 1
+          if size is not None:
+            yield record_id, _TooLarge(size), ""
+            continue
+          raw = json.dumps(row, ensure_ascii=False, default=str)
+          size = len(raw.encode("utf-8", "surrogatepass"))
+          yield (record_id, _TooLarge(size), raw[:_RAW_CHARS]) if limit and size > limit else (record_id, row, raw[:_RAW_CHARS])
   except Exception as err:  # noqa: BLE001 (pyarrow raises several types for a corrupt file)
     # Rows read before the damage stay; the rest of the file is one rejection, named apart from them.
     yield f"{source}:{i}" if i else source, Malformed("unreadable parquet", _error_detail(err)), ""
+
+
+_PARQUET_BATCH_ROWS = 256
+
+
+def _parquet_batch_rows(group: Any, limit: int) -> int:
+  """Rows per batch for one row group: as many as fit in `limit` at the group's mean row size (from the
+  file's metadata, before any row is read), at most 256 and down to one, so that rows much larger than
+  the limit are read one at a time."""
+  if not limit or not group.num_rows:
+    return _PARQUET_BATCH_ROWS
+  per_row = -(-group.total_byte_size // group.num_rows)
+  return max(1, min(_PARQUET_BATCH_ROWS, limit // max(1, per_row)))
+
+
+def _parquet_rows(batch: Any, limit: int) -> Iterator[tuple[Any, int | None]]:
+  """(row as Python values, None), or (None, its size in Arrow) for a row over `limit`: a row is sized in
+  Arrow before it becomes Python objects, so an outsized one is never copied out of the batch."""
+  if not limit or batch.nbytes <= limit:
+    yield from ((row, None) for row in batch.to_pylist())
+    return
+  for j in range(batch.num_rows):
+    row = batch.slice(j, 1)
+    yield (None, row.nbytes) if row.nbytes > limit else (row.to_pylist()[0], None)
 
 
 def _text_values(f: BinaryIO, path: pathlib.Path, source: str, limit: int) -> Iterator[tuple[str, Any, str]]:
@@ -372,6 +406,9 @@ def read_file(path: pathlib.Path, source: str, field_map: dict[str, str] | None 
   the file. Never raises on bad data: a bad record is a rejection, an unreadable file one more, and a
   file with no records at all one "no records" rejection, so every input has a row in the accounting.
   `max_record_bytes` (0: no limit) rejects a longer record, with its size, before parsing it."""
+  if (broken := _broken_link(path)) is not None:
+    yield records.rejected(source, source, _STAGE, "broken link", broken)
+    return
   kind = FORMATS.get(path.suffix.lower())
   if kind is None:
     yield records.rejected(source, source, _STAGE, "unsupported file type", f"{path.suffix or 'no extension'}; expected one of {sorted(FORMATS)}")
@@ -390,6 +427,17 @@ def read_file(path: pathlib.Path, source: str, field_map: dict[str, str] | None 
     yield records.rejected(source, source, _STAGE, "no records", "the file holds no record")
 
 
+def _broken_link(path: pathlib.Path) -> str | None:
+  """"-> target: why" for a link that leads to no file (dangling, or a loop of links), else None."""
+  try:
+    path.stat()
+    return None
+  except OSError as err:
+    if not path.is_symlink():
+      return None  # not a link: read_file reports the file's own error
+    return f"-> {os.readlink(path)}: {err.strerror}"
+
+
 def _sized(values: Iterator[tuple[str, Any, str]], limit: int) -> Iterator[tuple[str, Any, str]]:
   """Oversized values become Malformed here, so _parse turns them into rejections with their size."""
   for record_id, value, raw in values:
@@ -399,7 +447,61 @@ def _sized(values: Iterator[tuple[str, Any, str]], limit: int) -> Iterator[tuple
 
 
 def list_files(folder: pathlib.Path) -> list[pathlib.Path]:
-  """Every file under `folder` in a fixed order (hidden files skipped)."""
+  """Every file under `folder`, links to files and folders followed, in a fixed order (hidden names skipped).
+
+  A file reached by several paths is listed once: under its own place in the folder if it has one, else
+  under the first path met (the real tree is walked before any linked folder, each level in name order).
+  A dangling link is listed, so that reading it gives its counted rejection; a folder link that leads
+  back to a folder holding it (a loop) is a ConfigError naming the link."""
   if not folder.is_dir():
     raise FileNotFoundError(f"input folder {folder} does not exist")
-  return sorted(p for p in folder.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+  walked = {_identity(folder)}
+  candidates: list[tuple[bool, pathlib.Path]] = []  # (reached through a link, path), in walk order
+  pending, links = collections.deque([(folder, False)]), collections.deque()
+  while pending or links:
+    if not pending:  # the next folder link, once everything before it is walked
+      link = links.popleft()
+      if _leads_back(link):
+        raise ConfigError(f"input_dir: the link {link} -> {os.readlink(link)} leads back to a folder that holds it "
+                          "(a loop); remove it or point it elsewhere")
+      if _identity(link) not in walked:  # else a folder already walked under another name
+        walked.add(_identity(link))
+        pending.append((link, True))
+      continue
+    directory, via_link = pending.popleft()
+    for entry in _entries(directory):
+      path = pathlib.Path(entry.path)
+      if entry.name.startswith("."):
+        continue
+      if entry.is_dir(follow_symlinks=False):
+        if _identity(path) not in walked:
+          walked.add(_identity(path))
+          pending.append((path, via_link))
+      elif entry.is_symlink() and os.path.isdir(path):
+        links.append(path)
+      elif entry.is_file() or (entry.is_symlink() and not os.path.exists(path)):  # files, links to files, dangling links
+        candidates.append((via_link or entry.is_symlink(), path))
+  listed: dict[str, pathlib.Path] = {}
+  for _, path in sorted(candidates, key=lambda c: c[0]):  # stable: files in their own place first
+    listed.setdefault(os.path.realpath(path) if os.path.exists(path) else str(path), path)
+  return sorted(listed.values())
+
+
+def _entries(directory: pathlib.Path) -> list[os.DirEntry]:
+  """A folder's entries in name order; a folder that cannot be listed is a ConfigError, not a silent gap."""
+  try:
+    with os.scandir(directory) as it:
+      return sorted(it, key=lambda e: e.name)
+  except OSError as err:
+    raise ConfigError(f"input_dir: cannot list {directory} ({err.strerror}); fix its permissions or move it out") from None
+
+
+def _identity(path: pathlib.Path) -> tuple[int, int]:
+  st = path.stat()
+  return st.st_dev, st.st_ino
+
+
+def _leads_back(link: pathlib.Path) -> bool:
+  """Whether the folder `link` points to holds the link itself (walking it would never end)."""
+  target, parent = pathlib.Path(os.path.realpath(link)), pathlib.Path(os.path.realpath(link.parent))
+  return parent == target or parent.is_relative_to(target)

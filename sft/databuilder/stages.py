@@ -51,7 +51,8 @@ def _tokenizer(tokenizer_path: str) -> Any:
 
 @functools.lru_cache(maxsize=4)
 def token_counter(tokenizer_path: str) -> Callable[[str], int] | None:
-  """text -> number of tokens, with the tokenizer loaded once per process (None without a path)."""
+  """text -> number of tokens, with the tokenizer loaded once per process (None without a path). A text
+  the tokenizer library fails on raises TokenizerFailure (a ValueError): the length filter drops that record."""
   if not tokenizer_path:
     return None
   tokenizer = _tokenizer(tokenizer_path)

@@ -263,11 +263,50 @@ _ARCHITECTURES = {
 }
 
 
-def to_hf_config(cfg: ModelConfig, family: str, *, torch_dtype: str = "float32") -> dict[str, Any]:
+def to_hf_config(
+    cfg: ModelConfig, family: str, *, torch_dtype: str = "float32", base: dict[str, Any] | None = None,
+    token_ids: dict[str, int | None] | None = None,
+) -> dict[str, Any]:
   """A config.json dict that `transformers` loads into the same model; a ConfigError if `cfg` has
-  maths that `family` cannot express."""
+  maths that `family` cannot express.
+
+  `base`, the source checkpoint's config.json, is kept whole (token ids, max_position_embeddings and
+  every other field), with what the model defines written over it. Without one (a model trained from
+  scratch), `token_ids` gives bos_token_id / eos_token_id / pad_token_id, and max_position_embeddings is
+  the model's max_positions."""
   if family not in FAMILIES:
     raise ConfigError(f"family must be one of {FAMILIES}, got {family!r}")
+  out = _carried(_model_fields(cfg, family, torch_dtype), cfg, family, base, token_ids)
+  return _checked(cfg, family, out, _comparable(cfg, family))
+
+
+_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+# What the source's config.json may say in a form the model's fields replace (the v4 rope layout).
+_REWRITTEN = ("rope_theta", "rope_scaling")
+
+
+def _carried(
+    out: dict[str, Any], cfg: ModelConfig, family: str, base: dict[str, Any] | None, token_ids: dict[str, int | None] | None
+) -> dict[str, Any]:
+  """`out` on top of the source's fields (see to_hf_config)."""
+  if base is None:
+    unknown = sorted(set(token_ids or {}) - set(_TOKEN_IDS))
+    if unknown:
+      raise ConfigError(f"token_ids: unknown keys {unknown}; expected some of {_TOKEN_IDS}")
+    extra = {k: v for k, v in (token_ids or {}).items() if v is not None}
+    if family != "gpt2":  # GPT-2 has n_positions among its own fields
+      extra["max_position_embeddings"] = cfg.max_positions
+    return {**out, **extra}
+  if base.get("model_type") != family:
+    raise ConfigError(f"the source config.json has model_type {base.get('model_type')!r}; a {family} export cannot keep it")
+  merged = {**{k: v for k, v in base.items() if k not in _REWRITTEN or family == "gpt2"}, **out}
+  if "dtype" in base:  # the newer name of torch_dtype: both say the dtype written
+    merged["dtype"] = out["torch_dtype"]
+  return merged
+
+
+def _model_fields(cfg: ModelConfig, family: str, torch_dtype: str) -> dict[str, Any]:
+  """The config.json fields that define the model's maths."""
   rope: dict[str, Any] = {"rope_theta": cfg.rope_theta, "rope_type": cfg.rope_type}
   if cfg.rope_type == "llama3":
     rope.update(
@@ -278,7 +317,7 @@ def to_hf_config(cfg: ModelConfig, family: str, *, torch_dtype: str = "float32")
     )
   gemma = family in _GEMMA
   if family == "gpt2":
-    return _checked(cfg, family, _to_gpt2(cfg, torch_dtype), cfg)
+    return _to_gpt2(cfg, torch_dtype)
   out: dict[str, Any] = {
       "architectures": [_ARCHITECTURES[family]],
       "model_type": family,
@@ -315,10 +354,14 @@ def to_hf_config(cfg: ModelConfig, family: str, *, torch_dtype: str = "float32")
         attn_logit_softcapping=cfg.attn_logit_softcap or None,
         final_logit_softcapping=cfg.final_logit_softcap or None,
     )
-  comparable = cfg
-  if gemma and not cfg.query_pre_attn_scalar:
-    comparable = dataclasses.replace(cfg, query_pre_attn_scalar=float(cfg.head_dim) if family == "gemma2" else 0.0)
-  return _checked(cfg, family, out, comparable)
+  return out
+
+
+def _comparable(cfg: ModelConfig, family: str) -> ModelConfig:
+  """`cfg` with the defaults a checkpoint of `family` fills in."""
+  if family in _GEMMA and not cfg.query_pre_attn_scalar:
+    return dataclasses.replace(cfg, query_pre_attn_scalar=float(cfg.head_dim) if family == "gemma2" else 0.0)
+  return cfg
 
 
 def _checked(cfg: ModelConfig, family: str, out: dict[str, Any], comparable: ModelConfig) -> dict[str, Any]:

@@ -95,10 +95,14 @@ def to_hf_tensors(params: Any, cfg: ModelConfig, *, desc: str | None = None) -> 
 
 
 def export_model(
-    params: Any, cfg: ModelConfig, folder: str | pathlib.Path, family: str, *, max_shard_bytes: int = 5 * 2**30
+    params: Any, cfg: ModelConfig, folder: str | pathlib.Path, family: str, *, max_shard_bytes: int = 5 * 2**30,
+    base_config: dict[str, Any] | None = None, token_ids: dict[str, int | None] | None = None,
 ) -> pathlib.Path:
   """Writes config.json and safetensors (sharded with an index past `max_shard_bytes`) that
   `transformers` loads as the same model, each tensor in its parameter's dtype (bfloat16 stays bfloat16).
+  config.json keeps every field of `base_config`, the source checkpoint's (its token ids and
+  max_position_embeddings included); a model trained from scratch gets its token ids from `token_ids`
+  (see to_hf_config).
 
   Streamed: file layout and headers come from shapes alone, then tensors are gathered one at a time
   (only that tensor, on every process, as gathering takes them all), written by process 0 and
@@ -106,7 +110,7 @@ def export_model(
   `safetensors` package writes for the same tensors."""
   folder = pathlib.Path(folder)
   torch_dtype = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[cfg.param_dtype]
-  hf_config = to_hf_config(cfg, family, torch_dtype=torch_dtype)
+  hf_config = to_hf_config(cfg, family, torch_dtype=torch_dtype, base=base_config, token_ids=token_ids)
   plan = _export_plan(params, cfg)
   groups = safetensors_io.plan_shards({name: source.nbytes for name, source in plan.items()}, max_shard_bytes)
   n = len(groups)

@@ -2,7 +2,7 @@
 
 The bytes are read and written by the `safetensors` package (its numpy backend, bfloat16 included);
 this module only adds what sft needs around it: one open handle per file however many tensors it
-holds, refusal of index entries that point outside the folder, and ValueErrors that name the file.
+holds, refusal of index entries that point outside the folder, and ConfigErrors that name the file.
 
 The package (0.8.0) validates the header itself: not a JSON object, a length past the end of the file,
 negative, reversed, out-of-bounds, overlapping or gapped offsets, bytes left over, an unknown dtype,
@@ -47,16 +47,16 @@ _WRITABLE = {np.dtype(v) for v in _DTYPES.values()}
 
 @contextlib.contextmanager
 def _file_errors(path: pathlib.Path) -> Iterator[None]:
-  """The package's errors as a ValueError naming the file. Rust panics are BaseExceptions (pyo3's
+  """The package's errors as a ConfigError naming the file. Rust panics are BaseExceptions (pyo3's
   PanicException), so they are caught by name."""
   try:
     yield
   except safetensors.SafetensorError as err:
-    raise ValueError(f"{path}: not a readable safetensors file, truncated or corrupt ({err})") from None
+    raise ConfigError(f"{path}: not a readable safetensors file, truncated or corrupt ({err})") from None
   except BaseException as err:
     if type(err).__name__ != "PanicException":
       raise
-    raise ValueError(f"{path}: the safetensors reader failed on this file ({err})") from None
+    raise ConfigError(f"{path}: the safetensors reader failed on this file ({err})") from None
 
 
 def _check_unique_names(path: pathlib.Path) -> None:
@@ -67,7 +67,7 @@ def _check_unique_names(path: pathlib.Path) -> None:
     seen = set()
     for name, _ in pairs:
       if name in seen:
-        raise ValueError(f"{path}: tensor {name!r} is listed twice in the header")
+        raise ConfigError(f"{path}: tensor {name!r} is listed twice in the header")
       seen.add(name)
     return dict(pairs)
 
@@ -94,7 +94,7 @@ class SafetensorsFile:
   def check_dtype(self, name: str) -> None:
     dtype = self._file.get_slice(name).get_dtype()
     if dtype not in _DTYPES:
-      raise ValueError(f"{self.path}: tensor {name!r} has dtype {dtype}, which sft does not read")
+      raise ConfigError(f"{self.path}: tensor {name!r} has dtype {dtype}, which sft does not read")
 
   def get(self, name: str) -> np.ndarray:
     self.check_dtype(name)

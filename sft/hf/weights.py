@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sft.console import bar
+from sft.errors import ConfigError
 from sft.hf import safetensors_io
 from sft.hf.config import from_hf_config, read_hf_config
 from sft.model import ModelConfig, Transformer
@@ -211,8 +212,8 @@ def _check_names(files: Mapping[str, Any], expected: set[str], cfg: ModelConfig,
   if cfg.tie_embeddings and "lm_head.weight" in extra:
     extra.remove("lm_head.weight")  # tied checkpoints may store a copy; the embedding is used
   if missing or extra:
-    raise ValueError(f"{folder}: tensors missing: {missing[:20]}{' ...' if len(missing) > 20 else ''}; "
-                     f"unexpected: {extra[:20]}{' ...' if len(extra) > 20 else ''}")
+    raise ConfigError(f"{folder}: tensors missing: {missing[:20]}{' ...' if len(missing) > 20 else ''}; "
+                      f"unexpected: {extra[:20]}{' ...' if len(extra) > 20 else ''}; the weights do not match config.json")
 
 
 def load_params(folder: str | pathlib.Path, cfg: ModelConfig, shardings: Any = None) -> Any:
@@ -238,7 +239,8 @@ def load_params(folder: str | pathlib.Path, cfg: ModelConfig, shardings: Any = N
     for name in names[path]:
       source = sources[name]
       if files[source].shape(source) != want:
-        raise ValueError(f"{folder}: tensor {name} has shape {files[source].shape(source)}, the config needs {want}")
+        raise ConfigError(f"{files[source].path}: tensor {name} has shape {files[source].shape(source)}, the config needs "
+                          f"{want} ({folder / 'config.json'}); the weights do not match config.json")
       files[source].check_dtype(source)
 
   def load(key_path, leaf):

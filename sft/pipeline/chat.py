@@ -26,6 +26,11 @@ KNOWN_CONTROL_STRINGS: tuple[str, ...] = tuple(
 )  # fmt: skip
 
 
+class TokenizerFailure(ValueError):
+  """The tokenizer library failed on a text (a Rust panic included): a fault of that record, which the
+  data builder rejects and training reports with the record named."""
+
+
 def validate_messages(messages: Any) -> str | None:
   """Returns why `messages` is not a usable chat, or None if it is."""
   if not isinstance(messages, Sequence) or isinstance(messages, (str, bytes)) or not messages:

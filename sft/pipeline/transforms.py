@@ -17,6 +17,7 @@ from typing import Any, Mapping
 import grain
 import numpy as np
 
+from sft.errors import ConfigError
 from sft.pipeline.chat import ChatTokenizer
 
 
@@ -41,7 +42,17 @@ def shift_and_truncate(tokens: np.ndarray, loss_mask: np.ndarray, max_len: int) 
 
 
 def tokenize_record(record: Mapping[str, Any], tokenizer: ChatTokenizer) -> tuple[np.ndarray, np.ndarray]:
-  """A chat or text record as (tokens, loss mask), in the tokenizer's own chat format."""
+  """A chat or text record as (tokens, loss mask), in the tokenizer's own chat format. A record that
+  cannot be tokenized (invalid, refused by the chat template, or failing in the tokenizer library) is a
+  ConfigError naming it."""
+  try:
+    return _tokenize(record, tokenizer)
+  except ValueError as err:  # ConfigError and TokenizerFailure included
+    name = record.get("id") if isinstance(record, Mapping) else None
+    raise ConfigError(f"record {name!r}: {err}" if name is not None else f"a record without an id: {err}") from None
+
+
+def _tokenize(record: Mapping[str, Any], tokenizer: ChatTokenizer) -> tuple[np.ndarray, np.ndarray]:
   if "messages" in record:
     return tokenizer.tokenize_chat(record["messages"])
   if "text" in record:
