@@ -70,6 +70,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.weight_decay = 0.1  # AdamW, not applied to norm scales
   c.train.grad_clip_norm = 1.0  # global-norm clipping
   c.train.log_every = 10  # steps between metric lines (each one waits for the device)
+  # A step whose loss or gradient norm is not finite: "stop" ends the run with an error naming the step
+  # (no checkpoint of a non-finite state is ever saved); "skip" leaves the state as it was (the update
+  # is dropped, counted in the metrics), and stops once max_consecutive_skips steps in a row were skipped.
+  c.train.on_nonfinite = "stop"
+  c.train.max_consecutive_skips = 10
 
   c.eval = ml_collections.ConfigDict()
   c.eval.every_steps = 100  # also at the start and at the end
@@ -80,6 +85,9 @@ def base_config() -> ml_collections.ConfigDict:
   # How answers are compared for exact match and token F1: "squad" (lowercase, no punctuation, no
   # articles, single spaces: SQuAD's evaluation script) or "whitespace" (single spaces only).
   c.eval.answer_normalization = "squad"
+  # A generation prompt longer than the context (train.seq_len less max_new_tokens): "truncate" keeps its
+  # last tokens (counted and reported); "refuse" stops with an error naming the record.
+  c.eval.prompt_overflow = "truncate"
   # The eval job (job="eval", configs/eval.py): the model is the latest checkpoint of a training workdir
   # (model_workdir), or else the Hugging Face folder model.checkpoint; the records are those of eval
   # files (any format the data builder reads), or else the validation split of data.dir / data.build.
@@ -93,6 +101,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.sample.top_p = 1.0
   c.sample.max_new_tokens = 128
   c.sample.seed = 0
+  c.sample.prompt_overflow = "truncate"  # as eval.prompt_overflow, for --generate prompts
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 100  # and always at the end

@@ -140,17 +140,21 @@ CONSTRAINTS = {
     "train.weight_decay": AT_LEAST_0,
     "train.grad_clip_norm": POSITIVE,
     "train.log_every": AT_LEAST_1,
+    "train.on_nonfinite": OneOf(("stop", "skip")),
+    "train.max_consecutive_skips": AT_LEAST_1,
     "eval.every_steps": AT_LEAST_1,
     "eval.batch_size": AT_LEAST_1,
     "eval.num_generations": Range(0, also=(-1,)),
     "eval.max_new_tokens": AT_LEAST_1,
     "eval.num_samples_to_print": AT_LEAST_0,
     "eval.answer_normalization": OneOf(("squad", "whitespace")),  # sft.evaluator.metrics.NORMALIZATIONS
+    "eval.prompt_overflow": OneOf(("truncate", "refuse")),
     "sample.temperature": AT_LEAST_0,
     "sample.top_k": AT_LEAST_0,
     "sample.top_p": Range(0, 1, low_open=True),
     "sample.max_new_tokens": AT_LEAST_1,
     "sample.seed": AT_LEAST_0,
+    "sample.prompt_overflow": OneOf(("truncate", "refuse")),
     "checkpoint.every_steps": AT_LEAST_1,
     "checkpoint.max_to_keep": AT_LEAST_1,
     "mesh.data": MESH_SIZE,
@@ -320,6 +324,14 @@ def _data_dir_named(v: dict[str, Any]) -> str | None:
   return "data.dir: the folder of a data build, needed with data.source 'dir'" if v["data.source"] == "dir" and not v["data.dir"] else None
 
 
+def _data_dir_used(v: dict[str, Any]) -> str | None:
+  # A folder named but not read would train on the rebuilt default data without a word.
+  if v["data.source"] == "dir" or not v["data.dir"] or (v["job"] == "eval" and v["eval.files"]):
+    return None
+  return (f"data.dir={v['data.dir']!r} is only read with data.source 'dir', and data.source is {v['data.source']!r} "
+          "(the data would be built from data.build instead): set data.source='dir', or leave data.dir empty")
+
+
 def _eval_model_named(v: dict[str, Any]) -> str | None:
   if v["job"] != "eval" or v["eval.model_workdir"] or v["model.checkpoint"]:
     return None
@@ -359,6 +371,7 @@ CROSS_CHECKS = (
     (("train.batch_size", "train.grad_accum_steps"), _micro_batches_divide),
     (("train.parallelism", "mesh.fsdp", "mesh.tensor"), _pmap_data_parallel),
     (("job", "eval.files", "data.source", "data.dir"), _data_dir_named),
+    (("job", "eval.files", "data.source", "data.dir"), _data_dir_used),
     (("job", "eval.model_workdir", "model.checkpoint"), _eval_model_named),
     (("model.rope_type", "model.rope_low_freq_factor", "model.rope_high_freq_factor"), _llama3_factors),
     (("model.attention", "train.seq_len"), _splash_blocks),

@@ -305,6 +305,9 @@ def test_values_that_cannot_work_together():
   config.data.source = "dir"
   assert problems_of(config).startswith("data.dir: ")
   config = base_config()
+  config.data.dir = "/my/build"  # named but not read: the run would rebuild the default data
+  assert problems_of(config).startswith("data.dir='/my/build' is only read with data.source 'dir'")
+  config = base_config()
   config.model.rope_type, config.model.rope_low_freq_factor, config.model.rope_high_freq_factor = "llama3", 4.0, 4.0
   assert "model.rope_high_freq_factor must be greater" in problems_of(config)
 
