@@ -40,11 +40,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   return loop.train_and_evaluate(config, workdir, **kwargs)
 
 
-def evaluate_model(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, float]:
+def evaluate_model(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, **kwargs: Any) -> dict[str, float]:
   """`sft.eval_job.evaluate_model`: a trained or Hugging Face model on held-out records, with a report."""
-  return eval_job.evaluate_model(config, workdir)
+  return eval_job.evaluate_model(config, workdir, **kwargs)
 
 
-def respond(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, prompts: Sequence[str]) -> list[str]:
-  """One answer per prompt from the workdir's latest checkpoint (see `sft.serve.respond`)."""
-  return serve.respond(config, workdir, prompts)
+def respond(
+    config: ml_collections.ConfigDict, workdir: str | pathlib.Path, prompts: Sequence[str], *,
+    given_keys: set[str] | frozenset[str] | None = None,
+) -> list[str]:
+  """One answer per prompt from the workdir's latest checkpoint, the model built as it was trained;
+  `given_keys`: the keys set on the command line (see `sft.serve.load_responder`)."""
+  return serve.respond(config, workdir, prompts, given_keys=given_keys)

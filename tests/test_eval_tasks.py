@@ -1,6 +1,7 @@
 """Evaluation per task: which answers are generated, which metrics score them, candidates ranked by
 log-likelihood (checked against the model's own log-probabilities), and the written report."""
 
+import importlib
 import json
 
 import jax
@@ -181,3 +182,48 @@ def _only(tmp_path, line):
   path = tmp_path / "only.jsonl"
   path.write_text(line + "\n")
   return path
+
+
+def _tiny_params(tiny_model_config):
+  model = Transformer(tiny_model_config)
+  params = model.init(jax.random.key(0), *(jnp.zeros((1, 8), jnp.int32),) * 3)["params"]
+  mesh = Mesh(np.asarray(jax.devices()[:1]), ("data",))
+  return model, params, mesh, jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec()), params)
+
+
+LONG = "Summarize: " + "shlex split quote " * 40  # far more than the 64 tokens of the context
+
+
+def test_an_evaluation_with_no_answer_token_in_the_context_is_an_error(tokenizer, tiny_model_config):
+  """Every answer past seq_len: a loss over nothing would read 0.000, perplexity 1.0."""
+  model, params, mesh, shardings = _tiny_params(tiny_model_config)
+  records = [_chat(LONG + str(i), "short answer") for i in range(2)]
+  with pytest.raises(ConfigError, match="none of the 2 eval records has an answer token within train.seq_len=64.*raise train.seq_len"):
+    _evaluator(records, tokenizer, model, shardings, mesh, num_generations=0)
+
+
+def test_a_task_without_answer_tokens_has_no_perplexity_and_long_prompts_are_cut(tmp_path, tokenizer, tiny_model_config, monkeypatch):
+  """The qa records' answers are all past the context: "no tokens" for that task, not perplexity 1.0;
+  their generation prompts keep their last tokens (counted, reported) and the cache stays in the context."""
+  generate_module = importlib.import_module("sft.evaluator.generate")  # the package's `generate` is the function
+  lengths = []
+  init_cache = generate_module.init_cache
+  monkeypatch.setattr(generate_module, "init_cache", lambda cfg, batch, n: lengths.append(n) or init_cache(cfg, batch, n))
+  model, params, mesh, shardings = _tiny_params(tiny_model_config)
+  records = [_chat(LONG + str(i), "it quotes", task="qa") for i in range(2)] + [_chat("Hi?", "hello")]
+  with jax.set_mesh(mesh):
+    result = _evaluator(records, tokenizer, model, shardings, mesh, num_generations=-1).evaluate(params)
+  m = result.metrics
+  assert m["eval/qa/loss_tokens"] == 0 and m["eval/chat/loss_tokens"] == m["eval/loss_tokens"] > 0
+  assert "eval/qa/perplexity" not in m and "eval/qa/loss" not in m and m["eval/chat/perplexity"] > 1
+  assert "perplexity" not in result.tasks["qa"]["metrics"] and "no tokens" in result.tasks["qa"]["details"]["loss"]
+  assert result.prompts_truncated == 2 and lengths and max(lengths) <= 64
+  cut = result.samples[0].prompt  # its end kept: the question's last words, then the assistant header
+  assert cut.endswith("quote 0<|end|><|assistant|>") and "Summarize" not in cut
+  text = write_report(result, tmp_path / "eval", about={}).read_text()
+  qa_row = next(line for line in text.splitlines() if line.startswith("| qa |"))
+  assert "no tokens" in qa_row and "1.000" not in qa_row
+  assert "generation prompts cut to the context: 2 of 3" in text
+  assert json.loads((tmp_path / "eval" / "results.json").read_text())["prompts_truncated"] == 2
+  with pytest.raises(ConfigError, match=r"record #0 has a generation prompt of \d+ tokens, more than the 58 that fit"):
+    _evaluator(records, tokenizer, model, shardings, mesh, num_generations=-1, prompt_overflow="refuse")

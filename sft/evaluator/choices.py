@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from sft.errors import ConfigError
 from sft.pipeline import ChatTokenizer
 
 SKIP_NOT_AMONG = "answer not among the choices"
@@ -55,7 +56,10 @@ def choice_rows(records: Sequence[dict[str, Any]], indices: Sequence[int], token
     if reference not in choices:  # cleaning changed the answer, or the record was written by hand
       skipped[SKIP_NOT_AMONG] += 1
       continue
-    encoded = [tokenizer.tokenize_chat(_with_answer(record["messages"], c)) for c in choices]
+    try:
+      encoded = [tokenizer.tokenize_chat(_with_answer(record["messages"], c)) for c in choices]
+    except ValueError as err:  # a template's refusal, TokenizerFailure: name the record, not a traceback
+      raise ConfigError(f"eval record {record.get('id', f'#{index}')!r}: {err}") from None
     if any(len(tokens) > seq_len + 1 for tokens, _ in encoded):
       skipped[SKIP_TOO_LONG] += 1
       continue

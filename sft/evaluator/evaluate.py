@@ -9,6 +9,7 @@ eval/<task>/<metric> per task (eval/classification/accuracy, eval/summarisation/
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from typing import Any, Callable, Sequence
 
@@ -18,11 +19,21 @@ from jax.experimental import multihost_utils
 
 from sft import pipeline
 from sft.console import track
+from sft.errors import ConfigError
 from sft.evaluator import choices as choices_lib
 from sft.evaluator import tasks as tasks_lib
-from sft.evaluator.generate import make_generate, pad_prompts, strip_generation
+from sft.evaluator.generate import (
+    OVERFLOW_MODES,
+    fit_prompts,
+    make_generate,
+    pad_prompts,
+    prompt_room,
+    strip_generation,
+)
 from sft.evaluator.metrics import exact_match, mean_token_f1, normalize_answer
 from sft.model import Transformer
+
+log = logging.getLogger("sft")
 
 
 def _chunks(tokens_bp: np.ndarray, lengths_b: np.ndarray, size: int):
@@ -35,7 +46,11 @@ def _chunks(tokens_bp: np.ndarray, lengths_b: np.ndarray, size: int):
 
 
 def _loss_metrics(totals: dict[str, Any], prefix: str, accuracy_key: str = "accuracy") -> dict[str, float]:
-  n = max(float(totals["loss_tokens"]), 1.0)
+  """Loss, perplexity and accuracy of the summed totals; only the token count where there are no tokens
+  (a mean over nothing is not a perfect model)."""
+  n = float(totals["loss_tokens"])
+  if n <= 0:
+    return {f"{prefix}loss_tokens": 0.0}
   loss = float(totals["nll_sum"]) / n
   return {
       f"{prefix}loss": loss,
@@ -62,6 +77,20 @@ class EvalResult:
   tasks: dict[str, dict[str, Any]]  # task -> records, generated, metrics (unprefixed), details
   samples: list[Sample]  # every generated answer
   choices: list[dict[str, Any]]  # every ranked multiple-choice item (choices.choice_metrics)
+  prompts_truncated: int = 0  # generation prompts cut to the context (their first tokens dropped)
+
+
+def _record_name(record: dict[str, Any], index: int) -> str:
+  return repr(record["id"]) if record.get("id") else f"#{index}"
+
+
+def render_prompt_of(tokenizer, record: dict[str, Any], index: int) -> tuple[list[int], str]:
+  """The record's generation prompt and reference; a chat the template or tokenizer refuses is a
+  ConfigError naming the record, not a traceback."""
+  try:
+    return tokenizer.render_prompt(record["messages"])
+  except ValueError as err:  # ConfigError, a template's refusal, TokenizerFailure
+    raise ConfigError(f"eval record {record.get('id', f'#{index}')!r}: {err}") from None
 
 
 class Evaluator:
@@ -84,8 +113,11 @@ class Evaluator:
       out_sharding: jax.sharding.Sharding | None = None,  # of the generated ids; replicated for multi-process runs
       score_step: Callable | None = None,  # (params, batch) -> per-row log-likelihoods; None: no choice ranking
       batch_rows: slice = slice(None),  # this process's rows of a global batch (sharding.process_rows)
+      prompt_overflow: str = "truncate",  # eval.prompt_overflow: a prompt longer than the context is cut, or refused
   ):
     normalize_answer("", normalization)  # an unknown mode fails here, not at the first eval
+    if prompt_overflow not in OVERFLOW_MODES:
+      raise ConfigError(f"eval.prompt_overflow must be one of {OVERFLOW_MODES}, got {prompt_overflow!r}")
     if not records:
       raise ValueError("the eval split is empty: there is nothing to evaluate on")
     records = list(records)
@@ -100,9 +132,13 @@ class Evaluator:
         for task, members in self._groups.items()
     }
     # Every process must run the same number of steps: pad the short ones with empty batches.
-    counts = np.asarray([len(b) for b in local.values()], np.int32)
-    most = np.max(multihost_utils.process_allgather(counts), axis=0) if process_count > 1 else counts
-    for batches, n in zip(local.values(), most):
+    counts = np.asarray([len(b) for b in local.values()], np.int64)
+    tokens = np.asarray([sum(int(b["loss_mask"].sum()) for b in batches) for batches in local.values()], np.int64)
+    if process_count > 1:
+      gathered = multihost_utils.process_allgather(np.stack([counts, tokens]))
+      counts, tokens = np.max(gathered[:, 0], axis=0), np.sum(gathered[:, 1], axis=0)
+    self._check_loss_tokens(dict(zip(local, tokens.tolist())), len(records), seq_len)
+    for batches, n in zip(local.values(), counts):
       batches += [pipeline.empty_batch(batch_size // process_count, seq_len)] * (int(n) - len(batches))
     self._batches = local
     self._place_batch = place_batch
@@ -111,8 +147,8 @@ class Evaluator:
     self._batch_size, self._batch_rows = batch_size, batch_rows
 
     self._chosen = tasks_lib.pick_for_generation(records, num_generations)
-    rendered = [tokenizer.render_prompt(records[i]["messages"]) for i in self._chosen]
-    self._prompts = [p for p, _ in rendered]
+    rendered = [render_prompt_of(tokenizer, records[i], i) for i in self._chosen]
+    self._prompts = self._fit_prompts([p for p, _ in rendered], seq_len, max_new_tokens, prompt_overflow)
     self._references = [ref for _, ref in rendered]
     self._generation_batch = batch_size  # prompts per generate call: one compiled shape, a bar that moves
     self._normalization = normalization
@@ -123,6 +159,40 @@ class Evaluator:
     self._score_step = score_step
     with_choices = [i for i, r in enumerate(records) if r.get("choices")] if score_step is not None else []
     self._choice_rows = choices_lib.choice_rows(records, with_choices, tokenizer, seq_len)
+
+  @staticmethod
+  def _check_loss_tokens(tokens: dict[str, int], num_records: int, seq_len: int) -> None:
+    """No answer token within `seq_len` anywhere is an error (a loss over nothing reads as perfect); a
+    task without any is measured by its answers only, and said so."""
+    if not sum(tokens.values()):
+      raise ConfigError(
+          f"eval: none of the {num_records} eval records has an answer token within train.seq_len={seq_len} (each "
+          "prompt fills the context before its answer starts), so loss and perplexity would measure nothing: raise "
+          "train.seq_len, or evaluate on records with shorter prompts"
+      )
+    for task, n in tokens.items():
+      if not n:
+        log.warning("eval: no %s record has an answer token in train.seq_len=%d: no loss or perplexity", task, seq_len)
+
+  def _fit_prompts(self, prompts: list[list[int]], seq_len: int, max_new_tokens: int, overflow: str) -> list[list[int]]:
+    """The generation prompts cut to the context from the left (counted, logged), or refused."""
+    room = prompt_room(seq_len, max_new_tokens, "eval.max_new_tokens")
+    fitted, cut = fit_prompts(prompts, room)
+    self.prompts_truncated = len(cut)
+    if cut and overflow == "refuse":
+      first, index = cut[0], self._chosen[cut[0]]
+      raise ConfigError(
+          f"eval: record {_record_name(self._records[index], index)} has a generation prompt of {len(prompts[first])} "
+          f"tokens, more than the {room} that fit train.seq_len={seq_len} with eval.max_new_tokens={max_new_tokens} "
+          f"({len(cut)} such prompt(s) in all): set eval.prompt_overflow='truncate' to keep their last tokens, or "
+          "raise train.seq_len"
+      )
+    if cut:
+      log.warning(
+          "eval: %d of %d generation prompts are longer than the %d tokens that fit train.seq_len=%d with "
+          "eval.max_new_tokens=%d: their first tokens are cut", len(cut), len(prompts), room, seq_len, max_new_tokens,
+      )
+    return fitted
 
   @property
   def num_batches(self) -> int:
@@ -207,6 +277,9 @@ class Evaluator:
         details["choices_skipped"] = self._choice_rows.skipped
       metrics.update({f"eval/{task}/{k}": v for k, v in scores.items()})
       loss_prefix = "eval/" if one_task else f"eval/{task}/"
-      scores = {"loss": metrics[f"{loss_prefix}loss"], "perplexity": metrics[f"{loss_prefix}perplexity"], **scores}
+      if f"{loss_prefix}loss" in metrics:
+        scores = {"loss": metrics[f"{loss_prefix}loss"], "perplexity": metrics[f"{loss_prefix}perplexity"], **scores}
+      else:
+        details["loss"] = "no tokens: no record of this task has an answer token within seq_len"
       tasks[task] = {"records": len(members), "generated": len(mine), "metrics": scores, "details": details}
-    return EvalResult(metrics, tasks, samples, choice_items)
+    return EvalResult(metrics, tasks, samples, choice_items, self.prompts_truncated)

@@ -10,6 +10,7 @@ feeds one token per row, written at cache slot `prompt_length + i`: slots a row 
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Callable, Sequence
 
 import flax.linen as nn
@@ -30,6 +31,7 @@ CACHE_AXES = (
 )
 
 GREEDY = Sampler()
+log = logging.getLogger("sft")
 
 
 def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -41,6 +43,34 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarr
   for row, prompt in enumerate(prompts):
     tokens[row, : len(prompt)] = prompt
   return tokens, lengths
+
+
+OVERFLOW_MODES = ("truncate", "refuse")  # eval.prompt_overflow, sample.prompt_overflow
+
+
+def prompt_room(seq_len: int, max_new_tokens: int, key: str) -> int:
+  """How many prompt tokens a generation keeps: the context (`seq_len`, what the model was trained on)
+  less `max_new_tokens`, so that prompt and answer fit it. An answer allowed more than half the context
+  leaves the prompt that half, and may run past the context (said in a warning); the cache is bounded
+  by the config either way, never by the longest prompt. `key` names the max_new_tokens setting."""
+  answer = min(max_new_tokens, seq_len // 2)
+  if answer < max_new_tokens:
+    log.warning(
+        "%s=%d is more than half of train.seq_len=%d: prompts keep their last %d tokens, and an answer may run past "
+        "the context the model was trained on", key, max_new_tokens, seq_len, seq_len - answer,
+    )
+  return seq_len - answer
+
+
+def fit_prompts(prompts: Sequence[Sequence[int]], room: int) -> tuple[list[Sequence[int]], list[int]]:
+  """(the prompts cut to their last `room` tokens, the indices of those that were cut). Cut from the left,
+  so a prompt still ends with the assistant header the answer follows; then prompt + answer fit the
+  context, and so does the KV cache, whatever the longest prompt:
+
+      fit_prompts([[1, 2, 3, 4], [5]], 2) -> ([[3, 4], [5]], [0])
+  """
+  cut = [i for i, p in enumerate(prompts) if len(p) > room]
+  return [p[-room:] if len(p) > room else p for p in prompts], cut
 
 
 def constrain_cache(cache):

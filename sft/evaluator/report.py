@@ -39,6 +39,11 @@ def _number(value: Any) -> str:
   return f"{value:,.0f}" if float(value).is_integer() and abs(value) >= 1000 else f"{value:.4g}" if abs(value) >= 10 else f"{value:.3f}"
 
 
+def _missing(column: str, info: dict[str, Any]) -> str:
+  """A table cell without a value: "no tokens" where a loss was not measured, else empty."""
+  return "no tokens" if column in ("loss", "perplexity") and "loss" in info["details"] else ""
+
+
 def _fence(text: str) -> str:
   longest = max((len(m) for m in re.findall(r"`+", text)), default=0)
   fence = "`" * max(3, longest + 1)
@@ -94,6 +99,8 @@ def _task_section(task: str, info: dict[str, Any], samples: list[Sample], choice
   lines = [f"## {task}", "", f"{info['records']:,} records; {info['generated']:,} answered by greedy generation.", ""]
   lines += ["| metric | value |", "|---|---|"] + [f"| {k} | {_number(v)} |" for k, v in info["metrics"].items()] + [""]
   details = info["details"]
+  if "loss" in details:
+    lines += [f"No loss or perplexity: {_cell(details['loss'])}.", ""]
   if "error" in details:
     lines += [f"No classification report: {_cell(details['error'])}", ""]
   report = details.get("classification_report")
@@ -142,11 +149,16 @@ def write_report(result: EvalResult, folder: str | pathlib.Path, *, about: dict[
       "tasks": result.tasks,
       "samples": [dataclasses.asdict(s) for s in result.samples],
       "choices": result.choices,
+      "prompts_truncated": result.prompts_truncated,
   }
   atomic_write_text(folder / RESULTS, json.dumps(results, indent=1, ensure_ascii=False, allow_nan=True) + "\n")
 
   m = result.metrics
-  lines = ["# Evaluation", ""] + [f"- {k}: {_cell(v)}" for k, v in about.items()] + [""]
+  lines = ["# Evaluation", ""] + [f"- {k}: {_cell(v)}" for k, v in about.items()]
+  if result.prompts_truncated:
+    cut, answered = result.prompts_truncated, len(result.samples)
+    lines += [f"- generation prompts cut to the context: {cut:,} of {answered:,} (their first tokens)"]
+  lines += [""]
   lines += ["## All tasks", "", "| metric | value |", "|---|---|"]
   lines += [f"| {k.removeprefix('eval/')} | {_number(v)} |" for k, v in m.items() if k.count("/") == 1]
   columns = [c for c in _COLUMNS if any(c in info["metrics"] for info in result.tasks.values())]
@@ -155,7 +167,7 @@ def write_report(result: EvalResult, folder: str | pathlib.Path, *, about: dict[
   for task, info in result.tasks.items():
     headline = tasks_lib.HEADLINE[task]
     main = f"{headline} {_number(info['metrics'][headline])}" if headline in info["metrics"] else "-"
-    cells = [_number(info["metrics"][c]) if c in info["metrics"] else "" for c in columns]
+    cells = [_number(info["metrics"][c]) if c in info["metrics"] else _missing(c, info) for c in columns]
     lines += [f"| {task} | {info['records']:,} | {info['generated']:,} | {main} | " + " | ".join(cells) + " |"]
   lines += [""]
   for task, info in result.tasks.items():

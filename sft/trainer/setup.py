@@ -5,26 +5,31 @@ parameters to answer with."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import pathlib
-from typing import Any
+from typing import Any, Collection, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from ml_collections import config_dict
 
 from sft import hf
 from sft.errors import ConfigError
 from sft.model import ModelConfig, Transformer, lora
 from sft.pipeline import ChatTokenizer, load_tokenizer
-from sft.trainer import sharding
+from sft.trainer import rundir, sharding
 from sft.trainer import state as state_lib
 from sft.trainer.checkpoint import Checkpointer
 
 log = logging.getLogger("sft")
 TOKENIZER_FILE = "tokenizer.model"  # the SentencePiece model a run from scratch trains in its workdir
 CHECKPOINTS = "checkpoints"
+# Model keys that say how the same maths is computed (or, lora_dropout, how it is trained), not what is
+# computed: a served model takes them from the config it is served with (see rundir.SAFE_AT_RESUME).
+RUNTIME_MODEL_KEYS = ("dtype", "remat", "remat_policy", "scan_layers", "attention", "lora_dropout")
 
 
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
@@ -154,3 +159,83 @@ def checkpoint_params(config: ml_collections.ConfigDict, run: RunSetup, param_sh
   if run.model_cfg.lora_rank:
     params = lora.with_adapters(params, lora.init_adapters(run.model, run.dummy_inputs, param_shardings, rng))
   return params
+
+
+# --- the config a trained model is served with -----------------------------------------------------
+
+
+def _flat(tree: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+  """(dotted key, value) of every leaf of a nested dict."""
+  if isinstance(tree, dict):
+    for key, value in tree.items():
+      yield from _flat(value, f"{prefix}{key}" if not prefix else f"{prefix}.{key}")
+  else:
+    yield prefix, tree
+
+
+def _as_json(config: Any) -> dict[str, Any]:
+  """As config.json gives it back: tuples become lists, ConfigDicts plain dicts."""
+  tree = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config
+  return json.loads(json.dumps(tree, cls=config_dict.CustomJSONEncoder))
+
+
+def _builds_the_model(key: str) -> bool:
+  """Keys whose value the served model is built from: the model's (but the runtime keys), its tokenizer's,
+  and its context."""
+  section, _, name = key.partition(".")
+  if section == "model":
+    return name.split(".")[0] not in RUNTIME_MODEL_KEYS
+  return section == "tokenizer" or key == "train.seq_len"
+
+
+def _is_given(key: str, given_keys: Collection[str] | None) -> bool:
+  return given_keys is None or any(key == g or key.startswith(g + ".") for g in given_keys)
+
+
+def model_differences(
+    saved: dict[str, Any], config: ml_collections.ConfigDict, given_keys: Collection[str] | None
+) -> list[str]:
+  """Lines "key: trained with A, given B" for each model-building key of `config` (those of `given_keys`
+  only, when given) whose value differs from the trained one. A key the saved config lacks (saved before
+  the key existed) was trained at its default."""
+  from sft.config import base_config  # noqa: PLC0415  (sft.config imports the data builder's config)
+
+  trained = dict(_flat(_as_json(base_config()))) | dict(_flat(saved))
+  return [
+      f"{key}: trained with {json.dumps(trained.get(key))}, given {json.dumps(value)}"
+      for key, value in _flat(_as_json(config))
+      if _builds_the_model(key) and _is_given(key, given_keys) and key in trained and trained[key] != value
+  ]
+
+
+def trained_config(
+    config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, sections: Sequence[str],
+    given_keys: Collection[str] | None = None,
+) -> ml_collections.ConfigDict | None:
+  """The config that rebuilds the model trained in `workdir`: its config.json (model, tokenizer,
+  train.seq_len, model.checkpoint), with `config`'s `sections` (what steers answering or evaluating) and
+  runtime model keys (RUNTIME_MODEL_KEYS: those of `given_keys` only, when given). None when the workdir
+  has no config.json.
+
+  `given_keys`: the dotted keys the user set (on the command line); None: every key of `config`. A
+  given model-building key whose value differs from the trained one is a ConfigError showing each
+  difference: the model is served as trained, never as a config describes it."""
+  saved = rundir.load_saved_config(workdir)
+  if saved is None:
+    return None
+  saved = _as_json(saved)
+  changed = model_differences(saved, config, given_keys)
+  if changed:
+    raise ConfigError(
+        f"{pathlib.Path(workdir) / rundir.CONFIG_FILE} says how its model was trained, and the given config differs "
+        f"({'; '.join(changed)}): leave these keys out to serve the model as trained, or train a model with them in a "
+        "new workdir"
+    )
+  run_config = ml_collections.ConfigDict(saved)
+  for section in sections:
+    run_config[section] = config[section]
+  for key in RUNTIME_MODEL_KEYS:
+    if key in config.model and _is_given(f"model.{key}", given_keys):
+      run_config.model[key] = config.model[key]
+  return run_config
+
