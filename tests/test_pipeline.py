@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from sft.pipeline import count_truncated, eval_batches, pad_batch, tokenize_record, train_dataset
+from sft.pipeline import eval_batches, pad_batch, split_fit, tokenize_record, train_dataset
 
 SEQ_LEN, ROWS = 64, 4
 
@@ -86,10 +86,11 @@ def test_pad_batch_adds_empty_rows():
     pad_batch(padded, 2)
 
 
-def test_count_truncated(tokenizer):
+def test_split_fit_counts_cut_records(tokenizer):
   short = {"text": "a b"}
   long = {"text": " ".join(["word"] * 200)}
-  assert count_truncated([short, long, long], tokenizer, seq_len=32) == 2
+  fit = split_fit([short, long, long], tokenizer, seq_len=32)
+  assert (fit.records, fit.cut, fit.empty) == (3, 2, 0)
 
 
 @pytest.mark.parametrize("processes", [2, 4])

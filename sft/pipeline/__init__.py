@@ -18,7 +18,8 @@ from sft.pipeline.tokenizer import (
 )
 
 _GRAIN = {
-    "count_truncated": "dataset",
+    "SplitFit": "dataset",
+    "split_fit": "dataset",
     "empty_batch": "dataset",
     "eval_batches": "dataset",
     "pad_batch": "dataset",

@@ -11,6 +11,7 @@ segment_ids (0 is padding) and positions (restarting at 0 for every packed examp
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Sequence
 
 import grain
@@ -104,6 +105,28 @@ def eval_batches(
   return [pad_batch(b, batch_size) for b in it]
 
 
-def count_truncated(records: Sequence[dict[str, Any]], tokenizer: ChatTokenizer, seq_len: int) -> int:
-  """How many records are longer than `seq_len` next-token pairs (their tails are cut)."""
-  return sum(len(tokenize_record(r, tokenizer)[0]) > seq_len + 1 for r in records)
+@dataclasses.dataclass(frozen=True)
+class SplitFit:
+  """How a split's records fit train.seq_len (tokens after the shift to next-token pairs)."""
+
+  records: int
+  cut: int  # longer than seq_len: their tails are cut
+  empty: int  # no loss token within seq_len: they train nothing
+  loss_tokens: int  # loss tokens within seq_len, all records together
+  seq_len_needed: int | None  # the least seq_len at which some record keeps a loss token (None: none has any)
+
+
+def split_fit(records: Sequence[dict[str, Any]], tokenizer: ChatTokenizer, seq_len: int) -> SplitFit:
+  """Tokenizes every record once, as the train pipeline will (see transforms.shift_and_truncate)."""
+  cut = empty = loss_tokens = 0
+  needed = None
+  for record in records:
+    tokens, mask = tokenize_record(record, tokenizer)
+    kept = int(np.sum(mask[1 : seq_len + 1]))  # target i is token i + 1; seq_len pairs keep tokens 1..seq_len
+    cut += len(tokens) > seq_len + 1
+    empty += kept == 0
+    loss_tokens += kept
+    if np.any(mask[1:]):
+      first = 1 + int(np.argmax(mask[1:]))  # the first learned token needs seq_len >= its index
+      needed = first if needed is None else min(needed, first)
+  return SplitFit(len(records), cut, empty, loss_tokens, needed)

@@ -8,6 +8,7 @@ any number of processes or devices.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import pathlib
 import time
@@ -18,10 +19,29 @@ import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from sft.errors import ConfigError
+from sft.errors import ConfigError, cannot_write, disk_error
 
 log = logging.getLogger("sft")
 DATA_ITEM = "data"
+
+
+class _DiskErrorsOnOneLine(logging.Filter):
+  """orbax logs a failed background save with its traceback, once per thread that met it, and asyncio
+  once more per write task nobody awaited. For a full disk or a read-only filesystem the CannotWrite that
+  save() or close() raises says all of it: orbax's records keep their message line, asyncio's go."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if not record.exc_info or disk_error(record.exc_info[1]) is None:
+      return True
+    record.exc_info, record.exc_text = None, None
+    return record.name != "asyncio"
+
+
+def _quiet_disk_errors() -> None:
+  for name in ("absl", "asyncio"):
+    logger = logging.getLogger(name)
+    if not any(isinstance(f, _DiskErrorsOnOneLine) for f in logger.filters):
+      logger.addFilter(_DiskErrorsOnOneLine())
 
 
 class Checkpointer:
@@ -32,18 +52,44 @@ class Checkpointer:
     if max_to_keep < 1 or save_interval_steps < 1:
       raise ConfigError("checkpoint.max_to_keep and checkpoint.every_steps must be at least 1")
     self.directory = pathlib.Path(directory).absolute()
+    _quiet_disk_errors()
     self.manager = ocp.CheckpointManager(
         self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, save_interval_steps=save_interval_steps),
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
+            # A step folder that cannot be made fails in save() itself: made in the background, its failure left
+            # the save's other threads waiting minutes for it before the process could exit.
+            async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
+        ),
     )
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
   def save(self, step: int, state: Any, iterators: Mapping[str, grain.DatasetIterator], *, force: bool = False) -> bool:
+    """Starts saving `step` in the background (when due or `force`d). A full disk, a read-only filesystem or
+    a missing permission, met by this save or by the one before it, is a CannotWrite naming the path and the
+    cause; the checkpoints already saved stay (a step folder is only renamed into place once complete)."""
     data = {name: it.get_state() for name, it in iterators.items()}
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), **{DATA_ITEM: ocp.args.JsonSave(data)})
-    return self.manager.save(step, args=args, force=force)
+    with self._write_errors(step):
+      return self.manager.save(step, args=args, force=force)
+
+  @contextlib.contextmanager
+  def _write_errors(self, step: int | None):
+    try:
+      yield
+    except (OSError, ValueError) as err:
+      # The error may be the previous save's, met when this one waits for it.
+      what = "a checkpoint" if step is None else f"the checkpoint of step {step} or the one before"
+      failed = cannot_write(err, what, self.directory, self._kept())
+      if failed is None:
+        raise
+      raise failed from err
+
+  def _kept(self) -> str:
+    steps = [int(p.name) for p in self.directory.iterdir() if p.name.isdigit()] if self.directory.is_dir() else []
+    return f"the checkpoints saved before are intact (latest: step {max(steps)})" if steps else "none was saved before"
 
   def restore(self, step: int, abstract_state: Any, iterators: Mapping[str, grain.DatasetIterator]) -> Any:
     """Returns the state (placed as `abstract_state`'s shardings say); sets the iterators' positions
@@ -123,5 +169,9 @@ class Checkpointer:
     return jax.process_count() > 1 and self.manager.reached_preemption(step)
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    """Waits for the last save (a disk error in it is a CannotWrite, as in `save`), then closes."""
+    with self._write_errors(None):  # close() waits again, and meets the same error
+      try:
+        self.manager.wait_until_finished()
+      finally:
+        self.manager.close()

@@ -22,7 +22,7 @@ import ml_collections
 from sft import pipeline
 from sft.config_check import check_config
 from sft.console import ensure_console_handler
-from sft.errors import ConfigError, RunStopped
+from sft.errors import ConfigError, RunStopped, TrainingDiverged, cannot_write
 from sft.evaluator import Evaluator, write_report
 from sft.model import Transformer, count_params, lora
 from sft.trainer import multihost, preemption, rundir, setup, sharding, sources
@@ -33,6 +33,7 @@ from sft.trainer.curves import CURVES, plot_curves
 from sft.trainer.metrics_log import MetricsLog, Progress, config_summary, eval_line, format_duration, train_line
 
 log = logging.getLogger("sft")
+FLAGS = ("nonfinite", "nonfinite_params")  # the step's finiteness flags: read by FiniteGuard, not logged
 
 
 def build_optimizer(config: ml_collections.ConfigDict, model_cfg):
@@ -80,14 +81,44 @@ def initial_state(config, run: setup.RunSetup, optimizer, abstract_state, state_
   return state_lib.train_state_from_params(params, optimizer, state_shardings), 0
 
 
-def _log_data(config, data_summary: dict[str, Any], splits: dict[str, Any], tokenizer, model_cfg) -> None:
+def _check_data(config, data_summary: dict[str, Any], splits: dict[str, Any], tokenizer, model_cfg) -> None:
+  """Before any step: a phase that would train on no token at all is an error; records that train on
+  nothing, or lose their tails, are counted in the log."""
+  tc = config.train
   if tokenizer.vocab_size > model_cfg.vocab_size:
     raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {model_cfg.vocab_size}")
   log.info("data: %s records; the build read %s", data_summary["records"], data_summary["build"])
-  for name in ("pretrain", "train"):
-    cut = pipeline.count_truncated(splits[name], tokenizer, config.train.seq_len)
-    if cut:
-      log.info("data: %d of %d %s records are longer than seq_len=%d; their tails are cut", cut, len(splits[name]), name, config.train.seq_len)
+  for name, steps_key, what in (("pretrain", "pretrain_steps", "token"), ("train", "sft_steps", "response token")):
+    if not len(splits[name]):
+      continue
+    fit = pipeline.split_fit(splits[name], tokenizer, tc.seq_len)
+    if fit.loss_tokens == 0 and tc[steps_key] > 0:
+      raise ConfigError(_nothing_to_learn(name, fit, what, tc.seq_len))
+    if fit.empty:
+      log.warning(
+          "data: %d of %d %s records have no %s within train.seq_len=%d (their prompts fill it): they train nothing; "
+          "raise train.seq_len to keep them", fit.empty, fit.records, name, what, tc.seq_len,
+      )
+    if fit.cut:
+      log.info(
+          "data: %d of %d %s records are longer than seq_len=%d; their tails are cut", fit.cut, fit.records, name, tc.seq_len
+      )
+  for steps_key in ("pretrain_steps", "sft_steps"):
+    if 0 < tc[steps_key] < tc.warmup_steps:
+      log.warning(
+          "train.warmup_steps=%d exceeds train.%s=%d: the learning rate rises for the whole phase and never decays; "
+          "lower train.warmup_steps", tc.warmup_steps, steps_key, tc[steps_key],
+      )
+
+
+def _nothing_to_learn(name: str, fit: pipeline.SplitFit, what: str, seq_len: int) -> str:
+  if fit.seq_len_needed is None:
+    return f"none of the {fit.records} {name} records has a {what} to learn: the {name} split trains nothing"
+  return (
+      f"none of the {fit.records} {name} records has a {what} within train.seq_len={seq_len} ({fit.cut} are longer, "
+      f"their prompts fill it): training would learn nothing; raise train.seq_len to at least {fit.seq_len_needed} "
+      "(the shortest prompt), or use shorter prompts"
+  )
 
 
 def _log_model(abstract_params, trainable, model_cfg) -> None:
@@ -98,12 +129,18 @@ def _log_model(abstract_params, trainable, model_cfg) -> None:
     log.info("LoRA: %s trainable adapter parameters (rank %d on %s)", f"{n_train:,}", model_cfg.lora_rank, model_cfg.lora_targets)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, generator: Any = None) -> dict[str, Any]:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, generator: Any = None,
+    takeover_lock: bool = False,
+) -> dict[str, Any]:
   """Runs (or resumes) the job described by `config` in `workdir`; returns the final metrics. With
-  data.source="build", `generator` serves the data build's model annotation (see sft.jobs).
+  data.source="build", `generator` serves the data build's model annotation (see sft.jobs);
+  `takeover_lock` takes the workdir's lock over from a holder that cannot be checked (rundir.workdir_lock).
 
   Nothing is written before the whole config is checked; one run at a time holds the workdir; a
-  resumed run refuses config changes that would mix two experiments (see sft/trainer/rundir.py)."""
+  resumed run refuses config changes that would mix two experiments (see sft/trainer/rundir.py). A full
+  disk, a read-only workdir or a missing permission is a CannotWrite (a ConfigError) naming the path;
+  a loss that is not finite is a TrainingDiverged (see `FiniteGuard`)."""
   workdir = pathlib.Path(workdir)
   t_start = time.time()
   ensure_console_handler()
@@ -115,17 +152,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   else:
     run.check_batch("train.batch_size", config.train.batch_size, config.train.grad_accum_steps)
   run.check_batch("eval.batch_size", config.eval.batch_size)
-  workdir.mkdir(parents=True, exist_ok=True)
-  with _workdir_lock(workdir):
-    _record_config(config, workdir)
-    return _train_and_evaluate(config, workdir, run, generator, t_start)
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+    with _workdir_lock(workdir, takeover_lock):
+      _record_config(config, workdir)
+      return _train_and_evaluate(config, workdir, run, generator, t_start)
+  except (OSError, ValueError) as err:
+    failed = cannot_write(err, "the run's files", workdir)
+    if failed is None:
+      raise
+    raise failed from err
 
 
 @contextlib.contextmanager
-def _workdir_lock(workdir: pathlib.Path):
+def _workdir_lock(workdir: pathlib.Path, takeover: bool = False):
   """Process 0 holds the workdir's lock for the whole run; every process stops when it cannot."""
   with contextlib.ExitStack() as stack:
-    multihost.on_process_0(lambda: stack.enter_context(rundir.workdir_lock(workdir)), "taking the workdir lock")
+    take = lambda: stack.enter_context(rundir.workdir_lock(workdir, takeover=takeover))  # noqa: E731
+    multihost.on_process_0(take, "taking the workdir lock")
     yield
 
 
@@ -144,7 +188,7 @@ def _train_and_evaluate(config, workdir: pathlib.Path, run: setup.RunSetup, gene
   log.info("devices: %d x %s, %d process(es); mesh %s", jax.device_count(), jax.devices()[0].platform, jax.process_count(), dict(run.mesh.shape))
   splits, data_summary = sources.load_splits(config, workdir, generator=generator)
   tokenizer = sources.prepare_tokenizer(config, workdir, splits)
-  _log_data(config, data_summary, splits, tokenizer, run.model_cfg)
+  _check_data(config, data_summary, splits, tokenizer, run.model_cfg)
 
   schedule, optimizer, trainable = build_optimizer(config, run.model_cfg)
   abstract_state, state_shardings = state_lib.state_shardings(run.model, optimizer, run.dummy_inputs, run.mesh, run.rules)
@@ -170,6 +214,7 @@ def _train_and_evaluate(config, workdir: pathlib.Path, run: setup.RunSetup, gene
       out_sharding=run.replicated,
       score_step=step_lib.jit_score_step(run.model.apply, state_shardings.params, run.batch_sharding, run.replicated),
       batch_rows=sharding.process_rows(run.batch_sharding, config.eval.batch_size, tc.seq_len),
+      prompt_overflow=config.eval.prompt_overflow,
   )
   metrics_log = MetricsLog(workdir / "metrics.jsonl", resume_step=start_step, enabled=jax.process_index() == 0)
   total_steps = tc.pretrain_steps + tc.sft_steps
@@ -194,7 +239,9 @@ def _train_and_evaluate(config, workdir: pathlib.Path, run: setup.RunSetup, gene
         metrics_log.write(0, evaluate(0, train_state.params))
       state = stepper.to_step(train_state)
       del train_state  # pmap: from here the step's replicated state is the only copy
-      train_state = _train(config, state, stepper, iterators, checkpointer, metrics_log, evaluate, start_step)
+      train_state, skipped_steps = _train(
+          config, state, stepper, iterators, checkpointer, metrics_log, evaluate, start_step
+      )
     finally:
       checkpointer.close()  # waits for the last save, also when a signal stopped the run
       metrics_log.close()  # the TensorBoard event file, flushed
@@ -206,7 +253,7 @@ def _train_and_evaluate(config, workdir: pathlib.Path, run: setup.RunSetup, gene
     if "result" in final:
       about = {"model": f"{workdir}/{setup.CHECKPOINTS}/{total_steps}", "records": f"the eval split ({len(splits['eval'])} records)", "answer normalisation": config.eval.answer_normalization}
       log.info("eval report in %s", write_report(final["result"], workdir / "eval", about=about))
-  return _summary(metrics_log, total_steps, time.time() - t_start)
+  return _summary(metrics_log, total_steps, time.time() - t_start, skipped_steps)
 
 
 def on_mesh(run: setup.RunSetup):
@@ -240,7 +287,10 @@ class Stepper:
 
 def _stepper(config, run: setup.RunSetup, optimizer, schedule, trainable, dropout_rng, state_shardings) -> Stepper:
   tc = config.train
-  kwargs = dict(trainable=trainable, dropout_rng=dropout_rng, grad_accum_steps=tc.grad_accum_steps, loss_chunk_size=tc.loss_chunk_size)
+  kwargs = dict(
+      trainable=trainable, dropout_rng=dropout_rng, grad_accum_steps=tc.grad_accum_steps,
+      loss_chunk_size=tc.loss_chunk_size, skip_nonfinite=tc.on_nonfinite == "skip",
+  )
   apply_fn = Transformer(run.model_cfg, train=True).apply
   if tc.parallelism == "jit":
     step = step_lib.jit_train_step(apply_fn, optimizer, schedule, state_shardings, run.batch_sharding, run.replicated, **kwargs)
@@ -265,13 +315,69 @@ def _stepper(config, run: setup.RunSetup, optimizer, schedule, trainable, dropou
   )
 
 
+class FiniteGuard:
+  """train.on_nonfinite, on the host. Each step's `nonfinite` and `nonfinite_params` flags stay on the device
+  until the loop reads metrics anyway (a log line) or is about to evaluate or save; `check()` then reads
+  them all at once. "stop": the first bad step is a TrainingDiverged. "skip": the step already dropped its
+  update (see step.train_step); skipped steps are counted, and max_consecutive_skips of them in a row are
+  a TrainingDiverged. Parameters that are not finite after an update end the run in either mode. So a
+  checkpoint (or an evaluation) never sees a state that is not finite."""
+
+  def __init__(self, config: ml_collections.ConfigDict, checkpointer: Checkpointer):
+    self.skip = config.train.on_nonfinite == "skip"
+    self.max_in_a_row = config.train.max_consecutive_skips
+    self.lr = config.train.lr
+    self.checkpointer = checkpointer
+    self.pending = []  # (step, nonfinite, nonfinite_params): device scalars
+    self.in_a_row = 0  # skipped steps in a row, up to the last one checked
+    self.skipped = 0  # skipped steps of this run
+    self.unreported = 0  # skipped steps not yet in a metrics row
+
+  def add(self, step: int, metrics: dict[str, Any]) -> None:
+    self.pending.append((step, metrics["nonfinite"], metrics["nonfinite_params"]))
+
+  def check(self) -> None:
+    pending, self.pending = self.pending, []
+    for (step, _, _), (bad, bad_params) in zip(pending, jax.device_get([flags for _, *flags in pending])):
+      if bad and self.skip:
+        self.in_a_row, self.skipped, self.unreported = self.in_a_row + 1, self.skipped + 1, self.unreported + 1
+        if self.in_a_row >= self.max_in_a_row:
+          raise self._diverged(
+              f"the loss or gradient norm was not finite at {self.in_a_row} steps in a row (steps "
+              f"{step - self.in_a_row + 1}-{step}, all skipped; train.max_consecutive_skips={self.max_in_a_row})",
+              "raise train.max_consecutive_skips",
+          )
+      elif bad:
+        raise self._diverged(
+            f"the loss or gradient norm is not finite at step {step}", 'set train.on_nonfinite="skip" to skip such steps'
+        )
+      elif bad_params:
+        raise self._diverged(f"the parameters are not finite after the update of step {step}")
+      else:
+        self.in_a_row = 0
+
+  def take_unreported(self) -> int:
+    n, self.unreported = self.unreported, 0
+    return n
+
+  def _diverged(self, what: str, alternative: str = "") -> TrainingDiverged:
+    latest = self.checkpointer.latest_step()
+    kept = "none was saved" if latest is None else f"the latest, step {latest} in {self.checkpointer.directory}, is from before"
+    return TrainingDiverged(
+        f"training diverged: {what}; no checkpoint holds it ({kept}). Lower train.lr (now {self.lr:g})"
+        + (f", or {alternative}" if alternative else "")
+    )
+
+
 def _train(config, state, stepper: Stepper, iterators, checkpointer, metrics_log, evaluate, start_step):
   """The loop from `start_step` (`state`: the step's state, see Stepper): a step per batch, metric lines
-  every log_every, evals and checkpoints; returns the final train state. A SIGTERM / SIGINT ends it
-  after the running step with a checkpoint (RunStopped)."""
+  every log_every, evals and checkpoints; returns the final train state and the number of skipped steps.
+  A SIGTERM / SIGINT ends it after the running step with a checkpoint (RunStopped); a step that is not
+  finite ends it with a TrainingDiverged, or is skipped (see FiniteGuard)."""
   tc = config.train
   total_steps = tc.pretrain_steps + tc.sft_steps
   progress, pending_tokens, last_logged = Progress(total_steps), [], start_step
+  guard = FiniteGuard(config, checkpointer)
   with preemption.StopRequests() as stop:
     for step in range(start_step, total_steps):
       phase = "pretrain" if step < tc.pretrain_steps else "sft"
@@ -279,25 +385,32 @@ def _train(config, state, stepper: Stepper, iterators, checkpointer, metrics_log
       state, metrics = stepper.step(state, batch)
       train_state = None  # the train state of this step (layout of the mesh), made when needed
       pending_tokens.append(metrics["tokens"])  # stays on device until the next log line
+      guard.add(step + 1, metrics)
       done, row = step + 1, {}
       log_now = done % tc.log_every == 0 or done == total_steps
       if log_now:
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        guard.check()
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items() if k not in FLAGS}
         metrics["perplexity"] = math.exp(min(metrics["loss"], 50.0))
         tokens = float(sum(jax.device_get(pending_tokens)))
         tokens_per_s, eta = progress.interval(done, done - last_logged, tokens)
+        skipped = guard.take_unreported() if guard.skip else None
         pending_tokens, last_logged = [], done
-        log.info("%s", train_line(done, total_steps, phase, metrics, tokens_per_s, eta))
+        log.info("%s", train_line(done, total_steps, phase, metrics, tokens_per_s, eta, skipped=skipped))
         row = {"phase": phase, **{f"train/{k}": v for k, v in metrics.items()}, "train/tokens_per_s": tokens_per_s}
+        if skipped is not None:
+          row["train/skipped_steps"] = skipped  # since the previous row
       paused = time.time()
       if done % config.eval.every_steps == 0 or done == total_steps:
+        guard.check()
         train_state = stepper.from_step(state)
         row.update(evaluate(done, train_state.params))
       if row:
         metrics_log.write(done, row)
       stopping = stop.requested(sync=log_now) or checkpointer.reached_preemption(done)
       force = done == total_steps or stopping
-      if not stepper.converts or force or checkpointer.manager.should_save(done):
+      if force or checkpointer.manager.should_save(done):  # the same test as orbax's save
+        guard.check()
         checkpointer.save(done, stepper.from_step(state) if train_state is None else train_state, iterators, force=force)
       progress.exclude(paused)
       if stopping and done < total_steps:
@@ -305,10 +418,10 @@ def _train(config, state, stepper: Stepper, iterators, checkpointer, metrics_log
         message = f"stopped by {name} after step {done}; checkpoint saved in {checkpointer.directory}; run the same command to resume"
         log.warning("%s", message)
         raise RunStopped(message, stop.signum or signal.SIGTERM)
-  return stepper.from_step(state)
+  return stepper.from_step(state), guard.skipped
 
 
-def _summary(metrics_log: MetricsLog, total_steps: int, wall_s: float) -> dict[str, Any]:
+def _summary(metrics_log: MetricsLog, total_steps: int, wall_s: float, skipped_steps: int = 0) -> dict[str, Any]:
   final = metrics_log.history[-1] if metrics_log.history else {}
   summary = {
       "steps": total_steps,
@@ -316,12 +429,21 @@ def _summary(metrics_log: MetricsLog, total_steps: int, wall_s: float) -> dict[s
       "eval/loss_last": final.get("eval/loss"),
       "eval/exact_match_first": metrics_log.first("eval/exact_match"),
       "eval/exact_match_last": final.get("eval/exact_match"),
+      "skipped_steps": skipped_steps,
       "wall_s": wall_s,
   }
   if summary["eval/loss_last"] is not None:
     log.info(
-        "done in %s: held-out response loss %.3f -> %.3f, exact match %.3f -> %.3f; metrics in %s",
-        format_duration(wall_s), summary["eval/loss_first"], summary["eval/loss_last"],
-        summary["eval/exact_match_first"] or 0.0, summary["eval/exact_match_last"] or 0.0, metrics_log.path,
+        "done in %s: held-out response loss %s -> %s, exact match %s -> %s%s; metrics in %s",
+        format_duration(wall_s),
+        *(_number(summary[f"eval/{k}"]) for k in ("loss_first", "loss_last", "exact_match_first", "exact_match_last")),
+        f"; {skipped_steps} non-finite steps skipped" if skipped_steps else "", metrics_log.path,
     )
   return summary
+
+
+def _number(value: Any) -> str:
+  """A metric for the summary line: 3 decimals, or what the row holds instead (absent, "nan")."""
+  if value is None:
+    return "n/a"
+  return f"{value:.3f}" if isinstance(value, (int, float)) else str(value)

@@ -152,11 +152,16 @@ def format_duration(seconds: float) -> str:
   return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
-def train_line(step: int, total: int, phase: str, m: dict[str, float], tokens_per_s: float, eta_s: float | None) -> str:
+def train_line(
+    step: int, total: int, phase: str, m: dict[str, float], tokens_per_s: float, eta_s: float | None, *,
+    skipped: int | None = None,
+) -> str:
+  """A log line of train metrics; with `skipped` (train.on_nonfinite="skip"), the steps skipped since the last line."""
   return (
       f"step {step:>{len(str(total))}}/{total} [{phase:>8}] loss {m['loss']:.3f} ppl {math.exp(min(m['loss'], 50)):.1f} "
       f"acc {m['accuracy']:.3f} | grad {m['grad_norm']:.2f} lr {m['learning_rate']:.2e} | "
-      f"{tokens_per_s:,.0f} tok/s | ETA {'--' if eta_s is None else format_duration(eta_s)}"
+      + (f"skipped {skipped} | " if skipped else "")
+      + f"{tokens_per_s:,.0f} tok/s | ETA {'--' if eta_s is None else format_duration(eta_s)}"
   )
 
 

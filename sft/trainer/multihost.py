@@ -12,7 +12,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from sft.errors import ConfigError
+from sft.errors import ConfigError, disk_error
 
 T = TypeVar("T")
 
@@ -28,7 +28,8 @@ def on_process_0(fn: Callable[[], T], what: str) -> T | None:
       result = fn()
     except BaseException as err:  # noqa: BLE001  (re-raised below, after the others were told; Ctrl-C too)
       error = err
-  code = 0 if error is None else 1 if isinstance(error, ConfigError) else 2
+  # A full disk on process 0 is the user's to fix, as a config error is: one line on every process.
+  code = 0 if error is None else 1 if isinstance(error, ConfigError) or disk_error(error) else 2
   code = int(multihost_utils.broadcast_one_to_all(np.int32(code)))
   if error is not None:
     raise error

@@ -129,7 +129,9 @@ def export(config: ml_collections.ConfigDict, params: Any, cfg: ModelConfig, fol
   tokenizer and chat template it was trained with. Every process takes part (sharded weights are
   gathered); process 0 writes."""
   params, cfg = lora.merge(params, cfg)
-  hf.export_model(params, cfg, folder, checkpoint_family(config))
+  # The source's config.json as the base: token ids, context length and fields this project does not model stay.
+  base = hf.read_hf_config(pathlib.Path(config.model.checkpoint) / "config.json")
+  hf.export_model(params, cfg, folder, checkpoint_family(config), base_config=base)
   multihost.on_process_0(lambda: _copy_tokenizer_files(pathlib.Path(config.model.checkpoint), folder), "exporting")
   return folder
 

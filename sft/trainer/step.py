@@ -7,6 +7,10 @@ however the batch was split into micro-batches or devices. The sums themselves a
 `train_step` is compiled two ways: `jit_train_step` (the global batch sharded over the mesh, the
 default) and `pmap_train_step` (train.parallelism="pmap": data parallel under jax.pmap, each device
 its own rows, the sums and gradients added up over devices with lax.psum before the one division).
+
+Every step reports whether its loss and gradient norm were finite (the metric `nonfinite`); with
+`skip_nonfinite` (train.on_nonfinite="skip") a step where they are not leaves the train state exactly as
+it was, decided on the device. The loop reads the flags with the metrics it logs, and before each eval and save.
 """
 
 from __future__ import annotations
@@ -88,6 +92,7 @@ def train_step(
     loss_chunk_size: int = 0,
     micro_batch_sharding: NamedSharding | None = None,
     axis_name: str | None = None,
+    skip_nonfinite: bool = False,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One AdamW update. Metrics are device scalars; the caller decides when to fetch them.
 
@@ -96,7 +101,13 @@ def train_step(
   B/k rows, scanned; the update and metrics equal one step on the whole batch up to float rounding.
   With `axis_name` (inside pmap, `batch` one device's rows) the token sums and gradient sums are added
   up over that axis first (see `accumulated_grads`, a single micro-batch when k = 1), so every device
-  applies the update and reports the metrics of the global batch; dropout masks differ per device."""
+  applies the update and reports the metrics of the global batch; dropout masks differ per device.
+
+  Metric `nonfinite` is 1.0 when the loss or the gradient norm is not finite, `nonfinite_params` when a
+  parameter is after the step (a norm overflows long before a parameter does). With `skip_nonfinite` such a
+  step returns the state it was given, its step counter too (the schedule goes on from there): a select on
+  the device, no host round trip. The gradients are whole by then (accumulated, and added up over devices
+  under pmap), so every device decides alike."""
   mask = trainable(state.params) if trainable is not None else jax.tree.map(lambda _: True, state.params)
   step_rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, state.step)
   if step_rng is not None and axis_name is not None:
@@ -122,17 +133,29 @@ def train_step(
   if axis_name is not None:
     tokens = jax.lax.psum(tokens, axis_name)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  new_state = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state)
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  if skip_nonfinite:
+    # Not optax.apply_if_finite: its counters in the optimizer state would make earlier runs' checkpoints
+    # unreadable, and it applies the update after a number of bad steps, where the loop stops the run.
+    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
   metrics = {
       "loss": loss,
       "accuracy": sums["correct_sum"] / jnp.maximum(sums["loss_tokens"], 1.0),
-      "grad_norm": optax.tree.norm(grads),
-      "param_norm": optax.tree.norm(params),
+      "grad_norm": grad_norm,
+      "param_norm": optax.tree.norm(new_state.params),
       "learning_rate": schedule(state.step),
       "loss_tokens": sums["loss_tokens"],
       "tokens": tokens,
+      "nonfinite": 1.0 - finite.astype(jnp.float32),
+      "nonfinite_params": 1.0 - _all_finite(new_state.params).astype(jnp.float32),
   }
-  return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+  return new_state, metrics
+
+
+def _all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
 
 
 def eval_step(params, batch: Batch, *, apply_fn: Callable, loss_chunk_size: int = 0) -> dict[str, jax.Array]:
@@ -142,7 +165,7 @@ def eval_step(params, batch: Batch, *, apply_fn: Callable, loss_chunk_size: int 
 
 def jit_train_step(
     apply_fn, optimizer, schedule, state_shardings: TrainState, batch_sharding, replicated, *, trainable=None, dropout_rng=None,
-    grad_accum_steps: int = 1, loss_chunk_size: int = 0,
+    grad_accum_steps: int = 1, loss_chunk_size: int = 0, skip_nonfinite: bool = False,
 ) -> Any:
   """The compiled update: state donated, laid out as `state_shardings`, metrics replicated."""
   micro_batch_sharding = NamedSharding(batch_sharding.mesh, PartitionSpec(None, *batch_sharding.spec)) if grad_accum_steps > 1 else None
@@ -151,6 +174,7 @@ def jit_train_step(
     return train_step(
         state, batch, apply_fn=apply_fn, optimizer=optimizer, schedule=schedule, trainable=trainable, dropout_rng=dropout_rng,
         grad_accum_steps=grad_accum_steps, loss_chunk_size=loss_chunk_size, micro_batch_sharding=micro_batch_sharding,
+        skip_nonfinite=skip_nonfinite,
     )
 
   return jax.jit(
@@ -161,7 +185,10 @@ def jit_train_step(
   )
 
 
-def pmap_train_step(apply_fn, optimizer, schedule, *, trainable=None, dropout_rng=None, grad_accum_steps: int = 1, loss_chunk_size: int = 0) -> Any:
+def pmap_train_step(
+    apply_fn, optimizer, schedule, *, trainable=None, dropout_rng=None, grad_accum_steps: int = 1,
+    loss_chunk_size: int = 0, skip_nonfinite: bool = False,
+) -> Any:
   """`train_step` under jax.pmap over this process's devices (data parallel, train.parallelism="pmap").
 
   Takes the state replicated (a leading device axis: sharding.replicate_for_pmap) and donated, and the
@@ -174,6 +201,7 @@ def pmap_train_step(apply_fn, optimizer, schedule, *, trainable=None, dropout_rn
     return train_step(
         state, batch, apply_fn=apply_fn, optimizer=optimizer, schedule=schedule, trainable=trainable, dropout_rng=dropout_rng,
         grad_accum_steps=grad_accum_steps, loss_chunk_size=loss_chunk_size, axis_name=PMAP_AXIS,
+        skip_nonfinite=skip_nonfinite,
     )
 
   return jax.pmap(step, axis_name=PMAP_AXIS, donate_argnums=(0,))
