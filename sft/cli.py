@@ -5,12 +5,14 @@
   sft --config=eval --workdir=/tmp/sft-eval --config.eval.model_workdir=/tmp/sft-quickstart --config.data.dir=/tmp/sft-quickstart/data
   python launch.py --config=configs/quickstart.py --workdir=/tmp/sft-quickstart
 
---config is a config file (path[:argument]) or the name of one in the `configs` package.
+--config is a config file given as a path (it holds a separator or ends in .py; `path[:argument]`) or the
+name of one in the project's `configs` package (never a file of the current directory).
 Only flags are defined at import; JAX and the trainer load when a job runs, so --helpfull is quick.
 """
 
-import importlib.util
 import os
+import pathlib
+import re
 import sys
 
 from absl import app, flags, logging
@@ -27,29 +29,41 @@ _GENERATE = flags.DEFINE_multi_string(
     "generate", [], "Answer these prompts with the workdir's latest checkpoint (config.sample) instead of training."
 )
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host TPU/GPU).")
+_TAKEOVER_LOCK = flags.DEFINE_bool(
+    "takeover_lock", False,
+    "Take over the workdir's run.lock even though another host wrote it (a preempted run requeued under a new "
+    "hostname). Only when that host's run is gone: two runs in one workdir corrupt it.",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _configs_dir():
-  # find_spec reads where the package lives without executing it: the checkout's configs/ beside launch.py,
-  # or the installed one.
-  spec = importlib.util.find_spec("configs")
-  return list(spec.submodule_search_locations)[0] if spec and spec.submodule_search_locations else None
+def _configs_dir() -> pathlib.Path:
+  # The configs package installed beside this `sft` (the checkout's, or site-packages'), never one that
+  # the current directory happens to hold: a name must not run whatever file sits where the user stands.
+  return pathlib.Path(__file__).resolve().parent.parent / "configs"
+
+
+def _is_path(value: str) -> bool:
+  return os.sep in value or (os.altsep is not None and os.altsep in value) or value.endswith(".py")
 
 
 def resolve_config(value):
-  """`quickstart` or `finetune:lora` -> the file in the configs package; an existing path stays as it is."""
+  """`quickstart` or `finetune:lora` -> that file of the project's configs package; a path (it holds a
+  separator or ends in .py: `./mine.py`, `configs/quickstart.py:arg`) stays as it is and must exist."""
   path, sep, arg = value.partition(":")
-  if os.path.isfile(path):
+  if _is_path(path):
+    if not os.path.isfile(path):  # config_flags would defer this error to a traceback on first use
+      sys.exit(f"FATAL --config={value}: no such file")
     return value
-  if os.sep in path or path.endswith(".py"):  # config_flags would defer this error to a traceback on first use
-    sys.exit(f"FATAL --config={value}: no such file")
   folder = _configs_dir()
-  candidate = os.path.join(folder, f"{path}.py") if folder else None
-  if candidate and os.path.isfile(candidate):
-    return candidate + sep + arg
-  names = sorted(f[:-3] for f in os.listdir(folder) if f.endswith(".py") and f != "__init__.py") if folder else []
-  sys.exit(f"FATAL --config={value}: no such file, and no config named {path!r} in configs/ ({', '.join(names)})")
+  candidate = folder / f"{path}.py"
+  if path and not path.startswith("_") and candidate.is_file():
+    return f"{candidate}{sep}{arg}"
+  names = sorted(f.stem for f in folder.glob("*.py") if not f.name.startswith("_")) if folder.is_dir() else []
+  sys.exit(
+      f"FATAL --config={value}: no config named {path!r} in {folder} ({', '.join(names)}); "
+      f"a file of your own is given as a path (./{path}.py)"
+  )
 
 
 def _resolve_config_args(argv):
@@ -67,12 +81,8 @@ def parse_flags(argv):
   argv = _resolve_config_args(argv)
   try:
     remaining = flags.FLAGS(argv)
-  except (AttributeError, KeyError) as err:  # the locked config has no such key
-    overrides = [a for a in argv if a.startswith("--config.")]
-    key = str(err).strip("\"'")
-    sys.exit(
-        f"FATAL unknown config key '{key}' in {' '.join(overrides)}; the keys and their meaning are in sft/config.py (model keys: sft/model/config.py)"
-    )
+  except (AttributeError, KeyError) as err:
+    sys.exit(f"FATAL {_load_error(err, argv)}")
   except flags.Error as err:
     from sft.errors import ConfigError  # noqa: PLC0415
 
@@ -82,6 +92,41 @@ def parse_flags(argv):
     sys.exit(f"FATAL flags: {err}\nPass --helpfull to see the flags.")
   _check(_CONFIG.value)
   return remaining
+
+
+def _overrides(argv) -> list[tuple[str, str]]:
+  """(dotted key, argument) of each config key set on the command line: `--config.train.lr=1e-4` -> "train.lr"."""
+  found = []
+  for arg in argv:
+    match = re.match(r"--?config\.([\w.]+)(=|$)", arg)
+    if match:
+      found.append((match.group(1), arg))
+  return found
+
+
+def override_keys(argv) -> list[str]:
+  return [key for key, _ in _overrides(argv)]
+
+
+def _load_error(err, argv) -> str:
+  """One line for what ml_collections raises while loading: a config file without get_config, or an
+  override naming no key of the locked config (its KeyError text holds the key and a suggestion)."""
+  while err.args and isinstance(err.args[0], BaseException):  # AttributeError(KeyError(text))
+    err = err.args[0]
+  text = str(err.args[0]) if err.args else str(err)
+  config_arg = next((a.partition("=")[2] for a in argv if a.startswith(("--config=", "-config="))), "")
+  if "has no attribute 'get_config'" in text:
+    return f"--config={config_arg}: the file defines no get_config() (a config file returns its ConfigDict from get_config)"
+  key = text.splitlines()[0].strip("\"' ") if text else "?"
+  near = re.search(r'Did you mean "([^"]+)"', text)
+  for dotted, arg in _overrides(argv):
+    parts = dotted.split(".")
+    if key in parts:
+      parent = ".".join(parts[: parts.index(key)])
+      full = f"{parent}.{key}" if parent else key
+      hint = f"; did you mean {parent + '.' if parent else ''}{near.group(1)}?" if near else ""
+      return f"{full}: no such key{hint} (in {arg}; the keys are in sft/config.py, model keys in sft/model/config.py)"
+  return f"the config could not be loaded: {key}"
 
 
 def _check(config):
@@ -120,12 +165,14 @@ def run(argv):
     if _CONFIG.value.get("job") == "build":
       jobs.build_dataset(_CONFIG.value, _WORKDIR.value)
     elif _CONFIG.value.get("job") == "eval":
-      jobs.evaluate_model(_CONFIG.value, _WORKDIR.value)
+      jobs.evaluate_model(_CONFIG.value, _WORKDIR.value, takeover_lock=_TAKEOVER_LOCK.value)
     elif _GENERATE.value:
-      for prompt, answer in zip(_GENERATE.value, jobs.respond(_CONFIG.value, _WORKDIR.value, _GENERATE.value)):
+      # The model is built from the workdir's config.json; keys given here that would change it are refused.
+      answers = jobs.respond(_CONFIG.value, _WORKDIR.value, _GENERATE.value, given_keys=set(override_keys(sys.argv)))
+      for prompt, answer in zip(_GENERATE.value, answers):
         print(f"> {prompt}\n{answer}\n")
     else:
-      jobs.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+      jobs.train_and_evaluate(_CONFIG.value, _WORKDIR.value, takeover_lock=_TAKEOVER_LOCK.value)
   except ConfigError as err:
     sys.exit(f"FATAL {err}")
   except RunStopped as stopped:  # a checkpoint was saved and the log says so; the exit code names the signal

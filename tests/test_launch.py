@@ -161,8 +161,58 @@ def test_sft_command_resolves_configs_by_name(tmp_path):
   for config in ("quickstart", "finetune:lora"):  # a mistyped key fails after the config loaded, before any work
     result = sft(f"--config={config}", "--config.train.stpes=5")
     assert result.returncode != 0
-    assert "FATAL unknown config key 'stpes' in --config.train.stpes=5" in result.stderr, result.stderr[-2000:]
+    assert "FATAL train.stpes: no such key (in --config.train.stpes=5;" in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
   unknown = sft("--config=quickstrat")
   assert unknown.returncode != 0 and "no config named 'quickstrat'" in unknown.stderr and "quickstart" in unknown.stderr
   assert not workdir.exists()
+
+
+def test_config_names_resolve_only_in_the_projects_configs(tmp_path):
+  # A folder holding its own `configs/quickstart.py` and a file named `eval`: names still mean the project's
+  # configs; only a path (a separator, or .py) reads a file of the current directory.
+  (tmp_path / "configs").mkdir()
+  (tmp_path / "configs" / "__init__.py").write_text("")
+  (tmp_path / "configs" / "quickstart.py").write_text("raise SystemExit('FATAL the local file ran')\n")
+  (tmp_path / "eval").write_text("raise SystemExit('FATAL the local file ran')\n")
+  env = {**os.environ, "PYTHONPATH": ROOT}
+
+  def sft(*args):
+    cmd = [sys.executable, "-m", "sft", f"--workdir={tmp_path / 'run'}", *args]
+    return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+  for name in ("quickstart", "eval"):
+    result = sft(f"--config={name}", "--config.train.stpes=5")
+    assert "the local file ran" not in result.stderr, (name, result.stderr[-2000:])
+    assert "FATAL train.stpes: no such key (in --config.train.stpes=5;" in result.stderr, result.stderr[-2000:]
+  local = sft("--config=./configs/quickstart.py")
+  assert local.returncode != 0 and "the local file ran" in local.stderr
+  missing = sft("--config=./nowhere.py")
+  assert missing.returncode != 0 and "FATAL --config=./nowhere.py: no such file" in missing.stderr
+
+
+def test_load_errors_are_one_line(tmp_path):
+  no_get_config = tmp_path / "noget.py"
+  no_get_config.write_text("def other():\n  return 1\n")
+  result = subprocess.run(
+      [sys.executable, "launch.py", f"--config={no_get_config}", f"--workdir={tmp_path / 'run'}"],
+      cwd=ROOT, capture_output=True, text=True, timeout=120,
+  )
+  assert result.returncode != 0 and "Traceback" not in result.stderr
+  assert f"FATAL --config={no_get_config}: the file defines no get_config()" in result.stderr, result.stderr[-2000:]
+  for override, line in (
+      ("--config.train.sft_step=3", "FATAL train.sft_step: no such key; did you mean train.sft_steps?"),
+      ("--config.trian.sft_steps=3", "FATAL trian: no such key; did you mean train?"),
+  ):
+    result = launch(tmp_path / "run", override)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    fatal = [x for x in result.stderr.splitlines() if x.startswith("FATAL")]
+    assert len(fatal) == 1 and fatal[0].startswith(line), result.stderr[-2000:]
+  assert not (tmp_path / "run").exists()
+
+
+def test_data_dir_without_source_dir_is_refused(tmp_path):
+  result = launch(tmp_path / "run", f"--config.data.dir={tmp_path}")
+  assert result.returncode != 0 and "Traceback" not in result.stderr
+  assert "data.dir=" in result.stderr and "data.source 'dir'" in result.stderr, result.stderr[-2000:]
+  assert not (tmp_path / "run").exists()
