@@ -25,7 +25,7 @@ from resume_worker import config as run_config
 from sft import pipeline
 from sft.errors import CannotWrite, ConfigError, TrainingDiverged, cannot_write
 from sft.model import ModelConfig, Transformer
-from sft.trainer import loop, rundir, sharding
+from sft.trainer import finite, loop, rundir, sharding
 from sft.trainer import state as state_lib
 from sft.trainer import step as step_lib
 from sft.trainer.checkpoint import Checkpointer
@@ -176,7 +176,7 @@ def test_the_guard_stops_at_the_first_bad_step_or_after_enough_skips_in_a_row(ba
   makes max_consecutive_skips in a row ("skip"); otherwise every bad step is counted as skipped."""
   mode = {"train.on_nonfinite": "skip" if skip else "stop", "train.max_consecutive_skips": max_in_a_row}
   config = tiny_run("unused", **mode)
-  guard = loop.FiniteGuard(config, _Saved())
+  guard = finite.FiniteGuard(config, _Saved())
   run, expected_stop = 0, None
   for step, b in enumerate(bad, 1):
     run = run + 1 if b else 0
@@ -200,7 +200,7 @@ def test_the_guard_stops_at_the_first_bad_step_or_after_enough_skips_in_a_row(ba
 
 def test_parameters_that_overflow_stop_the_run_in_either_mode():
   for mode in ("stop", "skip"):
-    guard = loop.FiniteGuard(tiny_run("unused", **{"train.on_nonfinite": mode}), _Saved())
+    guard = finite.FiniteGuard(tiny_run("unused", **{"train.on_nonfinite": mode}), _Saved())
     guard.add(1, {"nonfinite": np.float32(0), "nonfinite_params": np.float32(0)})
     guard.add(2, {"nonfinite": np.float32(0), "nonfinite_params": np.float32(1)})
     with pytest.raises(TrainingDiverged, match="the parameters are not finite after the update of step 2"):

@@ -22,7 +22,7 @@ import ml_collections
 from sft import pipeline
 from sft.config_check import check_config
 from sft.console import ensure_console_handler
-from sft.errors import ConfigError, RunStopped, TrainingDiverged, cannot_write
+from sft.errors import ConfigError, RunStopped, cannot_write
 from sft.evaluator import Evaluator, write_report
 from sft.model import Transformer, count_params, lora
 from sft.trainer import multihost, preemption, rundir, setup, sharding, sources
@@ -30,10 +30,10 @@ from sft.trainer import state as state_lib
 from sft.trainer import step as step_lib
 from sft.trainer.checkpoint import Checkpointer
 from sft.trainer.curves import CURVES, plot_curves
+from sft.trainer.finite import FLAG_METRICS, FiniteGuard
 from sft.trainer.metrics_log import MetricsLog, Progress, config_summary, eval_line, format_duration, train_line
 
 log = logging.getLogger("sft")
-FLAGS = ("nonfinite", "nonfinite_params")  # the step's finiteness flags: read by FiniteGuard, not logged
 
 
 def build_optimizer(config: ml_collections.ConfigDict, model_cfg):
@@ -140,7 +140,7 @@ def train_and_evaluate(
   Nothing is written before the whole config is checked; one run at a time holds the workdir; a
   resumed run refuses config changes that would mix two experiments (see sft/trainer/rundir.py). A full
   disk, a read-only workdir or a missing permission is a CannotWrite (a ConfigError) naming the path;
-  a loss that is not finite is a TrainingDiverged (see `FiniteGuard`)."""
+  a loss that is not finite is a TrainingDiverged (see sft/trainer/finite.py)."""
   workdir = pathlib.Path(workdir)
   t_start = time.time()
   ensure_console_handler()
@@ -315,60 +315,6 @@ def _stepper(config, run: setup.RunSetup, optimizer, schedule, trainable, dropou
   )
 
 
-class FiniteGuard:
-  """train.on_nonfinite, on the host. Each step's `nonfinite` and `nonfinite_params` flags stay on the device
-  until the loop reads metrics anyway (a log line) or is about to evaluate or save; `check()` then reads
-  them all at once. "stop": the first bad step is a TrainingDiverged. "skip": the step already dropped its
-  update (see step.train_step); skipped steps are counted, and max_consecutive_skips of them in a row are
-  a TrainingDiverged. Parameters that are not finite after an update end the run in either mode. So a
-  checkpoint (or an evaluation) never sees a state that is not finite."""
-
-  def __init__(self, config: ml_collections.ConfigDict, checkpointer: Checkpointer):
-    self.skip = config.train.on_nonfinite == "skip"
-    self.max_in_a_row = config.train.max_consecutive_skips
-    self.lr = config.train.lr
-    self.checkpointer = checkpointer
-    self.pending = []  # (step, nonfinite, nonfinite_params): device scalars
-    self.in_a_row = 0  # skipped steps in a row, up to the last one checked
-    self.skipped = 0  # skipped steps of this run
-    self.unreported = 0  # skipped steps not yet in a metrics row
-
-  def add(self, step: int, metrics: dict[str, Any]) -> None:
-    self.pending.append((step, metrics["nonfinite"], metrics["nonfinite_params"]))
-
-  def check(self) -> None:
-    pending, self.pending = self.pending, []
-    for (step, _, _), (bad, bad_params) in zip(pending, jax.device_get([flags for _, *flags in pending])):
-      if bad and self.skip:
-        self.in_a_row, self.skipped, self.unreported = self.in_a_row + 1, self.skipped + 1, self.unreported + 1
-        if self.in_a_row >= self.max_in_a_row:
-          raise self._diverged(
-              f"the loss or gradient norm was not finite at {self.in_a_row} steps in a row (steps "
-              f"{step - self.in_a_row + 1}-{step}, all skipped; train.max_consecutive_skips={self.max_in_a_row})",
-              "raise train.max_consecutive_skips",
-          )
-      elif bad:
-        raise self._diverged(
-            f"the loss or gradient norm is not finite at step {step}", 'set train.on_nonfinite="skip" to skip such steps'
-        )
-      elif bad_params:
-        raise self._diverged(f"the parameters are not finite after the update of step {step}")
-      else:
-        self.in_a_row = 0
-
-  def take_unreported(self) -> int:
-    n, self.unreported = self.unreported, 0
-    return n
-
-  def _diverged(self, what: str, alternative: str = "") -> TrainingDiverged:
-    latest = self.checkpointer.latest_step()
-    kept = "none was saved" if latest is None else f"the latest, step {latest} in {self.checkpointer.directory}, is from before"
-    return TrainingDiverged(
-        f"training diverged: {what}; no checkpoint holds it ({kept}). Lower train.lr (now {self.lr:g})"
-        + (f", or {alternative}" if alternative else "")
-    )
-
-
 def _train(config, state, stepper: Stepper, iterators, checkpointer, metrics_log, evaluate, start_step):
   """The loop from `start_step` (`state`: the step's state, see Stepper): a step per batch, metric lines
   every log_every, evals and checkpoints; returns the final train state and the number of skipped steps.
@@ -390,7 +336,7 @@ def _train(config, state, stepper: Stepper, iterators, checkpointer, metrics_log
       log_now = done % tc.log_every == 0 or done == total_steps
       if log_now:
         guard.check()
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items() if k not in FLAGS}
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items() if k not in FLAG_METRICS}
         metrics["perplexity"] = math.exp(min(metrics["loss"], 50.0))
         tokens = float(sum(jax.device_get(pending_tokens)))
         tokens_per_s, eta = progress.interval(done, done - last_logged, tokens)
