@@ -9,6 +9,9 @@ The model: --config.eval.model_workdir=<a training workdir> (its latest checkpoi
 config.json says), or --config.model.checkpoint=<a Hugging Face folder>.
 The records: the validation split of a data build (--config.data.dir, the default source "dir"), or
 --config.eval.files="('a.jsonl', 'b.csv')" in any format the data builder reads.
+Every figure carries a 95% interval and its item count. With --config.eval.compare_to=<a second training
+workdir or Hugging Face folder>, both models answer the same records; <workdir>/eval/compare.md and
+compare.json give B - A per task and metric, with paired-bootstrap intervals and McNemar's exact test.
 """
 
 from sft.config import base_config

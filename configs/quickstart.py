@@ -42,5 +42,6 @@ def get_config():
   c.train.sft_steps = 900
   c.train.lr = 5e-3
   c.eval.every_steps = 300
+  c.eval.compare_pretrained = True  # eval/compare.md: the final model against the one after pretraining
   c.checkpoint.every_steps = 300
   return c

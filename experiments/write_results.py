@@ -2,8 +2,9 @@
      --title="Cloze on Debian package descriptions" --command="python launch.py ..." [--log=run.log]
 
 Writes <study>/results.md from a finished training workdir: the commands, the data build's
-accounting, the model and schedule, held-out metrics at every evaluation and per task at the end,
-and copies of the run's curves.png, eval report and confusion matrices beside it.
+accounting, the model and schedule, held-out metrics at every evaluation and per task at the end
+(with the eval report's intervals and item counts), and copies of the run's curves.png, eval report
+and confusion matrices beside it.
 """
 
 from __future__ import annotations
@@ -29,6 +30,19 @@ def _fmt(value) -> str:
 
 def _table(header: list[str], rows: list[list]) -> list[str]:
   return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+
+
+def _metric_table(metrics: dict, intervals: dict, few_items: int) -> list[str]:
+  """metric | value | 95% interval | n; a results.json from before intervals gives the value alone."""
+  if not intervals:
+    return _table(["metric", "value"], [[k, v] for k, v in metrics.items()])
+  rows = []
+  for key, value in metrics.items():
+    span = intervals.get(key)
+    interval = f"[{_fmt(span['low'])}, {_fmt(span['high'])}]" if span else ""
+    items = f"{span['n']:,}" + (", few items" if span["n"] < few_items else "") if span else ""
+    rows.append([key, value, interval, items])
+  return _table(["metric", "value", "95% interval", "n"], rows)
 
 
 def results_markdown(workdir: pathlib.Path, title: str, commands: list[str], log_text: str = "") -> str:
@@ -63,9 +77,16 @@ def results_markdown(workdir: pathlib.Path, title: str, commands: list[str], log
   lines += ["## Held-out metrics during training", ""]
   lines += _table(["step", *[c.removeprefix("eval/") for c in columns]], [[r["step"], *[r.get(c, "") for c in columns]] for r in evals])
   lines += ["", "## Per task at the end", ""]
+  method = results.get("interval_method")
+  if method:
+    lines += [
+        f"With {method['confidence']:.0%} intervals (Wilson's for proportions, else a bootstrap over items, "
+        f"{method['bootstrap_samples']:,} resamples) and the items each figure rests on, \"few items\" under "
+        f"{method['few_items']}.", "",
+    ]
   for task, info in results["tasks"].items():
     lines += [f"**{task}** ({info['records']:,} records, {info['generated']:,} answered)", ""]
-    lines += _table(["metric", "value"], [[k, v] for k, v in info["metrics"].items()]) + [""]
+    lines += _metric_table(info["metrics"], info.get("intervals", {}), (method or {}).get("few_items", 0)) + [""]
   lines += ["Curves (train and eval loss, learning rate, tokens/s):", "", "![curves](curves.png)", ""]
   for png in sorted((workdir / "eval").glob("confusion-*.png")):
     lines += [f"![{png.stem}]({png.name})", ""]

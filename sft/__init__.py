@@ -14,7 +14,9 @@ Transformer); `sft.hf` (Hugging Face checkpoints); `sft.trainer` (run setup, sha
 
 from sft.errors import ConfigError
 
-__all__ = ["ConfigError", "base_config", "build_dataset", "evaluate_model", "respond", "train_and_evaluate"]
+__all__ = [
+    "ConfigError", "base_config", "build_dataset", "evaluate_model", "inspect_training_rows", "respond", "train_and_evaluate",
+]
 
 
 def __getattr__(name):
@@ -23,7 +25,7 @@ def __getattr__(name):
     from sft.config import base_config  # noqa: PLC0415
 
     return base_config
-  if name in ("build_dataset", "evaluate_model", "respond", "train_and_evaluate"):
+  if name in ("build_dataset", "evaluate_model", "inspect_training_rows", "respond", "train_and_evaluate"):
     from sft import jobs  # noqa: PLC0415
 
     return getattr(jobs, name)

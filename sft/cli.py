@@ -4,6 +4,7 @@
   sft --config=finetune:lora --workdir=/tmp/sft-lora --config.model.checkpoint=/path/to/hf_model
   sft --config=eval --workdir=/tmp/sft-eval --config.eval.model_workdir=/tmp/sft-quickstart --config.data.dir=/tmp/sft-quickstart/data
   python launch.py --config=configs/quickstart.py --workdir=/tmp/sft-quickstart
+  sft inspect --config=quickstart --workdir=/tmp/sft-quickstart --rows=4   # the first packed rows, trained tokens marked
 
 --config is a config file given as a path (it holds a separator or ends in .py; `path[:argument]`) or the
 name of one in the project's `configs` package (never a file of the current directory).
@@ -29,6 +30,8 @@ _GENERATE = flags.DEFINE_multi_string(
     "generate", [], "Answer these prompts with the workdir's latest checkpoint (config.sample) instead of training."
 )
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host TPU/GPU).")
+_ROWS = flags.DEFINE_integer("rows", 8, "sft inspect: how many packed training rows to render.")
+_OUT = flags.DEFINE_string("out", None, "sft inspect: write the rows as an HTML page to this file.")
 _TAKEOVER_LOCK = flags.DEFINE_bool(
     "takeover_lock", False,
     "Take over the workdir's run.lock even though another host wrote it (a preempted run requeued under a new "
@@ -153,8 +156,9 @@ def run(argv):
   from sft import jobs  # noqa: PLC0415  (JAX comes with it: not needed for --help)
   from sft.errors import ConfigError, RunStopped  # noqa: PLC0415
 
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  command = argv[1:]
+  if command not in ([], ["inspect"]):
+    raise app.UsageError(f"unexpected arguments: {command} (the one command is `sft inspect`)")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # library INFO chatter (checkpoint I/O) off; --verbosity=0 brings it back
   if _DISTRIBUTED.value:
@@ -162,7 +166,9 @@ def run(argv):
 
     jax.distributed.initialize()
   try:
-    if _CONFIG.value.get("job") == "build":
+    if command == ["inspect"]:  # what the train job's first rows look like, the trained tokens marked
+      print(jobs.inspect_training_rows(_CONFIG.value, _WORKDIR.value, rows=_ROWS.value, out=_OUT.value).text)
+    elif _CONFIG.value.get("job") == "build":
       jobs.build_dataset(_CONFIG.value, _WORKDIR.value)
     elif _CONFIG.value.get("job") == "eval":
       jobs.evaluate_model(_CONFIG.value, _WORKDIR.value, takeover_lock=_TAKEOVER_LOCK.value)

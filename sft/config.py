@@ -93,6 +93,14 @@ def base_config() -> ml_collections.ConfigDict:
   # files (any format the data builder reads), or else the validation split of data.dir / data.build.
   c.eval.model_workdir = ""
   c.eval.files = ()
+  # A second model for the eval job to compare with on the same items and decoding (a training workdir or a
+  # Hugging Face folder): per task, the difference with its paired-bootstrap interval and a test of it.
+  c.eval.compare_to = ""
+  # Every figure of the report carries a 95% interval: a seeded bootstrap over items, this many resamples.
+  c.eval.bootstrap_samples = 1000
+  # A training run with both phases also evaluates the model at the end of pretraining, and its report
+  # compares the final model with it (eval/compare.md, as the eval job's eval.compare_to): did SFT help?
+  c.eval.compare_pretrained = False
 
   # Answering prompts with `launch.py --generate=...` from the latest checkpoint of the workdir.
   c.sample = ml_collections.ConfigDict()

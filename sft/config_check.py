@@ -149,6 +149,7 @@ CONSTRAINTS = {
     "eval.num_samples_to_print": AT_LEAST_0,
     "eval.answer_normalization": OneOf(("squad", "whitespace")),  # sft.evaluator.metrics.NORMALIZATIONS
     "eval.prompt_overflow": OneOf(("truncate", "refuse")),
+    "eval.bootstrap_samples": Range(100),
     "sample.temperature": AT_LEAST_0,
     "sample.top_k": AT_LEAST_0,
     "sample.top_p": Range(0, 1, low_open=True),

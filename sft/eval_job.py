@@ -8,6 +8,14 @@ the model and tokenizer are built), or a Hugging Face folder (`model.checkpoint`
 files (`eval.files`, any format the data builder reads; templates give their task), or the validation
 split of a data build (`data.source` "dir" with `data.dir`, or "build"). Nothing is trained.
 
+With `eval.compare_to` (a second training workdir or Hugging Face folder) the job evaluates that model
+too, on the same records with the same settings and greedy decoding, one model's parameters in memory at
+a time, and writes `<workdir>/eval/compare.md` and `compare.json`: model B (compare_to) against model A
+(the one above), per task and metric, with paired intervals and tests (sft/evaluator/compare.py).
+
+    python launch.py --config=configs/eval.py --workdir=/tmp/sft-compare --config.data.dir=/tmp/sft-quickstart/data \
+        --config.eval.model_workdir=/tmp/sft-base --config.eval.compare_to=/tmp/sft-quickstart
+
 The job holds its workdir's lock (one job or training run per workdir), and its workdir is never a
 training run's: its report would replace that run's eval/report.md.
 """
@@ -15,6 +23,7 @@ training run's: its report would replace that run's eval/report.md.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import pathlib
 from typing import Any
@@ -29,7 +38,10 @@ from sft.console import ensure_console_handler
 from sft.databuilder import readers
 from sft.databuilder import records as records_lib
 from sft.errors import ConfigError
-from sft.evaluator import Evaluator, write_report
+from sft.evaluator import EvalResult, Evaluator, write_report
+from sft.evaluator import compare as compare_lib
+from sft.evaluator import tasks as tasks_lib
+from sft.evaluator.evaluate import render_prompt_of
 from sft.trainer import multihost, rundir, setup, sharding, sources
 from sft.trainer import step as step_lib
 from sft.trainer.metrics_log import eval_line
@@ -53,6 +65,35 @@ def model_run_config(config: ml_collections.ConfigDict) -> tuple[ml_collections.
   if run_config is None:
     raise ConfigError(f"eval.model_workdir={workdir!r} has no config.json: is it the workdir of a training run?")
   return run_config, pathlib.Path(workdir)
+
+
+def compare_run_config(
+    config: ml_collections.ConfigDict,
+) -> tuple[ml_collections.ConfigDict, pathlib.Path | None] | None:
+  """As model_run_config, for model B (`eval.compare_to`): a training workdir with a checkpoint, or a Hugging
+  Face folder; None without one. Anything else is a ConfigError here, before any model is loaded."""
+  target = config.eval.compare_to
+  if not target:
+    return None
+  path, key = pathlib.Path(target), f"eval.compare_to={target!r}"
+  if not path.is_dir():
+    raise ConfigError(f"{key} is not a folder: give a training workdir or a Hugging Face folder to compare with")
+  saved = rundir.load_saved_config(path)
+  if (path / setup.CHECKPOINTS).exists() or (isinstance(saved, dict) and "train" in saved):  # a training workdir
+    run_config = setup.trained_config(config, path, sections=_FROM_EVAL_CONFIG, given_keys=())
+    if run_config is None:
+      raise ConfigError(f"{key} has no config.json: is it the workdir of a training run?")
+    if setup.latest_step(path) is None:
+      raise ConfigError(f"{key} has no checkpoint: train there first")
+    return run_config, path
+  if saved is not None and any(path.glob("*.safetensors")):  # a Hugging Face folder, built as model.checkpoint is
+    run_config = copy.deepcopy(config)
+    run_config.model.checkpoint = target
+    return run_config, None
+  raise ConfigError(
+      f"{key} holds no checkpoint: give a training workdir with a checkpoint, or a Hugging Face folder "
+      "(config.json and *.safetensors)"
+  )
 
 
 def check_own_workdir(workdir: pathlib.Path, model_workdir: pathlib.Path | None) -> None:
@@ -114,33 +155,42 @@ def _eval_records(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> t
 
 
 def evaluate_model(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, takeover_lock: bool = False) -> dict[str, float]:
-  """Evaluates the configured model on the configured records; writes the report; returns the metrics."""
+  """Evaluates the configured model on the configured records; writes the report (and, with eval.compare_to,
+  the comparison); returns the metrics of the configured model."""
   workdir = pathlib.Path(workdir)
   ensure_console_handler()
   check_config(config)
   run_config, model_workdir = model_run_config(config)
   check_config(run_config)
   check_own_workdir(workdir, model_workdir)
+  other = compare_run_config(config)
   run = setup.setup_run(run_config)
   run.check_batch("eval.batch_size", config.eval.batch_size)
+  if other is not None:
+    check_config(other[0])
+    other = (*other, setup.setup_run(other[0]))
+    other[2].check_batch("eval.batch_size", config.eval.batch_size)
   workdir.mkdir(parents=True, exist_ok=True)
   with _workdir_lock(workdir, takeover_lock):
-    return _evaluate(config, workdir, run_config, model_workdir, run)
+    return _evaluate(config, workdir, run_config, model_workdir, run, other)
 
 
-def _evaluate(config, workdir: pathlib.Path, run_config, model_workdir: pathlib.Path | None, run: setup.RunSetup):
+def _load(config, workdir: pathlib.Path, run_config, model_workdir: pathlib.Path | None, run: setup.RunSetup, key: str):
+  """(tokenizer, parameters, where they came from) of one model: a training workdir's latest checkpoint, or
+  a Hugging Face folder (`model.checkpoint` of `run_config`)."""
   if model_workdir is not None:
     tokenizer = setup.open_tokenizer(run_config, model_workdir)
-    step = setup.latest_step(model_workdir)
-    if step is None:
-      raise ConfigError(f"eval.model_workdir={str(model_workdir)!r} has no checkpoint: train there first")
+    if setup.latest_step(model_workdir) is None:
+      raise ConfigError(f"{key}={str(model_workdir)!r} has no checkpoint: train there first")
     params, origin = setup.serving_params(run_config, model_workdir, run)
-  else:
-    tokenizer = setup.open_tokenizer(run_config, workdir)
-    params, origin = hf.load_params(config.model.checkpoint, run.model_cfg, run.param_shardings), config.model.checkpoint
-  log.info("eval: model %s", origin)
-  records, data_about = _eval_records(config, workdir)
-  log.info("eval: records from %s", data_about)
+    return tokenizer, params, origin
+  tokenizer = setup.open_tokenizer(run_config, workdir)
+  checkpoint = run_config.model.checkpoint
+  return tokenizer, hf.load_params(checkpoint, run.model_cfg, run.param_shardings), checkpoint
+
+
+def _run_evaluator(config, run_config, run: setup.RunSetup, tokenizer, params, records) -> EvalResult:
+  """One model on the records, with the eval config's settings: what makes two models' results comparable."""
   seq_len = run_config.train.seq_len
   evaluator = Evaluator(
       records, tokenizer=tokenizer, model=run.model,
@@ -151,13 +201,64 @@ def _evaluate(config, workdir: pathlib.Path, run_config, model_workdir: pathlib.
       out_sharding=run.replicated,
       score_step=step_lib.jit_score_step(run.model.apply, run.param_shardings, run.batch_sharding, run.replicated),
       batch_rows=sharding.process_rows(run.batch_sharding, config.eval.batch_size, seq_len),
-      prompt_overflow=config.eval.prompt_overflow,
+      prompt_overflow=config.eval.prompt_overflow, bootstrap_samples=config.eval.bootstrap_samples, seed=config.seed,
   )
   with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
-    result = evaluator.evaluate(params)
+    return evaluator.evaluate(params)
+
+
+def _evaluate(
+    config, workdir: pathlib.Path, run_config, model_workdir: pathlib.Path | None, run: setup.RunSetup, other=None
+) -> dict[str, float]:
+  tokenizer, params, origin = _load(config, workdir, run_config, model_workdir, run, "eval.model_workdir")
+  log.info("eval: model %s", origin)
+  records, data_about = _eval_records(config, workdir)
+  log.info("eval: records from %s", data_about)
+  result = _run_evaluator(config, run_config, run, tokenizer, params, records)
+  del params  # a second model's parameters take their place
   log.info("%s", eval_line(0, result.metrics).replace("eval @ 0", "eval"))
+  seq_len = run_config.train.seq_len
   about = {"model": origin, "records": data_about, "answer normalisation": config.eval.answer_normalization,
            "context": f"train.seq_len={seq_len}, eval.max_new_tokens={config.eval.max_new_tokens}"}
   report = multihost.on_process_0(lambda: write_report(result, workdir / EVAL_DIR, about=about), "writing the eval report")
   log.info("eval: report in %s", report or workdir / EVAL_DIR)
+  if other is not None:
+    _compare(config, workdir, records, (result, tokenizer, origin, run_config), other, about)
   return result.metrics
+
+
+def same_prompts(records, indices, tokenizer_a, tokenizer_b) -> bool:
+  """Whether both tokenizers render the same generation prompt tokens for every record of `indices`."""
+  render = lambda tokenizer, i: render_prompt_of(tokenizer, records[i], i)[0]  # noqa: E731
+  return all(render(tokenizer_a, i) == render(tokenizer_b, i) for i in indices)
+
+
+def _compare(config, workdir: pathlib.Path, records, model_a, other, about_a: dict[str, Any]) -> None:
+  """Model B (eval.compare_to) on the same records with the same settings; compare.md and compare.json."""
+  result_a, tokenizer_a, origin_a, config_a = model_a
+  config_b, workdir_b, run_b = other
+  tokenizer_b, params, origin_b = _load(config, workdir, config_b, workdir_b, run_b, "eval.compare_to")
+  log.info("eval: comparing with model %s", origin_b)
+  result_b = _run_evaluator(config, config_b, run_b, tokenizer_b, params, records)
+  del params
+  chosen = tasks_lib.pick_for_generation(records, config.eval.num_generations)
+  prompts = (
+      "the same tokens for both models (one tokenizer)" if same_prompts(records, chosen, tokenizer_a, tokenizer_b)
+      else "rendered per model: the two tokenizers differ (the same records, each model's own prompt tokens)"
+  )
+  seq_a, seq_b = config_a.train.seq_len, config_b.train.seq_len
+  about = {
+      "A": f"{origin_a} ({'eval.model_workdir' if config.eval.model_workdir else 'model.checkpoint'})",
+      "B": f"{origin_b} (eval.compare_to)",
+      "records": about_a["records"], "prompts": prompts,
+      "decoding": f"greedy, eval.max_new_tokens={config.eval.max_new_tokens}",
+      "context": f"train.seq_len={seq_a}" if seq_a == seq_b else f"train.seq_len A {seq_a}, B {seq_b} (each its own)",
+      "answer normalisation": config.eval.answer_normalization,
+  }
+  if result_a.prompts_truncated or result_b.prompts_truncated:
+    about["generation prompts cut to the context"] = f"A {result_a.prompts_truncated}, B {result_b.prompts_truncated}"
+  comparison = compare_lib.compare(result_a, result_b, normalization=config.eval.answer_normalization,
+                                   samples=config.eval.bootstrap_samples, seed=config.seed)
+  path = multihost.on_process_0(lambda: compare_lib.write_comparison(comparison, workdir / EVAL_DIR, about=about),
+                                "writing the comparison")
+  log.info("eval: comparison in %s", path or workdir / EVAL_DIR / compare_lib.COMPARE_MD)

@@ -4,7 +4,8 @@ annotate with, so the builder itself never imports serving or training.
 
     import sft
     sft.train_and_evaluate(config, workdir)   # or sft.build_dataset(build_config, out_dir), sft.respond(...),
-                                              # sft.evaluate_model(eval_config, workdir)
+                                              # sft.evaluate_model(eval_config, workdir),
+                                              # sft.inspect_training_rows(config, workdir)
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import ml_collections
 
 from sft import databuilder, eval_job, serve
 from sft.config_check import check_config
+from sft.trainer import inspect as trainer_inspect
 from sft.trainer import loop
 
 
@@ -38,6 +40,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   if config.data.source == "build":
     kwargs.setdefault("generator", annotation_generator(config.data.build))
   return loop.train_and_evaluate(config, workdir, **kwargs)
+
+
+def inspect_training_rows(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, **kwargs: Any):
+  """`sft.trainer.inspect.inspect_training_rows`: the first packed training rows as the model receives them,
+  the loss-masked tokens marked; its data build (data.source="build") served like `train_and_evaluate`'s."""
+  check_config(config)
+  if config.data.source == "build":
+    kwargs.setdefault("generator", annotation_generator(config.data.build))
+  return trainer_inspect.inspect_training_rows(config, workdir, **kwargs)
 
 
 def evaluate_model(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, **kwargs: Any) -> dict[str, float]:

@@ -2,7 +2,10 @@
 log-likelihood (checked against the model's own log-probabilities), and the written report."""
 
 import importlib
+import importlib.util
 import json
+import math
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -13,10 +16,11 @@ from hypothesis import strategies as st
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sft.errors import ConfigError
-from sft.evaluator import Evaluator, metrics, write_report
+from sft.evaluator import EvalResult, Evaluator, Sample, intervals_of, metrics, write_report
 from sft.evaluator import choices as choices_lib
+from sft.evaluator import report as report_lib
 from sft.evaluator import tasks as tasks_lib
-from sft.evaluator.report import _fence
+from sft.evaluator.report import fence
 from sft.model import Transformer
 from sft.trainer import sharding
 from sft.trainer import step as step_lib
@@ -95,9 +99,9 @@ def test_candidate_log_likelihoods_equal_the_models_own(tokenizer, tiny_model_co
 @settings(max_examples=100, deadline=None)
 @given(st.text(st.sampled_from("`a\n|#"), max_size=30))
 def test_quoted_examples_cannot_close_their_fence(text):
-  fenced = _fence(text)
-  fence = fenced.split("text\n", 1)[0]
-  assert fenced.endswith("\n" + fence) and fence not in text and set(fence) == {"`"}
+  fenced = fence(text)
+  marks = fenced.split("text\n", 1)[0]
+  assert fenced.endswith("\n" + marks) and marks not in text and set(marks) == {"`"}
 
 
 def _outside_fences(markdown: str) -> str:
@@ -156,6 +160,125 @@ def test_an_evaluation_reports_every_task_and_writes_its_report(tmp_path, tokeni
   saved = json.loads((tmp_path / "eval" / "results.json").read_text())
   assert saved["metrics"] == pytest.approx(m) and set(saved["tasks"]) == set(result.tasks)
   assert (tmp_path / "eval" / "confusion-classification.png").read_bytes()[:4] == b"\x89PNG"
+  generated = {"classification": 5, "summarisation": 3, "cloze": 3, "chat": 1}
+  _every_figure_has_its_interval(saved, text, generated)
+
+
+# Figures over tokens or counts, not over items: no interval. (eval/accuracy is the next-token accuracy.)
+_NO_INTERVAL = {"loss", "perplexity", "loss_tokens", "token_accuracy", "choice_items"}
+
+
+def _every_figure_has_its_interval(saved, text, generated):
+  """results.json: every generation and choice figure's interval holds it and counts its items; report.md
+  shows each with its interval and n, marked as resting on few items."""
+  m, intervals = saved["metrics"], saved["intervals"]
+  assert set(intervals) == {k for k in m if k.rsplit("/", 1)[1] not in _NO_INTERVAL and k != "eval/accuracy"}
+  for key, span in intervals.items():
+    assert span["low"] <= m[key] <= span["high"] and span["method"] in ("wilson", "bootstrap"), key
+  assert intervals["eval/exact_match"]["n"] == intervals["eval/token_f1"]["n"] == sum(generated.values())
+  assert saved["interval_method"] == {"confidence": 0.95, "bootstrap_samples": 1000, "seed": 0, "few_items": 30}
+  for task, info in saved["tasks"].items():
+    assert set(info["intervals"]) == set(info["metrics"]) - _NO_INTERVAL, task
+    for key, span in info["intervals"].items():
+      assert span == intervals[f"eval/{task}/{key}"]
+      of_choices = key in ("choice_accuracy", "choice_accuracy_norm", "gold_rank")
+      assert span["n"] == (info["metrics"]["choice_items"] if of_choices else generated[task])
+      value, low, high = (report_lib.number(x) for x in (info["metrics"][key], span["low"], span["high"]))
+      assert f"| {key} | {value} | [{low}, {high}] | {span['n']}, few items |" in text
+  row = next(line for line in text.splitlines() if line.startswith("| classification |"))
+  assert "(n=5, few items)" in row and row.count("[") == len(saved["tasks"]["classification"]["intervals"])
+  assert "| exact_match |" in text.split("## Per task")[0] and "few items\" under 30" in text
+  studies = _write_results_module()  # a study's results.md shows the same intervals
+  info = saved["tasks"]["classification"]
+  span, table = info["intervals"]["accuracy"], studies._metric_table(info["metrics"], info["intervals"], 30)
+  value, low, high = (f"{x:.3f}" for x in (info["metrics"]["accuracy"], span["low"], span["high"]))
+  assert f"| accuracy | {value} | [{low}, {high}] | 5, few items |" in table
+
+
+def _write_results_module():
+  path = pathlib.Path(__file__).resolve().parent.parent / "experiments" / "write_results.py"
+  spec = importlib.util.spec_from_file_location("write_results", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_a_study_table_from_results_without_intervals_still_reads():
+  studies = _write_results_module()
+  rows = studies._metric_table({"loss": 1.5, "exact_match": 0.25}, {}, 30)
+  assert rows[2:] == ["| loss | 1.500 |", "| exact_match | 0.250 |"]
+  rows = studies._metric_table({"loss": 1.5, "bleu": 23.0}, {"bleu": {"low": 20.0, "high": 26.5, "n": 40}}, 30)
+  assert rows[2:] == ["| loss | 1.500 |  |  |", "| bleu | 23.000 | [20.000, 26.500] | 40 |"]
+
+
+def test_a_figure_from_few_items_is_marked():
+  span = {"low": 0.25, "high": 0.75, "n": 29, "method": "wilson"}
+  assert report_lib._figure(0.5, span) == "0.500 [0.250, 0.750] (n=29, few items)"
+  assert report_lib._figure(0.5, {**span, "n": 30}) == "0.500 [0.250, 0.750] (n=30)"
+  bleu = {**span, "low": 12.5, "high": 31.25, "n": 1200}
+  assert report_lib._figure(23.456, bleu, items=False) == "23.46 [12.5, 31.25]"
+  assert report_lib._figure(1.5, None) == "1.500"
+
+
+_TASK_ANSWERS = {
+    "classification": (["yes", "no", "maybe", "Yes", "no"] * 3, ["yes", "yes", "no", "yes", "no"] * 3),
+    "summarisation": (["the cat sat", "a dog ran far", ""], ["the cat sat down", "the dog ran", "birds"]),
+    "translation": (["the cat sat on the mat", "a dog ran", "hello"], ["the cat sat on a mat", "the dog ran", "hi"]),
+    "qa": (["Paris", "in 1889", "Eiffel"], ["paris", "1889", "Gustave Eiffel"]),
+    "chat": (["hello there", "bye"], ["hello there friend", "goodbye"]),
+}
+
+
+@pytest.mark.parametrize("task", list(_TASK_ANSWERS))
+def test_every_figure_of_a_task_has_an_interval_that_holds_it(task):
+  predictions, references = _TASK_ANSWERS[task]
+  labels = ["yes", "no"] if task == "classification" else ()
+  scores, _ = tasks_lib.score(task, predictions, references, labels=labels)
+  how = tasks_lib.Resampling(samples=300, seed=1)
+  spans = tasks_lib.intervals(task, predictions, references, labels=labels, how=how)
+  assert set(spans) == set(scores)
+  for key, span in spans.items():
+    assert span["low"] - 1e-12 <= scores[key] <= span["high"] + 1e-12 and span["n"] == len(predictions), key
+  assert spans == tasks_lib.intervals(task, predictions, references, labels=labels, how=how)  # seeded
+  assert tasks_lib.intervals(task, [], []) == {}
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from("abcdx"), st.sampled_from("abc")), min_size=1, max_size=40))
+def test_classification_intervals_hold_the_figures_on_any_answers(pairs):
+  predictions, references = (list(column) for column in zip(*pairs))
+  scores, _ = tasks_lib.score("classification", predictions, references, labels=["a", "b", "c"])
+  how = tasks_lib.Resampling(100)
+  spans = tasks_lib.intervals("classification", predictions, references, labels=["a", "b", "c"], how=how)
+  assert set(spans) == set(scores)
+  for key, span in spans.items():
+    assert 0.0 <= span["low"] <= scores[key] + 1e-12 and scores[key] <= span["high"] + 1e-12 <= 1.0 + 1e-12, key
+    assert span["n"] == len(pairs)
+
+
+def test_the_intervals_of_an_evaluation_hold_its_figures_as_reported(tmp_path):
+  """Keyed as the metrics; a figure summed in another order than its resamples is still inside; 40 items are
+  not few."""
+  samples = [Sample("p", "a b c", "a b", "qa", 0.8)] * 40  # every resample's token F1 is 0.8
+  scores, _ = tasks_lib.score("qa", [s.prediction for s in samples], [s.reference for s in samples])
+  scores["token_f1"] = math.nextafter(scores["token_f1"], 2.0)
+  metrics = {"eval/loss": 1.0, **{f"eval/{prefix}{k}": v for prefix in ("", "qa/") for k, v in scores.items()}}
+  tasks = {"qa": {"records": 40, "generated": 40, "metrics": {"loss": 1.0, **scores}, "details": {}}}
+  result = EvalResult(metrics, tasks, samples, [], resampling=tasks_lib.Resampling(200, 7))
+  spans = intervals_of(result)
+  assert set(spans) == set(metrics) - {"eval/loss"}
+  assert all(span["low"] <= metrics[key] <= span["high"] and span["n"] == 40 for key, span in spans.items())
+  text = write_report(result, tmp_path, about={}).read_text()
+  assert "(n=40)" in text and "few items |" not in text and "200 resamples, seed 7" in text
+
+
+def test_choice_figures_have_intervals():
+  items = [{"pick": p, "pick_norm": 1, "gold": 0, "gold_rank": 1 + p} for p in (0, 1)]
+  summary, spans = choices_lib.summary(items), tasks_lib.choice_intervals(items)
+  assert set(spans) == set(summary) - {"choice_items"}
+  for key, span in spans.items():
+    assert span["low"] <= summary[key] <= span["high"] and span["n"] == 2, key
+  assert spans["choice_accuracy"]["method"] == "wilson" and tasks_lib.choice_intervals([]) == {}
 
 
 def test_eval_files_count_what_cannot_be_evaluated(tmp_path):

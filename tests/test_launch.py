@@ -46,6 +46,8 @@ def test_quickstart_runs_then_resumes(tmp_path):
   assert "data builder: read" in first.stdout
   assert (tmp_path / "curves.png").exists() and any((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
   assert "## Per task" in (tmp_path / "eval" / "report.md").read_text() and (tmp_path / "eval" / "results.json").exists()
+  compared = (tmp_path / "eval" / "compare.md").read_text()  # eval.compare_pretrained: the run against its step 2
+  assert "at step 2 (the end of pretraining)" in compared and "/checkpoints/6 (after SFT)" in compared
   study = tmp_path / "study"  # a study's results.md, as experiments/ records them
   wrote = subprocess.run(
       [sys.executable, "experiments/write_results.py", f"--workdir={tmp_path}", f"--study={study}", "--title=T", "--command=c"],
@@ -60,11 +62,25 @@ def test_quickstart_runs_then_resumes(tmp_path):
   assert "tokenizer: loaded" in second.stdout
   rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in rows] == [0, 2, 4, 6, 8]
+  assert not (tmp_path / "eval" / "compare.md").exists()  # of the first run's final model: removed, not left stale
 
   answered = launch(tmp_path, "--generate=What does `json.dumps` do?", "--generate=Hi", "--config.sample.max_new_tokens=5")
   assert answered.returncode == 0, answered.stderr[-3000:]
   assert answered.stdout.count("> ") == 2 and "> What does `json.dumps` do?" in answered.stdout
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["6", "8"]  # untouched
+
+  # `inspect`: the first packed rows of the same workdir, the trained tokens marked; nothing trained or written there.
+  page = tmp_path.parent / "rows.html"
+  inspected = subprocess.run(
+      [sys.executable, "launch.py", "inspect", "--config=configs/quickstart.py", f"--workdir={tmp_path}", *TINY, "--rows=2", f"--out={page}"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300,
+  )
+  assert inspected.returncode == 0, inspected.stderr[-3000:]
+  assert "tokens trained" in inspected.stdout and "<span" in page.read_text()
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["6", "8"]
+  unknown = subprocess.run([sys.executable, "launch.py", "inspekt", "--config=configs/quickstart.py", f"--workdir={tmp_path}"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert unknown.returncode != 0 and "the one command is `sft inspect`" in unknown.stderr
 
 
   # The eval job on the trained workdir: eval files of two tasks, one line that is no record.

@@ -10,6 +10,7 @@ import math
 import re
 import string
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -19,14 +20,21 @@ from sft.errors import ConfigError
 from sft.evaluator.metrics import (
     NO_LABEL,
     bleu,
+    bleu_statistic,
     chrf,
+    chrf_statistic,
+    classification_codes,
     classification_report,
     exact_match,
+    exact_match_per_item,
+    f1_of_codes,
     mean_token_f1,
     normalize_answer,
     perplexity,
     rouge,
+    rouge_per_item,
     token_f1,
+    token_f1_per_item,
 )
 
 # --- the official script (SQuAD v1.1 evaluate-v1.1.py), logic reproduced verbatim ------------------
@@ -104,6 +112,10 @@ def test_means_over_pairs(pairs):
   expected_f1 = sum(squad_f1_score(p, r) for p, r in pairs) / len(pairs)
   assert exact_match(predictions, references) == pytest.approx(expected_em)
   assert mean_token_f1(predictions, references) == pytest.approx(expected_f1)
+  for mode in ("squad", "whitespace"):  # the per-item values that intervals resample
+    want = exact_match(predictions, references, mode)
+    assert exact_match_per_item(predictions, references, mode).mean() == pytest.approx(want)
+    assert token_f1_per_item(predictions, references, mode).tolist() == [token_f1(p, r, mode) for p, r in pairs]
 
 
 def test_worked_examples():
@@ -190,6 +202,26 @@ def test_classification_report_with_given_labels_keeps_unseen_ones(pairs, order)
   check_against_sklearn(report, predictions, references)
 
 
+@FEWER
+@given(
+    pairs=st.lists(st.tuples(st.sampled_from(LABEL_ANSWERS + OUTSIDE), st.sampled_from(["yes", "no"])), min_size=1),
+    order=st.none() | st.permutations(["Yes", "no", "Maybe", "neutral"]),
+    picks=st.lists(st.integers(0, 29), min_size=1, max_size=30),
+)
+def test_f1_of_codes_is_the_reports_on_every_resample(pairs, order, picks):
+  """Macro and micro F1 recomputed from label codes, as a bootstrap does, equal the report of those answers
+  (with the same label set: a resample may lack a class, which still counts in the macro mean)."""
+  predictions, references = [p for p, _ in pairs], [r for _, r in pairs]
+  reference_n, answer_n, k = classification_codes(predictions, references, order)
+  report = classification_report(predictions, references, order)
+  assert k == len(report["labels"]) and (reference_n == answer_n).mean() == report["accuracy"]
+  idx_n = np.asarray([i % len(pairs) for i in picks])
+  labels = report["labels"]
+  resampled = classification_report([predictions[i] for i in idx_n], [references[i] for i in idx_n], labels)
+  want = (resampled["macro"]["f1"], resampled["micro"]["f1"])
+  assert f1_of_codes(reference_n[idx_n], answer_n[idx_n], k) == pytest.approx(want)
+
+
 def test_classification_worked_example():
   report = classification_report(["Yes", "no", "maybe", "yes"], ["yes", "yes", "no", "no"])
   assert report["accuracy"] == 0.25
@@ -249,6 +281,13 @@ def test_rouge_is_the_mean_of_rouge_score_f_measures():
   assert got["rougeLsum"] != pytest.approx(got["rougeL"])  # the two-line pair is scored by sentences
 
 
+def test_rouge_per_item_is_what_rouge_averages():
+  predictions, references = ["the cat sat", "a dog", ""], ["the cat sat down", "the dog ran", "x"]
+  per_item = rouge_per_item(predictions, references)
+  assert {k: v.mean() for k, v in per_item.items()} == pytest.approx(rouge(predictions, references))
+  assert per_item["rouge1"][0] == pytest.approx(2 * 0.75 / 1.75) and per_item["rouge1"][2] == 0.0
+
+
 def test_rouge_worked_example():
   got = rouge(["the cat sat"], ["the cat sat down"])
   assert got["rouge1"] == pytest.approx(2 * 1 * 0.75 / 1.75)
@@ -274,6 +313,16 @@ def test_bleu_and_chrf_match_sacrebleus_readme():
   assert chrf(README_SYS, per_prediction) == pytest.approx(59.73, abs=0.005)
   per_prediction[0] = per_prediction[0][1:]  # a variable number of references
   assert bleu(README_SYS, per_prediction) == pytest.approx(29.44, abs=0.005)
+
+
+def test_corpus_statistics_recompute_bleu_and_chrf_on_any_resample():
+  per_prediction = [list(refs) for refs in zip(*README_REFS)]
+  for metric, statistic in ((bleu, bleu_statistic), (chrf, chrf_statistic)):
+    of_indices = statistic(README_SYS, per_prediction)
+    assert of_indices(np.arange(3)) == pytest.approx(metric(README_SYS, per_prediction), abs=1e-9)
+    for idx in ([0, 0, 2], [1], [2, 1, 2, 2]):  # a repeated item counts again, as in a bootstrap draw
+      want = metric([README_SYS[i] for i in idx], [per_prediction[i] for i in idx])
+      assert of_indices(np.asarray(idx)) == pytest.approx(want, abs=1e-9), (metric.__name__, idx)
 
 
 def test_bleu_and_chrf_with_one_reference_each():

@@ -1,7 +1,8 @@
 """Measure the data: the manifest's accounting and a Markdown report with PNG plots.
 
 Both are computed from one small "fact" per record (kept or dropped), which the runners bring back
-to this process: the records themselves stay in the output files.
+to this process: the records themselves stay in the output files. With a tokenizer configured, the
+report links a page of the first train chats with their loss masks (read back from those files).
 """
 
 from __future__ import annotations
@@ -13,6 +14,10 @@ from typing import Any
 
 from sft.databuilder import records, write
 
+# In plots/, which the build moves into place whole, beside report.md.
+INSPECT_PAGE = "plots/inspect.html"
+INSPECT_CHATS = 8  # chats the page renders
+_INSPECT_COMMAND = "`sft inspect --config=<the train config> --workdir=<its workdir>`"
 STAGES = ("read", "annotate", "clean", "filter", "decontaminate", "dedup", "score")
 
 
@@ -200,9 +205,71 @@ def write_report(out_dir: pathlib.Path, facts: list[dict[str, Any]], manifest: d
     md.append("## Tasks of kept chats\n\nEvaluation scores each task by its own metrics (sft/evaluator/tasks.py).\n")
     names = sorted({task for task, _ in tasks}, key=lambda t: -sum(tasks[t, s] for s in splits))
     md.append(_table(["task", *splits], [[t, *(tasks[t, s] for s in splits)] for t in names]))
+  # A manifest made by hand (tests) may have no config: then there is no tokenizer either.
+  md += inspect_section(out_dir, manifest.get("config", {}).get("filter", {}).get("length", {}).get("tokenizer", ""))
   path = out_dir / "report.md"
   write.atomic_write_text(path, "\n".join(md) + "\n")
   return path
+
+
+def first_chats(out_dir: pathlib.Path, split: str, limit: int) -> list[dict[str, Any]]:
+  """The first `limit` chat records of a split's JSONL files (in file order; records sorted by id in each)."""
+  chats = []
+  for path in sorted(out_dir.glob(f"{split}-*-of-*.jsonl")):
+    with path.open(encoding="utf-8") as lines:
+      for line in lines:
+        record = json.loads(line)
+        if "messages" in record:
+          chats.append(record)
+          if len(chats) == limit:
+            return chats
+  return chats
+
+
+def inspect_section(out_dir: pathlib.Path, tokenizer_path: str) -> list[str]:
+  """The report's "What training sees": with a tokenizer, INSPECT_PAGE renders the first train chats with
+  their loss masks (linked, its warnings listed); without one, how to see them."""
+  md = ["\n## What training sees\n"]
+  if not tokenizer_path:
+    md.append(
+        "Set filter.length.tokenizer to render the first train chats here with their loss masks, or see the packed "
+        f"rows the model receives with {_INSPECT_COMMAND}.\n"
+    )
+    return md
+  from sft.pipeline import inspect as view  # noqa: PLC0415 (a configured tokenizer only)
+  from sft.pipeline import load_tokenizer  # noqa: PLC0415
+
+  tokenizer = load_tokenizer(tokenizer_path)
+  chats, refused = [], []
+  for record in first_chats(out_dir, "train", INSPECT_CHATS):
+    try:
+      tokenizer.tokenize_chat(record["messages"])
+      chats.append(record)
+    except ValueError as err:  # the chat template refused it, or the tokenizer library failed on it
+      refused.append(f"`{record.get('id')}`: {' '.join(str(err).split())[:200]}")
+  if not chats and not refused:
+    md.append("The train split holds no chat to render.\n")
+    return md
+  batch, turns = view.chat_batch(chats, tokenizer)
+  examples = view.examples_of(batch, turns)
+  names = [str(record.get("id")) for record in chats]
+  notes = [
+      "Whole chats, one per row, as the tokenizer renders them; training packs them into rows of train.seq_len "
+      "and cuts longer ones (`sft inspect` shows those rows).",
+      *(f"not rendered: {line}" for line in refused),
+  ]
+  title = f"The first {len(chats)} train chats"
+  page = view.render_html(batch, tokenizer, examples, title=title, notes=notes, row_names=names)
+  (out_dir / INSPECT_PAGE).parent.mkdir(exist_ok=True)
+  write.atomic_write_text(out_dir / INSPECT_PAGE, page)
+  md.append(
+      f"[The first {len(chats)} train chats]({INSPECT_PAGE}) with the tokens training learns marked "
+      f"(tokenizer {tokenizer_path}): {view.summary(examples)}. Training packs chats into rows of train.seq_len: "
+      f"{_INSPECT_COMMAND} shows those rows.\n"
+  )
+  md += [f"- WARNING `{names[e.row]}` {e.warning}" for e in examples if e.warning]
+  md += [f"- not rendered: {line}" for line in refused]
+  return md
 
 
 def write_json(path: pathlib.Path, value: Any) -> None:

@@ -1,6 +1,6 @@
-"""The evaluator: held-out loss and perplexity, greedy generation, text metrics."""
+"""The evaluator: held-out loss and perplexity, greedy generation, text metrics and their intervals (stats)."""
 
-from sft.evaluator.evaluate import EvalResult, Evaluator, Sample
+from sft.evaluator.evaluate import EvalResult, Evaluator, Sample, intervals_of
 from sft.evaluator.generate import generate, make_generate, make_greedy_generate, pad_prompts, strip_generation
 from sft.evaluator.metrics import (
     bleu,

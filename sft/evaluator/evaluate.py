@@ -4,6 +4,9 @@ log-likelihood where records have them (sft/evaluator/choices.py).
 
 Metric keys: eval/<metric> over every task (eval/loss, eval/exact_match, eval/token_f1, ...) and
 eval/<task>/<metric> per task (eval/classification/accuracy, eval/summarisation/rougeL, ...).
+
+`intervals_of(result)` gives the same keys' 95% intervals and item counts; only the written report asks
+for them, so an evaluation during training does not pay for resampling.
 """
 
 from __future__ import annotations
@@ -78,6 +81,34 @@ class EvalResult:
   samples: list[Sample]  # every generated answer
   choices: list[dict[str, Any]]  # every ranked multiple-choice item (choices.choice_metrics)
   prompts_truncated: int = 0  # generation prompts cut to the context (their first tokens dropped)
+  normalization: str = "squad"  # how the answers were compared
+  resampling: tasks_lib.Resampling = tasks_lib.Resampling()  # how `intervals_of` draws
+
+
+def intervals_of(result: EvalResult) -> dict[str, dict[str, Any]]:
+  """Metric key (as in result.metrics) -> {"low", "high", "n", "method"}: every generation and choice figure,
+  over every task and per task. Loss and perplexity have none (they are sums over tokens, not items)."""
+  how, normalization = result.resampling, result.normalization
+  out = {}
+  if result.samples:
+    every = tasks_lib.answer_intervals(
+        [s.prediction for s in result.samples], [s.reference for s in result.samples], normalization, how
+    )
+    out.update({f"eval/{k}": v for k, v in every.items()})
+  out.update({f"eval/{k}": v for k, v in tasks_lib.choice_intervals(result.choices, how).items()})
+  for task, info in result.tasks.items():
+    mine = [s for s in result.samples if s.task == task]
+    report = info["details"].get("classification_report")
+    per_task = tasks_lib.intervals(
+        task, [s.prediction for s in mine], [s.reference for s in mine], labels=report["labels"] if report else (),
+        normalization=normalization, how=how,
+    )
+    per_task.update(tasks_lib.choice_intervals([c for c in result.choices if c["task"] == task], how))
+    out.update({f"eval/{task}/{k}": v for k, v in per_task.items()})
+  for key, span in out.items():  # the figure as reported, summed in its own order, may differ in the last bits
+    value = result.metrics.get(key, span["low"])
+    span.update(low=min(span["low"], value), high=max(span["high"], value))
+  return out
 
 
 def _record_name(record: dict[str, Any], index: int) -> str:
@@ -114,8 +145,12 @@ class Evaluator:
       score_step: Callable | None = None,  # (params, batch) -> per-row log-likelihoods; None: no choice ranking
       batch_rows: slice = slice(None),  # this process's rows of a global batch (sharding.process_rows)
       prompt_overflow: str = "truncate",  # eval.prompt_overflow: a prompt longer than the context is cut, or refused
+      bootstrap_samples: int = 1000,  # eval.bootstrap_samples: resamples behind each interval of the report
+      seed: int = 0,  # the run's seed: the report's intervals are reproducible
   ):
     normalize_answer("", normalization)  # an unknown mode fails here, not at the first eval
+    if bootstrap_samples < 1 or seed < 0:
+      raise ConfigError(f"eval.bootstrap_samples must be >= 1 and seed >= 0, got {bootstrap_samples} and {seed}")
     if prompt_overflow not in OVERFLOW_MODES:
       raise ConfigError(f"eval.prompt_overflow must be one of {OVERFLOW_MODES}, got {prompt_overflow!r}")
     if not records:
@@ -152,6 +187,7 @@ class Evaluator:
     self._references = [ref for _, ref in rendered]
     self._generation_batch = batch_size  # prompts per generate call: one compiled shape, a bar that moves
     self._normalization = normalization
+    self._resampling = tasks_lib.Resampling(bootstrap_samples, seed)
     self._stop_ids = tokenizer.stop_ids
     self._generate = make_generate(
         model, max_new_tokens=max_new_tokens, stop_ids=self._stop_ids, pad_id=tokenizer.pad_id, out_sharding=out_sharding
@@ -282,4 +318,6 @@ class Evaluator:
       else:
         details["loss"] = "no tokens: no record of this task has an answer token within seq_len"
       tasks[task] = {"records": len(members), "generated": len(mine), "metrics": scores, "details": details}
-    return EvalResult(metrics, tasks, samples, choice_items, self.prompts_truncated)
+    return EvalResult(
+        metrics, tasks, samples, choice_items, self.prompts_truncated, self._normalization, self._resampling
+    )

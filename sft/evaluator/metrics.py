@@ -11,6 +11,11 @@
 Also here: `classification_report` (answers from a closed label set), `rouge` (summaries), `bleu` and `chrf`
 (translations, sacrebleu's 0-100 scale) and `perplexity`. rouge_score and sacrebleu are imported only when
 their metric runs, so importing this module stays cheap.
+
+For intervals (sft/evaluator/stats.py) each figure also comes per item, computed once: `exact_match_per_item`,
+`token_f1_per_item`, `rouge_per_item`; and where a figure is no mean of items, as a function of item indices
+that recomputes it on any resample: `bleu_statistic`, `chrf_statistic`, and `f1_of_codes` over
+`classification_codes`.
 """
 
 from __future__ import annotations
@@ -20,7 +25,9 @@ import math
 import re
 import string
 import sys
-from typing import Sequence
+from typing import Callable, Sequence
+
+import numpy as np
 
 from sft.errors import ConfigError
 
@@ -81,6 +88,19 @@ def token_f1(prediction: str, reference: str, normalization: str = "squad") -> f
 def mean_token_f1(predictions: Sequence[str], references: Sequence[str], normalization: str = "squad") -> float:
   _check_pairs(predictions, references)
   return sum(token_f1(p, r, normalization) for p, r in zip(predictions, references)) / len(references)
+
+
+def exact_match_per_item(predictions: Sequence[str], references: Sequence[str], normalization: str = "squad"):
+  """1.0 or 0.0 per pair (an array): `exact_match` is their mean."""
+  _check_pairs(predictions, references)
+  pairs = zip(predictions, references)
+  return np.asarray([normalize_answer(p, normalization) == normalize_answer(r, normalization) for p, r in pairs], float)
+
+
+def token_f1_per_item(predictions: Sequence[str], references: Sequence[str], normalization: str = "squad"):
+  """`token_f1` per pair (an array): `mean_token_f1` is their mean."""
+  _check_pairs(predictions, references)
+  return np.asarray([token_f1(p, r, normalization) for p, r in zip(predictions, references)], np.float64)
 
 
 # --- classification: answers drawn from a closed label set ----------------------------------------
@@ -175,6 +195,43 @@ def classification_report(
   }
 
 
+def classification_codes(
+    predictions: Sequence[str],
+    references: Sequence[str],
+    labels: Sequence[str] | None = None,
+    normalization: str = "squad",
+) -> tuple[np.ndarray, np.ndarray, int]:
+  """(reference codes, answer codes, number of labels): each answer's index in `classification_report`'s label
+  set, NO_LABEL's index (the number of labels) for an answer outside it. Errors as `classification_report`."""
+  _check_pairs(predictions, references)
+  label_set = _label_set(labels, references, normalization)
+  index = {label: i for i, label in enumerate(label_set)}
+  refs = [normalize_answer(r, normalization) for r in references]
+  unknown = sorted(set(refs) - set(index))
+  if "" in index or unknown:
+    raise ValueError(f"references outside the label set or empty labels: {unknown[:_NO_LABEL_EXAMPLES]}")
+  codes = [index.get(normalize_answer(p, normalization), len(label_set)) for p in predictions]
+  return np.asarray([index[r] for r in refs], np.int64), np.asarray(codes, np.int64), len(label_set)
+
+
+def _safe_ratio(numerator_k: np.ndarray, denominator_k: np.ndarray) -> np.ndarray:
+  out = np.zeros(len(numerator_k), np.float64)
+  return np.divide(numerator_k, denominator_k, out=out, where=denominator_k > 0)  # 0/0 -> 0.0, as `_ratio`
+
+
+def f1_of_codes(reference_n: np.ndarray, answer_n: np.ndarray, num_labels: int) -> tuple[float, float]:
+  """(macro F1, micro F1) of `classification_codes`, as `classification_report` computes them: vectorised,
+  to recompute on each resample of the answers."""
+  k = num_labels
+  true_pos = np.bincount(reference_n[reference_n == answer_n], minlength=k)[:k]
+  predicted = np.bincount(answer_n, minlength=k + 1)[:k]
+  support = np.bincount(reference_n, minlength=k)[:k]
+  precision, recall = _safe_ratio(true_pos, predicted), _safe_ratio(true_pos, support)
+  macro = float(np.mean(_safe_ratio(2 * precision * recall, precision + recall)))
+  micro_p, micro_r = _ratio(true_pos.sum(), predicted.sum()), _ratio(true_pos.sum(), len(reference_n))
+  return macro, float(_f1(micro_p, micro_r))
+
+
 # --- generation: ROUGE, BLEU, chrF -----------------------------------------------------------------
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
@@ -189,16 +246,18 @@ def rouge(predictions: Sequence[str], references: Sequence[str]) -> dict[str, fl
 
   Worked example: "the cat sat" vs reference "the cat sat down": 3 common unigrams, P = 3/3, R = 3/4, so
   rouge1 = 2 * 1 * 0.75 / 1.75 = 0.857; bigrams P = 2/2, R = 2/3, so rouge2 = 0.8."""
+  per_item = rouge_per_item(predictions, references)
+  return {key: sum(values.tolist()) / len(references) for key, values in per_item.items()}
+
+
+def rouge_per_item(predictions: Sequence[str], references: Sequence[str]) -> dict[str, np.ndarray]:
+  """Each pair's ROUGE-1/2/L/Lsum F-measure: `rouge` is their mean."""
   _check_pairs(predictions, references)
   from rouge_score import rouge_scorer  # pulls in nltk: only when ROUGE is asked for
 
   scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
-  totals = dict.fromkeys(ROUGE_TYPES, 0.0)
-  for prediction, reference in zip(predictions, references):
-    scores = scorer.score(reference, prediction)  # rouge_score's order: target first
-    for key in ROUGE_TYPES:
-      totals[key] += scores[key].fmeasure
-  return {key: total / len(references) for key, total in totals.items()}
+  scores = [scorer.score(ref, pred) for pred, ref in zip(predictions, references)]  # rouge_score's order: target first
+  return {key: np.asarray([s[key].fmeasure for s in scores], np.float64) for key in ROUGE_TYPES}
 
 
 def _reference_streams(references: Sequence[str | Sequence[str]]) -> list[list[str]]:
@@ -234,6 +293,28 @@ def chrf(predictions: Sequence[str], references: Sequence[str | Sequence[str]]) 
   import sacrebleu  # only when chrF is asked for
 
   return float(sacrebleu.corpus_chrf(list(predictions), _reference_streams(references)).score)
+
+
+def _corpus_statistic(metric, predictions: Sequence[str], references) -> Callable[[np.ndarray], float]:
+  """sacrebleu's own route for its significance tests: each sentence's sufficient statistics once, the
+  corpus score of any resample from their sum."""
+  _check_pairs(predictions, references)
+  stats_nk = np.asarray(metric._extract_corpus_statistics(list(predictions), _reference_streams(references)))
+  return lambda idx_n: float(metric._compute_score_from_stats(stats_nk[idx_n].sum(0)).score)
+
+
+def bleu_statistic(predictions: Sequence[str], references: Sequence[str | Sequence[str]]) -> Callable:
+  """indices -> corpus `bleu` of those pairs (repeats count again): statistic(np.arange(n)) == bleu(...)."""
+  from sacrebleu.metrics import BLEU
+
+  return _corpus_statistic(BLEU(), predictions, references)
+
+
+def chrf_statistic(predictions: Sequence[str], references: Sequence[str | Sequence[str]]) -> Callable:
+  """indices -> corpus `chrf` of those pairs: statistic(np.arange(n)) == chrf(...)."""
+  from sacrebleu.metrics import CHRF
+
+  return _corpus_statistic(CHRF(), predictions, references)
 
 
 # --- language modelling ---------------------------------------------------------------------------

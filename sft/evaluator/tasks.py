@@ -12,15 +12,23 @@ metrics of that task, and the evaluation reports each task and all of them toget
 
 Exact match and token F1 are reported for every task, so every task has a number that compares
 across tasks. A record without a task, or with one this table does not know, counts as "chat".
+
+`intervals` gives each of these figures its 95% interval and item count (the final report's, not every
+training eval's): Wilson's for proportions (exact match, accuracy, choice accuracy), else a seeded
+percentile bootstrap over items, a corpus figure (BLEU, chrF, macro and micro F1) recomputed on each resample.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
+
+import numpy as np
 
 from sft.evaluator import metrics as M
+from sft.evaluator import stats
 
 log = logging.getLogger("sft")
 TASKS = ("classification", "summarisation", "qa", "translation", "extraction", "cloze", "chat")
@@ -108,6 +116,86 @@ def score(
   elif task == "chat":
     out["rougeL"] = M.rouge(predictions, references)["rougeL"]
   return out, details
+
+
+CONFIDENCE = 0.95  # of every interval the report gives
+
+
+@dataclasses.dataclass(frozen=True)
+class Resampling:
+  """How intervals are drawn: eval.bootstrap_samples resamples from the run's seed, at CONFIDENCE."""
+
+  samples: int = 1000
+  seed: int = 0
+
+
+def _wilson(right_n: np.ndarray) -> dict[str, Any]:
+  low, high = stats.wilson_interval(int(np.sum(right_n)), len(right_n), CONFIDENCE)
+  return {"low": low, "high": high, "n": len(right_n), "method": "wilson"}
+
+
+def _bootstrap(
+    how: Resampling, values_n: np.ndarray | None = None, *, n: int | None = None,
+    statistic: Callable[[np.ndarray], float] | None = None,
+) -> dict[str, Any]:
+  low, high = stats.bootstrap_interval(
+      values_n, n=n, statistic=statistic, samples=how.samples, seed=how.seed, confidence=CONFIDENCE
+  )
+  return {"low": low, "high": high, "n": len(values_n) if statistic is None else n, "method": "bootstrap"}
+
+
+def answer_intervals(
+    predictions: Sequence[str], references: Sequence[str], normalization: str = "squad", how: Resampling = Resampling()
+) -> dict[str, dict[str, Any]]:
+  """The intervals of the figures every task has: exact match and token F1."""
+  return {
+      "exact_match": _wilson(M.exact_match_per_item(predictions, references, normalization)),
+      "token_f1": _bootstrap(how, M.token_f1_per_item(predictions, references, normalization)),
+  }
+
+
+def intervals(
+    task: str,
+    predictions: Sequence[str],
+    references: Sequence[str],
+    *,
+    labels: Sequence[str] = (),
+    normalization: str = "squad",
+    how: Resampling = Resampling(),
+) -> dict[str, dict[str, Any]]:
+  """metric -> {"low", "high", "n", "method"} for each figure `score` gives these answers: every item's
+  value computed once, then resampled."""
+  if not predictions:
+    return {}
+  out, n = answer_intervals(predictions, references, normalization, how), len(predictions)
+  if task == "classification":
+    try:
+      reference_n, answer_n, k = M.classification_codes(predictions, references, list(labels) or None, normalization)
+    except ValueError:
+      return out  # `score` has left these figures out, with the reason
+    out["accuracy"] = _wilson(reference_n == answer_n)
+    for i, key in enumerate(("macro_f1", "micro_f1")):
+      f1 = lambda idx_n, i=i: M.f1_of_codes(reference_n[idx_n], answer_n[idx_n], k)[i]  # noqa: E731
+      out[key] = _bootstrap(how, n=n, statistic=f1)
+  elif task == "summarisation":
+    out.update({key: _bootstrap(how, v_n) for key, v_n in M.rouge_per_item(predictions, references).items()})
+  elif task == "translation":
+    out["bleu"] = _bootstrap(how, n=n, statistic=M.bleu_statistic(predictions, references))
+    out["chrf"] = _bootstrap(how, n=n, statistic=M.chrf_statistic(predictions, references))
+  elif task == "chat":
+    out["rougeL"] = _bootstrap(how, M.rouge_per_item(predictions, references)["rougeL"])
+  return out
+
+
+def choice_intervals(per_item: Sequence[dict[str, Any]], how: Resampling = Resampling()) -> dict[str, dict[str, Any]]:
+  """The intervals of `choices.summary`'s figures (its item count has none)."""
+  if not per_item:
+    return {}
+  return {
+      "choice_accuracy": _wilson(np.asarray([i["pick"] == i["gold"] for i in per_item])),
+      "choice_accuracy_norm": _wilson(np.asarray([i["pick_norm"] == i["gold"] for i in per_item])),
+      "gold_rank": _bootstrap(how, np.asarray([i["gold_rank"] for i in per_item], np.float64)),
+  }
 
 
 def sample_score(prediction: str, reference: str, normalization: str = "squad") -> float:

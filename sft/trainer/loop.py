@@ -24,6 +24,7 @@ from sft.config_check import check_config
 from sft.console import ensure_console_handler
 from sft.errors import ConfigError, RunStopped, cannot_write
 from sft.evaluator import Evaluator, write_report
+from sft.evaluator import compare as compare_lib
 from sft.model import Transformer, count_params, lora
 from sft.trainer import multihost, preemption, rundir, setup, sharding, sources
 from sft.trainer import state as state_lib
@@ -214,17 +215,19 @@ def _train_and_evaluate(config, workdir: pathlib.Path, run: setup.RunSetup, gene
       out_sharding=run.replicated,
       score_step=step_lib.jit_score_step(run.model.apply, state_shardings.params, run.batch_sharding, run.replicated),
       batch_rows=sharding.process_rows(run.batch_sharding, config.eval.batch_size, tc.seq_len),
-      prompt_overflow=config.eval.prompt_overflow,
+      prompt_overflow=config.eval.prompt_overflow, bootstrap_samples=config.eval.bootstrap_samples, seed=config.seed,
   )
   metrics_log = MetricsLog(workdir / "metrics.jsonl", resume_step=start_step, enabled=jax.process_index() == 0)
   total_steps = tc.pretrain_steps + tc.sft_steps
 
-  final = {}  # the last step's evaluation, for the report
+  final = {}  # the last step's evaluation, for the report (and the pretrained model's, to compare with)
 
   def evaluate(step: int, params) -> dict[str, float]:
     with on_mesh(run):
       result = evaluator.evaluate(params)
     log.info("%s", eval_line(step, result.metrics))
+    if step == pretrained_step(config):
+      final["pretrained"] = result
     if step == total_steps:
       final["result"] = result
       for s in result.samples[: config.eval.num_samples_to_print]:
@@ -253,7 +256,38 @@ def _train_and_evaluate(config, workdir: pathlib.Path, run: setup.RunSetup, gene
     if "result" in final:
       about = {"model": f"{workdir}/{setup.CHECKPOINTS}/{total_steps}", "records": f"the eval split ({len(splits['eval'])} records)", "answer normalisation": config.eval.answer_normalization}
       log.info("eval report in %s", write_report(final["result"], workdir / "eval", about=about))
+      _compare_with_pretrained(config, workdir, final, about)
   return _summary(metrics_log, total_steps, time.time() - t_start, skipped_steps)
+
+
+def pretrained_step(config) -> int | None:
+  """The step whose model `eval.compare_pretrained` compares the final one with: the end of pretraining."""
+  tc = config.train
+  return tc.pretrain_steps if config.eval.compare_pretrained and tc.pretrain_steps and tc.sft_steps else None
+
+
+def _compare_with_pretrained(config, workdir: pathlib.Path, final: dict[str, Any], about: dict[str, Any]) -> None:
+  """eval/compare.md: the final model (B) against the pretrained one (A) on the same items: did SFT help?"""
+  step = pretrained_step(config)
+  if step is None or "result" not in final:
+    return
+  if "pretrained" not in final:
+    stale = [workdir / "eval" / name for name in (compare_lib.COMPARE_MD, compare_lib.COMPARE_JSON)]
+    for path in stale:  # an earlier run's comparison is of another final model: not left beside this report
+      path.unlink(missing_ok=True)
+    log.warning("eval: no comparison with the pretrained model: this run started after step %d, where it was evaluated", step)
+    return
+  comparison = compare_lib.compare(
+      final["pretrained"], final["result"], normalization=config.eval.answer_normalization,
+      samples=config.eval.bootstrap_samples, seed=config.seed,
+  )
+  total = config.train.pretrain_steps + config.train.sft_steps
+  about = {
+      "A": f"{workdir}/{setup.CHECKPOINTS} at step {step} (the end of pretraining)",
+      "B": f"{workdir}/{setup.CHECKPOINTS}/{total} (after SFT)", **{k: v for k, v in about.items() if k != "model"},
+      "decoding": f"greedy, eval.max_new_tokens={config.eval.max_new_tokens}",
+  }
+  log.info("SFT against the pretrained model in %s", compare_lib.write_comparison(comparison, workdir / "eval", about=about))
 
 
 def on_mesh(run: setup.RunSetup):
@@ -347,7 +381,7 @@ def _train(config, state, stepper: Stepper, iterators, checkpointer, metrics_log
         if skipped is not None:
           row["train/skipped_steps"] = skipped  # since the previous row
       paused = time.time()
-      if done % config.eval.every_steps == 0 or done == total_steps:
+      if done % config.eval.every_steps == 0 or done == total_steps or done == pretrained_step(config):
         guard.check()
         train_state = stepper.from_step(state)
         row.update(evaluate(done, train_state.params))
