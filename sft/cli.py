@@ -11,6 +11,7 @@ name of one in the project's `configs` package (never a file of the current dire
 Only flags are defined at import; JAX and the trainer load when a job runs, so --helpfull is quick.
 """
 
+import ast
 import os
 import pathlib
 import re
@@ -37,7 +38,12 @@ _TAKEOVER_LOCK = flags.DEFINE_bool(
     "Take over the workdir's run.lock even though another host wrote it (a preempted run requeued under a new "
     "hostname). Only when that host's run is gone: two runs in one workdir corrupt it.",
 )
-flags.mark_flags_as_required(["config", "workdir"])
+_PRINT_CONFIG = flags.DEFINE_bool(
+    "print_config", False, "Print the config as the file and the overrides resolve it (no --workdir needed), and exit."
+)
+flags.mark_flags_as_required(["config"])
+_HELP = ("--help", "-help", "-h", "--helpshort", "-helpshort")
+_OWN_FLAGS = ("config", "workdir", "generate", "rows", "out", "takeover_lock", "print_config", "distributed")
 
 
 def _configs_dir() -> pathlib.Path:
@@ -48,6 +54,36 @@ def _configs_dir() -> pathlib.Path:
 
 def _is_path(value: str) -> bool:
   return os.sep in value or (os.altsep is not None and os.altsep in value) or value.endswith(".py")
+
+
+def _summary(path: pathlib.Path) -> str:
+  """A config file's one-line description: the first line after its docstring's command."""
+  try:
+    doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+  except (OSError, SyntaxError, ValueError):
+    return ""
+  paragraphs = [p for p in doc.split("\n\n") if p.strip()]
+  text = paragraphs[1] if len(paragraphs) > 1 else (paragraphs[0] if paragraphs else "")
+  sentence = " ".join(text.split()).split(". ")[0].rstrip(".")
+  return sentence if len(sentence) <= 100 else sentence[:99] + "…"
+
+
+def usage() -> str:
+  """What `sft --help` prints: how to run, the configs, how to see one, the flags."""
+  folder = _configs_dir()
+  configs = sorted(f for f in folder.glob("*.py") if not f.name.startswith("_")) if folder.is_dir() else []
+  lines = [__doc__.strip(), "", f"Configs ({folder}):"]
+  lines += [f"  {f.stem:<12} {_summary(f)}" for f in configs]
+  lines += [
+      "",
+      "A config's keys and values, as the file and any overrides resolve them:",
+      "  sft --config=quickstart --print_config [--config.train.lr=1e-3 ...]",
+      "",
+      "Flags:",
+      *[f"  --{name}: {flags.FLAGS[name].help}" for name in _OWN_FLAGS],
+      "  --helpfull: every flag, absl's and JAX's included",
+  ]
+  return "\n".join(lines)
 
 
 def resolve_config(value):
@@ -81,6 +117,12 @@ def _resolve_config_args(argv):
 
 
 def parse_flags(argv):
+  if any(a in _HELP for a in argv[1:]):
+    print(usage())
+    sys.exit(0)
+  if any(a in ("--helpfull", "-helpfull") for a in argv[1:]):
+    print(flags.FLAGS.get_help())
+    sys.exit(0)
   argv = _resolve_config_args(argv)
   try:
     remaining = flags.FLAGS(argv)
@@ -94,6 +136,11 @@ def parse_flags(argv):
       sys.exit(f"FATAL {cause}")
     sys.exit(f"FATAL flags: {err}\nPass --helpfull to see the flags.")
   _check(_CONFIG.value)
+  if _PRINT_CONFIG.value:
+    print(_CONFIG.value.to_yaml() if hasattr(_CONFIG.value, "to_yaml") else _CONFIG.value, end="")
+    sys.exit(0)
+  if not _WORKDIR.value:
+    sys.exit("FATAL --workdir is required: where the data, tokenizer, checkpoints and metrics go (a build: the dataset)")
   return remaining
 
 

@@ -154,8 +154,9 @@ def test_build_config_runs_the_data_builder(tmp_path):
 
 def test_wrong_type_fails_clearly(tmp_path):
   result = launch(tmp_path, "--config.train.batch_size=four")
-  assert result.returncode != 0
-  assert "batch_size" in result.stderr
+  assert result.returncode != 0 and "Traceback" not in result.stderr
+  assert "FATAL flags: flag --config.train.batch_size=four: invalid literal for int()" in result.stderr, result.stderr[-2000:]
+  assert not tmp_path.exists() or not any(tmp_path.iterdir())
 
 
 def sft_command():
@@ -232,3 +233,23 @@ def test_data_dir_without_source_dir_is_refused(tmp_path):
   assert result.returncode != 0 and "Traceback" not in result.stderr
   assert "data.dir=" in result.stderr and "data.source 'dir'" in result.stderr, result.stderr[-2000:]
   assert not (tmp_path / "run").exists()
+
+
+def test_help_lists_the_configs_and_exits_0(tmp_path):
+  for flag in ("--help", "-h"):
+    result = subprocess.run([*sft_command(), flag], cwd=tmp_path, env={**os.environ, "PYTHONPATH": ROOT},
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for name in ("quickstart", "eval", "finetune", "build_mix", "--print_config", "--takeover_lock", "sft inspect"):
+      assert name in result.stdout, (flag, name)
+
+
+def test_print_config_shows_the_resolved_config_and_does_nothing_else(tmp_path):
+  cmd = [sys.executable, "launch.py", "--config=configs/quickstart.py", "--print_config", "--config.train.lr=0.0123"]
+  result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "lr: 0.0123" in result.stdout and "sft_steps: 900" in result.stdout
+  bad = subprocess.run([*cmd, "--config.train.log_every=0"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert bad.returncode != 0 and "train.log_every: must be >= 1, got 0" in bad.stderr  # checked before it is shown
+  no_workdir = subprocess.run(cmd[:3], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert no_workdir.returncode != 0 and "FATAL --workdir is required" in no_workdir.stderr
