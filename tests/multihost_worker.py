@@ -43,7 +43,8 @@ def main(process_id: int, num_processes: int, port: int, workdir: str, out: str,
 
 def small(c):
   """The quickstart at test size. The learning rate stays flat after warmup, so a run resumed with more
-  steps follows the same schedule as one that ran them all at once."""
+  steps follows the same schedule as one that ran them all at once; evals every 4 steps put the last
+  step of this 8-step run (always evaluated) among the evals of a longer run."""
   c.tokenizer.vocab_size = 512
   c.model.d_model = 32
   c.model.num_layers = 1
@@ -60,7 +61,7 @@ def small(c):
   c.train.warmup_steps = 2
   c.train.final_lr_fraction = 1.0
   c.train.log_every = 1
-  c.eval.every_steps = 3
+  c.eval.every_steps = 4
   c.eval.batch_size = 8
   c.eval.num_generations = 8
   c.eval.max_new_tokens = 4

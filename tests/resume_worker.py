@@ -4,10 +4,13 @@
 
 Trains a tiny model on a finished data build (data.source="dir"); log lines and metrics.jsonl rows at
 every step. Exits 128 + signal after a signal stopped the run (as the `sft` command does).
+With RESUME_WORKER_STOP_AFTER_STEP=N in its environment it stops itself (SIGSTOP) once step N's row is
+written, so that a test signals it at that very step, however slow the machine.
 """
 
 import json
 import os
+import signal
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -36,12 +39,29 @@ def config(data_dir: str, overrides: dict):
   return c
 
 
+def stop_after_step(step: int) -> None:
+  """The whole process (a checkpoint being written in the background too) stops right after the row of
+  `step` is written, until a signal ends it (SIGKILL) or it is continued (SIGCONT)."""
+  from sft.trainer.metrics_log import MetricsLog  # noqa: PLC0415
+
+  write = MetricsLog.write
+
+  def write_then_stop(self, done, metrics):
+    write(self, done, metrics)
+    if done == step:
+      os.kill(os.getpid(), signal.SIGSTOP)
+
+  MetricsLog.write = write_then_stop
+
+
 def main():
   devices = int(sys.argv[4]) if len(sys.argv) > 4 else 1
   os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}"
   from sft.trainer import loop  # noqa: PLC0415  (JAX loads here, after the device count is set)
 
   workdir, data_dir, overrides = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+  if "RESUME_WORKER_STOP_AFTER_STEP" in os.environ:
+    stop_after_step(int(os.environ["RESUME_WORKER_STOP_AFTER_STEP"]))
   try:
     loop.train_and_evaluate(config(data_dir, overrides), workdir)
   except RunStopped as stopped:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import collections
 import itertools
+import json
+import types
 
 import numpy as np
 import pytest
@@ -42,16 +44,27 @@ def _corpus() -> list[records.Record]:
   return [records.text(record_id, "corpus", text) for record_id, text in zip(ids, texts)]
 
 
-def _beam_pieces(live: list[records.Record], batch_size: int) -> set[tuple[str, str]]:
-  """The verified pairs as BeamRunner forms them, in plain Python: batches in an arbitrary order, and
-  bucket members in the order they arrive (reversed here), not by id."""
-  signed = [s for i in range(0, len(live), batch_size) for s in dedup.signatures_of(live[::-1][i : i + batch_size], PARAMS)]
-  buckets = collections.defaultdict(list)
-  for item in signed:
-    for key, member in dedup.band_keys(item, PARAMS["bands"], PARAMS["rows"]):
-      buckets[key].append(member)
-  assert max(len(members) for members in buckets.values()) > minhash.MAX_BUCKET  # the star is exercised
-  return {pair for key, members in buckets.items() for pair in dedup.verified_bucket_pairs((key, members[::-1]), PARAMS["threshold"])}
+def _recording(path):
+  """drops_from_pairs that first writes the pairs it is given to `path` (a Beam step's only way out)."""
+
+  def drops_from_pairs(pairs):
+    path.write_text(json.dumps(sorted(pairs)))
+    return dedup.drops_from_pairs(pairs)
+
+  return drops_from_pairs
+
+
+def _beam_pairs(items: list[records.Record], batch_size: int, tmp_path, monkeypatch) -> list[tuple[str, str]]:
+  """The verified pairs BeamRunner.near_duplicates gathers for union-find, with signature batches of at most
+  `batch_size`: batches in whatever order the runner makes them, bucket members in the order they arrive."""
+  from sft.databuilder import runner_beam  # noqa: PLC0415 (Beam is optional)
+
+  received = tmp_path / f"pairs-{batch_size}.json"
+  monkeypatch.setattr(runner_beam, "_SIGNATURE_BATCH", batch_size)
+  monkeypatch.setattr(runner_beam, "dedup", types.SimpleNamespace(**{**vars(dedup), "drops_from_pairs": _recording(received)}))
+  beam = runner_beam.BeamRunner([], tmp_path / "beam")
+  beam.results(beam.near_duplicates(beam.create(items, "items"), PARAMS, "near"))
+  return [tuple(pair) for pair in json.loads(received.read_text())]
 
 
 def test_exact_key_ignores_case_spacing_and_punctuation():
@@ -76,13 +89,17 @@ def test_exact_dedup_keeps_the_smallest_id():
   assert {r["id"]: r.get("dropped", {}).get("duplicate_of") for r in out} == {"a:0": None, "b:0": None, "c:7": None, "m:1": "c:7", "z:2": "c:7"}
 
 
-def test_beam_bucket_pairs_equal_the_local_vectorised_pairs():
+def test_beam_bucket_pairs_equal_the_local_vectorised_pairs(tmp_path, monkeypatch):
+  pytest.importorskip("apache_beam")
   live = _corpus()
+  bands = collections.Counter(key for signed in dedup.signatures_of(live, PARAMS) for key, _ in dedup.band_keys(signed, PARAMS["bands"], PARAMS["rows"]))
+  assert max(bands.values()) > minhash.MAX_BUCKET  # the star is exercised
   by_id = sorted(live, key=lambda r: r["id"])
   local_n2 = minhash.near_duplicate_pairs([records.contents(r) for r in by_id], **PARAMS)
   local = {(by_id[i]["id"], by_id[j]["id"]) for i, j in local_n2.tolist()}
   for batch_size in (1, 37, len(live)):
-    assert _beam_pieces(live, batch_size) == local
+    pairs = _beam_pairs(live[::-1], batch_size, tmp_path, monkeypatch)
+    assert len(pairs) == len(set(pairs)) and set(pairs) == local, batch_size
   drops = dedup.near_duplicate_drops(live, PARAMS)
   assert dedup.drops_from_pairs(sorted(local)) == drops
   # The boilerplate family is one cluster kept at its smallest id; each near pair keeps its smaller id.

@@ -78,11 +78,15 @@ def test_only_adapters_train_and_merging_is_exact():
 def test_dropout_acts_in_training_only():
   cfg = dataclasses.replace(LORA, lora_dropout=0.5)
   params = jax.tree.map(lambda x: x + 0.1, init(cfg))  # nonzero B so the adapters matter
-  train = Transformer(cfg, train=True)
-  a = train.apply({"params": params}, TOKENS, POSITIONS, SEGMENTS, rngs={"dropout": jax.random.key(1)})
-  b = train.apply({"params": params}, TOKENS, POSITIONS, SEGMENTS, rngs={"dropout": jax.random.key(2)})
-  assert not np.allclose(a, b)
-  np.testing.assert_array_equal(logits(cfg, params), logits(cfg, params))
+
+  def train(seed):
+    return Transformer(cfg, train=True).apply({"params": params}, TOKENS, POSITIONS, SEGMENTS, rngs={"dropout": jax.random.key(seed)})
+
+  trained, evaluated = train(1), logits(cfg, params)
+  assert not np.allclose(trained, evaluated)  # training drops adapter inputs
+  assert not np.allclose(trained, train(2))  # a fresh mask per rng
+  # Evaluation is the model without dropout: no mask and no rescaling.
+  np.testing.assert_array_equal(evaluated, logits(dataclasses.replace(cfg, lora_dropout=0.0), params))
 
 
 def test_gpt2_adapters_sit_beside_its_projections_and_merge_exactly():

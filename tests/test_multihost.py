@@ -73,11 +73,30 @@ def rows(workdir: pathlib.Path) -> dict[int, dict]:
   return {r["step"]: r for r in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())}
 
 
+LOSSES = ("train/loss", "eval/loss", "eval/exact_match")
+
+
 def assert_same_losses(got: dict[int, dict], want: dict[int, dict]) -> None:
+  """Every step of `got` is a step of `want` with the same losses; a loss that one run logs at a step and
+  the other does not is a difference too, and each loss must be logged somewhere."""
+  assert got.keys() <= want.keys(), f"steps only in one run: {sorted(got.keys() - want.keys())}"
+  for key in LOSSES:
+    assert any(key in row for row in got.values()), f"no {key} logged"
   for step, row in got.items():
-    for key in ("train/loss", "eval/loss", "eval/exact_match"):
-      if key in row and key in want[step]:
+    for key in LOSSES:
+      assert (key in row) == (key in want[step]), f"{key} at step {step} is logged by one run only"
+      if key in row:
         np.testing.assert_allclose(row[key], want[step][key], rtol=1e-4, err_msg=f"{key} at step {step}")
+
+
+def test_a_loss_logged_by_one_run_only_is_a_difference():
+  want = {1: {"train/loss": 2.0}, 2: {"train/loss": 1.0, "eval/loss": 1.5, "eval/exact_match": 0.0}}
+  assert_same_losses(want, want)
+  for got in ({**want, 1: {}}, {**want, 2: {"train/loss": 1.0, "eval/loss": 1.5}}, {**want, 3: want[2]}, {1: want[1]}):
+    with pytest.raises(AssertionError):
+      assert_same_losses(got, want)
+  with pytest.raises(AssertionError, match="eval/loss at step 2"):
+    assert_same_losses(want, {**want, 2: {"train/loss": 1.0, "eval/loss": 1.6, "eval/exact_match": 0.0}})
 
 
 def test_two_processes_train_like_one_then_resume(tmp_path, raw_dir):

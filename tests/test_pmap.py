@@ -156,19 +156,24 @@ def test_parallelism_is_jit_or_pmap():
   assert config_problems(config) == ["train.parallelism: must be one of 'jit', 'pmap'; got 'pjit'"]
 
 
-def test_the_batch_must_split_over_devices_and_micro_batches():
+@pytest.mark.parametrize("devices, processes, bad_batch", [(4, 1, 6), (2, 3, 8)])
+def test_the_batch_must_split_over_devices_and_micro_batches(monkeypatch, devices, processes, bad_batch):
+  """This process has one device: the device and process counts the check reads are set here. A batch of 8
+  on 2 devices x 3 processes fills the local devices but not all 6."""
   import jax
 
   from sft.trainer import setup, sharding
 
+  monkeypatch.setattr(jax, "local_device_count", lambda: devices)
+  monkeypatch.setattr(jax, "process_count", lambda: processes)
   run = setup.RunSetup(None, None, sharding.make_mesh({"data": -1}), (("batch", "data"),), None, None, None)
-  devices = jax.local_device_count()
-  run.check_pmap_batch("train.batch_size", 4 * devices, 4)
-  with pytest.raises(ConfigError, match="do not split into 3 micro-batches"):
-    run.check_pmap_batch("train.batch_size", 4 * devices, 3)
-  if devices > 1:
-    with pytest.raises(ConfigError, match="must divide by the number of devices"):
-      run.check_pmap_batch("train.batch_size", devices + 1)
+  batch_size = 4 * devices * processes
+  run.check_pmap_batch("train.batch_size", batch_size, 4)
+  with pytest.raises(ConfigError, match=rf"\({batch_size}\) leaves 4 row\(s\) per device .* do not split into 3 micro-batches"):
+    run.check_pmap_batch("train.batch_size", batch_size, 3)
+  devices_message = rf"\({bad_batch}\) must divide by the number of devices .* \({devices} local device\(s\) x {processes} process\(es\)\)"
+  with pytest.raises(ConfigError, match=devices_message):
+    run.check_pmap_batch("train.batch_size", bad_batch)
   with pytest.raises(ConfigError, match="does not split over its 3 devices"):
     sharding.per_device_batch({"inputs": np.zeros((4, 2))}, 3)
   assert sharding.per_device_batch({"inputs": np.arange(8)[:, None]}, 2)["inputs"][:, :, 0].tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]

@@ -8,7 +8,6 @@ aside) with an uninterrupted run of the same config.
 import json
 import os
 import pathlib
-import random
 import shutil
 import signal
 import subprocess
@@ -29,11 +28,14 @@ COMPILE_CACHE = pathlib.Path(tempfile.gettempdir()) / f"sft-test-resume-jit-cach
 
 
 
-def start(workdir, data_dir, overrides=None, devices=1):
-  """A training process writing its log to <workdir>.log (a pipe could fill up and block it)."""
+def start(workdir, data_dir, overrides=None, devices=1, stop_after=None):
+  """A training process writing its log to <workdir>.log (a pipe could fill up and block it); with
+  `stop_after`, it stops itself once that step's row is written (see wait_until_stopped)."""
   workdir = pathlib.Path(workdir)
   log = open(f"{workdir}.log", "a")  # noqa: SIM115  (closed by the process's end)
   env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(COMPILE_CACHE), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  if stop_after is not None:
+    env["RESUME_WORKER_STOP_AFTER_STEP"] = str(stop_after)
   cmd = [sys.executable, str(WORKER), str(workdir), str(data_dir), json.dumps(overrides or {}), str(devices)]
   return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
 
@@ -74,16 +76,27 @@ def _flat(tree, prefix=""):
   return {prefix: tree}
 
 
-def wait_for_step(proc, workdir, step, timeout=300):
+def wait_until_stopped(proc, workdir, step, timeout=300):
+  """Waits for a run started with `stop_after=step` to stop itself after that step: a signal sent now
+  comes in at that step, however slow either process is."""
   deadline = time.time() + timeout
   while time.time() < deadline:
-    done = rows(workdir)
-    if done and done[-1]["step"] >= step:
-      return done[-1]["step"]
-    if proc.poll() is not None:
+    pid, status = os.waitpid(proc.pid, os.WUNTRACED | os.WNOHANG)
+    if pid and os.WIFSTOPPED(status):
+      assert rows(workdir)[-1]["step"] == step
+      return
+    if pid:  # it ended (reaped here: Popen is told)
+      proc.returncode = os.waitstatus_to_exitcode(status)
       raise AssertionError(f"the run ended (rc {proc.returncode}) before step {step}: {pathlib.Path(f'{workdir}.log').read_text()[-3000:]}")
     time.sleep(0.01)
   raise AssertionError(f"no step {step} within {timeout} s")
+
+
+def signal_at_step(proc, workdir, step, signum):
+  """`signum` to a run started with `stop_after=step`, at that step; the run then goes on to handle it."""
+  wait_until_stopped(proc, workdir, step)
+  proc.send_signal(signum)
+  proc.send_signal(signal.SIGCONT)
 
 
 @pytest.fixture(scope="module")
@@ -103,37 +116,36 @@ def fresh_workdir(tmp_path, reference, name="run"):
   return workdir
 
 
-def test_sigkill_at_a_random_step_then_resume_is_bitwise_equal(tmp_path, data_dir, reference):
-  kill_at = random.Random(time.time_ns()).randint(1, STEPS - 3)
+def test_sigkill_mid_run_then_resume_is_bitwise_equal(tmp_path, data_dir, reference):
+  """Killed after step 6 with every thread stopped where it was (the background save of step 4 may be
+  unfinished): the rerun resumes from the newest complete checkpoint and writes the rows after it again."""
+  kill_at = 6
   workdir = fresh_workdir(tmp_path, reference)
-  proc = start(workdir, data_dir)
-  killed_after = wait_for_step(proc, workdir, kill_at)
-  proc.send_signal(signal.SIGKILL)
+  proc = start(workdir, data_dir, stop_after=kill_at)
+  signal_at_step(proc, workdir, kill_at, signal.SIGKILL)
   proc.wait(timeout=60)
   assert proc.returncode == -signal.SIGKILL
-  assert rows(workdir)[-1]["step"] < STEPS, "the run ended before the kill: make it longer"
-  saved = any(p.name.isdigit() for p in (workdir / "checkpoints").glob("*"))  # none before step 4 is done
+  assert rows(workdir)[-1]["step"] == kill_at
+  saved = [int(p.name) for p in (workdir / "checkpoints").glob("*") if p.name.isdigit()]  # complete saves only
 
   rc, out = run(workdir, data_dir)
   assert rc == 0, out[-3000:]
-  assert ("resumed from" in out) == saved, f"killed after step {killed_after}"
-  assert comparable(workdir) == comparable(reference), f"killed after step {killed_after}"
+  assert (f"checkpoints at step {max(saved)}\n" in out) if saved else ("resumed from" not in out), (saved, out[-3000:])
+  assert comparable(workdir) == comparable(reference)
   assert_bitwise_equal(final_state(workdir), final_state(reference))
 
 
 def test_sigterm_saves_the_running_step_and_resume_is_bitwise_equal(tmp_path, data_dir, reference):
+  step = 9  # not a checkpoint step of its own
   workdir = fresh_workdir(tmp_path, reference)
-  proc = start(workdir, data_dir)
-  wait_for_step(proc, workdir, 9)
-  proc.send_signal(signal.SIGTERM)
+  proc = start(workdir, data_dir, stop_after=step)
+  signal_at_step(proc, workdir, step, signal.SIGTERM)
   proc.wait(timeout=120)
   out = pathlib.Path(f"{workdir}.log").read_text()
   assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
-  stopped = [line for line in out.splitlines() if "stopped by SIGTERM after step" in line]
-  assert stopped, out[-3000:]
-  step = int(stopped[0].split("after step ")[1].split(";")[0])
+  assert f"stopped by SIGTERM after step {step};" in out, out[-3000:]
   assert (workdir / "checkpoints" / str(step)).is_dir(), "the step the signal came in is saved"
-  assert step < STEPS
+  assert rows(workdir)[-1]["step"] == step
 
   rc, out = run(workdir, data_dir)
   assert rc == 0, out[-3000:]
@@ -195,9 +207,8 @@ def test_no_readable_checkpoint_is_an_error_not_a_fresh_start(tmp_path, data_dir
 
 def test_resume_on_another_device_count_continues_the_same_global_batches(tmp_path, data_dir, reference):
   workdir = fresh_workdir(tmp_path, reference)
-  proc = start(workdir, data_dir, devices=8)
-  wait_for_step(proc, workdir, 10)
-  proc.send_signal(signal.SIGTERM)
+  proc = start(workdir, data_dir, devices=8, stop_after=10)
+  signal_at_step(proc, workdir, 10, signal.SIGTERM)
   proc.wait(timeout=120)
   assert proc.returncode == 128 + signal.SIGTERM, pathlib.Path(f"{workdir}.log").read_text()[-3000:]
   rc, out = run(workdir, data_dir, devices=4)
