@@ -30,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from sft.databuilder import pipeline, readers  # noqa: E402
+from sft.databuilder import inputs, pipeline, readers  # noqa: E402
 from sft.databuilder.config import build_config  # noqa: E402
 from sft.databuilder.runner_local import LocalRunner  # noqa: E402
 
@@ -146,7 +146,7 @@ def plain_io(raw: pathlib.Path, out: pathlib.Path) -> int:
   """The peer: read every file with the same readers and write each record once as JSONL."""
   count = 0
   with open(out, "w") as f:
-    for path in readers.list_files(raw):
+    for path in inputs.list_files(raw):
       for item in readers.read_file(path, path.name):
         f.write(json.dumps(item, default=str) + "\n")
         count += 1

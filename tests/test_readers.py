@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sft.databuilder import readers, records
+from sft.databuilder import inputs, readers, records
 from sft.errors import ConfigError
 
 EXTENSIONS = (".jsonl", ".json", ".csv", ".tsv", ".txt", ".md", ".parquet")
@@ -310,7 +310,7 @@ def _tree(root: pathlib.Path, files: dict[str, str], links: dict[str, str]) -> N
 
 
 def _names(folder: pathlib.Path) -> list[str]:
-  return [p.relative_to(folder).as_posix() for p in readers.list_files(folder)]
+  return [p.relative_to(folder).as_posix() for p in inputs.list_files(folder)]
 
 
 def test_linked_files_and_folders_are_listed_once(tmp_path):
@@ -337,7 +337,7 @@ def test_a_folder_link_loop_is_refused_by_name(tmp_path, target):
   raw = tmp_path / "raw"
   _tree(raw, {"a.jsonl": "{}"}, {"sub/up": str(raw) if target == "ROOT" else target})
   with pytest.raises(ConfigError, match=re.escape(f"{raw / 'sub' / 'up'} -> ") + ".*a loop"):
-    readers.list_files(raw)
+    inputs.list_files(raw)
 
 
 @settings(max_examples=30, deadline=None)
@@ -364,7 +364,7 @@ def test_random_trees_with_links(parents, links):
       to_ext += [(where / name / "e.jsonl").relative_to(root).as_posix()] if kind == "ext" else []
     if loop:
       with pytest.raises(ConfigError, match="a loop"):
-        readers.list_files(root)
+        inputs.list_files(root)
       return
     listed = _names(root)
     assert listed == sorted(listed) and len(set(listed)) == len(listed)

@@ -25,7 +25,8 @@ from typing import Any
 import ml_collections
 
 from sft.console import ensure_console_handler
-from sft.databuilder import annotate, clean, control, decontaminate, quality, readers, report, stages, write
+from sft.databuilder import annotate, clean, control, decontaminate, quality, report, stages, write
+from sft.databuilder.inputs import list_files
 from sft.errors import ConfigError
 
 log = logging.getLogger("sft")
@@ -95,7 +96,7 @@ def list_inputs(params: dict[str, Any]) -> list[tuple[str, str, str]]:
     folder = pathlib.Path(params["input_dir"])
     if not folder.is_dir():
       raise ConfigError(f"input_dir={str(folder)!r} is not a folder")
-    inputs += [("file", str(p), p.relative_to(folder).as_posix()) for p in readers.list_files(folder)]
+    inputs += [("file", str(p), p.relative_to(folder).as_posix()) for p in list_files(folder)]
   return inputs
 
 

@@ -7,7 +7,7 @@ the assistant turn i spans the characters that `render(messages[:i + 1])` adds t
 `render(messages[:i], add_generation_prompt=True)`, and a token is learned when it starts inside a
 span. No string matching on role names. Those prefixes are not rendered one by one (that is
 quadratic in turns): one watched rendering of the chat notes where the template's loop reaches each
-message, which is where a shorter chat's rendering would end (see `_Watched`); templates it cannot
+message, which is where a shorter chat's rendering would end (see `Watched`); templates it cannot
 vouch for are rendered prefix by prefix as before.
 
 Message content is plain text: a special or added token written inside a message (`<|im_start|>` in
@@ -20,13 +20,10 @@ in jinja's sandbox, bounded in time and in the size of what it builds (`render_t
 
 from __future__ import annotations
 
-import bisect
-import contextvars
 import json
 import os
 import pathlib
 import re
-import sys
 import time
 from typing import Any, Mapping, NamedTuple, Sequence
 
@@ -37,12 +34,21 @@ import numpy as np
 
 from sft.errors import ConfigError
 from sft.pipeline.chat import TokenizerFailure, validate_messages
+from sft.pipeline.hf_template import (
+  MAX_RENDER_CHARS,
+  RENDER_LIMITS,
+  RENDER_TIMEOUT_S,
+  WATCHING,
+  BoundedNamespace,
+  BoundedSandbox,
+  TickingRange,
+  Watch,
+  Watched,
+  check_time,
+  raise_exception,
+)
 from sft.pipeline.sentencepiece_proto import USER_DEFINED, piece_types, plain_text_model
 
-MAX_RENDER_CHARS = 4_000_000  # a chat of ~1M tokens; also bounds any string or list the template builds
-RENDER_TIMEOUT_S = 5.0
-_limits: contextvars.ContextVar[tuple[float, int, float]] = contextvars.ContextVar("render_limits")
-_watching: contextvars.ContextVar["_Watch"] = contextvars.ContextVar("render_watch")
 # A one-turn chat whose rendering shows what the template writes after an answer (see `end_of_turn_ids`).
 _PROBE_ANSWER = "Paris is the capital of France."
 _PROBE_CHAT = ({"role": "user", "content": "What is the capital of France?"}, {"role": "assistant", "content": _PROBE_ANSWER})
@@ -86,181 +92,6 @@ def _json_object(path: pathlib.Path) -> dict:
   if not isinstance(value, dict):
     raise ConfigError(f"{path} must hold a JSON object, got {type(value).__name__}")
   return value
-
-
-def _raise(message: str):
-  raise jinja2.exceptions.TemplateError(message)
-
-
-# --- bounded rendering: the sandbox stops unsafe attribute access; these stop runaway loops and sizes.
-
-
-def _check_time() -> None:
-  deadline, _, timeout = _limits.get((float("inf"), MAX_RENDER_CHARS, 0.0))
-  if time.monotonic() > deadline:
-    raise ValueError(f"chat template rendering took longer than render_timeout_s={timeout}")
-
-
-def _check_size(value: Any) -> Any:
-  limit = _limits.get((0.0, MAX_RENDER_CHARS, 0.0))[1]
-  if isinstance(value, (str, list, tuple, dict)) and len(value) > limit:
-    raise ValueError(f"chat template built a value of {len(value)} items, over max_render_chars={limit}")
-  return value
-
-
-class _TickingRange:
-  """`range` whose iteration checks the deadline, so empty nested loops cannot run for hours."""
-
-  def __init__(self, *args: int):
-    self._range = jinja2.sandbox.safe_range(*args)  # at most MAX_RANGE items
-
-  def __iter__(self):
-    for i, value in enumerate(self._range):
-      if i % 1024 == 0:
-        _check_time()
-      yield value
-
-  def __len__(self) -> int:
-    return len(self._range)
-
-  def __getitem__(self, index):
-    return self._range[index]
-
-
-class _BoundedNamespace(jinja2.utils.Namespace):
-  """`namespace()` whose attributes are size-checked: `{% set ns.s = ns.s ~ ns.s %}` cannot double forever."""
-
-  def __setitem__(self, name: str, value: Any) -> None:
-    _check_time()
-    watch = _watching.get(None)
-    if watch is not None:
-      watch.namespace_writes.append(watch.step())
-    super().__setitem__(name, _check_size(value))
-
-
-class _BoundedSandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
-  intercepted_binops = frozenset({"+", "*", "**"})
-
-  def call_binop(self, context, operator, left, right):
-    _check_time()
-    if operator == "**" and isinstance(left, int) and isinstance(right, int) and abs(left) > 1:
-      if right * abs(left).bit_length() > 4096:
-        raise ValueError(f"chat template computes {left} ** {right}, over max_render_chars")
-    if operator == "*":
-      seq, times = (left, right) if isinstance(right, int) else (right, left)
-      limit = _limits.get((0.0, MAX_RENDER_CHARS, 0.0))[1]
-      if isinstance(seq, (str, list, tuple)) and isinstance(times, int) and len(seq) * times > limit:
-        raise ValueError(f"chat template repeats a value {times} times, over max_render_chars={limit}")
-    return _check_size(super().call_binop(context, operator, left, right))
-
-  def call(self, context, obj, /, *args, **kwargs):  # functions, methods and macros (not filters)
-    _check_time()
-    return _check_size(super().call(context, obj, *args, **kwargs))
-
-
-# --- one rendering in place of one per prefix --------------------------------------------------------
-
-
-class _Watch:
-  """What a template did with `messages` during one rendering, in order, with the output length at each step.
-
-  Rendering `messages[:k]` runs exactly as rendering the whole chat until the template first sees a
-  difference: its loop asking for message k (a shorter chat ends there), or a look at message k or
-  later, at the length, or from the end. When the only difference is the loop's end, the shorter
-  rendering is the whole one's text up to that point followed by what the template writes after its
-  loop, which is the same for every k when nothing carries state out of the loop (a `namespace`) and
-  nothing looks at `messages` after it."""
-
-  def __init__(self):
-    self.size = [0]  # the output so far, kept up to date by `render`
-    self.steps = 0  # orders the events below
-    self.passes: list[tuple[int, list[tuple[int, int]]]] = []  # per loop: (first index, [(step, size)] per fetch)
-    self.lookups: list[tuple[int, int]] = []  # (step, index) of messages[index]
-    self.namespace_writes: list[int] = []  # steps
-    self.other = False  # anything else: len, negative indices, reversed, printing, a peeking loop
-
-  def step(self) -> int:
-    self.steps += 1
-    return self.steps
-
-  def ends(self, needed: Sequence[int], n: int) -> list[int] | None:
-    """The output length where the rendering of `messages[:k]` leaves this one, for each k in
-    `needed` (all in 1..n); None when that is not simply where the loop asks for message k."""
-    if self.other or len(self.passes) != 1:
-      return None
-    start, fetched = self.passes[0]
-    if len(fetched) != n + 1 - start or min(needed) <= start:  # cut short, or a shorter chat's loop never runs
-      return None
-    steps, sizes = [0] * start + [f[0] for f in fetched], [0] * start + [f[1] for f in fetched]
-    if any(sizes[k - 1] >= sizes[k] for k in needed):  # nothing written for a turn: buffered (a macro), or skipped
-      return None
-    if any(t > steps[start] for t in self.namespace_writes) or any(t > steps[n] for t, _ in self.lookups):
-      return None
-    ks = sorted(needed)
-    for t, index in self.lookups:  # messages[index] read before the loop reached k <= index: k diverges there
-      if index < n:
-        first_later = bisect.bisect_right(steps, t)  # the first k whose fetch comes after this lookup
-        at = bisect.bisect_left(ks, first_later)
-        if at < len(ks) and ks[at] <= index:
-          return None
-    return [sizes[k] for k in needed]
-
-
-class _Watched:
-  """`messages` for the template, noting every observation in a `_Watch` (see there)."""
-
-  def __init__(self, items: Sequence[Any], watch: _Watch, start: int = 0):
-    self._items, self._watch, self._start = items, watch, start
-
-  def __iter__(self):
-    watch, fetched = self._watch, []
-    watch.passes.append((self._start, fetched))  # a slice's loop (messages[1:]) fetches from `start` on
-    for index in range(self._start, len(self._items) + 1):
-      if sys._getframe(1).f_code.co_name == "_peek_next":  # loop.last / loop.nextitem look one ahead
-        watch.other = True
-      fetched.append((watch.step(), watch.size[0]))
-      if index == len(self._items):
-        return
-      yield self._items[index]
-
-  def __getitem__(self, key):
-    if isinstance(key, slice) and key.step in (None, 1) and key.stop is None and (key.start or 0) >= 0:
-      return _Watched(self._items, self._watch, min(self._start + (key.start or 0), len(self._items)))
-    if isinstance(key, int) and not isinstance(key, bool) and key >= 0:
-      self._watch.lookups.append((self._watch.step(), self._start + key))
-      return self._items[self._start + key]
-    self._watch.other = True
-    return list(self._items[self._start :])[key]
-
-  def __bool__(self) -> bool:
-    self._watch.lookups.append((self._watch.step(), self._start))
-    return self._start < len(self._items)
-
-  def _seen_whole(self) -> list:
-    self._watch.other = True
-    return list(self._items[self._start :])
-
-  def __len__(self) -> int:
-    return len(self._seen_whole())
-
-  def __reversed__(self):
-    return reversed(self._seen_whole())
-
-  def __contains__(self, item) -> bool:
-    return item in self._seen_whole()
-
-  def __eq__(self, other) -> bool:
-    return self._seen_whole() == other
-
-  __hash__ = None
-
-  def __str__(self) -> str:
-    return str(self._seen_whole())
-
-  __repr__ = __str__
-
-  def __getattr__(self, name: str):  # list methods (count, index, ...)
-    return getattr(self._seen_whole(), name)
 
 
 # --- special tokens --------------------------------------------------------------------------------
@@ -339,8 +170,8 @@ class HFTokenizer:
     self.chat_template = self._find_template()
     self.bos_token = _token_text(self.config.get("bos_token"))
     self.eos_token = _token_text(self.config.get("eos_token"))
-    env = _BoundedSandbox(trim_blocks=True, lstrip_blocks=True)
-    env.globals.update(raise_exception=_raise, range=_TickingRange, namespace=_BoundedNamespace)
+    env = BoundedSandbox(trim_blocks=True, lstrip_blocks=True)
+    env.globals.update(raise_exception=raise_exception, range=TickingRange, namespace=BoundedNamespace)
     try:
       self._template = env.from_string(self.chat_template)
     except jinja2.exceptions.TemplateError as err:
@@ -530,9 +361,9 @@ class HFTokenizer:
     when the template refuses the chat; ConfigError when the sandbox blocks the template."""
     return self._render(list(messages), add_generation_prompt)
 
-  def _render(self, messages: Any, add_generation_prompt: bool, watch: _Watch | None = None) -> str:
-    limits = _limits.set((time.monotonic() + self.render_timeout_s, self.max_render_chars, self.render_timeout_s))
-    watching = _watching.set(watch)
+  def _render(self, messages: Any, add_generation_prompt: bool, watch: Watch | None = None) -> str:
+    limits = RENDER_LIMITS.set((time.monotonic() + self.render_timeout_s, self.max_render_chars, self.render_timeout_s))
+    watching = WATCHING.set(watch)
     chunks, size = [], watch.size if watch else [0]
     try:
       for chunk in self._template.generate(
@@ -544,7 +375,7 @@ class HFTokenizer:
         size[0] += len(chunk)
         if size[0] > self.max_render_chars:
           raise ValueError(f"chat template output is over max_render_chars={self.max_render_chars}")
-        _check_time()
+        check_time()
         chunks.append(chunk)
     except (OverflowError, RecursionError) as err:  # the sandbox's range bound, runaway macros
       raise ValueError(f"chat template cannot be rendered: {err}") from None
@@ -553,16 +384,16 @@ class HFTokenizer:
     except (jinja2.exceptions.TemplateError, TypeError) as err:  # raise_exception('roles must alternate'), 'a' + 1
       raise ValueError(f"the chat template of {self.template_file} refuses this chat: {err}") from None
     finally:
-      _watching.reset(watching)
-      _limits.reset(limits)
+      WATCHING.reset(watching)
+      RENDER_LIMITS.reset(limits)
     return "".join(chunks)
 
   def _render_watched(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool) -> tuple[str, Any]:
     """The rendering with what the template did with `messages` (None if it fails watched: it is then
     rendered unwatched, which raises its own error if it fails too)."""
-    watch = _Watch()
+    watch = Watch()
     try:
-      return self._render(_Watched(list(messages), watch), add_generation_prompt, watch), watch
+      return self._render(Watched(list(messages), watch), add_generation_prompt, watch), watch
     except (ValueError, jinja2.exceptions.TemplateError):
       return self._render(list(messages), add_generation_prompt), None
 
@@ -577,8 +408,8 @@ class HFTokenizer:
       )
     return len(before), len(through)
 
-  def _spans(self, messages: Sequence[Mapping[str, str]], full: str, watch: _Watch | None) -> list[tuple[int, int]]:
-    """Every assistant turn's span: from one more (watched) rendering when `_Watch` can vouch for the
+  def _spans(self, messages: Sequence[Mapping[str, str]], full: str, watch: Watch | None) -> list[tuple[int, int]]:
+    """Every assistant turn's span: from one more (watched) rendering when `Watch` can vouch for the
     template, and checked against the prefix renderings of the first and last turn; else turn by turn."""
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     spans = self._spans_from_watch(messages, full, watch, turns) if watch and turns else None
@@ -587,7 +418,7 @@ class HFTokenizer:
       return [self._turn_span(messages, i, full) for i in turns]
     return spans
 
-  def _spans_from_watch(self, messages, full: str, watch: _Watch, turns: list[int]) -> list[tuple[int, int]] | None:
+  def _spans_from_watch(self, messages, full: str, watch: Watch, turns: list[int]) -> list[tuple[int, int]] | None:
     n = len(messages)
     ends = watch.ends([*turns, *(i + 1 for i in turns)], n)
     prompted, watch_prompted = self._render_watched(messages, True)
@@ -638,7 +469,7 @@ class HFTokenizer:
     found = [(int(b - removed[b]), int(e - removed[e])) for b, e in self._spans(marked_messages, marked, watch)] if spans else []
     return _Chat(text, ids, offsets, found)
 
-  def _rendering(self, messages, add_generation_prompt: bool, watched: bool) -> tuple[str, _Watch | None]:
+  def _rendering(self, messages, add_generation_prompt: bool, watched: bool) -> tuple[str, Watch | None]:
     if watched:  # the spans will be wanted
       return self._render_watched(messages, add_generation_prompt)
     return self.render(messages, add_generation_prompt), None
