@@ -288,6 +288,15 @@ def _show(value: Any) -> str:
   return "(absent)" if value is _ABSENT else json.dumps(value)
 
 
+def changed_keys(saved: Mapping[str, Any], new: Mapping[str, Any] | ml_collections.ConfigDict) -> Iterator[tuple[str, Any, Any]]:
+  """(dotted path, saved value, new value) of each key both configs have whose value differs, compared as
+  JSON gives them back; a key the saved config lacks (written before the key existed) has its default."""
+  for path, old, value in _diff(_json_round_trip(saved), _json_round_trip(new)):
+    old = _default_at(path) if old is _ABSENT else old
+    if old is not _ABSENT and value is not _ABSENT and old != value:
+      yield path, old, value
+
+
 def resume_changes(saved: Mapping[str, Any] | None, new: Mapping[str, Any], start_step: int) -> list[str]:
   """Lines "path: old -> new" for the keys that changed since the run that saved `saved` (its
   config.json), all of them safe at resume (SAFE_AT_RESUME). Any other change is a ConfigError listing

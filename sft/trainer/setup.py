@@ -8,13 +8,12 @@ import dataclasses
 import json
 import logging
 import pathlib
-from typing import Any, Collection, Iterator, Sequence
+from typing import Any, Collection, Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from ml_collections import config_dict
 
 from sft import hf
 from sft.errors import ConfigError
@@ -164,21 +163,6 @@ def checkpoint_params(config: ml_collections.ConfigDict, run: RunSetup, param_sh
 # --- the config a trained model is served with -----------------------------------------------------
 
 
-def _flat(tree: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
-  """(dotted key, value) of every leaf of a nested dict."""
-  if isinstance(tree, dict):
-    for key, value in tree.items():
-      yield from _flat(value, f"{prefix}{key}" if not prefix else f"{prefix}.{key}")
-  else:
-    yield prefix, tree
-
-
-def _as_json(config: Any) -> dict[str, Any]:
-  """As config.json gives it back: tuples become lists, ConfigDicts plain dicts."""
-  tree = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config
-  return json.loads(json.dumps(tree, cls=config_dict.CustomJSONEncoder))
-
-
 def _builds_the_model(key: str) -> bool:
   """Keys whose value the served model is built from: the model's (but the runtime keys), its tokenizer's,
   and its context."""
@@ -198,13 +182,10 @@ def model_differences(
   """Lines "key: trained with A, given B" for each model-building key of `config` (those of `given_keys`
   only, when given) whose value differs from the trained one. A key the saved config lacks (saved before
   the key existed) was trained at its default."""
-  from sft.config import base_config  # noqa: PLC0415  (sft.config imports the data builder's config)
-
-  trained = dict(_flat(_as_json(base_config()))) | dict(_flat(saved))
   return [
-      f"{key}: trained with {json.dumps(trained.get(key))}, given {json.dumps(value)}"
-      for key, value in _flat(_as_json(config))
-      if _builds_the_model(key) and _is_given(key, given_keys) and key in trained and trained[key] != value
+      f"{key}: trained with {json.dumps(old)}, given {json.dumps(value)}"
+      for key, old, value in rundir.changed_keys(saved, config)
+      if _builds_the_model(key) and _is_given(key, given_keys)
   ]
 
 
@@ -223,7 +204,6 @@ def trained_config(
   saved = rundir.load_saved_config(workdir)
   if saved is None:
     return None
-  saved = _as_json(saved)
   changed = model_differences(saved, config, given_keys)
   if changed:
     raise ConfigError(
