@@ -24,7 +24,10 @@ def load(name):
 
 
 def test_train_speed_runs_both_sides_on_the_same_weights(capsys, tmp_path):
-  result = load("train_speed").main(["--tiny", "--profile", str(tmp_path)])
+  result = load("train_speed").main(["--tiny", "--profile", str(tmp_path / "1")])
+  if not any(s.endswith("layers/mlp/dot_general") for _, _, s in result["profile"]):
+    # Seen once in five suite runs: a trace without the layers' operations. Trace once more; a second miss fails.
+    result = load("train_speed").main(["--tiny", "--profile", str(tmp_path / "2")])
   out = capsys.readouterr().out
   assert result["ours_tokens_per_s"] > 0 and result["theirs_tokens_per_s"] > 0
   assert result["ratio"] == pytest.approx(result["ours_tokens_per_s"] / result["theirs_tokens_per_s"])
