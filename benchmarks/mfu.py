@@ -4,7 +4,7 @@
     python benchmarks/mfu.py --preset=tiny --steps=2 --warmup=1 --peak_tflops=1        # CPU, under a minute
     python benchmarks/mfu.py --preset=1b --distributed ...   # every host of a TPU slice / GPU cluster, same command
 
-What runs is the library's own step (sft.trainer.step.jit_train_step) on a state the library builds and
+What runs is the library's own step (sft.trainer.step.build_train_step) on a state the library builds and
 shards (sft.trainer.setup.setup_run, sft.trainer.state), from a run config (sft/config.py) that the
 preset fills: "1b" has Llama-3.2-1B's shapes (vocab 128256, d_model 2048, 16 layers, 32 query / 8 kv
 heads of 64, MLP 8192 SwiGLU, tied embeddings, rope theta 500000 with llama3 scaling), bfloat16 compute,
@@ -15,20 +15,12 @@ pipeline is timed): one example per row filling all of it (segment ids all 1, po
 token loss-masked. Steps after --warmup are timed one by one, each waited for (block_until_ready); the
 median step time gives tokens/s.
 
-Model FLOPs per token, for a training step (forward 2, backward 4 FLOPs per multiply-add):
-
-    6 * N  +  12 * L * T * (num_heads * head_dim)
-
-N is the matmul weights: q, k, v, o, gate, up, down of every layer, plus the unembedding V * D, which is
-a matmul whether or not it is tied to the embedding; the embedding lookup is a gather, not a matmul, and
-is not counted (nor are norms, biases, softmaxes, the optimizer). The second term is attention's QK^T
-and AV: 2 * 2 * T * num_heads * head_dim per token per layer forward, times 3 with the backward, counted
-over all T keys as in PaLM (Chowdhery et al. 2022, appendix B); this is what MFU below uses, and what the
-XLA attention here computes (the whole T x T score matrix, masked). Causal attention only needs half of
-it (6 * L * T * num_heads * head_dim): the MFU with that count is printed as well, and is the lower,
-stricter number. Remat's recomputed forward is not counted: MFU counts the model's FLOPs, not the
-hardware's. MFU = (model FLOPs per token * tokens/s) / (peak bf16 dense FLOP/s per device * devices),
-the peak looked up from jax.devices()[0].device_kind (--peak_tflops to set it; CPUs have none).
+Model FLOPs per token are the library's count (sft/trainer/flops.py, where the formula is derived):
+6 N + 12 L T num_heads head_dim for a training step, attention over all T keys as in PaLM; the MFU with
+causal attention's half of that term is printed as well, the lower, stricter number. Remat's recomputed
+forward is not counted. MFU = (model FLOPs per token * tokens/s) / (peak bf16 dense FLOP/s per device *
+devices), the peak looked up from jax.devices()[0].device_kind (sft.trainer.flops.PEAK_BF16;
+--peak_tflops to set it; CPUs have none). Training logs the same TFLOP/s and MFU in its metric lines.
 
 Cross-check: the compiled step's memory analysis and XLA's cost_analysis() FLOPs. XLA counts the body of a
 while loop once, not once per trip, so its count of the step (layers scanned, chunked loss, gradient
@@ -42,7 +34,6 @@ softmaxes, AdamW). Measured: 0.94 for the tiny preset, 0.996 for the 1b one.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -52,17 +43,17 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 
 from sft.config import base_config  # noqa: E402
 from sft.config_check import check_config  # noqa: E402
-from sft.model import ModelConfig, Transformer  # noqa: E402
+from sft.model import Transformer  # noqa: E402
 from sft.trainer import setup, sharding  # noqa: E402
 from sft.trainer import state as state_lib  # noqa: E402
 from sft.trainer import step as step_lib  # noqa: E402
+from sft.trainer.flops import matmul_params_of_tree, model_flops, peak_flops  # noqa: E402
 from sft.trainer.loop import build_optimizer  # noqa: E402
 
 LLAMA_1B = dict(
@@ -76,87 +67,6 @@ PRESETS = {
     "1b": dict(model=LLAMA_1B, seq_len=2048, batch_per_device=8, loss_chunk_size=512, remat=True, mesh=(1, -1, 1)),
     "tiny": dict(model=TINY, seq_len=128, batch_per_device=4, loss_chunk_size=64, remat=True, mesh=(-1, 1, 1)),
 }
-
-# bf16 dense (no sparsity) peak FLOP/s per JAX device, by device_kind. Strings checked against public code
-# (JAX's own TPU chip table, llm.c, nvidia-smi fixtures) unless marked "unverified"; NVIDIA peaks are the
-# datasheets' dense Tensor Core figures (half of the "with sparsity" ones).
-PEAK_BF16 = {
-    "NVIDIA H100 80GB HBM3": 989.4e12,  # H100 SXM5
-    "NVIDIA H100 PCIe": 756.5e12,
-    "NVIDIA H100 NVL": 835.5e12,  # unverified string
-    "NVIDIA H200": 989.4e12,  # H200 SXM; an H200 NVL (835 TFLOP/s) reports the same name: pass --peak_tflops there
-    "NVIDIA GH200 480GB": 989.4e12,  # unverified string
-    "NVIDIA A100-SXM4-80GB": 312e12,
-    "NVIDIA A100-SXM4-40GB": 312e12,
-    "NVIDIA A100-PCIE-40GB": 312e12,
-    "NVIDIA A100 80GB PCIe": 312e12,
-    "NVIDIA L4": 121e12,
-    "NVIDIA B200": 2250e12,  # unverified string and peak (HGX B200 datasheet, dense)
-    "TPU v2": 22.5e12,  # a v2 / v3 JAX device is one TensorCore, half a chip
-    "TPU v3": 61.5e12,
-    "TPU v4": 275e12,  # from v4 on, a JAX device is a chip
-    "TPU v5 lite": 197e12,  # v5e
-    "TPU v5e": 197e12,
-    "TPU v5": 459e12,  # v5p
-    "TPU v5p": 459e12,
-    "TPU v6 lite": 918e12,  # v6e (Trillium)
-    "TPU v6e": 918e12,
-}
-
-
-def peak_flops(device_kind: str) -> float | None:
-  """bf16 dense peak FLOP/s of one device of this kind, or None when the table does not know it."""
-  return PEAK_BF16.get(device_kind)
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelFlops:
-  """Training FLOPs per token of a model at sequence length T (see the module docstring)."""
-
-  matmul_params: int  # N: the layers' projections plus the unembedding V * D
-  seq_len: int
-  attention_full: int  # 12 * L * T * num_heads * head_dim
-  attention_causal: int  # half of it
-
-  @property
-  def dense(self) -> int:
-    return 6 * self.matmul_params
-
-  @property
-  def per_token(self) -> int:
-    """The count MFU uses: 6 N + attention over all T keys (PaLM)."""
-    return self.dense + self.attention_full
-
-  @property
-  def per_token_causal(self) -> int:
-    return self.dense + self.attention_causal
-
-
-def matmul_params(cfg: ModelConfig) -> int:
-  """The weights each token multiplies once: every layer's projections, and the unembedding."""
-  d, h = cfg.d_model, cfg.head_dim
-  attention = d * cfg.num_heads * h * 2 + d * cfg.num_kv_heads * h * 2  # q and o; k and v
-  mlp = (3 if cfg.mlp_gated else 2) * d * cfg.mlp_dim
-  return cfg.num_layers * (attention + mlp) + cfg.vocab_size * d
-
-
-def model_flops(cfg: ModelConfig, seq_len: int) -> ModelFlops:
-  if cfg.lora_rank or cfg.sliding_window:
-    raise ValueError("the formula here is for a full fine-tune without sliding windows")
-  attention = 12 * cfg.num_layers * seq_len * cfg.num_heads * cfg.head_dim
-  return ModelFlops(matmul_params(cfg), seq_len, attention, attention // 2)
-
-
-MATMUL_WEIGHTS = ("q", "k", "v", "o", "gate", "up", "down", "unembed")
-
-
-def matmul_params_of_tree(params, cfg: ModelConfig) -> int:
-  """N counted from the (abstract) parameters instead: a check that `matmul_params` misses no weight."""
-  n = sum(
-      leaf.size for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0] if getattr(path[-1], "key", None) in MATMUL_WEIGHTS
-  )
-  return n + (cfg.vocab_size * cfg.d_model if cfg.tie_embeddings else 0)
-
 
 def run_config(preset: str, args: argparse.Namespace, num_devices: int) -> ml_collections.ConfigDict:
   """A run config (sft/config.py) holding the preset's model and the flags' shapes."""
@@ -200,18 +110,18 @@ def make_step(config: ml_collections.ConfigDict):
   run.check_batch("--batch", tc.batch_size, tc.grad_accum_steps)
   schedule, optimizer, trainable = build_optimizer(config, run.model_cfg)
   abstract, shardings = state_lib.state_shardings(run.model, optimizer, run.dummy_inputs, run.mesh, run.rules)
-  step = step_lib.jit_train_step(
-      Transformer(run.model_cfg, train=True).apply, optimizer, schedule, shardings, run.batch_sharding, run.replicated,
-      trainable=trainable, grad_accum_steps=tc.grad_accum_steps, loss_chunk_size=tc.loss_chunk_size,
+  stepper = step_lib.build_train_step(
+      Transformer(run.model_cfg, train=True).apply, optimizer, schedule, shardings, run.mesh, run.rules,
+      trainable=trainable, **step_lib.step_options(tc),
   )
-  return run, optimizer, abstract, shardings, step
+  return run, optimizer, abstract, shardings, stepper.jitted
 
 
 def build_step(config: ml_collections.ConfigDict):
   """(run setup, train state, compiled step, batch), the state initialised in its shards."""
   run, optimizer, _, shardings, step = make_step(config)
   tc = config.train
-  with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
+  with run.on_mesh():
     state = state_lib.create_train_state(run.model, optimizer, run.dummy_inputs, shardings, jax.random.key(config.seed))
     batch = random_batch(tc.batch_size, tc.seq_len, run.model_cfg.vocab_size, run.batch_sharding, config.seed)
     compiled = step.lower(state, batch).compile()
@@ -263,7 +173,7 @@ def xla_check(config: ml_collections.ConfigDict) -> dict[str, float] | None:
       k: jax.ShapeDtypeStruct((tc.batch_size, tc.seq_len), jnp.int32, sharding=run.batch_sharding)
       for k in ("inputs", "targets", "loss_mask", "segment_ids", "positions")
   }
-  with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
+  with run.on_mesh():
     lowered = step.lower(state_lib.abstract_with_shardings(abstract, shardings), batch)
   counted = xla_flops(lowered) or xla_flops(lowered.compile())
   if not counted:

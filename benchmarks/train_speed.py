@@ -20,7 +20,7 @@ side, then of the other, after a warm-up (compilation is not timed); the figure 
 repeats. PyTorch uses as many threads as XLA's CPU client (the machine's cores).
 
 It also times one 2048^3 float32 matmul on each side (the roofline of both steps) and prints the step's
-matmul FLOPs per token as benchmarks/mfu.py counts them (6 x matmul parameters + 12 L T heads head_dim).
+model FLOPs per token as training counts them (sft/trainer/flops.py: 6 x matmul parameters + 12 L T heads head_dim).
 `--profile DIR` then traces one more step of ours into DIR (TensorBoard's profile plugin reads it) and
 prints where its time went, by the model code behind each operation (benchmarks/profile_ops.py).
 `--tiny` shrinks everything so a test runs it in seconds.
@@ -40,15 +40,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
-from benchmarks.mfu import model_flops  # noqa: E402
 from sft.hf import export_model  # noqa: E402
 from sft.model import ModelConfig, Transformer  # noqa: E402
 from sft.model.config import REMAT_POLICIES  # noqa: E402
 from sft.trainer import sharding  # noqa: E402
 from sft.trainer import state as state_lib  # noqa: E402
 from sft.trainer import step as step_lib  # noqa: E402
+from sft.trainer.flops import model_flops  # noqa: E402
 
 LR, B1, B2, EPS, WEIGHT_DECAY, CLIP = 1e-4, 0.9, 0.95, 1e-8, 0.1, 1.0
 
@@ -84,10 +83,9 @@ class Ours:
     dummy = (jnp.zeros((1, seq_len), jnp.int32),) * 3
     _, shardings = state_lib.state_shardings(self.model, optimizer, dummy, mesh, rules)
     self.state = state_lib.create_train_state(self.model, optimizer, dummy, shardings, jax.random.key(0))
-    batch_sharding = sharding.batch_sharding(mesh, rules)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    self.step_fn = step_lib.jit_train_step(self.model.apply, optimizer, schedule, shardings, batch_sharding, replicated, **step_kwargs)
-    self.batch = jax.device_put({k: jnp.asarray(v) for k, v in batch_np.items()}, batch_sharding)
+    stepper = step_lib.build_train_step(self.model.apply, optimizer, schedule, shardings, mesh, rules, **step_kwargs)
+    self.step_fn = stepper.jitted
+    self.batch = stepper.place_batch(batch_np)
 
   def params_host(self):
     return jax.device_get(self.state.params)
@@ -194,7 +192,7 @@ def main(argv=None) -> dict:
   tokens = args.batch * args.seq_len * args.steps
   tok_s = {side: tokens / statistics.median(ts) for side, ts in times.items()}
   n_params = sum(int(x.size) for x in jax.tree.leaves(ours.state.params))
-  flops = model_flops(cfg, args.seq_len).per_token  # 6 N + 12 L T heads head_dim, as benchmarks/mfu.py counts
+  flops = model_flops(cfg, args.seq_len).per_token  # 6 N + 12 L T heads head_dim, as training counts
   jax_gflops, torch_gflops = matmul_gflops(256 if args.tiny else 2048)
   result = {
       "params": n_params, "batch": args.batch, "micro_batches": args.micro_batches, "seq_len": args.seq_len, "threads": torch.get_num_threads(),

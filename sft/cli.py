@@ -135,8 +135,8 @@ def parse_flags(argv):
     if cause is not None:
       sys.exit(f"FATAL {cause}")
     sys.exit(f"FATAL flags: {err}\nPass --helpfull to see the flags.")
-  _check(_CONFIG.value)
-  if _PRINT_CONFIG.value:
+  if _PRINT_CONFIG.value:  # a job checks its config itself, before any work
+    _check(_CONFIG.value)
     print(_CONFIG.value.to_yaml() if hasattr(_CONFIG.value, "to_yaml") else _CONFIG.value, end="")
     sys.exit(0)
   if not _WORKDIR.value:
@@ -161,6 +161,7 @@ def override_keys(argv) -> list[str]:
 def _load_error(err, argv) -> str:
   """One line for what ml_collections raises while loading: a config file without get_config, or an
   override naming no key of the locked config (its KeyError text holds the key and a suggestion)."""
+  raised = err
   while err.args and isinstance(err.args[0], BaseException):  # AttributeError(KeyError(text))
     err = err.args[0]
   text = str(err.args[0]) if err.args else str(err)
@@ -169,6 +170,15 @@ def _load_error(err, argv) -> str:
     return f"--config={config_arg}: the file defines no get_config() (a config file returns its ConfigDict from get_config)"
   key = text.splitlines()[0].strip("\"' ") if text else "?"
   near = re.search(r'Did you mean "([^"]+)"', text)
+  locked = re.match(r'Key "(\w+)" does not exist and cannot be added since the config is locked', key)
+  where = _config_file_line(raised, config_arg.partition(":")[0]) if locked else None
+  if where:  # a config file set a key the defaults lack: that line, the key's full path, the one meant
+    line_no, source = where
+    assigned = re.search(r"\w+((?:\.\w+)+)\s*=", source)
+    dotted = assigned.group(1)[1:] if assigned and assigned.group(1).endswith("." + locked.group(1)) else locked.group(1)
+    parent = dotted.rpartition(".")[0]
+    hint = f"; did you mean {parent + '.' if parent else ''}{near.group(1)}?" if near else ""
+    return f"{config_arg.partition(':')[0]}:{line_no}: {dotted}: no such key{hint} ({source.strip()})"
   for dotted, arg in _overrides(argv):
     parts = dotted.split(".")
     if key in parts:
@@ -177,6 +187,20 @@ def _load_error(err, argv) -> str:
       hint = f"; did you mean {parent + '.' if parent else ''}{near.group(1)}?" if near else ""
       return f"{full}: no such key{hint} (in {arg}; the keys are in sft/config.py, model keys in sft/model/config.py)"
   return f"the config could not be loaded: {key}"
+
+
+def _config_file_line(err: BaseException, path: str) -> tuple[int, str] | None:
+  """(line number, source) of the last frame in the config file `path` where `err` (or its causes) passed."""
+  import linecache  # noqa: PLC0415
+  import traceback  # noqa: PLC0415
+
+  target = os.path.realpath(path) if path else None
+  while err is not None and target:
+    for frame in reversed(traceback.extract_tb(err.__traceback__)):
+      if os.path.realpath(frame.filename) == target:
+        return frame.lineno, frame.line or linecache.getline(frame.filename, frame.lineno)
+    err = err.__cause__ or err.__context__
+  return None
 
 
 def _check(config):

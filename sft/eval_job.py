@@ -28,8 +28,6 @@ import logging
 import pathlib
 from typing import Any
 
-import flax.linen as nn
-import jax
 import ml_collections
 
 from sft import hf
@@ -38,16 +36,16 @@ from sft.console import ensure_console_handler
 from sft.databuilder import readers
 from sft.databuilder import records as records_lib
 from sft.errors import ConfigError
-from sft.evaluator import EvalResult, Evaluator, write_report
+from sft.evaluator import EvalResult, write_report
 from sft.evaluator import compare as compare_lib
 from sft.evaluator import tasks as tasks_lib
 from sft.evaluator.evaluate import render_prompt_of
-from sft.trainer import multihost, rundir, setup, sharding, sources
-from sft.trainer import step as step_lib
+from sft.trainer import eval_setup, lock, multihost, rundir, setup, sources
 from sft.trainer.metrics_log import eval_line
+from sft.trainer.workdir import Workdir
 
 log = logging.getLogger("sft")
-EVAL_DIR = "eval"
+EVAL_DIR = Workdir(".").eval.name
 # What the eval config decides even when the model comes from a training workdir's config.json.
 _FROM_EVAL_CONFIG = ("job", "eval", "mesh", "sharding_rules", "data", "seed")
 
@@ -79,7 +77,7 @@ def compare_run_config(
   if not path.is_dir():
     raise ConfigError(f"{key} is not a folder: give a training workdir or a Hugging Face folder to compare with")
   saved = rundir.load_saved_config(path)
-  if (path / setup.CHECKPOINTS).exists() or (isinstance(saved, dict) and "train" in saved):  # a training workdir
+  if Workdir(path).checkpoints.exists() or (isinstance(saved, dict) and "train" in saved):  # a training workdir
     run_config = setup.trained_config(config, path, sections=_FROM_EVAL_CONFIG, given_keys=())
     if run_config is None:
       raise ConfigError(f"{key} has no config.json: is it the workdir of a training run?")
@@ -104,7 +102,7 @@ def check_own_workdir(workdir: pathlib.Path, model_workdir: pathlib.Path | None)
         f"the eval job's workdir {workdir} is the model's own training workdir (eval.model_workdir), whose eval report "
         "the job would replace: give the eval job a workdir of its own"
     )
-  trained = [name for name in (rundir.CONFIG_FILE, setup.CHECKPOINTS) if (workdir / name).exists()]
+  trained = [p.name for p in (Workdir(workdir).config, Workdir(workdir).checkpoints) if p.exists()]
   if trained:
     raise ConfigError(
         f"the eval job's workdir {workdir} holds a training run ({' and '.join(trained)}), whose eval report the job "
@@ -116,8 +114,8 @@ def check_own_workdir(workdir: pathlib.Path, model_workdir: pathlib.Path | None)
 def _workdir_lock(workdir: pathlib.Path, takeover: bool):
   """Process 0 holds the workdir's lock for the whole job, as a training run does (one at a time there)."""
   with contextlib.ExitStack() as stack:
-    lock = lambda: stack.enter_context(rundir.workdir_lock(workdir, takeover=takeover))  # noqa: E731
-    multihost.on_process_0(lock, "taking the workdir lock")
+    take = lambda: stack.enter_context(lock.workdir_lock(workdir, takeover=takeover))  # noqa: E731
+    multihost.on_process_0(take, "taking the workdir lock")
     yield
 
 
@@ -150,7 +148,7 @@ def _eval_records(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> t
     records, counts = read_eval_files(config.eval.files)
     return records, f"{', '.join(config.eval.files)} ({counts['chats']} chats; {counts['rejected']} rejected, {counts['documents']} documents not evaluated)"
   splits, _ = sources.load_splits(config, workdir)
-  folder = config.data.dir if config.data.source == "dir" else str(workdir / "data")
+  folder = sources.data_folder(config, workdir)
   return list(splits["eval"]), f"the validation split of {folder} ({len(splits['eval'])} records)"
 
 
@@ -191,19 +189,10 @@ def _load(config, workdir: pathlib.Path, run_config, model_workdir: pathlib.Path
 
 def _run_evaluator(config, run_config, run: setup.RunSetup, tokenizer, params, records) -> EvalResult:
   """One model on the records, with the eval config's settings: what makes two models' results comparable."""
-  seq_len = run_config.train.seq_len
-  evaluator = Evaluator(
-      records, tokenizer=tokenizer, model=run.model,
-      eval_step=step_lib.jit_eval_step(run.model.apply, run.param_shardings, run.batch_sharding, run.replicated),
-      place_batch=lambda batch: sharding.global_batch(batch, run.batch_sharding),
-      seq_len=seq_len, batch_size=config.eval.batch_size, num_generations=config.eval.num_generations,
-      max_new_tokens=config.eval.max_new_tokens, normalization=config.eval.answer_normalization,
-      out_sharding=run.replicated,
-      score_step=step_lib.jit_score_step(run.model.apply, run.param_shardings, run.batch_sharding, run.replicated),
-      batch_rows=sharding.process_rows(run.batch_sharding, config.eval.batch_size, seq_len),
-      prompt_overflow=config.eval.prompt_overflow, bootstrap_samples=config.eval.bootstrap_samples, seed=config.seed,
+  evaluator = eval_setup.make_evaluator(
+      config, run, records, tokenizer, param_shardings=run.param_shardings, seq_len=run_config.train.seq_len
   )
-  with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
+  with run.on_mesh():
     return evaluator.evaluate(params)
 
 

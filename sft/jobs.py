@@ -62,4 +62,5 @@ def respond(
 ) -> list[str]:
   """One answer per prompt from the workdir's latest checkpoint, the model built as it was trained;
   `given_keys`: the keys set on the command line (see `sft.serve.load_responder`)."""
+  check_config(config)
   return serve.respond(config, workdir, prompts, given_keys=given_keys)

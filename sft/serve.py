@@ -17,14 +17,12 @@ import logging
 import pathlib
 from typing import Callable, Collection, Sequence
 
-import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
 
 from sft.errors import ConfigError
 from sft.evaluator.generate import (
-    OVERFLOW_MODES,
     fit_prompts,
     make_generate,
     pad_prompts,
@@ -33,6 +31,7 @@ from sft.evaluator.generate import (
 )
 from sft.evaluator.sampling import Sampler
 from sft.trainer import rundir, setup
+from sft.trainer.workdir import Workdir
 
 log = logging.getLogger("sft")
 # What the given config decides when the model comes from a workdir's config.json.
@@ -60,8 +59,8 @@ def serving_config(
   if config.model.checkpoint:
     return config
   workdir = pathlib.Path(workdir)
-  names = (rundir.CONFIG_FILE, setup.TOKENIZER_FILE, setup.CHECKPOINTS)
-  missing = [name for name in names if not (workdir / name).exists()]
+  paths = Workdir(workdir)
+  missing = [p.name for p in (paths.config, paths.tokenizer, paths.checkpoints) if not p.exists()]
   raise ConfigError(
       f"{workdir} has no {' and no '.join(missing)}, so the model trained there cannot be rebuilt: train there "
       "first (or set model.checkpoint to serve a Hugging Face model)"
@@ -88,9 +87,7 @@ def load_responder(
   run = setup.setup_run(config)
   tokenizer = setup.open_tokenizer(config, workdir)
   sc = config.sample
-  overflow = sc.get("prompt_overflow", "truncate")  # a config.json saved before the key existed
-  if overflow not in OVERFLOW_MODES:
-    raise ConfigError(f"sample.prompt_overflow must be one of {OVERFLOW_MODES}, got {overflow!r}")
+  overflow = sc.prompt_overflow
   room = prompt_room(config.train.seq_len, sc.max_new_tokens, "sample.max_new_tokens")
   params, origin = setup.serving_params(config, workdir, run)
   log.info("serving %s", origin)
@@ -119,7 +116,7 @@ def load_responder(
 
   def answer(prompts: Sequence[str]) -> list[str]:
     tokens_bp, lengths_b = pad_prompts(fit(prompts), tokenizer.pad_id)
-    with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
+    with run.on_mesh():
       out_bn = np.asarray(jax.device_get(generate(params, tokens_bp, lengths_b, jax.random.key(sc.seed))))
     return [tokenizer.decode(strip_generation(row, tokenizer.stop_ids, tokenizer.pad_id)) for row in out_bn]
 

@@ -1,9 +1,14 @@
-"""Shared fixtures: a small real SentencePiece tokenizer and a tiny model config; the skip gate."""
+"""Shared fixtures: a small real SentencePiece tokenizer and a tiny model config; the skip gate; the example
+counts of each tier; a compilation cache for the session."""
 
 import os
+import shutil
 import sys
+import tempfile
 
+import jax
 import pytest
+from hypothesis import settings
 
 # Tests import `sft` and `configs` from the checkout, whatever the working directory.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -16,6 +21,34 @@ pytest_plugins = ["skips_plugin"]
 from sft.databuilder import api_records, pretrain_texts, read_module  # noqa: E402
 from sft.model import ModelConfig  # noqa: E402
 from sft.pipeline import train_tokenizer  # noqa: E402
+
+# Example counts live here, not in the tests: the full suite (what CI runs) tries as many as the most any
+# property asked for before; the fast tier (`-m "not slow"`) a few of each. `--hypothesis-profile=ci|dev`
+# picks one by hand. A test keeps its own count only where its examples are costly, said beside it.
+settings.register_profile("ci", max_examples=400, deadline=None)
+settings.register_profile("dev", max_examples=25, deadline=None)
+
+
+def _fast_tier(config):
+  return "not slow" in " ".join((config.getoption("markexpr") or "").split())
+
+
+def pytest_configure(config):
+  if not config.getoption("hypothesis_profile", None):
+    settings.load_profile("dev" if _fast_tier(config) else "ci")
+  _compilation_cache(config)
+
+
+def _compilation_cache(config):
+  """Programs compiled once per session, not once per test: the tests build the same tiny models again and
+  again, and XLA's result is the same either way. A fresh folder per session (runs side by side share
+  nothing); a JAX_COMPILATION_CACHE_DIR set by hand wins."""
+  if os.environ.get("JAX_COMPILATION_CACHE_DIR") or jax.config.jax_compilation_cache_dir:
+    return
+  folder = tempfile.mkdtemp(prefix="sft-test-jit-cache-")
+  config.add_cleanup(lambda: shutil.rmtree(folder, ignore_errors=True))
+  jax.config.update("jax_compilation_cache_dir", folder)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 
 @pytest.fixture(scope="session")

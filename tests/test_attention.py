@@ -46,6 +46,7 @@ def loss_and_grads(cfg, batch, params=None):
   return params, loss, grads
 
 
+@pytest.mark.slow
 def test_splash_equals_xla():
   """Layer 0 is windowed and layer 1 causal (`lax.cond` picks one of two kernels), with soft-capping and
   a query scale other than head_dim (the interpreter is slow: one model covers every option)."""
@@ -59,6 +60,7 @@ def test_splash_equals_xla():
     np.testing.assert_allclose(g, ref, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_splash_sees_only_its_segment():
   """Changing one packed example's tokens leaves every other example's logits as they were."""
   cfg = dataclasses.replace(BASE, attention="splash")
@@ -100,6 +102,7 @@ def test_splash_needs_a_sequence_of_whole_blocks():
     Transformer(dataclasses.replace(BASE, attention="splash")).init(jax.random.key(0), batch["inputs"], batch["positions"], batch["segment_ids"])
 
 
+@pytest.mark.slow
 def test_remat_policies_keep_the_result_and_trade_memory():
   """No remat, "save_dots" and "full" give the same loss and gradients; the compiled gradient's scratch
   memory (the activations kept for the backward pass among it) shrinks in that order."""
@@ -146,6 +149,7 @@ np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
 """
 
 
+@pytest.mark.slow
 def test_splash_under_a_mesh_runs_per_device_shards():
   """On 4 devices (2-way data x 2-way tensor), each device runs the kernel on its rows and heads
   (shard_map) and the loss equals the XLA path's."""
@@ -161,6 +165,7 @@ def test_splash_under_a_mesh_runs_per_device_shards():
   assert "losses" in proc.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seq_len", [256, 384, 512])
 def test_blocked_causal_attention_equals_one_block(seq_len):
   """The XLA path skips the score blocks the causal mask hides entirely: the output and the gradients
@@ -184,6 +189,7 @@ def test_blocked_causal_attention_equals_one_block(seq_len):
     np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("changes", [{}, {"remat": True, "remat_policy": "save_dots"}, {"sliding_window": 16, "sliding_window_pattern": 2}])
 def test_layers_traced_one_by_one_equal_the_scan(changes):
   """`scan_layers=False` runs the same stacked parameters layer by layer: the loss and every gradient
@@ -198,6 +204,7 @@ def test_layers_traced_one_by_one_equal_the_scan(changes):
     np.testing.assert_allclose(g, ref, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_layers_one_by_one_apply_lora_dropout():
   """With LoRA dropout in training, the layers traced one by one apply it: the loss depends on the
   dropout rng and is not the loss without dropout."""

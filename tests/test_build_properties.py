@@ -23,6 +23,7 @@ _file = st.one_of(
 )
 
 
+# A whole data build per example (about a second): a few, in either tier.
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(files=st.lists(_file, min_size=1, max_size=4), near=st.booleans())
 def test_random_folders_build(files, near):

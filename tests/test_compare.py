@@ -95,7 +95,7 @@ def _item_figures(metric: str, pairs: list[tuple[Sample, Sample]], labels) -> tu
   return tuple(compare_lib.item_values(metric, mine, references, "squad") for mine in answers)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25, deadline=None)  # two results and their tables per example (~70 ms)
 @given(
     items=st.lists(st.tuples(_ITEMS, _ANSWERS, _ANSWERS), min_size=1, max_size=12),
     picks=st.lists(st.tuples(st.integers(0, 2), st.integers(0, 2), st.integers(0, 2)), max_size=8),
@@ -219,6 +219,7 @@ def _config(model, evalset, compare_to):
   return config
 
 
+@pytest.mark.slow
 def test_the_eval_job_compares_two_models_on_every_task_and_metric(models, evalset, tmp_path):
   from sft import eval_job
 
@@ -261,6 +262,7 @@ def test_the_eval_job_compares_two_models_on_every_task_and_metric(models, evals
     assert heading in text, heading
 
 
+@pytest.mark.slow
 def test_a_model_compared_with_itself_differs_by_nothing(models, evalset, tmp_path):
   from sft import eval_job
 

@@ -13,7 +13,8 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from sft.config import base_config
-from sft.config_check import BUILD, CONSTRAINTS, OPEN_SECTIONS, OneOf, Range, check_config
+from sft.config_check import BUILD, CONSTRAINTS, OPEN_SECTIONS, check_config
+from sft.config_keys import OneOf, Range
 from sft.databuilder import build_config
 from sft.errors import ConfigError
 from sft.model import ModelConfig
@@ -25,7 +26,9 @@ CONFIGS = sorted(p.stem for p in (pathlib.Path(__file__).parent.parent / "config
 def test_config_loads_and_documents_its_command(name):
   module = importlib.import_module(f"configs.{name}")
   assert module.__doc__.startswith(f"python launch.py --config=configs/{name}.py"), module.__doc__[:80]
-  if name.startswith("build_"):  # a data build: its parameters must pass the builder's checks
+  if name == "build":  # your own folder, named on the command line (tests/test_build_config.py builds one)
+    return
+  if name.startswith("build_"):  # a worked example: the files it reads are in the repository
     from sft.databuilder.pipeline import list_inputs, params_of
 
     assert list_inputs(params_of(module.get_config()))
@@ -85,6 +88,10 @@ def test_every_experiment_config_passes_the_check(name):
     with pytest.raises(ConfigError, match="needs a model"):
       check_config(config)
     config.eval.model_workdir, config.data.dir = "/a/run", "/a/run/data"
+  if name == "build":  # your folder, named on the command line
+    with pytest.raises(ConfigError, match="nothing to read"):
+      check_config(config)
+    config.input_dir = "/my/raw"
   check_config(config)
   check_config(ml_collections.ConfigDict(json.loads(config.to_json())))  # as serve.py reads config.json back: tuples are lists
 
@@ -159,7 +166,7 @@ def wrong_types(default):
   return st.one_of(st.integers(), st.none(), st.text(max_size=5), st.lists(st.integers(), max_size=2))
 
 
-@settings(max_examples=300, deadline=None)
+@settings(deadline=None)
 @given(data=st.data(), leaf=st.sampled_from(LEAVES))
 def test_a_value_of_the_wrong_type_is_named(data, leaf):
   kind, path = leaf
@@ -194,7 +201,7 @@ RANGED = [
 ]
 
 
-@settings(max_examples=300, deadline=None)
+@settings(deadline=None)
 @given(data=st.data(), leaf=st.sampled_from(RANGED))
 def test_a_value_out_of_range_is_named(data, leaf):
   kind, path = leaf
@@ -249,7 +256,7 @@ ALL_PATHS = {
 }
 
 
-@settings(max_examples=300, deadline=None)
+@settings(deadline=None)
 @given(data=st.data(), leaf=st.sampled_from(LEAVES))
 def test_a_misspelled_key_is_named_with_the_nearest_valid_key(data, leaf):
   # As `c.train.sft_stpes = 5` in a config file: a new key beside the one meant, which keeps its default.
@@ -259,6 +266,9 @@ def test_a_misspelled_key_is_named_with_the_nearest_valid_key(data, leaf):
   typo_path = f"{parent}.{typo}" if parent else typo
   assume(typo and typo_path not in ALL_PATHS[kind])
   config = fresh(kind)
+  with pytest.raises(AttributeError, match="cannot be added since the config is locked"):
+    setattr(get(config, parent) if parent else config, typo, 1)  # a config file's typo fails on its line
+  config.unlock()  # as a dict-built or notebook config, which check_config sees whole
   (get(config, parent) if parent else config)[typo] = 1
   message = problems_of(config)
   head = f"{typo_path}: no such key; did you mean "
@@ -274,7 +284,10 @@ def test_a_misspelled_key_is_named_with_the_nearest_valid_key(data, leaf):
 
 def test_a_typo_in_a_config_file_is_named_with_the_key_meant():
   config = base_config()
-  config.train.sft_stpes = 5  # accepted by the unlocked ConfigDict, read by nobody
+  with pytest.raises(AttributeError, match='Did you mean "sft_steps" instead of "sft_stpes"'):
+    config.train.sft_stpes = 5  # the line of the config file that has the typo
+  config.unlock()  # a config built by hand: the typo is a key nobody reads
+  config.train.sft_stpes = 5
   assert problems_of(config) == "train.sft_stpes: no such key; did you mean train.sft_steps?"
 
 
@@ -300,7 +313,7 @@ def test_values_that_cannot_work_together():
   assert "at least one step to train" in problems_of(config)
   config = base_config()
   config.mesh.data, config.mesh.fsdp = -1, -1
-  assert "mesh: at most one size is -1" in problems_of(config)
+  assert "mesh: sizes are positive, with at most one -1" in problems_of(config)
   config = base_config()
   config.data.source = "dir"
   assert problems_of(config).startswith("data.dir: ")
@@ -329,6 +342,7 @@ def test_model_keys_are_checked_by_model_config(name, value):
 
 def test_every_problem_is_listed():
   config = base_config()
+  config.unlock()
   config.train.sft_stpes = 5
   config.train.log_every = 0
   config.eval.every_steps = 0
@@ -385,11 +399,12 @@ def test_the_builders_own_checks_run_with_the_section_named():
   check_config(config)
   config = fresh("build")
   config.output.num_shards = 0
-  assert problems_of(config) == "output.num_shards must be at least 1, got 0"
+  assert problems_of(config) == "output.num_shards: must be >= 1, got 0"
 
 
 def test_the_job_picks_the_defaults_to_compare_with():
   config = fresh("build")
+  config.unlock()
   config.train = ml_collections.ConfigDict({"sft_steps": 1})  # a run key in a build config
   assert problems_of(config).startswith("train: no such key")
   config = base_config()
@@ -402,6 +417,7 @@ def test_a_placeholder_takes_none_or_its_type(monkeypatch):
 
   def with_placeholder():
     c = base_config()
+    c.unlock()
     c.train.max_steps = ml_collections.config_dict.placeholder(int)
     return c
 
@@ -423,6 +439,7 @@ def test_the_jobs_check_before_any_work(tmp_path):
   import sft
 
   config = fresh("build")
+  config.unlock()
   config.dedup.treshold = 0.5
   with pytest.raises(ConfigError, match="dedup.treshold: no such key; did you mean dedup.threshold?"):
     sft.build_dataset(config, tmp_path / "data")
@@ -432,3 +449,27 @@ def test_the_jobs_check_before_any_work(tmp_path):
   with pytest.raises(ConfigError, match="train.log_every: must be >= 1"):
     sft.train_and_evaluate(config, tmp_path / "run")
   assert not (tmp_path / "run").exists()
+
+
+def test_a_data_folder_that_is_not_a_build_names_data_dir(tmp_path):
+  from sft.trainer import sources
+
+  config = base_config()
+  config.data.source, config.data.dir = "dir", str(tmp_path / "placeholder")
+  with pytest.raises(ConfigError, match=r"^data.dir='.*placeholder': .*no manifest.json"):
+    sources.load_splits(config, tmp_path / "run")
+
+
+def test_the_runtime_model_keys_are_declared_once():
+  from sft.model.config import model_at_resume, runtime_fields, served_as_given
+  from sft.trainer import rundir
+
+  assert set(model_at_resume()) <= set(served_as_given()) <= set(runtime_fields())
+  assert {"dtype", "param_dtype", "lora_rank"} <= set(runtime_fields()) and "d_model" not in runtime_fields()
+  trained = json.loads(base_config().to_json())
+  changed = base_config()
+  changed.model.remat_policy, changed.train.grad_accum_steps = "save_dots", 2  # how, not what: allowed at resume
+  assert len(rundir.resume_changes(trained, changed, 5)) == 2
+  changed.model.lora_rank = 4  # what is trained: refused
+  with pytest.raises(ConfigError, match="model.lora_rank: 0 -> 4"):
+    rundir.resume_changes(trained, changed, 5)

@@ -123,6 +123,7 @@ def test_the_trainer_reads_the_output(built):
   assert "dropped" not in splits["train"][0] and "edits" not in splits["train"][0]
 
 
+@pytest.mark.slow
 def test_same_input_same_bytes_with_workers_and_on_beam(built, tmp_path, monkeypatch):
   out, manifest = built
   again = build_dataset(mix_config(), tmp_path / "again", progress=False)

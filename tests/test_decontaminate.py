@@ -93,6 +93,7 @@ def test_report_counts_both_kinds_of_decontamination(tmp_path):
 
 def test_exact_min_words_is_a_config_key(tmp_path):
   from sft.databuilder import build_config
+  from sft.databuilder.config import check_build_config
   from sft.databuilder.pipeline import params_of
   from sft.errors import ConfigError
 
@@ -100,5 +101,5 @@ def test_exact_min_words_is_a_config_key(tmp_path):
   config.input_dir = str(tmp_path)
   assert params_of(config)["decontaminate"]["exact_min_words"] == decontaminate.EXACT_MIN_WORDS
   config.decontaminate.exact_min_words = 0
-  with pytest.raises(ConfigError, match="exact_min_words"):
-    params_of(config)
+  with pytest.raises(ConfigError, match="decontaminate.exact_min_words: must be >= 1, got 0"):
+    check_build_config(config)

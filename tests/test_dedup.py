@@ -89,6 +89,7 @@ def test_exact_dedup_keeps_the_smallest_id():
   assert {r["id"]: r.get("dropped", {}).get("duplicate_of") for r in out} == {"a:0": None, "b:0": None, "c:7": None, "m:1": "c:7", "z:2": "c:7"}
 
 
+@pytest.mark.slow
 def test_beam_bucket_pairs_equal_the_local_vectorised_pairs(tmp_path, monkeypatch):
   pytest.importorskip("apache_beam")
   live = _corpus()
@@ -156,6 +157,7 @@ def test_mark_near_duplicates_leaves_earlier_drops_alone():
   assert dedup.drops_from_pairs([]) == {}
 
 
+@pytest.mark.slow
 def test_beam_runner_marks_the_same_near_duplicates_as_the_local_runner(tmp_path):
   pytest.importorskip("apache_beam")
   from sft.databuilder.runner_beam import BeamRunner  # noqa: PLC0415 (Beam is optional)

@@ -30,7 +30,7 @@ def _chat(user, answer, **extra):
   return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}], **extra}
 
 
-@settings(max_examples=200, deadline=None)
+@settings(deadline=None)
 @given(sizes=st.lists(st.integers(0, 12), min_size=1, max_size=7), num=st.integers(-1, 60))
 def test_generation_prompts_are_shared_evenly_between_tasks(sizes, num):
   records = [{"task": task, "i": i} for task, n in zip(tasks_lib.TASKS, sizes) for i in range(n)]
@@ -72,6 +72,7 @@ def test_choice_ranking_worked_example():
   assert summary == {"choice_accuracy": 0.5, "choice_accuracy_norm": 1.0, "gold_rank": 2.0, "choice_items": 2.0}
 
 
+@pytest.mark.slow
 def test_candidate_log_likelihoods_equal_the_models_own(tokenizer, tiny_model_config):
   """Each row's score is the sum of log p(token) over the candidate's turn, computed from an unpadded
   forward pass of that sequence alone; items whose answer is no candidate are counted, not scored."""
@@ -96,7 +97,7 @@ def test_candidate_log_likelihoods_equal_the_models_own(tokenizer, tiny_model_co
   assert len(too_long) == 0 and too_long.skipped == {choices_lib.SKIP_TOO_LONG: 1}
 
 
-@settings(max_examples=100, deadline=None)
+@settings(deadline=None)
 @given(st.text(st.sampled_from("`a\n|#"), max_size=30))
 def test_quoted_examples_cannot_close_their_fence(text):
   fenced = fence(text)
@@ -131,6 +132,7 @@ def _evaluator(records, tokenizer, model, params_shardings, mesh, **kwargs):
   )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_an_evaluation_reports_every_task_and_writes_its_report(tmp_path, tokenizer, tiny_model_config):
   records = [
       *[_chat(f"Classify: text {i} |", ["yes", "no"][i % 2], task="classification", labels=["yes", "no", "maybe"]) for i in range(5)],
@@ -243,7 +245,7 @@ def test_every_figure_of_a_task_has_an_interval_that_holds_it(task):
   assert tasks_lib.intervals(task, [], []) == {}
 
 
-@settings(max_examples=60, deadline=None)
+@settings(deadline=None)
 @given(st.lists(st.tuples(st.sampled_from("abcdx"), st.sampled_from("abc")), min_size=1, max_size=40))
 def test_classification_intervals_hold_the_figures_on_any_answers(pairs):
   predictions, references = (list(column) for column in zip(*pairs))
@@ -325,6 +327,7 @@ def test_an_evaluation_with_no_answer_token_in_the_context_is_an_error(tokenizer
     _evaluator(records, tokenizer, model, shardings, mesh, num_generations=0)
 
 
+@pytest.mark.slow
 def test_a_task_without_answer_tokens_has_no_perplexity_and_long_prompts_are_cut(tmp_path, tokenizer, tiny_model_config, monkeypatch):
   """The qa records' answers are all past the context: "no tokens" for that task, not perplexity 1.0;
   their generation prompts keep their last tokens (counted, reported) and the cache stays in the context."""

@@ -35,6 +35,7 @@ CHATS = st.tuples(CONTENT, CONTENT, CONTENT, CONTENT).map(
         {"role": "assistant", "content": c[2] + c[3]},
     ]
 )
+# Each example renders and encodes a whole chat, up to ~25 ms with a tokenizer folder.
 FEW = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 

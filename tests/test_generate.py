@@ -29,6 +29,7 @@ def _params(cfg=CFG):
   return nn.unbox(Transformer(cfg).init(jax.random.key(3), dummy, dummy, dummy)["params"])
 
 
+@pytest.mark.slow
 def test_greedy_tokens_equal_the_full_forward_pass_on_uneven_prompts():
   model, params, new = Transformer(CFG), _params(), 6
   tokens, lengths = pad_prompts(PROMPTS, pad_id=0)
@@ -58,6 +59,7 @@ def _shapes(jaxpr):
           yield from _shapes(getattr(inner, "jaxpr", inner))
 
 
+@pytest.mark.slow
 def test_prefill_never_makes_logits_for_every_prompt_position():
   model, params = Transformer(CFG), _params()
   tokens, lengths = pad_prompts(PROMPTS, pad_id=0)
@@ -93,6 +95,7 @@ def _while_bodies(hlo: str) -> dict[str, str]:
   return {op: computations[body] for body, op in re.findall(r"while\(.*?body=%(\S+?),.*?op_name=\"([^\"]+)\"", hlo)}
 
 
+@pytest.mark.slow
 def test_a_decoding_step_copies_neither_the_cache_nor_the_weights():
   """The token loop's compiled body holds no copy or transpose bigger than a token's activations: the
   cache is read in place (keys (B, K, H, S), values (B, K, S, H)) and no weight is re-laid out per token
@@ -113,12 +116,15 @@ def test_a_decoding_step_copies_neither_the_cache_nor_the_weights():
 
 @pytest.mark.parametrize(
     "overrides",
-    [
+    [  # the plain model in the fast tier, the variants in the slow one
         {},
-        {"tie_embeddings": True},
-        {"qkv_bias": True, "qk_norm": True},
-        {"mlp_gated": False, "linear_bias": True, "norm_type": "layer", "position_embedding": "learned", "mlp_activation": "gelu_tanh"},
-        {"lora_rank": 2, "lora_targets": ("q", "o", "up", "down")},
+        pytest.param({"tie_embeddings": True}, marks=pytest.mark.slow),
+        pytest.param({"qkv_bias": True, "qk_norm": True}, marks=pytest.mark.slow),
+        pytest.param(
+            {"mlp_gated": False, "linear_bias": True, "norm_type": "layer", "position_embedding": "learned", "mlp_activation": "gelu_tanh"},
+            marks=pytest.mark.slow,
+        ),
+        pytest.param({"lora_rank": 2, "lora_targets": ("q", "o", "up", "down")}, marks=pytest.mark.slow),
     ],
     ids=["llama", "tied", "qwen", "gpt2", "lora"],
 )

@@ -76,7 +76,11 @@ def _hf_logits(model, tokens):
     return model(torch.tensor([tokens])).logits[0].numpy()
 
 
-@pytest.fixture(scope="module", params=sorted(FAMILIES))
+# Llama in the fast tier, the other families in the slow one.
+TIERED = [name if name == "llama" else pytest.param(name, marks=pytest.mark.slow) for name in sorted(FAMILIES)]
+
+
+@pytest.fixture(scope="module", params=TIERED)
 def family(request, tmp_path_factory):
   folder = tmp_path_factory.mktemp(request.param)
   hf = _hf_model(request.param, folder)
@@ -242,6 +246,7 @@ def test_gpt2_configs_outside_what_sft_implements_are_config_errors(tmp_path):
     to_hf_config(from_hf_config(config), "llama")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_fine_tune_a_local_checkpoint_through_the_launcher(tmp_path, mode):
   """launch.py with --config.model.checkpoint: HF weights + tokenizer + template in, fine-tuned HF folder out."""

@@ -46,6 +46,7 @@ def _inner_axes(layout, ndim):
   return inner
 
 
+@pytest.mark.slow
 def test_sharded_loading_on_8_devices_reads_each_shard_once():
   script = os.path.join(os.path.dirname(__file__), "hf_slice_check.py")
   result, _ = run_json([script])

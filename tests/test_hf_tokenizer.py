@@ -226,6 +226,7 @@ TURN_CONTENT = st.lists(
 ).map(lambda parts: "a" + "".join(parts) + "z")  # no edge whitespace: Gemma and Llama trim it
 
 
+# Each example renders and tokenizes a four-turn chat for one family.
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(contents=st.tuples(TURN_CONTENT, TURN_CONTENT, TURN_CONTENT, TURN_CONTENT))
 def test_every_learned_answer_ends_at_a_stop_id(family, contents):

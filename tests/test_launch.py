@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
     "--config.tokenizer.vocab_size=512",
@@ -32,6 +34,7 @@ def launch(workdir, *overrides):
   return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
 
 
+@pytest.mark.slow
 def test_quickstart_runs_then_resumes(tmp_path):
   first = launch(tmp_path, "--config.train.sft_steps=4")
   assert first.returncode == 0, first.stderr[-3000:]
@@ -39,7 +42,7 @@ def test_quickstart_runs_then_resumes(tmp_path):
   rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in rows] == [0, 2, 4, 6]
   assert rows[1]["phase"] == "pretrain" and rows[2]["phase"] == "sft"
-  assert all(k in rows[-1] for k in ("train/loss", "train/tokens_per_s", "eval/loss", "eval/exact_match"))
+  assert all(k in rows[-1] for k in ("train/loss", "train/tokens_per_s", "train/tflops_per_device", "eval/loss", "eval/exact_match"))
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["4", "6"]
   for name in ("tokenizer.model", "config.json", "data/manifest.json", "data/report.md", "data/train-00000-of-00001.array_record", "data/validation-00000-of-00001.array_record"):
     assert (tmp_path / name).exists(), name
@@ -124,14 +127,14 @@ def test_mistyped_config_key_fails_clearly(tmp_path):
 
 
 def test_config_file_and_value_problems_fail_before_any_work(tmp_path):
-  # A typo in a config file is a new key of the unlocked dict, not a flag error: check_config names it.
+  # A typo in a config file fails on its line: the defaults are locked, and the key meant is named.
   config_file = tmp_path / "typo.py"
   config_file.write_text("from configs import quickstart\n\n\ndef get_config():\n  c = quickstart.get_config()\n  c.train.sft_stpes = 5\n  return c\n")
   workdir = tmp_path / "run"
   cmd = [sys.executable, "launch.py", f"--workdir={workdir}"]
   typo = subprocess.run([*cmd, f"--config={config_file}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert typo.returncode != 0
-  assert "FATAL train.sft_stpes: no such key; did you mean train.sft_steps?" in typo.stderr, typo.stderr[-2000:]
+  assert f"FATAL {config_file}:6: train.sft_stpes: no such key; did you mean train.sft_steps?" in typo.stderr, typo.stderr[-2000:]
   assert "Traceback" not in typo.stderr
   # A zero interval divided by zero only after the data build: now every such value fails at once, in seconds.
   zero = [*cmd, "--config=configs/quickstart.py", "--config.train.log_every=0", "--config.eval.every_steps=0"]
@@ -143,6 +146,7 @@ def test_config_file_and_value_problems_fail_before_any_work(tmp_path):
   assert not workdir.exists()  # no data built, nothing written
 
 
+@pytest.mark.slow
 def test_build_config_runs_the_data_builder(tmp_path):
   cmd = [sys.executable, "launch.py", "--config=configs/build_mix.py", f"--workdir={tmp_path}"]
   result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -244,6 +248,7 @@ def test_help_lists_the_configs_and_exits_0(tmp_path):
       assert name in result.stdout, (flag, name)
 
 
+@pytest.mark.slow
 def test_print_config_shows_the_resolved_config_and_does_nothing_else(tmp_path):
   cmd = [sys.executable, "launch.py", "--config=configs/quickstart.py", "--print_config", "--config.train.lr=0.0123"]
   result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -31,6 +31,7 @@ def init(cfg):
   return nn.unbox(Transformer(cfg).init(jax.random.key(0), TOKENS, POSITIONS, SEGMENTS)["params"])
 
 
+@pytest.mark.slow
 def test_zero_initialised_adapters_leave_the_model_unchanged():
   params = init(LORA)
   assert params["layers"]["attn"]["q_lora_a"].shape == (2, 32, 4)
@@ -40,6 +41,7 @@ def test_zero_initialised_adapters_leave_the_model_unchanged():
   np.testing.assert_array_equal(logits(LORA, params), logits(BASE, lora.base_params(params)))
 
 
+@pytest.mark.slow
 def test_only_adapters_train_and_merging_is_exact():
   mesh = sharding.make_mesh({"data": -1})
   rules = sharding.logical_rules([("batch", "data")], mesh)
@@ -75,6 +77,7 @@ def test_only_adapters_train_and_merging_is_exact():
   np.testing.assert_allclose(logits(merged_cfg, merged), logits(LORA, after), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_dropout_acts_in_training_only():
   cfg = dataclasses.replace(LORA, lora_dropout=0.5)
   params = jax.tree.map(lambda x: x + 0.1, init(cfg))  # nonzero B so the adapters matter
@@ -89,6 +92,7 @@ def test_dropout_acts_in_training_only():
   np.testing.assert_array_equal(evaluated, logits(dataclasses.replace(cfg, lora_dropout=0.0), params))
 
 
+@pytest.mark.slow
 def test_gpt2_adapters_sit_beside_its_projections_and_merge_exactly():
   gpt2 = dataclasses.replace(
       BASE, num_kv_heads=4, norm_type="layer", position_embedding="learned", max_positions=16,

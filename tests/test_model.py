@@ -81,6 +81,7 @@ def test_rope_scores_depend_only_on_relative_position():
   assert not np.isclose(score(3, 1), score(3, 2))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("gpt2", [False, True], ids=["llama", "gpt2"])
 def test_packing_is_exact_for_logits_loss_and_gradients(tiny_model_config, gpt2):
   cfg, seq_len = GPT2 if gpt2 else tiny_model_config, 24
@@ -113,6 +114,7 @@ def test_packing_is_exact_for_logits_loss_and_gradients(tiny_model_config, gpt2)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b / tokens, atol=1e-6, rtol=1e-4), grads, grad_sum)
 
 
+@pytest.mark.slow
 def test_loss_is_over_all_response_tokens_not_a_mean_of_row_means(tiny_model_config):
   cfg = tiny_model_config
   params, model = _params(cfg), Transformer(cfg)
@@ -127,6 +129,7 @@ def test_loss_is_over_all_response_tokens_not_a_mean_of_row_means(tiny_model_con
   assert not np.isclose(loss, jnp.mean(row_means), rtol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tie", [True, False])
 @pytest.mark.parametrize("gpt2", [False, True], ids=["llama", "gpt2"])
 def test_kv_cache_greedy_decoding_equals_full_forward(tie, gpt2):
@@ -148,6 +151,7 @@ def test_kv_cache_greedy_decoding_equals_full_forward(tie, gpt2):
     assert list(row) == seq[len(prompt) :]
 
 
+@pytest.mark.slow
 def test_generation_stops_at_the_stop_token_and_pads_after():
   cfg = ModelConfig(vocab_size=64, d_model=32, num_layers=1, num_heads=2, num_kv_heads=2, head_dim=8, mlp_dim=64)
   model, params = Transformer(cfg), _params(cfg)
@@ -160,6 +164,7 @@ def test_generation_stops_at_the_stop_token_and_pads_after():
   assert list(stopped[first_stop + 1 :]) == [0] * (4 - first_stop)
 
 
+@pytest.mark.slow
 def test_a_gpt2_shaped_model_trains():
   params = _params(GPT2)
   layer = params["layers"]

@@ -3,7 +3,10 @@
 import os
 
 import numpy as np
+import pytest
 from fresh_process import run_json
+
+pytestmark = pytest.mark.slow  # a fresh process on 8 fake devices
 
 
 def test_sharded_step_matches_single_device():

@@ -99,6 +99,7 @@ def test_a_loss_logged_by_one_run_only_is_a_difference():
     assert_same_losses(want, {**want, 2: {"train/loss": 1.0, "eval/loss": 1.6, "eval/exact_match": 0.0}})
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one_then_resume(tmp_path, raw_dir):
   data = {"data.build.stdlib": False, "data.build.input_dir": str(raw_dir)}
   two, one = tmp_path / "two", tmp_path / "one"
@@ -123,6 +124,7 @@ def test_two_processes_train_like_one_then_resume(tmp_path, raw_dir):
   np.testing.assert_allclose(summary["eval/loss_last"], rows(one)[11]["eval/loss"], rtol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["stale manifest", "annotation"])
 def test_a_failure_on_process_0_stops_every_process(tmp_path, raw_dir, case):
   overrides, workdir = {"data.build.stdlib": False, "data.build.input_dir": str(raw_dir)}, tmp_path / "run"

@@ -25,7 +25,7 @@ from resume_worker import config as run_config
 from sft import pipeline
 from sft.errors import CannotWrite, ConfigError, TrainingDiverged, cannot_write
 from sft.model import ModelConfig, Transformer
-from sft.trainer import finite, loop, rundir, sharding
+from sft.trainer import finite, lock, loop, sharding
 from sft.trainer import state as state_lib
 from sft.trainer import step as step_lib
 from sft.trainer.checkpoint import Checkpointer
@@ -71,6 +71,7 @@ def poison_batches(monkeypatch, indices):
   monkeypatch.setattr(pipeline, "train_dataset", lambda *a, **k: real(*a, **k).map_with_index(poisoned))
 
 
+@pytest.mark.slow
 def test_a_diverging_run_stops_naming_the_step_and_saves_no_nan(tmp_path, data_dir):
   workdir = tmp_path / "run"
   with pytest.raises(TrainingDiverged) as raised:
@@ -84,6 +85,7 @@ def test_a_diverging_run_stops_naming_the_step_and_saves_no_nan(tmp_path, data_d
   assert all(all_finite(s) for s in states.values())
 
 
+@pytest.mark.slow
 def test_skip_drops_the_bad_steps_counts_them_and_finishes(tmp_path, data_dir, monkeypatch, caplog):
   poison_batches(monkeypatch, {1, 2})  # steps 2 and 3
   workdir = tmp_path / "run"
@@ -122,7 +124,7 @@ def check_data(config, records, tokenizer):
   loop._check_data(config, data_summary, {"train": records, "pretrain": []}, tokenizer, model_cfg)
 
 
-@hypothesis.settings(max_examples=15, deadline=None)
+@hypothesis.settings(max_examples=15, deadline=None)  # each example tokenizes 20 records
 @hypothesis.given(seq_len=st.integers(1, 160), start=st.integers(0, 60))
 def test_split_fit_counts_what_the_pipeline_keeps(tokenizer, chat_records, seq_len, start):
   records = chat_records[start : start + 20]
@@ -166,7 +168,7 @@ class _Saved:
     return 7
 
 
-@hypothesis.settings(max_examples=200, deadline=None)
+@hypothesis.settings(deadline=None)
 @hypothesis.given(
     bad=st.lists(st.booleans(), min_size=1, max_size=30), skip=st.booleans(), max_in_a_row=st.integers(1, 4),
     reads=st.lists(st.integers(1, 30), max_size=5),
@@ -227,6 +229,7 @@ def tiny_step(*, pmap=False, grad_accum_steps=1, seq_len=32):
   return state, step, lambda b: sharding.global_batch(b, batch_sharding)
 
 
+@pytest.mark.slow
 def test_a_skipped_step_leaves_the_state_bitwise_as_it_was(tokenizer, chat_records):
   """Under pmap with 2 micro-batches (the jit step with one is the skip run's above): the update of a
   step whose loss is NaN is dropped on the device, the step counter too."""
@@ -287,7 +290,7 @@ def test_a_read_only_workdir_is_one_line_naming_the_path(tmp_path, data_dir, mon
   def read_only(path, **kwargs):
     raise OSError(errno.EROFS, "Read-only file system", str(pathlib.Path(path) / "run.lock"))
 
-  monkeypatch.setattr(rundir, "workdir_lock", read_only)
+  monkeypatch.setattr(lock, "workdir_lock", read_only)
   with pytest.raises(CannotWrite) as raised:
     loop.train_and_evaluate(tiny_run(data_dir), workdir)
   assert str(raised.value) == (

@@ -110,11 +110,13 @@ def pmap_vs_jit():
   return run_json(["-c", SCRIPT.format(tests=TESTS)], cwd=TESTS)[0]
 
 
+@pytest.mark.slow
 def test_the_batch_is_uneven_over_devices(pmap_vs_jit):
   tokens = pmap_vs_jit["per_device_tokens"]
   assert tokens[0] == 0 and len(set(tokens)) > 4, tokens
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["plain", "accumulated"])
 def test_pmap_steps_equal_jit_steps_on_8_devices(pmap_vs_jit, variant):
   """Two AdamW steps (clipping, weight decay) on the same 16-row global batch; `accumulated` is the
@@ -195,6 +197,7 @@ def _train(workdir, data_dir, overrides, devices=2):
   return proc.stdout + proc.stderr, rows
 
 
+@pytest.mark.slow
 def test_a_pmap_run_trains_and_saves_what_jit_mode_restores(tmp_path, data_dir):
   """2 devices, 2 micro-batches per device: the trainer runs, logs and evaluates in pmap mode and saves
   a checkpoint in the jit mode's format (one copy, no device axis), which a jit-mode run of the same

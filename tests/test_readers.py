@@ -23,6 +23,7 @@ FIELDS = (
     "prompt", "completion", "text", "id", "title", "question", "answer", "context", "label", "labels", "summary",
     "document", "user", "assistant", "human", "gpt",
 )
+# Each example writes files and reads them back through the builder (5-15 ms).
 PROPERTY = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 # Any Unicode a file can hold (no lone surrogates: those cannot be written as UTF-8), some of it schema words.
@@ -340,7 +341,7 @@ def test_a_folder_link_loop_is_refused_by_name(tmp_path, target):
     inputs.list_files(raw)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=30, deadline=None)  # a tree of folders and links on disk per example
 @given(parents=st.lists(st.integers(0, 10), max_size=4),
        links=st.lists(st.tuples(st.integers(0, 4), st.sampled_from(["dir", "file", "ext", "missing"]), st.integers(0, 4)), max_size=5))
 def test_random_trees_with_links(parents, links):

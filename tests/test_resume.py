@@ -25,6 +25,8 @@ TIMING_KEYS = ("train/tokens_per_s",)
 # The runs share compiled programs (the same ones, so results are unchanged): each run starts in seconds.
 COMPILE_CACHE = pathlib.Path(tempfile.gettempdir()) / f"sft-test-resume-jit-cache-{os.getuid()}"
 
+pytestmark = pytest.mark.slow  # training processes; tests/test_fast_tier.py resumes in-process
+
 
 
 
@@ -224,12 +226,12 @@ def test_resume_on_another_device_count_continues_the_same_global_batches(tmp_pa
 
 
 def test_a_second_run_on_a_workdir_in_use_refuses_naming_the_holder(tmp_path, data_dir, reference):
-  from sft.trainer import rundir  # noqa: PLC0415
+  from sft.trainer import lock  # noqa: PLC0415
 
   workdir = tmp_path / "run"
   shutil.copytree(reference, workdir)
   before = {p.name: p.read_bytes() for p in workdir.glob("*.json*")}
-  with rundir.workdir_lock(workdir):
+  with lock.workdir_lock(workdir):
     rc, out = run(workdir, data_dir, {"train.sft_steps": STEPS + 4})
   assert rc != 0 and "Traceback" not in out, out[-3000:]
   assert f"is in use by pid {os.getpid()}" in out

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from fresh_process import fresh_env, run_json
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from test_hf_tokenizer import CHAT, CHATML, FAMILIES, make_folder
+from test_hf_tokenizer import CHATML, FAMILIES, make_folder
 
 from sft.errors import ConfigError
 from sft.evaluator import Evaluator, Sampler, make_generate, pad_prompts, strip_generation
@@ -57,6 +57,7 @@ def test_bad_settings_are_clear_errors():
       Sampler(**kwargs)
 
 
+@pytest.mark.slow
 def test_sampled_generation_is_reproducible_and_respects_stop_ids():
   cfg = ModelConfig(vocab_size=32, d_model=16, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8, mlp_dim=32)
   dummy = jnp.zeros((1, 4), jnp.int32)
@@ -134,13 +135,14 @@ def test_the_evaluator_compares_answers_as_configured(tmp_path, normalization, e
   assert metrics["eval/token_f1"] == pytest.approx(1.0 if expected else 0.4)  # whitespace: only "Serialize" is common
 
 
-def test_an_unknown_normalization_fails_when_the_evaluator_is_built(tmp_path):
-  tok = HFTokenizer(make_folder(tmp_path, CHATML, eos_token="<|im_end|>"))
-  with pytest.raises(ConfigError, match="answer_normalization.*squad"):
-    Evaluator(
-        [{"messages": CHAT}], tokenizer=tok, model=None, eval_step=None, place_batch=None, seq_len=64,
-        batch_size=2, num_generations=1, max_new_tokens=8, normalization="lowercase",
-    )  # fmt: skip
+def test_an_unknown_normalization_fails_with_the_config_check():
+  from sft.config import base_config
+  from sft.config_check import check_config
+
+  config = base_config()
+  config.eval.answer_normalization = "lowercase"
+  with pytest.raises(ConfigError, match="eval.answer_normalization: must be one of 'squad', 'whitespace'"):
+    check_config(config)
 
 
 # --- replicated output for multi-process evaluation ----------------------------------------------------

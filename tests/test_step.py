@@ -1,6 +1,10 @@
 """The train step's scale options: gradient accumulation equals one big step, the chunked loss equals the
-full one and holds less memory, and a run compiles its step once."""
+full one and holds less memory, and a run compiles its step once.
 
+Compiling is most of this file's time: tests of the same step and shapes share one compiled step
+(`shared_step`, a fresh copy of its initial state for each), and the one-step SGD reference is computed once."""
+
+import functools
 import os
 
 import flax.linen as nn
@@ -13,7 +17,6 @@ import numpy as np
 import optax
 import pytest
 from fresh_process import run_json
-from jax.sharding import NamedSharding, PartitionSpec
 
 from sft.config import base_config
 from sft.config_check import config_problems
@@ -48,13 +51,15 @@ def uneven_batch(rows=ROWS, seq_len=SEQ_LEN, vocab=512, seed=0):
   }
 
 
+@functools.cache
 def init_params(cfg, seq_len=SEQ_LEN):
+  """The initial parameters, compiled (op by op, a scanned model's init takes seconds) and kept for every test."""
   dummy = (jnp.zeros((1, seq_len), jnp.int32),) * 3
-  return nn.unbox(Transformer(cfg).init(jax.random.key(0), *dummy)["params"])
+  return nn.unbox(jax.jit(Transformer(cfg).init)(jax.random.key(0), *dummy)["params"])
 
 
 def sgd_step(cfg, batch, **step_kwargs):
-  """(metrics, gradients) of one unjitted step: with SGD at learning rate 1, params - new params."""
+  """(metrics, gradients) of one step: with SGD at learning rate 1, params - new params."""
   model, optimizer = Transformer(cfg), optax.sgd(1.0)
   params = init_params(cfg)
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
@@ -64,8 +69,17 @@ def sgd_step(cfg, batch, **step_kwargs):
   return metrics, jax.tree.map(jnp.subtract, params, new_state.params)
 
 
-def make_step(cfg, *, seq_len=SEQ_LEN, mesh_shape=None, rules=(("batch", ("data", "fsdp")),), devices=None, train=False, **step_kwargs):
-  """(state, jitted step, batch sharding, mesh): AdamW with clipping, as a run builds them."""
+@functools.cache
+def sgd_one_step(cfg):
+  """`sgd_step` on the whole of `uneven_batch()`, no accumulation: the reference, computed once."""
+  return jax.device_get(sgd_step(cfg, uneven_batch()))
+
+
+BATCH_RULES = (("batch", ("data", "fsdp")),)
+
+
+def make_step(cfg, *, seq_len=SEQ_LEN, mesh_shape=None, rules=BATCH_RULES, devices=None, train=False, **step_kwargs):
+  """(state, jitted step, batch sharding, mesh): AdamW with clipping, built as a run builds them."""
   mesh = sharding.make_mesh(mesh_shape or {"data": -1}, devices=devices)
   rules = sharding.logical_rules(rules, mesh)
   model = Transformer(cfg, train=train)
@@ -74,10 +88,23 @@ def make_step(cfg, *, seq_len=SEQ_LEN, mesh_shape=None, rules=(("batch", ("data"
   dummy = (jnp.zeros((1, seq_len), jnp.int32),) * 3
   _, shardings = state_lib.state_shardings(model, optimizer, dummy, mesh, rules)
   state = state_lib.create_train_state(model, optimizer, dummy, shardings, jax.random.key(0))
-  batch_sharding = sharding.batch_sharding(mesh, rules)
-  replicated = NamedSharding(mesh, PartitionSpec())
-  step = step_lib.jit_train_step(model.apply, optimizer, schedule, shardings, batch_sharding, replicated, **step_kwargs)
-  return state, step, batch_sharding, mesh
+  stepper = step_lib.build_train_step(model.apply, optimizer, schedule, shardings, mesh, rules, **step_kwargs)
+  return state, stepper.jitted, sharding.batch_sharding(mesh, rules), mesh
+
+
+@functools.cache
+def _shared(cfg, step_kwargs):
+  state, step, batch_sharding, mesh = make_step(cfg, devices=jax.devices()[:1], train=True, **dict(step_kwargs))
+  context = lambda: step_lib.mesh_context(mesh, sharding.logical_rules(BATCH_RULES, mesh))  # noqa: E731
+  return jax.device_get(state), jax.tree.map(lambda x: x.sharding, state), step, batch_sharding, context
+
+
+def shared_step(cfg, **step_kwargs):
+  """`make_step` on one device with the run's train=True model, compiled once per config and options for the
+  whole module: (a fresh copy of the initial state, the step, batch sharding, () -> the mesh context a run
+  steps in). Tests that share a step give it the same shapes in the same context: one compiled program."""
+  host_state, shardings, step, batch_sharding, context = _shared(cfg, tuple(sorted(step_kwargs.items())))
+  return jax.device_put(host_state, shardings), step, batch_sharding, context
 
 
 def assert_trees_close(a, b, rtol=RTOL, atol=ATOL):
@@ -86,14 +113,16 @@ def assert_trees_close(a, b, rtol=RTOL, atol=ATOL):
 
 
 METRICS = ("loss", "accuracy", "loss_tokens", "tokens", "grad_norm", "param_norm")
+ACCUMULATED = {"grad_accum_steps": 4, "loss_chunk_size": 12}  # micro-batches of 2 rows; chunks that do not divide T
 
 
+@pytest.mark.slow  # three compiled steps; the fast tier has the AdamW equivalence below
 @pytest.mark.parametrize("grad_accum_steps", [2, 4])
 def test_k_micro_batches_equal_one_step_of_k_times_the_rows(tiny_model_config, grad_accum_steps):
   batch = uneven_batch()
   micro_tokens = [batch["loss_mask"][i::grad_accum_steps].sum() for i in range(grad_accum_steps)]
   assert len(set(micro_tokens)) == grad_accum_steps  # uneven: a mean of micro-batch means would differ
-  one_metrics, one_grads = sgd_step(tiny_model_config, batch)
+  one_metrics, one_grads = sgd_one_step(tiny_model_config)
   acc_metrics, acc_grads = sgd_step(tiny_model_config, batch, grad_accum_steps=grad_accum_steps)
   for key in METRICS:
     np.testing.assert_allclose(float(acc_metrics[key]), float(one_metrics[key]), rtol=RTOL, err_msg=key)
@@ -106,13 +135,14 @@ def test_accumulation_with_the_real_optimizer_and_chunked_loss_matches(tiny_mode
   batch = uneven_batch()
 
   def run(**kwargs):
-    state, step, batch_sharding, _ = make_step(tiny_model_config, **kwargs)
-    for _ in range(2):
-      state, metrics = step(state, sharding.global_batch(batch, batch_sharding))
+    state, step, batch_sharding, context = shared_step(tiny_model_config, **kwargs)
+    with context():
+      for _ in range(2):
+        state, metrics = step(state, sharding.global_batch(batch, batch_sharding))
     return jax.device_get(metrics), jax.device_get(state.params)
 
   one_metrics, one_params = run()
-  acc_metrics, acc_params = run(grad_accum_steps=4, loss_chunk_size=12)
+  acc_metrics, acc_params = run(**ACCUMULATED)
   for key in METRICS:
     np.testing.assert_allclose(acc_metrics[key], one_metrics[key], rtol=RTOL, err_msg=key)
   # Adam divides each gradient by its own scale: a rounding-level difference in a near-zero gradient
@@ -127,23 +157,32 @@ def test_micro_batches_take_every_kth_row():
   assert micro[:, :, 0].tolist() == [[0, 2, 4, 6], [1, 3, 5, 7]]
 
 
+@functools.cache
+def loss_and_grads(cfg, chunk_size):
+  """The loss, its sums and its gradients on `uneven_batch()` at the initial parameters (cached: the full
+  loss is the reference of several chunk sizes)."""
+  model, params = Transformer(cfg), init_params(cfg)
+  batch = {k: jnp.asarray(v) for k, v in uneven_batch().items()}
+  grad_fn = jax.jit(jax.value_and_grad(lambda p: loss_fn(p, batch, model.apply, chunk_size=chunk_size), has_aux=True))
+  return jax.device_get(grad_fn(params))
+
+
 # Chunks that divide T=32, that do not (the last one padded), longer than T; tied and untied (soft-capped) unembeddings.
+@pytest.mark.slow  # five compiled gradients; the fast tier's AdamW equivalence has a chunked loss too
 @pytest.mark.parametrize("chunk_size, tie", [(8, True), (12, False), (100, True)])
 def test_chunked_loss_equals_the_full_loss_and_gradients(tiny_model_config, chunk_size, tie):
   import dataclasses
 
   cfg = dataclasses.replace(tiny_model_config, tie_embeddings=tie, final_logit_softcap=0.0 if tie else 5.0)
-  model, params = Transformer(cfg), init_params(cfg)
-  batch = {k: jnp.asarray(v) for k, v in uneven_batch().items()}
-  grad_fn = jax.jit(jax.value_and_grad(lambda p, c: loss_fn(p, batch, model.apply, chunk_size=c), has_aux=True), static_argnums=1)
-  (full_loss, full_sums), full_grads = grad_fn(params, 0)
-  (loss, sums), grads = grad_fn(params, chunk_size)
+  (full_loss, full_sums), full_grads = loss_and_grads(cfg, 0)
+  (loss, sums), grads = loss_and_grads(cfg, chunk_size)
   np.testing.assert_allclose(float(loss), float(full_loss), rtol=RTOL)
   for key in full_sums:
     np.testing.assert_allclose(float(sums[key]), float(full_sums[key]), rtol=RTOL, err_msg=key)
   assert_trees_close(grads, full_grads)
 
 
+@pytest.mark.slow  # two compiles of a 128k-vocabulary model
 def test_chunked_loss_never_holds_the_full_logits():
   """128k vocabulary, T=256: the compiled gradient's scratch memory, full vs 32-token chunks."""
   cfg = ModelConfig(vocab_size=128_000, d_model=16, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8, mlp_dim=32)
@@ -169,24 +208,37 @@ def test_the_unembedding_accumulates_in_float32(tiny_model_config):
   cfg = dataclasses.replace(tiny_model_config, dtype="bfloat16")
   model, params = Transformer(cfg), init_params(cfg)
   tokens = jnp.arange(SEQ_LEN)[None] % cfg.vocab_size
-  logits_btv = model.apply({"params": params}, tokens, tokens, jnp.ones_like(tokens))
-  x_btd = model.apply({"params": params}, tokens, tokens, jnp.ones_like(tokens), return_hidden=True)
+
+  @jax.jit  # as a step runs the model (and one compile, not thousands of op-by-op dispatches)
+  def logits_and_hidden(params):
+    args = ({"params": params}, tokens, tokens, jnp.ones_like(tokens))
+    return model.apply(*args), model.apply(*args, return_hidden=True)
+
+  logits_btv, x_btd = logits_and_hidden(params)
   exact_btv = jnp.einsum("BTD,VD->BTV", x_btd.astype(jnp.float32), params["embedding"].astype(jnp.bfloat16).astype(jnp.float32))
   assert logits_btv.dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(logits_btv), np.asarray(exact_btv), rtol=1e-5, atol=1e-6)
   assert not np.array_equal(np.asarray(logits_btv), np.asarray(logits_btv.astype(jnp.bfloat16).astype(jnp.float32)))
 
 
-@hypothesis.settings(max_examples=40, deadline=None)
+@hypothesis.settings(deadline=None)  # the first example compiles
 @hypothesis.given(
     logits=hnp.arrays(np.float32, (3, 5, 7), elements=st.floats(-60, 60, width=32)),
     targets=hnp.arrays(np.int32, (3, 5), elements=st.integers(0, 6)),
 )
 def test_cross_entropy_equals_optax_and_so_does_its_gradient(logits, targets):
+  ours, ref, ours_grad, ref_grad = cross_entropies(logits, targets)
+  np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=1e-5)
+  np.testing.assert_allclose(ours_grad, ref_grad, rtol=1e-6, atol=1e-6)
+
+
+@jax.jit
+def cross_entropies(logits, targets):
+  """(ours, optax's, and the gradients of their weighted sums): compiled once for every example, as a step runs them."""
   ours = lambda x: jnp.sum(cross_entropy(x, targets) * jnp.arange(15.0).reshape(3, 5))  # noqa: E731
   ref = lambda x: jnp.sum(optax.softmax_cross_entropy_with_integer_labels(x, targets) * jnp.arange(15.0).reshape(3, 5))  # noqa: E731
-  np.testing.assert_allclose(cross_entropy(logits, targets), optax.softmax_cross_entropy_with_integer_labels(logits, targets), rtol=1e-6, atol=1e-5)
-  np.testing.assert_allclose(jax.grad(ours)(logits), jax.grad(ref)(logits), rtol=1e-6, atol=1e-6)
+  values = cross_entropy(logits, targets), optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  return *values, jax.grad(ours)(logits), jax.grad(ref)(logits)
 
 
 @pytest.mark.parametrize("tie", [True, False])
@@ -216,7 +268,7 @@ def test_the_unembedding_gradient_equals_autodiff(tiny_model_config, tie, dtype)
     np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("scan_layers", [False, True])
+@pytest.mark.parametrize("scan_layers", [pytest.param(False, marks=pytest.mark.slow), True])  # True: the shared step
 def test_the_train_step_writes_no_activation_transposed(tiny_model_config, scan_layers):
   """On CPU every projection is one 2-D product (sft.model.layers._contract), and the compiled step
   writes no (features, tokens) copy of an activation or its gradient but the unembedding's transposed
@@ -226,9 +278,10 @@ def test_the_train_step_writes_no_activation_transposed(tiny_model_config, scan_
   import re
 
   cfg = dataclasses.replace(tiny_model_config, scan_layers=scan_layers)
-  state, step, batch_sharding, _ = make_step(cfg, devices=jax.devices()[:1])
+  state, step, batch_sharding, context = shared_step(cfg)
   batch = jax.device_put({k: jnp.asarray(v) for k, v in uneven_batch().items()}, batch_sharding)
-  hlo = step.lower(state, batch).compile().as_text()
+  with context():
+    hlo = step.lower(state, batch).compile().as_text()
   hlo = re.sub(r"\n%fused[^\n]*\{\n.*?\n\}\n", "\n", hlo, flags=re.S)  # the ops XLA runs, not those inside fusions
   widths = {cfg.d_model, cfg.mlp_dim, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim}
   transposed = [
@@ -239,12 +292,13 @@ def test_the_train_step_writes_no_activation_transposed(tiny_model_config, scan_
   assert len(transposed) <= 1 and all(width == cfg.d_model for _, width in transposed), transposed
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"grad_accum_steps": 2, "loss_chunk_size": 16}])
+@pytest.mark.parametrize("kwargs", [{}, ACCUMULATED])
 def test_a_run_compiles_its_train_step_once(tiny_model_config, tokenizer, chat_records, kwargs):
-  state, step, batch_sharding, mesh = make_step(tiny_model_config, seq_len=64, train=True, **kwargs)
-  rules = sharding.logical_rules((("batch", ("data", "fsdp")),), mesh)
-  batches = iter(train_dataset(chat_records, tokenizer=tokenizer, seq_len=64, batch_size=4, seed=0))
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+  """The pipeline's batches, a host read between steps: one compiled program (the step is shared with the
+  tests above, which give it the same shapes)."""
+  state, step, batch_sharding, context = shared_step(tiny_model_config, **kwargs)
+  batches = iter(train_dataset(chat_records, tokenizer=tokenizer, seq_len=SEQ_LEN, batch_size=ROWS, seed=0))
+  with context():
     for _ in range(3):
       state, metrics = step(state, sharding.global_batch(next(batches), batch_sharding))
       float(metrics["loss"])  # a host read between steps, as the loop's log lines do
@@ -260,11 +314,14 @@ def test_grad_accum_steps_must_divide_the_batch():
   assert config_problems(config) == ["train.grad_accum_steps: must be >= 1, got 0", "train.loss_chunk_size: must be >= 0, got -1"]
 
 
-def test_micro_batches_must_split_over_the_batch_shards():
+def test_micro_batches_must_split_over_the_batch_shards(monkeypatch):
+  """Two batch shards (patched: this machine may have one device): 8 rows in 4 micro-batches give each shard
+  one row of each; in 8 micro-batches of one row, a shard would get half a row."""
+  monkeypatch.setattr(sharding, "batch_shards", lambda mesh, rules: 2)
   run = setup.RunSetup(None, None, sharding.make_mesh({"data": -1}), (("batch", "data"),), None, None, None)
   run.check_batch("train.batch_size", 8, 4)
-  with pytest.raises(ConfigError, match="split into 3 micro-batches"):
-    run.check_batch("train.batch_size", 8, 3)
+  with pytest.raises(ConfigError, match="split into 8 micro-batches"):
+    run.check_batch("train.batch_size", 8, 8)
 
 
 MULTIDEVICE = """
@@ -300,6 +357,7 @@ print(json.dumps({{"one": one, "sharded": sharded, "accumulated": accumulated, "
 """
 
 
+@pytest.mark.slow  # a fresh process compiling three steps for 8 devices
 def test_accumulation_on_8_devices_moves_no_rows_and_matches_one_device():
   """data 2 x fsdp 2 x tensor 2, 16 rows in 4 micro-batches of one row per batch shard: the same update
   as one device's, and no more all-to-alls or permutes (rows moving between devices) than the step

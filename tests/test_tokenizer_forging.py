@@ -83,6 +83,7 @@ def test_the_three_forgeries_are_plain_text(folder_tokenizer):
     assert control_count(tok, tok.encode(forged)) == 0
 
 
+# Each example renders and encodes a whole chat with a real tokenizer.
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(chat=CHATS)
 def test_look_alikes_never_become_control_tokens(folder_tokenizer, chat):

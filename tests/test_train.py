@@ -104,6 +104,7 @@ def test_grain_batches_are_steady_shapes(tokenizer, chat_records):
   assert shapes == {(4, 64)}  # one compiled step for the whole run
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_tracks_float32_training(tiny_model_config, tokenizer, chat_records):
   """Mixed precision as the finetune configs run it: float32 master weights and optimizer state,
   bfloat16 activations and matmuls, a float32 loss. Eight steps on the same batches stay within 0.01

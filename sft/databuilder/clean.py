@@ -34,6 +34,7 @@ PII_PATTERNS = {
     "ip_address": (re.compile(r"(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(?:25[0-5]|2[0-4]\d|1?\d?\d)(?!\w|\.\d)"), "<IP_ADDRESS>"),
     "phone": (None, "<PHONE>"),
 }
+PII_KINDS = tuple(PII_PATTERNS)
 PHONE_LENIENCIES = ("possible", "valid", "strict_grouping", "exact_grouping")
 _DROPPED_TAGS = frozenset({"script", "style", "head", "noscript"})
 _BLOCK_TAGS = frozenset({"p", "div", "br", "li", "tr", "h1", "h2", "h3", "h4", "h5", "h6", "pre", "blockquote", "ul", "ol", "table"})

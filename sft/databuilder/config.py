@@ -1,108 +1,234 @@
-"""Every key of a data build, with its default. Build configs under `configs/` start from here."""
+"""Every key of a data build: its default, its check and its meaning, in one place. Build configs under
+`configs/` start from `build_config()`; keys that only work together are RULES, at the end."""
 
 from __future__ import annotations
 
+import dataclasses
+import pathlib
+from typing import Any
+
 import ml_collections
 
+from sft.config_keys import (
+  AT_LEAST_0,
+  AT_LEAST_1,
+  BELOW_1,
+  FRACTION,
+  OneOf,
+  Range,
+  SomeOf,
+  key,
+  locked,
+  ngram_fractions,
+  problems_against,
+  raise_problems,
+  regexes,
+  renames,
+  rule_problems,
+  section,
+  strings,
+  to_config_dict,
+)
+from sft.databuilder.clean import PHONE_LENIENCIES, PII_KINDS
+from sft.databuilder.control import MODES as CONTROL_STRING_MODES
 
-def build_config() -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.job = "build"  # launch.py runs the data builder for this config
-  c.input_dir = ""  # every file under it is read (format by extension, schema per record)
-  c.stdlib = False  # also read the embedded default: this Python's standard-library API docs
-  c.field_map = ml_collections.ConfigDict({})  # renames raw fields before schema detection, e.g. {"question": "prompt"}
-  c.read_max_record_bytes = 16 * 2**20  # a longer line, row or document is rejected unparsed (bounds memory); 0: no limit
 
-  c.clean = ml_collections.ConfigDict()
-  c.clean.fix_unicode = True  # ftfy: mojibake, broken Unicode, control characters
-  c.clean.unicode_form = "NFC"
-  c.clean.strip_html = True  # only texts that hold tags
-  c.clean.pii = ("email", "ip_address", "phone")  # replaced by <EMAIL>, <IP_ADDRESS>, <PHONE>; () keeps them
-  c.clean.phone_region = "US"  # numbers without +country are read as this region's (phonenumbers); "" only +country
-  c.clean.phone_leniency = "valid"  # phonenumbers leniency; "possible" also takes year ranges like (1313-1375)
+@dataclasses.dataclass(frozen=True)
+class Clean:
+  fix_unicode: bool = key(True)  # ftfy: mojibake, broken Unicode, control characters
+  unicode_form: str = key("NFC", OneOf(("NFC", "NFD", "NFKC", "NFKD")))
+  strip_html: bool = key(True)  # only texts that hold tags
+  pii: tuple = key(("email", "ip_address", "phone"), SomeOf(PII_KINDS))  # replaced by <EMAIL>, ...; () keeps them
+  phone_region: str = key("US")  # numbers without +country are read as this region's (phonenumbers); "" only +country
+  phone_leniency: str = key("valid", OneOf(PHONE_LENIENCIES))  # "possible" also takes year ranges like (1313-1375)
   # Chat control strings in the data (<|im_start|>, [INST], <start_of_turn>, ..., and the ones of
   # filter.length.tokenizer) would become real control tokens and forge turns. "escape": a backslash after
   # the first character (<\|im_start|>), counted in edits as control_strings_escaped; "drop": the record.
-  c.clean.control_strings = "escape"
+  control_strings: str = key("escape", OneOf(CONTROL_STRING_MODES))
 
-  c.filter = ml_collections.ConfigDict()
-  c.filter.length = ml_collections.ConfigDict()
-  c.filter.length.min_characters = 2
-  c.filter.length.max_characters = 100_000  # 0: no limit
-  c.filter.length.min_words = 1
-  c.filter.length.max_words = 20_000
-  c.filter.length.min_tokens = 0  # token bounds need filter.length.tokenizer
-  c.filter.length.max_tokens = 0
-  c.filter.length.tokenizer = ""  # a SentencePiece .model or a Hugging Face folder, to count tokens
 
-  # Gopher quality rules (thresholds as in Rae et al. 2021 / datatrove).
-  c.filter.gopher = ml_collections.ConfigDict()
-  c.filter.gopher.enabled = True
-  c.filter.gopher.min_words_to_apply = 50  # shorter texts skip these rules: their ratios are noise
-  c.filter.gopher.min_mean_word_length = 3.0
-  c.filter.gopher.max_mean_word_length = 10.0
-  c.filter.gopher.max_symbol_word_ratio = 0.1  # '#' and ellipses per word
-  c.filter.gopher.min_alpha_word_ratio = 0.8  # words with at least one letter
-  c.filter.gopher.min_stop_words = 2
-  c.filter.gopher.max_duplicate_line_fraction = 0.3
-  c.filter.gopher.max_duplicate_line_char_fraction = 0.2
-  c.filter.gopher.max_duplicate_paragraph_fraction = 0.3
-  c.filter.gopher.max_duplicate_paragraph_char_fraction = 0.2
-  c.filter.gopher.max_top_ngram_char_fraction = ml_collections.ConfigDict({"2": 0.2, "3": 0.18, "4": 0.16})
-  c.filter.gopher.max_duplicated_ngram_char_fraction = ml_collections.ConfigDict(
-      {"5": 0.15, "6": 0.14, "7": 0.13, "8": 0.12, "9": 0.11, "10": 0.10}
+@dataclasses.dataclass(frozen=True)
+class LengthFilter:
+  min_characters: int = key(2, AT_LEAST_0)
+  max_characters: int = key(100_000, AT_LEAST_0)  # 0: no limit
+  min_words: int = key(1, AT_LEAST_0)
+  max_words: int = key(20_000, AT_LEAST_0)
+  min_tokens: int = key(0, AT_LEAST_0)  # token bounds need filter.length.tokenizer
+  max_tokens: int = key(0, AT_LEAST_0)
+  tokenizer: str = key("")  # a SentencePiece .model or a Hugging Face folder, to count tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class GopherFilter:
+  """Gopher quality rules (thresholds as in Rae et al. 2021 / datatrove)."""
+
+  enabled: bool = key(True)
+  min_words_to_apply: int = key(50, AT_LEAST_0)  # shorter texts skip these rules: their ratios are noise
+  min_mean_word_length: float = key(3.0, AT_LEAST_0)
+  max_mean_word_length: float = key(10.0, AT_LEAST_0)
+  max_symbol_word_ratio: float = key(0.1, AT_LEAST_0)  # '#' and ellipses per word
+  min_alpha_word_ratio: float = key(0.8, FRACTION)  # words with at least one letter
+  min_stop_words: int = key(2, AT_LEAST_0)
+  max_duplicate_line_fraction: float = key(0.3, FRACTION)
+  max_duplicate_line_char_fraction: float = key(0.2, FRACTION)
+  max_duplicate_paragraph_fraction: float = key(0.3, FRACTION)
+  max_duplicate_paragraph_char_fraction: float = key(0.2, FRACTION)
+  max_top_ngram_char_fraction: dict = key({"2": 0.2, "3": 0.18, "4": 0.16}, ngram_fractions, open_keys=True)
+  max_duplicated_ngram_char_fraction: dict = key(
+      {"5": 0.15, "6": 0.14, "7": 0.13, "8": 0.12, "9": 0.11, "10": 0.10}, ngram_fractions, open_keys=True
   )
 
-  c.filter.language = ml_collections.ConfigDict()
-  c.filter.language.enabled = True
-  c.filter.language.languages = ("en",)  # ISO 639-1 codes to keep
-  c.filter.language.min_confidence = 0.5
-  c.filter.language.min_chars = 40  # shorter texts are not judged
 
-  c.filter.sft = ml_collections.ConfigDict()
-  c.filter.sft.min_response_alnum_chars = 1  # fewer letters/digits than this: a trivial response
-  c.filter.sft.refusal_patterns = ("default",)  # regexes; ("default",) is quality.REFUSALS, () turns it off
+@dataclasses.dataclass(frozen=True)
+class LanguageFilter:
+  enabled: bool = key(True)
+  languages: tuple = key(("en",), strings)  # ISO 639-1 codes to keep
+  min_confidence: float = key(0.5, FRACTION)
+  min_chars: int = key(40, AT_LEAST_0)  # shorter texts are not judged
 
-  c.decontaminate = ml_collections.ConfigDict()
-  c.decontaminate.eval_files = ()  # evaluation sets, in any format the readers take
-  c.decontaminate.ngram = 13
-  c.decontaminate.min_words = 8  # shorter eval items are matched whole if at least this long
+
+@dataclasses.dataclass(frozen=True)
+class SftFilter:
+  min_response_alnum_chars: int = key(1, AT_LEAST_0)  # fewer letters/digits than this: a trivial response
+  refusal_patterns: tuple = key(("default",), regexes)  # regexes; ("default",) is quality.REFUSALS, () turns it off
+
+
+@dataclasses.dataclass(frozen=True)
+class Filter:
+  length: LengthFilter = section(LengthFilter)
+  gopher: GopherFilter = section(GopherFilter)
+  language: LanguageFilter = section(LanguageFilter)
+  sft: SftFilter = section(SftFilter)
+
+
+@dataclasses.dataclass(frozen=True)
+class Decontaminate:
+  eval_files: tuple = key((), strings)  # evaluation sets, in any format the readers take
+  ngram: int = key(13, AT_LEAST_1)
+  min_words: int = key(8, AT_LEAST_1)  # shorter eval items are matched whole if at least this long
   # Every eval item is also matched by its whole normalised text, whatever its length: a record (or
   # turn) equal to it, or holding it when it has at least this many words, is dropped ("eval item (exact)").
-  c.decontaminate.exact_min_words = 3
+  exact_min_words: int = key(3, AT_LEAST_1)
 
-  c.dedup = ml_collections.ConfigDict()
-  c.dedup.exact = True  # same text after lowercasing and collapsing whitespace
-  c.dedup.near = True
-  c.dedup.num_perm = 112  # MinHash permutations = bands x rows (FineWeb / datatrove: 14 x 8, 5-grams)
-  c.dedup.bands = 14
-  c.dedup.rows = 8
-  c.dedup.shingle_size = 5  # words per shingle
-  c.dedup.threshold = 0.7  # estimated Jaccard a candidate pair must reach
-  c.dedup.seed = 1
 
-  c.annotate = ml_collections.ConfigDict()
-  c.annotate.model_workdir = ""  # a workdir trained by this project: fills missing responses, self-instruct, scores
-  c.annotate.batch_size = 32
-  c.annotate.max_new_tokens = 128
-  c.annotate.self_instruct = ml_collections.ConfigDict()
-  c.annotate.self_instruct.num_instructions = 0  # new instructions to write from seed tasks
-  c.annotate.self_instruct.examples_per_prompt = 3
-  c.annotate.self_instruct.seed = 0
-  c.annotate.score = ml_collections.ConfigDict()
-  c.annotate.score.enabled = False  # rate every example 1-5 with the model, drop below min_score
-  c.annotate.score.min_score = 3
+@dataclasses.dataclass(frozen=True)
+class Dedup:
+  exact: bool = key(True)  # same text after lowercasing and collapsing whitespace
+  near: bool = key(True)
+  num_perm: int = key(112, AT_LEAST_1)  # MinHash permutations = bands x rows (FineWeb / datatrove: 14 x 8, 5-grams)
+  bands: int = key(14, AT_LEAST_1)
+  rows: int = key(8, AT_LEAST_1)
+  shingle_size: int = key(5, AT_LEAST_1)  # words per shingle
+  threshold: float = key(0.7, FRACTION)  # estimated Jaccard a candidate pair must reach
+  seed: int = key(1, AT_LEAST_0)
 
-  c.format = ml_collections.ConfigDict()
-  c.format.system_prompt = ""  # added as the system turn of chats that have none
 
-  c.output = ml_collections.ConfigDict()
-  c.output.validation_fraction = 0.05  # by a hash of the record's group (or id)
-  c.output.salt = ""  # changes which records go to validation, deterministically
-  c.output.num_shards = 1  # ArrayRecord shards per split
-  c.output.examples_per_reason = 3  # in the report
+@dataclasses.dataclass(frozen=True)
+class SelfInstruct:
+  num_instructions: int = key(0, AT_LEAST_0)  # new instructions to write from seed tasks
+  examples_per_prompt: int = key(3, AT_LEAST_1)
+  seed: int = key(0, AT_LEAST_0)
 
-  c.runner = "local"  # "local": worker processes on this machine; "beam": Apache Beam
-  c.num_workers = 0  # local worker processes; 0: one per CPU
-  c.beam_options = ()  # e.g. ("--runner=DataflowRunner", "--project=...") ; default DirectRunner
-  return c
+
+@dataclasses.dataclass(frozen=True)
+class Score:
+  enabled: bool = key(False)  # rate every example 1-5 with the model, drop below min_score
+  min_score: int = key(3, Range(1, 5))
+
+
+@dataclasses.dataclass(frozen=True)
+class Annotate:
+  model_workdir: str = key("")  # a workdir trained by this project: fills missing responses, self-instruct, scores
+  batch_size: int = key(32, AT_LEAST_1)
+  max_new_tokens: int = key(128, AT_LEAST_1)
+  self_instruct: SelfInstruct = section(SelfInstruct)
+  score: Score = section(Score)
+
+
+@dataclasses.dataclass(frozen=True)
+class Format:
+  system_prompt: str = key("")  # added as the system turn of chats that have none
+
+
+@dataclasses.dataclass(frozen=True)
+class Output:
+  validation_fraction: float = key(0.05, BELOW_1)  # by a hash of the record's group (or id)
+  salt: str = key("")  # changes which records go to validation, deterministically
+  num_shards: int = key(1, AT_LEAST_1)  # ArrayRecord shards per split
+  examples_per_reason: int = key(3, AT_LEAST_0)  # in the report
+
+
+@dataclasses.dataclass(frozen=True)
+class Build:
+  job: str = key("build", OneOf(("build",)))  # launch.py runs the data builder for this config
+  input_dir: str = key("")  # every file under it is read (format by extension, schema per record)
+  stdlib: bool = key(False)  # also read the embedded default: this Python's standard-library API docs
+  # Renames raw fields before schema detection, e.g. {"question": "prompt"}.
+  field_map: dict = key({}, renames, open_keys=True)
+  # A longer line, row or document is rejected unparsed (bounds memory); 0: no limit.
+  read_max_record_bytes: int = key(16 * 2**20, AT_LEAST_0)
+  clean: Clean = section(Clean)
+  filter: Filter = section(Filter)
+  decontaminate: Decontaminate = section(Decontaminate)
+  dedup: Dedup = section(Dedup)
+  annotate: Annotate = section(Annotate)
+  format: Format = section(Format)
+  output: Output = section(Output)
+  runner: str = key("local", OneOf(("local", "beam")))  # "local": worker processes here; "beam": Apache Beam
+  num_workers: int = key(0, AT_LEAST_0)  # local worker processes; 0: one per CPU
+  beam_options: tuple = key((), strings)  # e.g. ("--runner=DataflowRunner", "--project=...") ; default DirectRunner
+
+
+def build_config() -> ml_collections.ConfigDict:
+  """The defaults, locked: a key a config file or a flag misspells fails where it is set."""
+  return locked(to_config_dict(Build), Build)
+
+
+# --- keys that only work together: (the keys read, the check of their values), checked once they are each valid
+
+
+def _something_to_read(v: dict[str, Any]) -> str | None:
+  return None if v["input_dir"] or v["stdlib"] else "nothing to read: set input_dir (a folder of raw files) and/or stdlib=True"
+
+
+def _bands_make_perms(v: dict[str, Any]) -> str | None:
+  if not v["dedup.near"] or v["dedup.bands"] * v["dedup.rows"] == v["dedup.num_perm"]:
+    return None
+  return f"dedup.bands x dedup.rows ({v['dedup.bands']} x {v['dedup.rows']}) must equal dedup.num_perm ({v['dedup.num_perm']})"
+
+
+def _token_bounds_counted(v: dict[str, Any]) -> str | None:
+  if (v["filter.length.min_tokens"] or v["filter.length.max_tokens"]) and not v["filter.length.tokenizer"]:
+    return "filter.length.min_tokens / max_tokens need filter.length.tokenizer"
+  return None
+
+
+def _tokenizer_exists(v: dict[str, Any]) -> str | None:
+  path = v["filter.length.tokenizer"]
+  return f"filter.length.tokenizer={path!r} does not exist" if path and not pathlib.Path(path).exists() else None
+
+
+def _annotation_model_named(v: dict[str, Any]) -> str | None:
+  if (v["annotate.self_instruct.num_instructions"] > 0 or v["annotate.score.enabled"]) and not v["annotate.model_workdir"]:
+    return "annotate.self_instruct and annotate.score need annotate.model_workdir (a trained workdir)"
+  return None
+
+
+RULES = (
+    (("input_dir", "stdlib"), _something_to_read),
+    (("dedup.near", "dedup.bands", "dedup.rows", "dedup.num_perm"), _bands_make_perms),
+    (("filter.length.min_tokens", "filter.length.max_tokens", "filter.length.tokenizer"), _token_bounds_counted),
+    (("filter.length.tokenizer",), _tokenizer_exists),
+    (("annotate.self_instruct.num_instructions", "annotate.score.enabled", "annotate.model_workdir"), _annotation_model_named),
+)
+
+
+def build_problems(config: ml_collections.ConfigDict) -> list[str]:
+  """Every problem of a build config: keys, types, each value's check, then RULES."""
+  problems, values, bad = problems_against(config, build_config(), Build)
+  return [p for p in problems + rule_problems(RULES, values, bad) if p]
+
+
+def check_build_config(config: ml_collections.ConfigDict) -> None:
+  """Raises one ConfigError listing every problem of a build config (`sft.config_check` for a run config's)."""
+  raise_problems(build_problems(config))

@@ -25,7 +25,8 @@ from typing import Any
 import ml_collections
 
 from sft.console import ensure_console_handler
-from sft.databuilder import annotate, clean, control, decontaminate, quality, report, stages, write
+from sft.databuilder import annotate, decontaminate, quality, report, stages, write
+from sft.databuilder.config import check_build_config
 from sft.databuilder.inputs import list_files
 from sft.errors import ConfigError
 
@@ -47,41 +48,13 @@ def _versions() -> dict[str, str]:
 
 
 def params_of(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The config as plain data (what worker processes receive), checked for values that cannot work."""
+  """The config as plain data (what worker processes receive); its values were checked by `check_config`
+  (`sft.config_check`), so that only the tokenizer it names is opened here."""
   p = json.loads(config.to_json())
   if p["filter"]["sft"]["refusal_patterns"] == ["default"]:
     p["filter"]["sft"]["refusal_patterns"] = list(quality.REFUSALS)
-  d = p["dedup"]
-  if d["near"] and d["bands"] * d["rows"] != d["num_perm"]:
-    raise ConfigError(f"dedup.bands x dedup.rows ({d['bands']} x {d['rows']}) must equal dedup.num_perm ({d['num_perm']})")
-  if not 0.0 <= p["output"]["validation_fraction"] < 1.0:
-    raise ConfigError(f"output.validation_fraction must be in [0, 1), got {p['output']['validation_fraction']}")
-  if p["output"]["num_shards"] < 1:
-    raise ConfigError(f"output.num_shards must be at least 1, got {p['output']['num_shards']}")
-  if p["runner"] not in ("local", "beam"):
-    raise ConfigError(f"runner must be 'local' or 'beam', got {p['runner']!r}")
-  if not p["input_dir"] and not p["stdlib"]:
-    raise ConfigError("nothing to read: set input_dir (a folder of raw files) and/or stdlib=True")
-  if p["clean"]["control_strings"] not in control.MODES:
-    raise ConfigError(f"clean.control_strings must be one of {control.MODES}, got {p['clean']['control_strings']!r}")
-  if p["clean"]["phone_leniency"] not in clean.PHONE_LENIENCIES:
-    raise ConfigError(f"clean.phone_leniency must be one of {clean.PHONE_LENIENCIES}, got {p['clean']['phone_leniency']!r}")
-  if p["decontaminate"]["exact_min_words"] < 1:
-    raise ConfigError(f"decontaminate.exact_min_words must be at least 1, got {p['decontaminate']['exact_min_words']}")
-  if p["read_max_record_bytes"] < 0:
-    raise ConfigError(f"read_max_record_bytes must be >= 0 (0: no limit), got {p['read_max_record_bytes']}")
-  bad_pii = set(p["clean"]["pii"]) - {"email", "ip_address", "phone"}
-  if bad_pii:
-    raise ConfigError(f"clean.pii: unknown kinds {sorted(bad_pii)}; choose among email, ip_address, phone")
-  if (p["filter"]["length"]["min_tokens"] or p["filter"]["length"]["max_tokens"]) and not p["filter"]["length"]["tokenizer"]:
-    raise ConfigError("filter.length.min_tokens / max_tokens need filter.length.tokenizer")
-  if p["filter"]["length"]["tokenizer"] and not pathlib.Path(p["filter"]["length"]["tokenizer"]).exists():
-    raise ConfigError(f"filter.length.tokenizer={p['filter']['length']['tokenizer']!r} does not exist")
   if p["filter"]["length"]["tokenizer"]:
     stages.tokenizer_control_strings(p["filter"]["length"]["tokenizer"])  # a folder it cannot open: its ConfigError now
-  ann = p["annotate"]
-  if (ann["self_instruct"]["num_instructions"] > 0 or ann["score"]["enabled"]) and not ann["model_workdir"]:
-    raise ConfigError("annotate.self_instruct and annotate.score need annotate.model_workdir (a trained workdir)")
   return p
 
 
@@ -209,6 +182,7 @@ def build_dataset(config: ml_collections.ConfigDict, out_dir: str | pathlib.Path
   succeeded, replacing what the previous build wrote (the files its manifest lists, report.md, plots/
   and manifest.json) and nothing else. A failed build leaves the previous one as it was."""
   ensure_console_handler()
+  check_build_config(config)  # every key, before a file is read
   params = params_of(config)
   out_dir = pathlib.Path(out_dir)
   owned = _check_out_dir(params, out_dir)

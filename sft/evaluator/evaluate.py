@@ -26,14 +26,13 @@ from sft.errors import ConfigError
 from sft.evaluator import choices as choices_lib
 from sft.evaluator import tasks as tasks_lib
 from sft.evaluator.generate import (
-    OVERFLOW_MODES,
     fit_prompts,
     make_generate,
     pad_prompts,
     prompt_room,
     strip_generation,
 )
-from sft.evaluator.metrics import exact_match, mean_token_f1, normalize_answer
+from sft.evaluator.metrics import exact_match, mean_token_f1
 from sft.model import Transformer
 
 log = logging.getLogger("sft")
@@ -148,11 +147,6 @@ class Evaluator:
       bootstrap_samples: int = 1000,  # eval.bootstrap_samples: resamples behind each interval of the report
       seed: int = 0,  # the run's seed: the report's intervals are reproducible
   ):
-    normalize_answer("", normalization)  # an unknown mode fails here, not at the first eval
-    if bootstrap_samples < 1 or seed < 0:
-      raise ConfigError(f"eval.bootstrap_samples must be >= 1 and seed >= 0, got {bootstrap_samples} and {seed}")
-    if prompt_overflow not in OVERFLOW_MODES:
-      raise ConfigError(f"eval.prompt_overflow must be one of {OVERFLOW_MODES}, got {prompt_overflow!r}")
     if not records:
       raise ValueError("the eval split is empty: there is nothing to evaluate on")
     records = list(records)

@@ -21,6 +21,7 @@ import numpy as np
 from sft.errors import ConfigError
 from sft.evaluator.sampling import Sampler
 from sft.model import Transformer, axes
+from sft.model.backend import use_cpu_kernels
 from sft.model.layers import OUT_IN
 from sft.model.transformer import init_cache, split_cache, split_layers, weights_out_in
 
@@ -45,7 +46,6 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarr
   return tokens, lengths
 
 
-OVERFLOW_MODES = ("truncate", "refuse")  # eval.prompt_overflow, sample.prompt_overflow
 
 
 def prompt_room(seq_len: int, max_new_tokens: int, key: str) -> int:
@@ -129,7 +129,7 @@ def generate(
 
   # Per-layer weights and cache for the loop: split once here, so no token step copies them out of stacks.
   variables = {"params": split_layers(params)}
-  copies = weights_out_in(variables["params"]) if jax.default_backend() == "cpu" else {}
+  copies = weights_out_in(variables["params"]) if use_cpu_kernels() else {}
   if copies:
     # Each projection reads an (out, in) copy (see weights_out_in); behind a barrier, or XLA cancels
     # the copy's transpose against the product's and multiplies by the (in, out) weight again.

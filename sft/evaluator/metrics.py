@@ -29,9 +29,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from sft.config import ANSWER_NORMALIZATIONS
 from sft.errors import ConfigError
 
-NORMALIZATIONS = ("squad", "whitespace")
+NORMALIZATIONS = ANSWER_NORMALIZATIONS  # each implemented by normalize_answer
 _PUNCTUATION = frozenset(string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 

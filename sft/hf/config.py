@@ -14,7 +14,7 @@ import pathlib
 from typing import Any
 
 from sft.errors import ConfigError
-from sft.model.config import ModelConfig
+from sft.model.config import ModelConfig, runtime_fields
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gpt2")
 _GEMMA = ("gemma", "gemma2")
@@ -368,9 +368,8 @@ def _checked(cfg: ModelConfig, family: str, out: dict[str, Any], comparable: Mod
   """`out`, once it is known to reload as `comparable` (cfg with the defaults a checkpoint fills in)."""
   if cfg.lora_rank:
     raise ConfigError("merge the LoRA adapters first (sft.model.lora.merge): a checkpoint holds plain weights")
-  # Training-only fields (dtypes, remat, LoRA settings) are not part of the checkpoint's maths.
-  training_only = ("dtype", "param_dtype", "remat", "remat_policy", "scan_layers", "attention", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
-  reloaded = dataclasses.replace(from_hf_config(out), **{k: getattr(cfg, k) for k in training_only})
+  # Runtime fields (dtypes, remat, LoRA settings) are not part of the checkpoint's maths.
+  reloaded = dataclasses.replace(from_hf_config(out), **{k: getattr(cfg, k) for k in runtime_fields()})
   if comparable.position_embedding == "rope":
     comparable = dataclasses.replace(comparable, max_positions=reloaded.max_positions)  # no table to size
   if reloaded != comparable:

@@ -131,11 +131,18 @@ def cudnn_attention(q_btnh, k_btkh, v_btkh, segment_ids_bt, cfg: ModelConfig, sl
   )
 
 
+def splash_problem(seq_len: int) -> str | None:
+  """Splash runs in query blocks of at least MIN_QUERY_BLOCK tokens (checked with the config)."""
+  if seq_len % MIN_QUERY_BLOCK:
+    return f"model.attention 'splash' runs in blocks of 128 tokens: train.seq_len must be a multiple of 128, got {seq_len}"
+  return None
+
+
 def _splash_block(seq_len: int) -> int:
-  for block in (512, 256, 128):
-    if seq_len % block == 0:
-      return block
-  raise ConfigError(f"model.attention='splash' needs train.seq_len to be a multiple of 128, got {seq_len}")
+  problem = splash_problem(seq_len)
+  if problem:  # a caller that bypassed the config check
+    raise ConfigError(problem)
+  return next(block for block in (512, 256, MIN_QUERY_BLOCK) if seq_len % block == 0)
 
 
 def _splash_kernel(num_heads: int, seq_len: int, cfg: ModelConfig, sliding: bool):

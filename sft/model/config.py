@@ -19,6 +19,13 @@ REMAT_POLICIES = ("full", "save_dots")
 POSITION_EMBEDDINGS = ("rope", "learned")
 
 
+def runtime(default, *, at_resume: bool = False, as_served: bool = False):
+  """A field that says how the maths is computed, stored or trained, not what it is: no checkpoint holds
+  it. `at_resume`: a resumed run may change it (the same maths, computed another way); `as_served`: a
+  served model takes it from the config it is served with, not from the one it was trained with."""
+  return dataclasses.field(default=default, metadata={"runtime": True, "at_resume": at_resume, "as_served": as_served})
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Shapes and numerics of the model. Built from the `model` section of a run config, or from a
@@ -60,20 +67,20 @@ class ModelConfig:
   sandwich_norms: bool = False  # extra RMSNorms on the attention and MLP outputs (Gemma 2)
   tie_embeddings: bool = True
   # LoRA: rank-r adapters beside the `lora_targets` projections, scaled by alpha / r (0: none).
-  lora_rank: int = 0
-  lora_alpha: float = 16.0
-  lora_dropout: float = 0.0  # on the adapter's input, in training only
-  lora_targets: tuple[str, ...] = ("q", "k", "v", "o")
-  dtype: str = "float32"  # activations and matmuls; "bfloat16" on TPUs and GPUs
-  param_dtype: str = "float32"  # stored parameters (and optimizer moments)
-  remat: bool = False  # recompute each layer's activations in the backward pass
-  remat_policy: str = "full"  # with remat: "full" keeps each layer's input only; "save_dots" keeps its matmul outputs
+  lora_rank: int = runtime(0)
+  lora_alpha: float = runtime(16.0)
+  lora_dropout: float = runtime(0.0, as_served=True)  # on the adapter's input, in training only
+  lora_targets: tuple[str, ...] = runtime(("q", "k", "v", "o"))
+  dtype: str = runtime("float32", as_served=True)  # activations and matmuls; "bfloat16" on TPUs and GPUs
+  param_dtype: str = runtime("float32")  # stored parameters (and optimizer moments)
+  remat: bool = runtime(False, at_resume=True, as_served=True)  # recompute each layer's activations in the backward pass
+  remat_policy: str = runtime("full", at_resume=True, as_served=True)  # with remat: "full" keeps each layer's input only; "save_dots" keeps its matmul outputs
   # Training's layers as one scanned step (compile time flat in depth) or, False, traced one by one
   # (faster steps on CPU: no stacked activations carried through the loop; compile time grows with depth).
-  scan_layers: bool = True
+  scan_layers: bool = runtime(True, at_resume=True, as_served=True)
   # "xla" (any backend), "cudnn" (flash attention on NVIDIA GPUs) or "splash" (Pallas on TPUs): see
   # sft.model.attention. Decoding with a KV cache always uses "xla".
-  attention: str = "xla"
+  attention: str = runtime("xla", at_resume=True, as_served=True)
 
   def __post_init__(self):
     object.__setattr__(self, "lora_targets", tuple(self.lora_targets))  # a ConfigDict may hand over a list
@@ -81,6 +88,11 @@ class ModelConfig:
       value = getattr(self, name)
       if not isinstance(value, int) or value <= 0:
         raise ConfigError(f"model.{name} must be a positive integer, got {value!r}")
+    for name in ("rope_theta", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor", "norm_eps"):
+      if not getattr(self, name) > 0:
+        raise ConfigError(f"model.{name} must be > 0, got {getattr(self, name)!r}")
+    if self.rope_original_max_positions < 1:
+      raise ConfigError(f"model.rope_original_max_positions must be >= 1, got {self.rope_original_max_positions!r}")
     if self.num_heads % self.num_kv_heads:
       raise ConfigError(
           f"model.num_heads ({self.num_heads}) must be a multiple of model.num_kv_heads ({self.num_kv_heads})"
@@ -118,6 +130,8 @@ class ModelConfig:
       raise ConfigError("model.lora_targets has 'gate', but with model.mlp_gated=False the MLP has no gate projection")
     if self.sliding_window < 0:
       raise ConfigError(f"model.sliding_window must be >= 0 (0: none), got {self.sliding_window}")
+    if self.rope_type == "llama3" and self.rope_high_freq_factor <= self.rope_low_freq_factor:  # scaling divides by their difference
+      raise ConfigError("model.rope_high_freq_factor must be greater than model.rope_low_freq_factor with rope_type 'llama3'")
 
   @property
   def compute_dtype(self):
@@ -132,3 +146,22 @@ class ModelConfig:
       return False
     pattern = self.sliding_window_pattern
     return pattern <= 1 or layer % pattern != pattern - 1
+
+
+def _runtime_fields(flag: str = "runtime") -> tuple[str, ...]:
+  return tuple(f.name for f in dataclasses.fields(ModelConfig) if f.metadata.get(flag))
+
+
+def runtime_fields() -> tuple[str, ...]:
+  """Fields no checkpoint holds (dtypes, remat, attention kernel, LoRA): the rest is the checkpoint's maths."""
+  return _runtime_fields()
+
+
+def model_at_resume() -> tuple[str, ...]:
+  """Fields a resumed run may change: how the same maths is computed."""
+  return _runtime_fields("at_resume")
+
+
+def served_as_given() -> tuple[str, ...]:
+  """Fields a served model takes from the config it is served with."""
+  return _runtime_fields("as_served")

@@ -17,6 +17,7 @@ import numpy as np
 
 from sft.model import axes
 from sft.model.attention import cached_attention, causal_xla_attention, kernel_attention
+from sft.model.backend import use_cpu_kernels
 from sft.model.config import ModelConfig
 
 
@@ -38,12 +39,12 @@ def _rows_matmul(x, w_io, n_in: int, out_shape):
 def _contract(spec: str, x, w, n_in: int):
   """`einsum(spec, x, w)`: x's last `n_in` axes against w's first `n_in`.
 
-  On CPU, one 2-D product (tokens, in) @ (in, out): with the einsum's 3-D and 4-D operands, XLA:CPU's
-  layout assignment wrote gradients as (features, tokens) from inside elementwise fusions (the SwiGLU
-  backward's, at a tenth of memory speed). Elsewhere, the einsum, with a multi-axis contraction merged
-  into one axis: a plain 2-D weight, which XLA otherwise copies into another axis order at every call
-  (every decoding step, for the attention output)."""
-  if jax.default_backend() == "cpu":
+  On CPU (sft.model.backend.use_cpu_kernels), one 2-D product (tokens, in) @ (in, out): with the einsum's
+  3-D and 4-D operands, XLA:CPU's layout assignment wrote gradients as (features, tokens) from inside
+  elementwise fusions (the SwiGLU backward's, at a tenth of memory speed). Elsewhere, the einsum, with a
+  multi-axis contraction merged into one axis: a plain 2-D weight, which XLA otherwise copies into
+  another axis order at every call (every decoding step, for the attention output)."""
+  if use_cpu_kernels():
     return _rows_matmul(x, w.reshape(math.prod(w.shape[:n_in]), -1), n_in, w.shape[n_in:])
   if n_in == 1:
     return jnp.einsum(spec, x, w)

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from sft.model import axes
 from sft.model.attention import attention_mask, decode_mask, softcap
+from sft.model.backend import use_cpu_kernels
 from sft.model.config import ModelConfig
 from sft.model.layers import OUT_IN, Attention, Mlp, RMSNorm, fan_in_init, norm, param
 
@@ -230,7 +231,7 @@ def unembed_logits(x_btd: jax.Array, table: jax.Array, cfg: ModelConfig, table_i
   `table_is_vd` (default: when tied), else the unembedding (D, V)."""
   tied = cfg.tie_embeddings if table_is_vd is None else table_is_vd
   table = table.astype(cfg.compute_dtype)
-  if jax.default_backend() == "cpu":  # see _unembed_product_bwd; GPUs and TPUs multiply transposed operands as they are
+  if use_cpu_kernels():  # see _unembed_product_bwd; GPUs and TPUs multiply transposed operands as they are
     logits_btv = _unembed_product(x_btd, table, tied)
   else:
     logits_btv = jnp.einsum(_spec(tied), x_btd, table, preferred_element_type=jnp.float32)

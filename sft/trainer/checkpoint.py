@@ -49,8 +49,6 @@ class Checkpointer:
   the ones that would have come next."""
 
   def __init__(self, directory: str | pathlib.Path, *, max_to_keep: int, save_interval_steps: int):
-    if max_to_keep < 1 or save_interval_steps < 1:
-      raise ConfigError("checkpoint.max_to_keep and checkpoint.every_steps must be at least 1")
     self.directory = pathlib.Path(directory).absolute()
     _quiet_disk_errors()
     self.manager = ocp.CheckpointManager(

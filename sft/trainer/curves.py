@@ -11,9 +11,7 @@ import pathlib
 from typing import Any
 
 from sft.trainer.metrics_log import read_rows, scalars
-
-METRICS = "metrics.jsonl"
-CURVES = "curves.png"
+from sft.trainer.workdir import Workdir
 
 
 def series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
@@ -74,7 +72,8 @@ def plot_curves(rows: list[dict[str, Any]], path: pathlib.Path) -> pathlib.Path:
 def curves_from_workdir(workdir: pathlib.Path | str) -> pathlib.Path:
   """Draws `<workdir>/curves.png` from `<workdir>/metrics.jsonl` and returns its path."""
   workdir = pathlib.Path(workdir)
-  metrics = workdir / METRICS
+  paths = Workdir(workdir)
+  metrics = paths.metrics
   if not metrics.exists():
-    raise FileNotFoundError(f"no {METRICS} in {workdir}: is it the workdir of a training run?")
-  return plot_curves(read_rows(metrics), workdir / CURVES)
+    raise FileNotFoundError(f"no {metrics.name} in {workdir}: is it the workdir of a training run?")
+  return plot_curves(read_rows(metrics), paths.curves)

@@ -7,7 +7,7 @@ the latest checkpoint: same data, same tokenizer, the batches that would have co
 from __future__ import annotations
 
 import contextlib
-import dataclasses
+import functools
 import logging
 import math
 import pathlib
@@ -15,24 +15,23 @@ import signal
 import time
 from typing import Any
 
-import flax.linen as nn
 import jax
 import ml_collections
 
 from sft import pipeline
-from sft.config_check import check_config
 from sft.console import ensure_console_handler
 from sft.errors import ConfigError, RunStopped, cannot_write
-from sft.evaluator import Evaluator, write_report
 from sft.evaluator import compare as compare_lib
+from sft.evaluator import write_report
 from sft.model import Transformer, count_params, lora
-from sft.trainer import multihost, preemption, rundir, setup, sharding, sources
+from sft.trainer import eval_setup, flops, lock, multihost, preemption, rundir, setup, sharding, sources
 from sft.trainer import state as state_lib
 from sft.trainer import step as step_lib
 from sft.trainer.checkpoint import Checkpointer
-from sft.trainer.curves import CURVES, plot_curves
+from sft.trainer.curves import plot_curves
 from sft.trainer.finite import FLAG_METRICS, FiniteGuard
 from sft.trainer.metrics_log import MetricsLog, Progress, config_summary, eval_line, format_duration, train_line
+from sft.trainer.workdir import Workdir
 
 log = logging.getLogger("sft")
 
@@ -136,16 +135,15 @@ def train_and_evaluate(
 ) -> dict[str, Any]:
   """Runs (or resumes) the job described by `config` in `workdir`; returns the final metrics. With
   data.source="build", `generator` serves the data build's model annotation (see sft.jobs);
-  `takeover_lock` takes the workdir's lock over from a holder that cannot be checked (rundir.workdir_lock).
+  `takeover_lock` takes the workdir's lock over from a holder that cannot be checked (lock.workdir_lock).
 
-  Nothing is written before the whole config is checked; one run at a time holds the workdir; a
+  The config is one `sft.config_check.check_config` passed (`sft.train_and_evaluate` checks it); one run at a time holds the workdir; a
   resumed run refuses config changes that would mix two experiments (see sft/trainer/rundir.py). A full
   disk, a read-only workdir or a missing permission is a CannotWrite (a ConfigError) naming the path;
   a loss that is not finite is a TrainingDiverged (see sft/trainer/finite.py)."""
   workdir = pathlib.Path(workdir)
   t_start = time.time()
   ensure_console_handler()
-  check_config(config)
   log.info("config:\n%s", config_summary(config))
   run = setup.setup_run(config)
   if config.train.parallelism == "pmap":
@@ -169,7 +167,7 @@ def train_and_evaluate(
 def _workdir_lock(workdir: pathlib.Path, takeover: bool = False):
   """Process 0 holds the workdir's lock for the whole run; every process stops when it cannot."""
   with contextlib.ExitStack() as stack:
-    take = lambda: stack.enter_context(rundir.workdir_lock(workdir, takeover=takeover))  # noqa: E731
+    take = lambda: stack.enter_context(lock.workdir_lock(workdir, takeover=takeover))  # noqa: E731
     multihost.on_process_0(take, "taking the workdir lock")
     yield
 
@@ -186,6 +184,7 @@ def _record_config(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> 
 
 def _train_and_evaluate(config, workdir: pathlib.Path, run: setup.RunSetup, generator, t_start: float) -> dict[str, Any]:
   tc = config.train
+  paths = Workdir(workdir)
   log.info("devices: %d x %s, %d process(es); mesh %s", jax.device_count(), jax.devices()[0].platform, jax.process_count(), dict(run.mesh.shape))
   splits, data_summary = sources.load_splits(config, workdir, generator=generator)
   tokenizer = sources.prepare_tokenizer(config, workdir, splits)
@@ -198,32 +197,24 @@ def _train_and_evaluate(config, workdir: pathlib.Path, run: setup.RunSetup, gene
   _log_model(run.abstract_params, trainable, run.model_cfg)
   iterators = make_iterators(config, splits, tokenizer, _train_rows(config, run))
   checkpointer = Checkpointer(
-      workdir / setup.CHECKPOINTS, max_to_keep=config.checkpoint.max_to_keep, save_interval_steps=config.checkpoint.every_steps
+      paths.checkpoints, max_to_keep=config.checkpoint.max_to_keep, save_interval_steps=config.checkpoint.every_steps
   )
   train_state, start_step = initial_state(config, run, optimizer, abstract_state, state_shardings, checkpointer, iterators)
 
   dropout_rng = jax.random.key(config.seed + 1) if run.model_cfg.lora_dropout else None
   stepper = _stepper(config, run, optimizer, schedule, trainable, dropout_rng, state_shardings)
-  eval_step = step_lib.jit_eval_step(
-      run.model.apply, state_shardings.params, run.batch_sharding, run.replicated, loss_chunk_size=tc.loss_chunk_size
+  speed = _speed(config, run)
+  evaluator = eval_setup.make_evaluator(
+      config, run, splits["eval"], tokenizer, param_shardings=state_shardings.params, seq_len=tc.seq_len,
+      loss_chunk_size=tc.loss_chunk_size,
   )
-  evaluator = Evaluator(
-      splits["eval"], tokenizer=tokenizer, model=run.model, eval_step=eval_step,
-      place_batch=lambda batch: sharding.global_batch(batch, run.batch_sharding),
-      seq_len=tc.seq_len, batch_size=config.eval.batch_size, num_generations=config.eval.num_generations,
-      max_new_tokens=config.eval.max_new_tokens, normalization=config.eval.answer_normalization,
-      out_sharding=run.replicated,
-      score_step=step_lib.jit_score_step(run.model.apply, state_shardings.params, run.batch_sharding, run.replicated),
-      batch_rows=sharding.process_rows(run.batch_sharding, config.eval.batch_size, tc.seq_len),
-      prompt_overflow=config.eval.prompt_overflow, bootstrap_samples=config.eval.bootstrap_samples, seed=config.seed,
-  )
-  metrics_log = MetricsLog(workdir / "metrics.jsonl", resume_step=start_step, enabled=jax.process_index() == 0)
+  metrics_log = MetricsLog(paths.metrics, resume_step=start_step, enabled=jax.process_index() == 0)
   total_steps = tc.pretrain_steps + tc.sft_steps
 
   final = {}  # the last step's evaluation, for the report (and the pretrained model's, to compare with)
 
   def evaluate(step: int, params) -> dict[str, float]:
-    with on_mesh(run):
+    with run.on_mesh():
       result = evaluator.evaluate(params)
     log.info("%s", eval_line(step, result.metrics))
     if step == pretrained_step(config):
@@ -243,19 +234,19 @@ def _train_and_evaluate(config, workdir: pathlib.Path, run: setup.RunSetup, gene
       state = stepper.to_step(train_state)
       del train_state  # pmap: from here the step's replicated state is the only copy
       train_state, skipped_steps = _train(
-          config, state, stepper, iterators, checkpointer, metrics_log, evaluate, start_step
+          config, state, stepper, iterators, checkpointer, metrics_log, evaluate, start_step, speed=speed
       )
     finally:
       checkpointer.close()  # waits for the last save, also when a signal stopped the run
       metrics_log.close()  # the TensorBoard event file, flushed
   if config.model.checkpoint:
-    exported = sources.export(config, train_state.params, run.model_cfg, workdir / "hf_export")
+    exported = sources.export(config, train_state.params, run.model_cfg, paths.hf_export)
     log.info("exported the fine-tuned model for transformers to %s", exported)
   if metrics_log.enabled:
-    log.info("training curves in %s", plot_curves(metrics_log.history, workdir / CURVES))
+    log.info("training curves in %s", plot_curves(metrics_log.history, paths.curves))
     if "result" in final:
-      about = {"model": f"{workdir}/{setup.CHECKPOINTS}/{total_steps}", "records": f"the eval split ({len(splits['eval'])} records)", "answer normalisation": config.eval.answer_normalization}
-      log.info("eval report in %s", write_report(final["result"], workdir / "eval", about=about))
+      about = {"model": f"{paths.checkpoints / str(total_steps)}", "records": f"the eval split ({len(splits['eval'])} records)", "answer normalisation": config.eval.answer_normalization}
+      log.info("eval report in %s", write_report(final["result"], paths.eval, about=about))
       _compare_with_pretrained(config, workdir, final, about)
   return _summary(metrics_log, total_steps, time.time() - t_start, skipped_steps)
 
@@ -272,7 +263,7 @@ def _compare_with_pretrained(config, workdir: pathlib.Path, final: dict[str, Any
   if step is None or "result" not in final:
     return
   if "pretrained" not in final:
-    stale = [workdir / "eval" / name for name in (compare_lib.COMPARE_MD, compare_lib.COMPARE_JSON)]
+    stale = [Workdir(workdir).eval / name for name in (compare_lib.COMPARE_MD, compare_lib.COMPARE_JSON)]
     for path in stale:  # an earlier run's comparison is of another final model: not left beside this report
       path.unlink(missing_ok=True)
     log.warning("eval: no comparison with the pretrained model: this run started after step %d, where it was evaluated", step)
@@ -283,19 +274,11 @@ def _compare_with_pretrained(config, workdir: pathlib.Path, final: dict[str, Any
   )
   total = config.train.pretrain_steps + config.train.sft_steps
   about = {
-      "A": f"{workdir}/{setup.CHECKPOINTS} at step {step} (the end of pretraining)",
-      "B": f"{workdir}/{setup.CHECKPOINTS}/{total} (after SFT)", **{k: v for k, v in about.items() if k != "model"},
+      "A": f"{Workdir(workdir).checkpoints} at step {step} (the end of pretraining)",
+      "B": f"{Workdir(workdir).checkpoints / str(total)} (after SFT)", **{k: v for k, v in about.items() if k != "model"},
       "decoding": f"greedy, eval.max_new_tokens={config.eval.max_new_tokens}",
   }
-  log.info("SFT against the pretrained model in %s", compare_lib.write_comparison(comparison, workdir / "eval", about=about))
-
-
-def on_mesh(run: setup.RunSetup):
-  """The context the jitted steps trace and run in: the mesh, and the logical axis rules."""
-  stack = contextlib.ExitStack()
-  stack.enter_context(jax.set_mesh(run.mesh))
-  stack.enter_context(nn.logical_axis_rules(run.rules))
-  return stack
+  log.info("SFT against the pretrained model in %s", compare_lib.write_comparison(comparison, Workdir(workdir).eval, about=about))
 
 
 def _train_rows(config, run: setup.RunSetup) -> slice:
@@ -306,51 +289,31 @@ def _train_rows(config, run: setup.RunSetup) -> slice:
   return sharding.process_rows(run.batch_sharding, tc.batch_size, tc.seq_len)
 
 
-@dataclasses.dataclass(frozen=True)
-class Stepper:
-  """How the loop runs `train_step` in either train.parallelism. Outside it the train state is always
-  laid out as the mesh's state shardings say (what checkpoints, evaluation and export take)."""
-
-  step: Any  # (the step's state, a placed batch) -> (the step's state, metrics: device scalars)
-  place_batch: Any  # this process's rows of a batch -> the step's batch
-  to_step: Any  # train state -> the step's state (pmap: replicated over the local devices)
-  from_step: Any  # the inverse
-  context: Any  # () -> the context manager the loop runs in
-  converts: bool  # whether from_step costs a copy (then it runs only for evals and saves)
-
-
-def _stepper(config, run: setup.RunSetup, optimizer, schedule, trainable, dropout_rng, state_shardings) -> Stepper:
-  tc = config.train
-  kwargs = dict(
-      trainable=trainable, dropout_rng=dropout_rng, grad_accum_steps=tc.grad_accum_steps,
-      loss_chunk_size=tc.loss_chunk_size, skip_nonfinite=tc.on_nonfinite == "skip",
-  )
-  apply_fn = Transformer(run.model_cfg, train=True).apply
-  if tc.parallelism == "jit":
-    step = step_lib.jit_train_step(apply_fn, optimizer, schedule, state_shardings, run.batch_sharding, run.replicated, **kwargs)
-    identity = lambda x: x  # noqa: E731
-    return Stepper(
-        step=step, place_batch=lambda batch: sharding.global_batch(batch, run.batch_sharding), to_step=identity,
-        from_step=identity, context=lambda: on_mesh(run), converts=False,
-    )
-  # pmap: traced and run outside the mesh context (pmap has a mesh of its own; the model's sharding
-  # constraints are no-ops there), its metrics read from this process's first device.
-  pmapped = step_lib.pmap_train_step(apply_fn, optimizer, schedule, **kwargs)
-  devices = jax.local_device_count()
-
-  def step(state, batch):
-    state, metrics = pmapped(state, batch)
-    return state, {k: v.addressable_shards[0].data.reshape(()) for k, v in metrics.items()}
-
-  return Stepper(
-      step=step, place_batch=lambda batch: sharding.per_device_batch(batch, devices), to_step=sharding.replicate_for_pmap,
-      from_step=lambda state: sharding.unreplicate_from_pmap(state, state_shardings), context=contextlib.nullcontext,
-      converts=True,
+def _stepper(config, run: setup.RunSetup, optimizer, schedule, trainable, dropout_rng, state_shardings):
+  return step_lib.build_train_step(
+      Transformer(run.model_cfg, train=True).apply, optimizer, schedule, state_shardings, run.mesh, run.rules,
+      trainable=trainable, dropout_rng=dropout_rng, **step_lib.step_options(config.train),
   )
 
 
-def _train(config, state, stepper: Stepper, iterators, checkpointer, metrics_log, evaluate, start_step):
-  """The loop from `start_step` (`state`: the step's state, see Stepper): a step per batch, metric lines
+def _speed(config, run: setup.RunSetup):
+  """(steps, seconds) -> the model TFLOP/s per device and, where the device's peak is known, the MFU of a log
+  interval (flops.achieved); None where the model's FLOPs are not counted."""
+  per_step = flops.step_flops(run.model_cfg, config.train.seq_len, config.train.batch_size)
+  if per_step is None:
+    log.info("model FLOPs: not counted for LoRA or sliding-window models: no TFLOP/s or MFU in the metrics")
+    return None
+  kind = jax.devices()[0].device_kind
+  peak = flops.peak_flops(kind)
+  about = f"MFU of {peak / 1e12:g} TFLOP/s bf16 per {kind}" if peak else f"no peak known for {kind!r}: TFLOP/s only, no MFU"
+  log.info("model FLOPs: %.4g per step (sft/trainer/flops.py); %s", per_step, about)
+  return functools.partial(flops.achieved, per_step, devices=jax.device_count(), peak=peak)
+
+
+def _train(
+    config, state, stepper: step_lib.Stepper, iterators, checkpointer, metrics_log, evaluate, start_step, speed=None
+):
+  """The loop from `start_step` (`state`: the step's state, see step_lib.Stepper): a step per batch, metric lines
   every log_every, evals and checkpoints; returns the final train state and the number of skipped steps.
   A SIGTERM / SIGINT ends it after the running step with a checkpoint (RunStopped); a step that is not
   finite ends it with a TrainingDiverged, or is skipped (see FiniteGuard)."""
@@ -374,10 +337,12 @@ def _train(config, state, stepper: Stepper, iterators, checkpointer, metrics_log
         metrics["perplexity"] = math.exp(min(metrics["loss"], 50.0))
         tokens = float(sum(jax.device_get(pending_tokens)))
         tokens_per_s, eta = progress.interval(done, done - last_logged, tokens)
+        rates = speed(done - last_logged, progress.last_interval_s) if speed else {}
         skipped = guard.take_unreported() if guard.skip else None
         pending_tokens, last_logged = [], done
-        log.info("%s", train_line(done, total_steps, phase, metrics, tokens_per_s, eta, skipped=skipped))
+        log.info("%s", train_line(done, total_steps, phase, metrics, tokens_per_s, eta, skipped=skipped, speed=rates))
         row = {"phase": phase, **{f"train/{k}": v for k, v in metrics.items()}, "train/tokens_per_s": tokens_per_s}
+        row.update({f"train/{k}": v for k, v in rates.items()})
         if skipped is not None:
           row["train/skipped_steps"] = skipped  # since the previous row
       paused = time.time()

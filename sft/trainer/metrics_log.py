@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 from sft.evaluator.tasks import HEADLINE
+from sft.trainer.workdir import Workdir
 
 
 class MetricsLog:
@@ -24,7 +25,7 @@ class MetricsLog:
   def __init__(self, path: pathlib.Path, *, resume_step: int, enabled: bool = True):
     self.path = path
     self.enabled = enabled
-    self.tensorboard_dir = path.parent / "tensorboard"
+    self.tensorboard_dir = Workdir(path.parent).tensorboard
     self._resume_step = resume_step
     self._writer = None  # opened at the first row: a run that logs nothing leaves no empty event file
     self.history = read_rows(path)
@@ -113,6 +114,7 @@ class Progress:
     self._interval_start = time.time()
     self._timed_steps, self._timed_s = 0, 0.0
     self._first_interval = True
+    self.last_interval_s = 0.0  # the seconds of the last interval (what its tokens/s divides by)
 
   def exclude(self, start: float) -> None:
     """Time since `start` (an eval, a checkpoint) counts neither in tokens/s nor in the step rate."""
@@ -121,7 +123,7 @@ class Progress:
   def interval(self, step: int, steps_in_interval: int, tokens: float) -> tuple[float, float | None]:
     now = time.time()
     elapsed = max(now - self._interval_start, 1e-9)
-    self._interval_start = now
+    self._interval_start, self.last_interval_s = now, elapsed
     if self._first_interval:  # includes compiling the step: no rate from it
       self._first_interval = False
     else:
@@ -154,15 +156,22 @@ def format_duration(seconds: float) -> str:
 
 def train_line(
     step: int, total: int, phase: str, m: dict[str, float], tokens_per_s: float, eta_s: float | None, *,
-    skipped: int | None = None,
+    skipped: int | None = None, speed: dict[str, float] | None = None,
 ) -> str:
-  """A log line of train metrics; with `skipped` (train.on_nonfinite="skip"), the steps skipped since the last line."""
+  """A log line of train metrics; with `skipped` (train.on_nonfinite="skip"), the steps skipped since the last line;
+  with `speed` (sft.trainer.flops.achieved), the model TFLOP/s per device and the MFU when the peak is known."""
   return (
       f"step {step:>{len(str(total))}}/{total} [{phase:>8}] loss {m['loss']:.3f} ppl {math.exp(min(m['loss'], 50)):.1f} "
       f"acc {m['accuracy']:.3f} | grad {m['grad_norm']:.2f} lr {m['learning_rate']:.2e} | "
       + (f"skipped {skipped} | " if skipped else "")
-      + f"{tokens_per_s:,.0f} tok/s | ETA {'--' if eta_s is None else format_duration(eta_s)}"
+      + f"{tokens_per_s:,.0f} tok/s" + (_speed(speed) if speed else "")
+      + f" | ETA {'--' if eta_s is None else format_duration(eta_s)}"
   )
+
+
+def _speed(speed: dict[str, float]) -> str:
+  mfu = f" MFU {speed['mfu']:.1%}" if "mfu" in speed else ""
+  return f" {speed['tflops_per_device']:.3g} TFLOP/s/device{mfu}"
 
 
 def eval_line(step: int, m: dict[str, float]) -> str:

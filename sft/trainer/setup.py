@@ -18,17 +18,18 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from sft import hf
 from sft.errors import ConfigError
 from sft.model import ModelConfig, Transformer, lora
+from sft.model.config import runtime_fields, served_as_given
 from sft.pipeline import ChatTokenizer, load_tokenizer
 from sft.trainer import rundir, sharding
 from sft.trainer import state as state_lib
 from sft.trainer.checkpoint import Checkpointer
+from sft.trainer.workdir import Workdir
 
 log = logging.getLogger("sft")
-TOKENIZER_FILE = "tokenizer.model"  # the SentencePiece model a run from scratch trains in its workdir
-CHECKPOINTS = "checkpoints"
-# Model keys that say how the same maths is computed (or, lora_dropout, how it is trained), not what is
-# computed: a served model takes them from the config it is served with (see rundir.SAFE_AT_RESUME).
-RUNTIME_MODEL_KEYS = ("dtype", "remat", "remat_policy", "scan_layers", "attention", "lora_dropout")
+TOKENIZER_FILE = Workdir(".").tokenizer.name  # the SentencePiece model a run from scratch trains in its workdir
+CHECKPOINTS = Workdir(".").checkpoints.name
+# Model keys a served model takes from the config it is served with (declared with ModelConfig's fields).
+RUNTIME_MODEL_KEYS = served_as_given()
 
 
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
@@ -43,12 +44,11 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
     raise ConfigError(f"model.checkpoint={checkpoint!r} has no config.json")
   cfg = hf.from_hf_config(hf.read_hf_config(config_path), dtype=model["dtype"], param_dtype=model["param_dtype"], source=str(config_path))
   log.info("model: shape and numerics from %s (the model.* shape keys of the config are not used)", config_path)
-  lora = {k: model[k] for k in ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")}
-  if not cfg.mlp_gated and "gate" in lora["lora_targets"]:  # the presets name every projection; GPT-2 has no gate
-    lora["lora_targets"] = tuple(t for t in lora["lora_targets"] if t != "gate")
-    log.info("LoRA: %s has no gate projection; adapters on %s", config_path, lora["lora_targets"])
-  training = {k: model[k] for k in ("remat", "remat_policy", "scan_layers", "attention")}
-  return dataclasses.replace(cfg, **training, **lora)
+  runtime = {k: model[k] for k in runtime_fields()}  # dtypes, remat, attention kernel, LoRA: the run config's
+  if not cfg.mlp_gated and "gate" in runtime["lora_targets"]:  # the presets name every projection; GPT-2 has no gate
+    runtime["lora_targets"] = tuple(t for t in runtime["lora_targets"] if t != "gate")
+    log.info("LoRA: %s has no gate projection; adapters on %s", config_path, runtime["lora_targets"])
+  return dataclasses.replace(cfg, **runtime)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +62,10 @@ class RunSetup:
   dummy_inputs: tuple  # (tokens, positions, segment ids) of one row: shapes for eval_shape and init
   abstract_params: Any  # ShapeDtypeStructs
   param_shardings: Any  # NamedShardings, same tree
+
+  def on_mesh(self):
+    """The context every jitted step of the run traces and runs in: the mesh, and the logical axis rules."""
+    return sharding.mesh_context(self.mesh, self.rules)
 
   @property
   def batch_sharding(self) -> NamedSharding:
@@ -80,7 +84,7 @@ class RunSetup:
           f"{name} ({batch_size}) must divide by the batch shards of the mesh ({shards}) "
           f"and by the number of processes ({jax.process_count()})"
       )
-    if batch_size % micro_batches or (batch_size // micro_batches) % shards:
+    if (batch_size // micro_batches) % shards:  # micro_batches divides batch_size: a rule of the config
       raise ConfigError(
           f"{name} ({batch_size}) split into {micro_batches} micro-batches must leave a whole number of rows "
           f"per micro-batch and batch shard of the mesh ({shards})"
@@ -118,7 +122,7 @@ def setup_run(config: ml_collections.ConfigDict) -> RunSetup:
 
 def tokenizer_path(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> pathlib.Path:
   """The Hugging Face checkpoint folder, or the tokenizer a run from scratch trained in `workdir`."""
-  return pathlib.Path(config.model.checkpoint) if config.model.checkpoint else pathlib.Path(workdir) / TOKENIZER_FILE
+  return pathlib.Path(config.model.checkpoint) if config.model.checkpoint else Workdir(workdir).tokenizer
 
 
 def open_tokenizer(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> ChatTokenizer:
@@ -130,7 +134,7 @@ def open_tokenizer(config: ml_collections.ConfigDict, workdir: str | pathlib.Pat
 
 
 def latest_step(workdir: str | pathlib.Path) -> int | None:
-  directory = pathlib.Path(workdir) / CHECKPOINTS
+  directory = Workdir(workdir).checkpoints
   if not directory.exists():
     return None
   return Checkpointer(directory, max_to_keep=1, save_interval_steps=1).latest_step()
@@ -141,9 +145,9 @@ def serving_params(config: ml_collections.ConfigDict, workdir: str | pathlib.Pat
   optimizer state), else the configured Hugging Face checkpoint."""
   step = latest_step(workdir)
   if step is not None:
-    checkpointer = Checkpointer(pathlib.Path(workdir) / CHECKPOINTS, max_to_keep=1, save_interval_steps=1)
+    checkpointer = Checkpointer(Workdir(workdir).checkpoints, max_to_keep=1, save_interval_steps=1)
     abstract = state_lib.abstract_with_shardings(run.abstract_params, run.param_shardings)
-    return checkpointer.restore_params(step, abstract), f"{workdir}/{CHECKPOINTS}/{step}"
+    return checkpointer.restore_params(step, abstract), f"{Workdir(workdir).checkpoints / str(step)}"
   if config.model.checkpoint:
     return checkpoint_params(config, run, run.param_shardings, jax.random.key(config.get("seed", 0))), config.model.checkpoint
   raise ConfigError(f"{workdir} has no checkpoint to answer with: train there first (or set model.checkpoint)")

@@ -3,6 +3,7 @@ mode, of batches and the replicated state on this process's devices)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Mapping, Sequence
 
@@ -12,10 +13,9 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from sft.config import MESH_AXES, mesh_problem
 from sft.errors import ConfigError
 from sft.model import axes
-
-MESH_AXES = ("data", "fsdp", "tensor")
 
 
 def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -25,8 +25,9 @@ def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = N
     raise ConfigError(f"mesh has unknown axes {sorted(unknown)}; the axes are {MESH_AXES}")
   devices = list(jax.devices() if devices is None else devices)
   sizes = [int(shape.get(name, 1)) for name in MESH_AXES]
-  if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
-    raise ConfigError(f"mesh sizes must be positive, with at most one -1; got {dict(zip(MESH_AXES, sizes))}")
+  problem = mesh_problem(dict(zip(MESH_AXES, sizes)))
+  if problem:
+    raise ConfigError(problem)
   if -1 in sizes:
     known = math.prod(s for s in sizes if s != -1)
     if len(devices) % known:
@@ -146,3 +147,11 @@ def pmap_process_rows(batch_size: int) -> slice:
   process_index-th of process_count equal blocks (the psum adds up every process's devices)."""
   per_process = batch_size // jax.process_count()
   return slice(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)
+
+
+def mesh_context(mesh, rules) -> contextlib.ExitStack:
+  """The context the jitted steps trace and run in: the mesh, and the logical axis rules."""
+  stack = contextlib.ExitStack()
+  stack.enter_context(jax.set_mesh(mesh))
+  stack.enter_context(nn.logical_axis_rules(rules))
+  return stack

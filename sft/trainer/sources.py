@@ -28,6 +28,7 @@ from sft.console import track
 from sft.errors import ConfigError
 from sft.model import ModelConfig, lora
 from sft.trainer import multihost, setup
+from sft.trainer.workdir import Workdir
 
 log = logging.getLogger("sft")
 # Files that make a Hugging Face folder's tokenizer; copied beside an exported model.
@@ -67,20 +68,26 @@ def read_built(folder: pathlib.Path, *, need_pretrain: bool) -> dict[str, Any]:
   return splits
 
 
+def data_folder(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> pathlib.Path:
+  """Where a run's data build is: data.dir (data.source "dir"), or <workdir>/data, built there."""
+  return pathlib.Path(config.data.dir) if config.data.source == "dir" else Workdir(workdir).data
+
+
 def load_splits(
     config: ml_collections.ConfigDict, workdir: pathlib.Path, *, generator: Any = None
 ) -> tuple[dict[str, Any], dict[str, Any]]:
   """(splits, accounting): splits are train, eval and pretrain record sequences. With data.source
   "build" the build runs first when <workdir>/data holds none (`generator` serves its annotation).
   Either way the folder must hold a finished build: a manifest whose every output is there, whole."""
-  if config.data.source == "dir":
-    folder = pathlib.Path(config.data.dir)
-  elif config.data.source == "build":
-    folder = workdir / "data"
+  folder = data_folder(config, workdir)
+  if config.data.source == "build":
     multihost.on_process_0(lambda: _ensure_built(config, folder, generator), "building the data")
-  else:
-    raise ConfigError(f"data.source must be 'build' or 'dir', got {config.data.source!r}")
-  manifest = databuilder.check_outputs(folder)
+  try:
+    manifest = databuilder.check_outputs(folder)
+  except ConfigError as err:
+    if config.data.source != "dir":
+      raise
+    raise ConfigError(f"data.dir={str(folder)!r}: {err} (data.dir names the output folder of a data build)") from None
   splits = read_built(folder, need_pretrain=config.train.pretrain_steps > 0)
   return splits, {"records": {k: len(v) for k, v in splits.items()}, "build": manifest["accounting"]["total"]}
 

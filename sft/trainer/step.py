@@ -7,6 +7,8 @@ however the batch was split into micro-batches or devices. The sums themselves a
 `train_step` is compiled two ways: `jit_train_step` (the global batch sharded over the mesh, the
 default) and `pmap_train_step` (train.parallelism="pmap": data parallel under jax.pmap, each device
 its own rows, the sums and gradients added up over devices with lax.psum before the one division).
+`build_train_step` is the one way to get either, with how to place its batches and state (a Stepper):
+the trainer and the benchmarks build their step with it.
 
 Every step reports whether its loss and gradient norm were finite (the metric `nonfinite`); with
 `skip_nonfinite` (train.on_nonfinite="skip") a step where they are not leaves the train state exactly as
@@ -15,6 +17,8 @@ it was, decided on the device. The loop reads the flags with the metrics it logs
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 from typing import Any, Callable
 
 import jax
@@ -22,8 +26,9 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from sft.trainer import sharding
 from sft.trainer.loss import Batch, loss_fn, loss_sums, token_sums  # noqa: F401  (token_sums, loss_fn: the loss API)
-from sft.trainer.sharding import PMAP_AXIS
+from sft.trainer.sharding import PMAP_AXIS, mesh_context
 from sft.trainer.state import TrainState
 
 
@@ -205,6 +210,66 @@ def pmap_train_step(
     )
 
   return jax.pmap(step, axis_name=PMAP_AXIS, donate_argnums=(0,))
+
+
+@dataclasses.dataclass(frozen=True)
+class Stepper:
+  """How to run `train_step` in either train.parallelism. Outside it the train state is always laid out
+  as the mesh's state shardings say (what checkpoints, evaluation and export take)."""
+
+  step: Any  # (the step's state, a placed batch) -> (the step's state, metrics: device scalars)
+  place_batch: Any  # this process's rows of a batch -> the step's batch
+  to_step: Any  # train state -> the step's state (pmap: replicated over the local devices)
+  from_step: Any  # the inverse
+  context: Any  # () -> the context manager the step runs in
+  converts: bool  # whether from_step costs a copy (then it runs only for evals and saves)
+  jitted: Any  # the jax.jit (or jax.pmap) function itself: lower() it for XLA's cost and memory analyses
+
+
+def step_options(train_config) -> dict[str, Any]:
+  """The `build_train_step` options a run config's train section sets."""
+  return dict(
+      parallelism=train_config.parallelism, grad_accum_steps=train_config.grad_accum_steps,
+      loss_chunk_size=train_config.loss_chunk_size, skip_nonfinite=train_config.on_nonfinite == "skip",
+  )
+
+
+def build_train_step(
+    apply_fn, optimizer, schedule, state_shardings: TrainState, mesh, rules, *, parallelism: str = "jit",
+    trainable=None, dropout_rng=None, grad_accum_steps: int = 1, loss_chunk_size: int = 0, skip_nonfinite: bool = False,
+) -> Stepper:
+  """The train step, compiled as `parallelism` says ("jit": `jit_train_step` over `mesh`, the state laid
+  out as `state_shardings`; "pmap": `pmap_train_step` over this process's devices, `state_shardings` the
+  layout `from_step` gives back), with how to place its batches and state. Both donate the state."""
+  options = dict(
+      trainable=trainable, dropout_rng=dropout_rng, grad_accum_steps=grad_accum_steps, loss_chunk_size=loss_chunk_size,
+      skip_nonfinite=skip_nonfinite,
+  )
+  if parallelism == "jit":
+    batch_sharding = sharding.batch_sharding(mesh, rules)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    step = jit_train_step(apply_fn, optimizer, schedule, state_shardings, batch_sharding, replicated, **options)
+    identity = lambda x: x  # noqa: E731
+    return Stepper(
+        step=step, place_batch=lambda batch: sharding.global_batch(batch, batch_sharding), to_step=identity,
+        from_step=identity, context=lambda: mesh_context(mesh, rules), converts=False, jitted=step,
+    )
+  if parallelism != "pmap":
+    raise ValueError(f"parallelism must be 'jit' or 'pmap', got {parallelism!r}")
+  # pmap: traced and run outside the mesh context (pmap has a mesh of its own; the model's sharding
+  # constraints are no-ops there), its metrics read from this process's first device.
+  pmapped = pmap_train_step(apply_fn, optimizer, schedule, **options)
+  devices = jax.local_device_count()
+
+  def step(state, batch):
+    state, metrics = pmapped(state, batch)
+    return state, {k: v.addressable_shards[0].data.reshape(()) for k, v in metrics.items()}
+
+  return Stepper(
+      step=step, place_batch=lambda batch: sharding.per_device_batch(batch, devices),
+      to_step=sharding.replicate_for_pmap, from_step=lambda state: sharding.unreplicate_from_pmap(state, state_shardings),
+      context=contextlib.nullcontext, converts=True, jitted=pmapped,
+  )
 
 
 def jit_eval_step(apply_fn, param_shardings, batch_sharding, replicated, *, loss_chunk_size: int = 0) -> Any:
