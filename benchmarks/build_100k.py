@@ -30,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from sft.databuilder import inputs, pipeline, readers  # noqa: E402
+from sft.databuilder import build, inputs, readers  # noqa: E402
 from sft.databuilder.config import build_config  # noqa: E402
 from sft.databuilder.runner_local import LocalRunner  # noqa: E402
 
@@ -173,9 +173,9 @@ def main() -> None:
     io_seconds = time.perf_counter() - start
 
     runner = TimedRunner(args.num_workers, progress=False)
-    pipeline.make_runner = lambda *a, **k: runner
+    build.make_runner = lambda *a, **k: runner
     start = time.perf_counter()
-    manifest = pipeline.build_dataset(config, tmp / "out", progress=False)
+    manifest = build.build_dataset(config, tmp / "out", progress=False)
     build_seconds = time.perf_counter() - start
 
   total = manifest["accounting"]["total"]

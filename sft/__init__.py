@@ -4,8 +4,9 @@
     from configs import quickstart
     sft.train_and_evaluate(quickstart.get_config(), "/tmp/sft-quickstart")
 
-Packages, bottom to top of the import graph: `sft.pipeline` (tokenizers and the grain input
-pipeline) and `sft.databuilder` (raw records -> an audited chat dataset); `sft.model` (the
+Packages, bottom to top of the import graph: `sft.tokenizer` (SentencePiece and Hugging Face
+tokenizers, the chat protocol), `sft.pipeline` (the grain input pipeline) and `sft.databuilder` (raw
+records -> an audited chat dataset); `sft.model` (the
 Transformer); `sft.hf` (Hugging Face checkpoints); `sft.trainer` (run setup, sharded training),
 `sft.evaluator` (metrics per task, generation, reports), `sft.serve` (answering prompts),
 `sft.eval_job` (evaluating a saved model); `sft.jobs` and

@@ -226,12 +226,12 @@ def problems_against(config, defaults_config: ml_collections.ConfigDict, cls: ty
   return problems, values, bad
 
 
-def raise_problems(problems: list[str]) -> None:
+def raise_problems(problems: list[str], where: str = "in the config") -> None:
   """One ConfigError listing every problem (none: nothing happens)."""
   if len(problems) == 1:
     raise ConfigError(problems[0])
   if problems:
-    raise ConfigError(f"{len(problems)} problems in the config:\n  " + "\n  ".join(problems))
+    raise ConfigError(f"{len(problems)} problems {where}:\n  " + "\n  ".join(problems))
 
 
 # --- checks ---------------------------------------------------------------------------------------

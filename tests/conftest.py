@@ -20,7 +20,7 @@ pytest_plugins = ["skips_plugin"]
 
 from sft.databuilder import api_records, pretrain_texts, read_module  # noqa: E402
 from sft.model import ModelConfig  # noqa: E402
-from sft.pipeline import train_tokenizer  # noqa: E402
+from sft.tokenizer import train_tokenizer  # noqa: E402
 
 # Example counts live here, not in the tests: the full suite (what CI runs) tries as many as the most any
 # property asked for before; the fast tier (`-m "not slow"`) a few of each. `--hypothesis-profile=ci|dev`

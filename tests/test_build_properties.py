@@ -6,6 +6,7 @@ import json
 import pathlib
 import tempfile
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_readers import EXTENSIONS, csv_bytes, flat_rows, schema_records
@@ -23,7 +24,8 @@ _file = st.one_of(
 )
 
 
-# A whole data build per example (about a second): a few, in either tier.
+@pytest.mark.slow
+# A whole data build per example (about a second): a few.
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(files=st.lists(_file, min_size=1, max_size=4), near=st.booleans())
 def test_random_folders_build(files, near):

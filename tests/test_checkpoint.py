@@ -2,6 +2,7 @@
 
 import jax
 import numpy as np
+import pytest
 from test_train import make_trainer
 
 from sft.pipeline import train_dataset
@@ -10,6 +11,7 @@ from sft.trainer.checkpoint import Checkpointer
 from sft.trainer.state import abstract_with_shardings
 
 
+@pytest.mark.slow  # tests/test_fast_tier.py resumes in the fast tier
 def test_restore_gives_the_same_state_and_the_batches_that_came_next(tmp_path, tiny_model_config, tokenizer, chat_records):
   def batches():
     return iter(train_dataset(chat_records, tokenizer=tokenizer, seq_len=64, batch_size=4, seed=3))
@@ -48,6 +50,7 @@ def test_restore_gives_the_same_state_and_the_batches_that_came_next(tmp_path, t
   assert np.isfinite(float(metrics_a["loss"])) and int(state_a.step) == 4
 
 
+@pytest.mark.slow
 def test_keeps_only_the_last_checkpoints(tmp_path, tiny_model_config, tokenizer, chat_records):
   state, _, _, _ = make_trainer(tiny_model_config)
   it = iter(train_dataset(chat_records, tokenizer=tokenizer, seq_len=64, batch_size=4, seed=0))

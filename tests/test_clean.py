@@ -9,7 +9,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from sft.databuilder import build_config, clean, control, decontaminate, records, stages
-from sft.databuilder.pipeline import params_of
+from sft.databuilder.build import params_of
 
 KINDS = ("email", "ip_address", "phone")
 

@@ -179,7 +179,7 @@ def _workdir(path, tokenizer, seed: int):
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, tokenizer, chat_records):
   """Model A, and model B of other weights and another tokenizer (trained on the chats alone)."""
-  from sft.pipeline import train_tokenizer
+  from sft.tokenizer import train_tokenizer
 
   other = train_tokenizer([m["content"] for r in chat_records for m in r["messages"]], vocab_size=512)
   root = tmp_path_factory.mktemp("models")
@@ -279,6 +279,7 @@ def test_a_model_compared_with_itself_differs_by_nothing(models, evalset, tmp_pa
   assert "the same tokens for both models" in saved["about"]["prompts"]
 
 
+@pytest.mark.slow
 def test_a_second_model_that_cannot_be_loaded_is_one_line_before_any_work(models, evalset, tmp_path, tokenizer):
   from sft import eval_job
 

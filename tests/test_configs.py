@@ -29,7 +29,7 @@ def test_config_loads_and_documents_its_command(name):
   if name == "build":  # your own folder, named on the command line (tests/test_build_config.py builds one)
     return
   if name.startswith("build_"):  # a worked example: the files it reads are in the repository
-    from sft.databuilder.pipeline import list_inputs, params_of
+    from sft.databuilder.build import list_inputs, params_of
 
     assert list_inputs(params_of(module.get_config()))
     return
@@ -473,3 +473,23 @@ def test_the_runtime_model_keys_are_declared_once():
   changed.model.lora_rank = 4  # what is trained: refused
   with pytest.raises(ConfigError, match="model.lora_rank: 0 -> 4"):
     rundir.resume_changes(trained, changed, 5)
+
+
+def test_every_empty_split_is_named_at_once_and_a_refused_run_leaves_no_config(tmp_path, chat_records):
+  from sft.databuilder import build_dataset
+  from sft.trainer import loop
+
+  raw = tmp_path / "raw"
+  raw.mkdir()
+  (raw / "chats.jsonl").write_text("".join(json.dumps({"messages": r["messages"]}) + "\n" for r in chat_records[:20]))
+  build = build_config()
+  build.input_dir, build.filter.language.enabled, build.output.validation_fraction = str(raw), False, 0.0
+  build_dataset(build, tmp_path / "data", progress=False)  # no validation records, no pretrain split
+  config = base_config()
+  config.data.source, config.data.dir = "dir", str(tmp_path / "data")
+  config.train.pretrain_steps = 1
+  with pytest.raises(ConfigError) as refused:
+    loop.train_and_evaluate(config, tmp_path / "run")
+  assert str(refused.value).startswith("2 problems with the data build"), refused.value
+  assert "the validation split" in str(refused.value) and "the pretrain split" in str(refused.value)
+  assert not (tmp_path / "run" / "config.json").exists()

@@ -10,7 +10,7 @@ import shutil
 import ml_collections
 import pytest
 
-from sft.databuilder import build_config, build_dataset, pipeline, records, runner_local
+from sft.databuilder import build, build_config, build_dataset, records, runner_local
 from sft.errors import ConfigError
 from sft.trainer import sources
 
@@ -199,12 +199,12 @@ def test_bad_configs_fail_clearly(tmp_path):
 
 
 def test_token_bounds_and_token_histogram_with_a_tokenizer(tmp_path):
-  from sft import pipeline  # noqa: PLC0415 (imports JAX)
+  from sft import tokenizer as tokenizer_lib  # noqa: PLC0415
 
   texts = [line for p in sorted((MIX / "raw").glob("*.jsonl")) for line in p.read_text(errors="replace").splitlines()]
   tokenizer_path = tmp_path / "tok.model"
-  pipeline.get_or_train_tokenizer(tokenizer_path, texts * 20, vocab_size=600)
-  count = pipeline.Tokenizer.load(tokenizer_path).encode
+  tokenizer_lib.get_or_train_tokenizer(tokenizer_path, texts * 20, vocab_size=600)
+  count = tokenizer_lib.Tokenizer.load(tokenizer_path).encode
   config = mix_config()
   config.filter.length.tokenizer = str(tokenizer_path)
   config.filter.length.max_tokens = 80
@@ -239,7 +239,7 @@ def test_a_failed_build_leaves_the_previous_build_as_it_was(tmp_path, monkeypatc
   config = mix_config()
   config.output.num_shards = 1  # other file names than the previous build's
   with monkeypatch.context() as m:  # fails after every shard of the new build is written
-    m.setattr(pipeline.report, "write_report", broken)
+    m.setattr(build.report, "write_report", broken)
     with pytest.raises(RuntimeError, match="a bad record"):
       build_dataset(config, out, progress=False)
   assert tree_bytes(out) == before
@@ -253,7 +253,7 @@ def test_a_failed_build_leaves_the_previous_build_as_it_was(tmp_path, monkeypatc
       raise OSError("disk full")
     return real_move(src, dst)
 
-  monkeypatch.setattr(pipeline.shutil, "move", move)
+  monkeypatch.setattr(build.shutil, "move", move)
   with pytest.raises(OSError, match="disk full"):
     build_dataset(config, out, progress=False)
   assert failed and tree_bytes(out) == before

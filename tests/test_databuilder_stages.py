@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sft.databuilder import annotate, build_config, clean, decontaminate, quality, readers, records, stages, templates
-from sft.databuilder.pipeline import params_of
+from sft.databuilder.build import params_of
 
 
 def _params():

@@ -93,8 +93,8 @@ def test_report_counts_both_kinds_of_decontamination(tmp_path):
 
 def test_exact_min_words_is_a_config_key(tmp_path):
   from sft.databuilder import build_config
+  from sft.databuilder.build import params_of
   from sft.databuilder.config import check_build_config
-  from sft.databuilder.pipeline import params_of
   from sft.errors import ConfigError
 
   config = build_config()

@@ -319,6 +319,7 @@ def _tiny_params(tiny_model_config):
 LONG = "Summarize: " + "shlex split quote " * 40  # far more than the 64 tokens of the context
 
 
+@pytest.mark.slow
 def test_an_evaluation_with_no_answer_token_in_the_context_is_an_error(tokenizer, tiny_model_config):
   """Every answer past seq_len: a loss over nothing would read 0.000, perplexity 1.0."""
   model, params, mesh, shardings = _tiny_params(tiny_model_config)

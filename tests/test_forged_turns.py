@@ -11,9 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_hf_tokenizer import CHAT, CHATML, LLAMA3, SPECIALS, make_folder
 
-from sft.pipeline.chat import KNOWN_CONTROL_STRINGS, ChatTokenizer
-from sft.pipeline.hf_tokenizer import HFTokenizer
-from sft.pipeline.tokenizer import BOS_ID, CONTROL_TOKENS, EOS_ID, PAD_ID
+from sft.tokenizer.chat import KNOWN_CONTROL_STRINGS, ChatTokenizer
+from sft.tokenizer.hf_tokenizer import HFTokenizer
+from sft.tokenizer.sentencepiece_tokenizer import BOS_ID, CONTROL_TOKENS, EOS_ID, PAD_ID
 
 SP_SYMBOLS = ["[INST]", "[/INST]", "<<SYS>>", "<</SYS>>"]
 SP_TEMPLATE = (

@@ -114,17 +114,15 @@ def test_a_decoding_step_copies_neither_the_cache_nor_the_weights():
   assert [m for m in moved if m[1] > largest_activation] == [], moved
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "overrides",
-    [  # the plain model in the fast tier, the variants in the slow one
+    [
         {},
-        pytest.param({"tie_embeddings": True}, marks=pytest.mark.slow),
-        pytest.param({"qkv_bias": True, "qk_norm": True}, marks=pytest.mark.slow),
-        pytest.param(
-            {"mlp_gated": False, "linear_bias": True, "norm_type": "layer", "position_embedding": "learned", "mlp_activation": "gelu_tanh"},
-            marks=pytest.mark.slow,
-        ),
-        pytest.param({"lora_rank": 2, "lora_targets": ("q", "o", "up", "down")}, marks=pytest.mark.slow),
+        {"tie_embeddings": True},
+        {"qkv_bias": True, "qk_norm": True},
+        {"mlp_gated": False, "linear_bias": True, "norm_type": "layer", "position_embedding": "learned", "mlp_activation": "gelu_tanh"},
+        {"lora_rank": 2, "lora_targets": ("q", "o", "up", "down")},
     ],
     ids=["llama", "tied", "qwen", "gpt2", "lora"],
 )
@@ -152,6 +150,7 @@ def test_a_decoding_step_on_out_in_copies_equals_one_on_the_weights(overrides):
   assert not np.allclose(zeroed, logits_ref, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_the_token_loop_multiplies_by_weights_stored_out_in_on_cpu():
   """Every projection in the compiled token loop contracts its weight's minor axis (an (out, in)
   copy): without the barrier in generate, XLA cancels the copies' transposes and multiplies by the

@@ -13,7 +13,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from sft.errors import ConfigError
 from sft.pipeline import tokenize_record
-from sft.pipeline.hf_tokenizer import HFTokenizer
+from sft.tokenizer.hf_tokenizer import HFTokenizer
 
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
@@ -135,7 +135,7 @@ def test_sentencepiece_tokenizer_model_with_a_template(tmp_path):
 
 
 def test_load_tokenizer_opens_a_hugging_face_folder_that_speaks_the_chat_protocol(tmp_path):
-  from sft.pipeline import ChatTokenizer, load_tokenizer
+  from sft.tokenizer import ChatTokenizer, load_tokenizer
 
   tok = load_tokenizer(make_folder(tmp_path, CHATML, eos_token="<|im_end|>"))
   assert isinstance(tok, HFTokenizer) and isinstance(tok, ChatTokenizer)
@@ -276,7 +276,7 @@ def test_generation_config_eos_ids_are_stops_too(tmp_path):
 
 
 def test_the_builtin_tokenizer_stops_at_its_end_of_turn_and_eos(tokenizer):
-  from sft.pipeline.tokenizer import EOS_ID
+  from sft.tokenizer.sentencepiece_tokenizer import EOS_ID
 
   tokens, mask = tokenizer.tokenize_chat([{"role": "user", "content": "q"}, {"role": "assistant", "content": "an answer"}])
   learned = [int(t) for t, m in zip(tokens, mask) if m]

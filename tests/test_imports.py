@@ -1,6 +1,6 @@
 """The import graph of `sft` has no cycles and flows one way, bottom to top:
 
-    errors, console, config_keys -> pipeline -> databuilder -> model -> config, hf -> config_check -> evaluator -> trainer -> serve, eval_job
+    errors, console, config_keys -> tokenizer -> pipeline -> databuilder -> model -> config, hf -> config_check -> evaluator -> trainer -> serve, eval_job
     -> jobs -> cli, the `sft` package
 
 Every import counts, function-level ones included, and importing `a.b.c` also runs the `__init__` of
@@ -18,6 +18,7 @@ import pytest
 SFT = pathlib.Path(__file__).resolve().parent.parent / "sft"
 LAYERS = [
     ("sft.errors", "sft.console", "sft.config_keys"),
+    ("sft.tokenizer",),
     ("sft.pipeline",),
     ("sft.databuilder",),
     ("sft.model",),

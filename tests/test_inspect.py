@@ -280,7 +280,7 @@ def test_a_build_without_a_tokenizer_says_how_to_see_the_masks(data_dir):
 def test_a_hugging_face_template_shows_its_special_tokens_by_name(tmp_path):
   from test_hf_tokenizer import CHAT, CHATML, make_folder
 
-  from sft.pipeline import load_tokenizer
+  from sft.tokenizer import load_tokenizer
 
   tok = load_tokenizer(make_folder(tmp_path / "chatml", CHATML))
   batch, turns = view.chat_batch([{"messages": CHAT}], tok)

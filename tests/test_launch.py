@@ -105,6 +105,7 @@ def test_quickstart_runs_then_resumes(tmp_path):
   assert "the validation split of" in (tmp_path / "ev" / "eval" / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_an_eval_job_without_a_model_or_checkpoint_fails_clearly(tmp_path):
   cmd = [sys.executable, "launch.py", "--config=configs/eval.py", f"--workdir={tmp_path}", "--config.data.dir=/nowhere"]
   no_model = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -126,6 +127,7 @@ def test_mistyped_config_key_fails_clearly(tmp_path):
   assert not (tmp_path / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_config_file_and_value_problems_fail_before_any_work(tmp_path):
   # A typo in a config file fails on its line: the defaults are locked, and the key meant is named.
   config_file = tmp_path / "typo.py"
@@ -169,6 +171,7 @@ def sft_command():
   return [script] if os.path.exists(script) else [sys.executable, "-m", "sft.cli"]
 
 
+@pytest.mark.slow
 def test_sft_command_resolves_configs_by_name(tmp_path):
   # Run outside the checkout, so the name can only resolve through the configs package; PYTHONPATH puts this
   # checkout ahead of whichever one the script was installed from.
@@ -189,6 +192,7 @@ def test_sft_command_resolves_configs_by_name(tmp_path):
   assert not workdir.exists()
 
 
+@pytest.mark.slow
 def test_config_names_resolve_only_in_the_projects_configs(tmp_path):
   # A folder holding its own `configs/quickstart.py` and a file named `eval`: names still mean the project's
   # configs; only a path (a separator, or .py) reads a file of the current directory.
@@ -212,6 +216,7 @@ def test_config_names_resolve_only_in_the_projects_configs(tmp_path):
   assert missing.returncode != 0 and "FATAL --config=./nowhere.py: no such file" in missing.stderr
 
 
+@pytest.mark.slow
 def test_load_errors_are_one_line(tmp_path):
   no_get_config = tmp_path / "noget.py"
   no_get_config.write_text("def other():\n  return 1\n")

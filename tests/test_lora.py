@@ -121,6 +121,7 @@ def _jitted_init(cfg):
   return jax.jit(lambda rng: nn.unbox(Transformer(cfg).init(rng, TOKENS, POSITIONS, SEGMENTS)["params"]))(jax.random.key(0))
 
 
+@pytest.mark.slow
 def test_adapter_init_compiles_to_the_adapters_alone():
   # A base much bigger than its adapters: the compiled init must not allocate anything base-sized.
   cfg = dataclasses.replace(BASE, vocab_size=512, d_model=128, head_dim=32, mlp_dim=256, lora_rank=2, lora_targets=("q", "v"))
@@ -139,6 +140,7 @@ def test_adapter_init_compiles_to_the_adapters_alone():
   jax.tree.map(np.testing.assert_array_equal, compiled(jax.random.key(0)), lora.adapters(whole))
 
 
+@pytest.mark.slow
 def test_lora_on_a_hugging_face_checkpoint_keeps_the_loaded_base_and_its_logits(tmp_path, monkeypatch):
   from sft import hf
   from sft.config import base_config

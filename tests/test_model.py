@@ -214,6 +214,7 @@ def test_config_errors_are_clear():
   assert dataclasses.replace(GPT2, head_dim=5).head_dim == 5  # no rotation, no constraint
 
 
+@pytest.mark.slow
 def test_learned_positions_refuse_sequences_past_the_table():
   from sft.errors import ConfigError  # noqa: PLC0415
   from sft.evaluator.generate import make_generate  # noqa: PLC0415

@@ -14,7 +14,7 @@ from test_hf_tokenizer import CHATML, FAMILIES, make_folder
 from sft.errors import ConfigError
 from sft.evaluator import Evaluator, Sampler, make_generate, pad_prompts, strip_generation
 from sft.model import ModelConfig, Transformer
-from sft.pipeline.hf_tokenizer import HFTokenizer
+from sft.tokenizer.hf_tokenizer import HFTokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -105,6 +105,7 @@ def test_a_given_runtime_key_is_used_and_an_empty_workdir_is_a_clear_error(train
     serve.respond(_config(), tmp_path, ["Hi"])
 
 
+@pytest.mark.slow
 def test_a_prompt_of_50000_tokens_is_cut_to_the_context_and_the_cache_never_passes_it(trained, tokenizer, monkeypatch, caplog):
   workdir, _ = trained
   lengths = []
@@ -211,6 +212,7 @@ def test_the_eval_job_cuts_long_prompts_and_reports_it_or_refuses_them(trained, 
     eval_job.evaluate_model(_eval_config(workdir, eval_file, prompt_overflow="refuse"), tmp_path / "ev2")
 
 
+@pytest.mark.slow
 def test_the_annotation_model_is_served_as_trained(trained, monkeypatch):
   import pickle
 

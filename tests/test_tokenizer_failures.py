@@ -11,10 +11,10 @@ from test_hf_tokenizer import CHAT, CHATML, make_folder
 from tokenizers import models, pre_tokenizers
 
 from sft.databuilder import build_config, decontaminate, records, stages
-from sft.databuilder.pipeline import params_of
+from sft.databuilder.build import params_of
 from sft.errors import ConfigError
 from sft.pipeline import tokenize_record
-from sft.pipeline.hf_tokenizer import HFTokenizer
+from sft.tokenizer.hf_tokenizer import HFTokenizer
 
 BACKTRACKING = "a" * 72 + "b"  # 73 characters on which the pre-tokenizer's regex gives up with a Rust panic
 

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from test_hf_tokenizer import CHAT, CHATML
 from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, trainers
 
-from sft.pipeline.hf_tokenizer import HFTokenizer
+from sft.tokenizer.hf_tokenizer import HFTokenizer
 
 MARKUP = ["<|im_start|>", "<|im_end|>"]
 # What each configuration turns into `<|im_start|>` (or `<|im_end|>`) before matching its added tokens.

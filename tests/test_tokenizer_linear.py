@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_hf_tokenizer import CHATML, FAMILIES, family_folder, make_folder
 
-from sft.pipeline.hf_tokenizer import HFTokenizer
+from sft.tokenizer.hf_tokenizer import HFTokenizer
 
 # Templates the single watched rendering cannot vouch for, which are rendered prefix by prefix.
 PEEKING = (

@@ -50,6 +50,7 @@ def test_one_step_lowers_the_loss_on_a_fixed_batch(tiny_model_config, real_batch
   assert float(before["tokens"]) == (real_batch["segment_ids"] > 0).sum()
 
 
+@pytest.mark.slow
 def test_a_few_dozen_steps_overfit_a_tiny_batch(tiny_model_config, real_batch):
   state, step, batch_sharding, _ = make_trainer(tiny_model_config, lr=1e-2, steps=60)
   batch = sharding.global_batch(real_batch, batch_sharding)
@@ -77,6 +78,7 @@ def test_no_steps_is_a_clear_error():
     state_lib.joined_schedule([(0, state_lib.phase_schedule(1.0, 0, 0, 0.1))])
 
 
+@pytest.mark.slow
 def test_norm_scales_are_not_decayed(tiny_model_config):
   params = Transformer(tiny_model_config).init(jax.random.key(0), *(jnp.zeros((1, 4), jnp.int32),) * 3)["params"]
   mask = state_lib._decay_mask(nn.unbox(params))

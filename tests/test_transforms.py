@@ -3,9 +3,10 @@
 import numpy as np
 import pytest
 
-from sft.pipeline import Tokenizer, render_prompt, shift_and_truncate, tokenize_chat, tokenize_text, validate_messages
-from sft.pipeline.tokenizer import BOS_ID, CONTROL_TOKENS, EOS_ID, PAD_ID
+from sft.pipeline import shift_and_truncate
 from sft.pipeline.transforms import unpack_features
+from sft.tokenizer import Tokenizer, render_prompt, tokenize_chat, tokenize_text, validate_messages
+from sft.tokenizer.sentencepiece_tokenizer import BOS_ID, CONTROL_TOKENS, EOS_ID, PAD_ID
 
 
 class LetterTokenizer:
@@ -141,7 +142,7 @@ def test_a_corrupt_tokenizer_file_is_a_clear_error(tmp_path):
 
 def test_load_tokenizer_opens_a_sentencepiece_file_and_refuses_what_is_none(tmp_path, tokenizer):
   from sft.errors import ConfigError
-  from sft.pipeline import ChatTokenizer, load_tokenizer
+  from sft.tokenizer import ChatTokenizer, load_tokenizer
 
   path = tmp_path / "tokenizer.model"
   path.write_bytes(tokenizer.model_proto)

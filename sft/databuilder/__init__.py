@@ -7,8 +7,8 @@ readers (read) -> annotate / templates (label, generate) -> clean -> quality (fi
 runner_local.py runs them over worker processes; runner_beam.py on Apache Beam; both call dedup.py.
 """
 
+from sft.databuilder.build import build_dataset, check_outputs, ensure_built, load_manifest
 from sft.databuilder.config import build_config
-from sft.databuilder.pipeline import build_dataset, check_outputs, ensure_built, load_manifest
 from sft.databuilder.stdlib_docs import ApiDoc, read_module, read_stdlib
 from sft.databuilder.stdlib_tasks import api_records, pretrain_texts, strip_markup, summary_sentence
 from sft.databuilder.write import split_files

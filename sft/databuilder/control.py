@@ -19,9 +19,9 @@ import re
 import sys
 import unicodedata
 
-from sft.pipeline import chat
+from sft.tokenizer import chat
 
-# Used until sft.pipeline.chat defines KNOWN_CONTROL_STRINGS: this project's, ChatML, Llama 2/3,
+# Used until sft.tokenizer.chat defines KNOWN_CONTROL_STRINGS: this project's, ChatML, Llama 2/3,
 # Mistral and Gemma markers.
 _FALLBACK = (
     "<|system|>", "<|user|>", "<|assistant|>", "<|end|>",

@@ -237,7 +237,7 @@ def inspect_section(out_dir: pathlib.Path, tokenizer_path: str) -> list[str]:
     )
     return md
   from sft.pipeline import inspect as view  # noqa: PLC0415 (a configured tokenizer only)
-  from sft.pipeline import load_tokenizer  # noqa: PLC0415
+  from sft.tokenizer import load_tokenizer  # noqa: PLC0415
 
   tokenizer = load_tokenizer(tokenizer_path)
   chats, refused = [], []

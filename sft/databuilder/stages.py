@@ -44,7 +44,7 @@ def read_input(item: tuple[str, str, str], field_map: dict[str, str], max_record
 @functools.lru_cache(maxsize=4)
 def _tokenizer(tokenizer_path: str) -> Any:
   """The tokenizer, loaded once per process for token counts and its control strings."""
-  from sft.pipeline import load_tokenizer  # noqa: PLC0415 (only a configured tokenizer needs it)
+  from sft.tokenizer import load_tokenizer  # noqa: PLC0415 (only a configured tokenizer needs it)
 
   return load_tokenizer(tokenizer_path)
 

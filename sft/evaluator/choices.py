@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from sft.errors import ConfigError
-from sft.pipeline import ChatTokenizer
+from sft.tokenizer import ChatTokenizer
 
 SKIP_NOT_AMONG = "answer not among the choices"
 SKIP_TOO_LONG = "longer than seq_len"

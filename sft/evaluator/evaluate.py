@@ -34,6 +34,7 @@ from sft.evaluator.generate import (
 )
 from sft.evaluator.metrics import exact_match, mean_token_f1
 from sft.model import Transformer
+from sft.tokenizer import ChatTokenizer
 
 log = logging.getLogger("sft")
 
@@ -131,7 +132,7 @@ class Evaluator:
       self,
       records: Sequence[dict[str, Any]],
       *,
-      tokenizer: pipeline.ChatTokenizer,
+      tokenizer: ChatTokenizer,
       model: Transformer,
       eval_step: Callable,
       place_batch: Callable,  # host batch -> global device arrays (the trainer's sharding)

@@ -1,21 +1,10 @@
-"""The input pipeline: tokenizers (the chat protocol, SentencePiece, Hugging Face), chat formatting
-with the response-only loss mask, grain packing and batching.
+"""The input pipeline: records -> token arrays with the response-only loss mask (`transforms`), grain
+packing and batching (`dataset`), and a view of the packed rows (`inspect`). The tokenizers it calls are
+`sft.tokenizer`'s.
 
-The grain parts (`dataset`, `transforms`) load on first use: the data builder's worker processes
-import the tokenizers and the chat protocol, and should not pay for grain and JAX.
+The grain parts load on first use: importing `sft.pipeline.inspect` alone (the data builder's report does)
+should not pay for grain.
 """
-
-from sft.pipeline.chat import KNOWN_CONTROL_STRINGS, ROLES, ChatTokenizer, validate_messages
-from sft.pipeline.hf_tokenizer import HFTokenizer
-from sft.pipeline.tokenizer import (
-    Tokenizer,
-    get_or_train_tokenizer,
-    load_tokenizer,
-    render_prompt,
-    tokenize_chat,
-    tokenize_text,
-    train_tokenizer,
-)
 
 _GRAIN = {
     "SplitFit": "dataset",

@@ -17,8 +17,8 @@ from typing import Any, Sequence
 import grain
 import numpy as np
 
-from sft.pipeline.chat import ChatTokenizer
 from sft.pipeline.transforms import TokenizeAndShift, tokenize_record, unpack_features
+from sft.tokenizer.chat import ChatTokenizer
 
 PACKED_FEATURES = ("inputs", "targets", "loss_mask")
 BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")

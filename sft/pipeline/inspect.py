@@ -24,7 +24,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from sft.pipeline.chat import ChatTokenizer
+from sft.tokenizer.chat import ChatTokenizer
 
 _CONTEXT = 8  # tokens decoded before each one, so a token's text keeps its leading space
 _ANSI = {"trained": ("\x1b[30;42m", "\x1b[30;102m"), "prompt": ("\x1b[2m", "\x1b[2;4m"), "lead": ("\x1b[2;3m",) * 2}
@@ -131,7 +131,7 @@ def chat_batch(
 
 def _named_ids(tokenizer: ChatTokenizer) -> dict[int, str]:
   """Ids whose decoded text is empty (special tokens are skipped by decode), by name."""
-  from sft.pipeline import tokenizer as sp  # noqa: PLC0415
+  from sft.tokenizer import sentencepiece_tokenizer as sp  # noqa: PLC0415
 
   if isinstance(tokenizer, sp.Tokenizer):
     return {sp.PAD_ID: "<pad>", sp.UNK_ID: "<unk>", sp.BOS_ID: "<s>", sp.EOS_ID: "</s>"}

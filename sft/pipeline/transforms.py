@@ -18,7 +18,7 @@ import grain
 import numpy as np
 
 from sft.errors import ConfigError
-from sft.pipeline.chat import ChatTokenizer
+from sft.tokenizer.chat import ChatTokenizer
 
 
 def shift_and_truncate(tokens: np.ndarray, loss_mask: np.ndarray, max_len: int) -> dict[str, np.ndarray]:

@@ -26,6 +26,7 @@ from sft.databuilder.write import atomic_write_text
 from sft.errors import ConfigError, cannot_write
 from sft.pipeline import inspect as view
 from sft.pipeline.dataset import BATCH_KEYS
+from sft.tokenizer import ChatTokenizer
 from sft.trainer import sources
 
 
@@ -44,7 +45,7 @@ class InspectResult:
 
 
 def first_rows(
-    records: Any, tokenizer: pipeline.ChatTokenizer, *, seq_len: int, batch_size: int, seed: int, rows: int
+    records: Any, tokenizer: ChatTokenizer, *, seq_len: int, batch_size: int, seed: int, rows: int
 ) -> dict[str, np.ndarray]:
   """The first `rows` rows of the global train stream (the batches of the first steps, row after row)."""
   it = iter(pipeline.train_dataset(records, tokenizer=tokenizer, seq_len=seq_len, batch_size=batch_size, seed=seed))

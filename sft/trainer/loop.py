@@ -24,6 +24,7 @@ from sft.errors import ConfigError, RunStopped, cannot_write
 from sft.evaluator import compare as compare_lib
 from sft.evaluator import write_report
 from sft.model import Transformer, count_params, lora
+from sft.tokenizer import ChatTokenizer
 from sft.trainer import eval_setup, flops, lock, multihost, preemption, rundir, setup, sharding, sources
 from sft.trainer import state as state_lib
 from sft.trainer import step as step_lib
@@ -51,7 +52,7 @@ def build_optimizer(config: ml_collections.ConfigDict, model_cfg):
   return schedule, optimizer, trainable
 
 
-def make_iterators(config: ml_collections.ConfigDict, splits: dict[str, Any], tokenizer: pipeline.ChatTokenizer, rows: slice) -> dict[str, Any]:
+def make_iterators(config: ml_collections.ConfigDict, splits: dict[str, Any], tokenizer: ChatTokenizer, rows: slice) -> dict[str, Any]:
   """One endless packed-batch iterator per phase with data: the global stream, this process's `rows`."""
   tc = config.train
   return {
@@ -154,8 +155,8 @@ def train_and_evaluate(
   try:
     workdir.mkdir(parents=True, exist_ok=True)
     with _workdir_lock(workdir, takeover_lock):
-      _record_config(config, workdir)
-      return _train_and_evaluate(config, workdir, run, generator, t_start)
+      start = _check_resume(config, workdir)
+      return _train_and_evaluate(config, workdir, run, generator, t_start, start)
   except (OSError, ValueError) as err:
     failed = cannot_write(err, "the run's files", workdir)
     if failed is None:
@@ -172,23 +173,29 @@ def _workdir_lock(workdir: pathlib.Path, takeover: bool = False):
     yield
 
 
-def _record_config(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
-  """Compares a resumed run's config with the saved one (refusing unsafe changes), then keeps it as
-  config.json (what serving and annotation rebuild the model from) and config-<start step>.json."""
+def _check_resume(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> int:
+  """The step a run starts from; a resumed run's config compared with the saved one (unsafe changes refused)."""
   start = setup.latest_step(workdir) or 0
   if start:
     for line in rundir.resume_changes(rundir.load_saved_config(workdir), config, start):
       log.info("config: changed at resume: %s", line)
+  return start
+
+
+def _record_config(config: ml_collections.ConfigDict, workdir: pathlib.Path, start: int) -> None:
+  """Keeps the config as config.json (what serving and annotation rebuild the model from) and
+  config-<start step>.json, once the data passed its checks: a run refused for its data leaves none."""
   multihost.on_process_0(lambda: rundir.write_run_config(workdir, config, start), "writing config.json")
 
 
-def _train_and_evaluate(config, workdir: pathlib.Path, run: setup.RunSetup, generator, t_start: float) -> dict[str, Any]:
+def _train_and_evaluate(config, workdir: pathlib.Path, run: setup.RunSetup, generator, t_start: float, start: int) -> dict[str, Any]:
   tc = config.train
   paths = Workdir(workdir)
   log.info("devices: %d x %s, %d process(es); mesh %s", jax.device_count(), jax.devices()[0].platform, jax.process_count(), dict(run.mesh.shape))
   splits, data_summary = sources.load_splits(config, workdir, generator=generator)
   tokenizer = sources.prepare_tokenizer(config, workdir, splits)
   _check_data(config, data_summary, splits, tokenizer, run.model_cfg)
+  _record_config(config, workdir, start)
 
   schedule, optimizer, trainable = build_optimizer(config, run.model_cfg)
   abstract_state, state_shardings = state_lib.state_shardings(run.model, optimizer, run.dummy_inputs, run.mesh, run.rules)

@@ -19,7 +19,7 @@ from sft import hf
 from sft.errors import ConfigError
 from sft.model import ModelConfig, Transformer, lora
 from sft.model.config import runtime_fields, served_as_given
-from sft.pipeline import ChatTokenizer, load_tokenizer
+from sft.tokenizer import ChatTokenizer, load_tokenizer
 from sft.trainer import rundir, sharding
 from sft.trainer import state as state_lib
 from sft.trainer.checkpoint import Checkpointer

@@ -23,10 +23,12 @@ import grain
 import jax
 import ml_collections
 
-from sft import databuilder, hf, pipeline
+from sft import databuilder, hf
+from sft.config_keys import raise_problems
 from sft.console import track
 from sft.errors import ConfigError
 from sft.model import ModelConfig, lora
+from sft.tokenizer import ChatTokenizer, get_or_train_tokenizer, load_tokenizer
 from sft.trainer import multihost, setup
 from sft.trainer.workdir import Workdir
 
@@ -56,15 +58,17 @@ class JsonRecords(collections.abc.Sequence):
 
 
 def read_built(folder: pathlib.Path, *, need_pretrain: bool) -> dict[str, Any]:
-  """train, eval (the builder's validation split) and pretrain records of a data build's output."""
-  splits = {}
+  """train, eval (the builder's validation split) and pretrain records of a data build's output; every
+  missing or empty split it needs is named in one ConfigError."""
+  splits, problems = {}, []
   for name, split, required in (("train", "train", True), ("eval", "validation", True), ("pretrain", "pretrain", need_pretrain)):
     paths = databuilder.split_files(folder, split)
-    if required and not paths:
-      raise ConfigError(f"{folder} has no {split}-*.array_record shards: is it the output of a data build?")
     splits[name] = JsonRecords(paths)
-    if required and not len(splits[name]):
-      raise ConfigError(f"the {split} split of {folder} is empty" + (" (train.pretrain_steps > 0 needs it)" if name == "pretrain" else ""))
+    if required and not paths:
+      problems.append(f"{folder} has no {split}-*.array_record shards: is it the output of a data build?")
+    elif required and not len(splits[name]):
+      problems.append(f"the {split} split of {folder} is empty" + (" (train.pretrain_steps > 0 needs it)" if name == "pretrain" else ""))
+  raise_problems(problems, f"with the data build {folder}")
   return splits
 
 
@@ -103,17 +107,17 @@ def _ensure_built(config: ml_collections.ConfigDict, folder: pathlib.Path, gener
   return databuilder.ensure_built(config.data.build, folder, generator=generator)
 
 
-def prepare_tokenizer(config: ml_collections.ConfigDict, workdir: pathlib.Path, splits: dict[str, Any]) -> pipeline.ChatTokenizer:
+def prepare_tokenizer(config: ml_collections.ConfigDict, workdir: pathlib.Path, splits: dict[str, Any]) -> ChatTokenizer:
   """The checkpoint's tokenizer, or the workdir's SentencePiece model (trained on the data if absent)."""
   path = setup.tokenizer_path(config, workdir)
   if config.model.checkpoint:
-    tokenizer = pipeline.load_tokenizer(path)
+    tokenizer = load_tokenizer(path)
     log.info("tokenizer: %s (vocab %d) with its chat template", path, tokenizer.vocab_size)
     return tokenizer
   # Process 0 alone looks for the file and trains if it is absent (each process looking by itself
   # could see it appear meanwhile); the others then load what it left.
   made = multihost.on_process_0(lambda: _get_or_train_tokenizer(config, path, splits), "preparing the tokenizer")
-  tokenizer, trained = made or pipeline.get_or_train_tokenizer(path, (), config.tokenizer.vocab_size)
+  tokenizer, trained = made or get_or_train_tokenizer(path, (), config.tokenizer.vocab_size)
   log.info("tokenizer: %s %s (vocab %d)", "trained" if trained else "loaded", path, tokenizer.vocab_size)
   return tokenizer
 
@@ -124,7 +128,7 @@ def _get_or_train_tokenizer(config: ml_collections.ConfigDict, path: pathlib.Pat
   if not path.exists():
     log.info("tokenizer: training a SentencePiece model (vocab %d) on %s texts", config.tokenizer.vocab_size, f"{len(texts):,}")
     texts = track(texts, "tokenizer: reading texts", total=len(texts), unit=" texts")
-  return pipeline.get_or_train_tokenizer(path, texts, config.tokenizer.vocab_size)
+  return get_or_train_tokenizer(path, texts, config.tokenizer.vocab_size)
 
 
 def checkpoint_family(config: ml_collections.ConfigDict) -> str:

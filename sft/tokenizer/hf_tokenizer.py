@@ -33,8 +33,8 @@ import jinja2.utils
 import numpy as np
 
 from sft.errors import ConfigError
-from sft.pipeline.chat import TokenizerFailure, validate_messages
-from sft.pipeline.hf_template import (
+from sft.tokenizer.chat import TokenizerFailure, validate_messages
+from sft.tokenizer.hf_template import (
   MAX_RENDER_CHARS,
   RENDER_LIMITS,
   RENDER_TIMEOUT_S,
@@ -47,7 +47,7 @@ from sft.pipeline.hf_template import (
   check_time,
   raise_exception,
 )
-from sft.pipeline.sentencepiece_proto import USER_DEFINED, piece_types, plain_text_model
+from sft.tokenizer.sentencepiece_proto import USER_DEFINED, piece_types, plain_text_model
 
 # A one-turn chat whose rendering shows what the template writes after an answer (see `end_of_turn_ids`).
 _PROBE_ANSWER = "Paris is the capital of France."

@@ -1,7 +1,7 @@
 """The chat template's jinja environment: sandboxed, bounded in time and in the size of what it builds
 (`render_timeout_s`, `max_render_chars`, set per rendering through `limits`), and watched: `Watched` wraps
 a chat's messages so that one rendering records where the template's loop reaches each message, which
-is where a shorter chat's rendering would end (see `Watch`). sft.pipeline.hf_tokenizer renders with it.
+is where a shorter chat's rendering would end (see `Watch`). sft.tokenizer.hf_tokenizer renders with it.
 """
 
 from __future__ import annotations

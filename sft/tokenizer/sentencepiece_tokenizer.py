@@ -17,8 +17,8 @@ import numpy as np
 import sentencepiece as spm
 
 from sft.errors import ConfigError
-from sft.pipeline.chat import ChatTokenizer, validate_messages
-from sft.pipeline.sentencepiece_proto import plain_text_model
+from sft.tokenizer.chat import ChatTokenizer, validate_messages
+from sft.tokenizer.sentencepiece_proto import plain_text_model
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
@@ -154,7 +154,7 @@ def load_tokenizer(path: str | pathlib.Path) -> ChatTokenizer:
   if path.is_file():
     return Tokenizer.load(path)
   if path.is_dir():
-    from sft.pipeline.hf_tokenizer import HFTokenizer  # noqa: PLC0415 (jinja2 and tokenizers only when used)
+    from sft.tokenizer.hf_tokenizer import HFTokenizer  # noqa: PLC0415 (jinja2 and tokenizers only when used)
 
     return HFTokenizer(path)
   raise ConfigError(f"no tokenizer at {str(path)!r}: expected a SentencePiece .model file or a Hugging Face folder")
