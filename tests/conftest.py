@@ -1,12 +1,9 @@
 """Shared fixtures: a small real SentencePiece tokenizer and a tiny model config; the skip gate; the example
-counts of each tier; a compilation cache for the session."""
+counts of each tier."""
 
 import os
-import shutil
 import sys
-import tempfile
 
-import jax
 import pytest
 from hypothesis import settings
 
@@ -36,19 +33,26 @@ def _fast_tier(config):
 def pytest_configure(config):
   if not config.getoption("hypothesis_profile", None):
     settings.load_profile("dev" if _fast_tier(config) else "ci")
-  _compilation_cache(config)
 
 
-def _compilation_cache(config):
-  """Programs compiled once per session, not once per test: the tests build the same tiny models again and
-  again, and XLA's result is the same either way. A fresh folder per session (runs side by side share
-  nothing); a JAX_COMPILATION_CACHE_DIR set by hand wins."""
-  if os.environ.get("JAX_COMPILATION_CACHE_DIR") or jax.config.jax_compilation_cache_dir:
-    return
-  folder = tempfile.mkdtemp(prefix="sft-test-jit-cache-")
-  config.add_cleanup(lambda: shutil.rmtree(folder, ignore_errors=True))
-  jax.config.update("jax_compilation_cache_dir", folder)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+def pytest_generate_tests(metafunc):
+  """A test marked `both_kernel_paths` (a module's `pytestmark` included) runs with the CPU-tuned kernels and
+  again with the code GPUs and TPUs run (sft.model.backend); the second run is in the full suite only (`slow`).
+  `cpu_kernels_only` keeps a test of the CPU-tuned code itself to the first."""
+  if metafunc.definition.get_closest_marker("both_kernel_paths"):
+    paths = [pytest.param(True, id="cpu_kernels")]
+    if not metafunc.definition.get_closest_marker("cpu_kernels_only"):
+      paths.append(pytest.param(False, id="accelerator_kernels", marks=pytest.mark.slow))
+    metafunc.parametrize("kernel_path", paths, indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def kernel_path(request):
+  """The kernels a `both_kernel_paths` test runs with; the backend's default for every other test."""
+  from sft.model.backend import cpu_kernels
+
+  with cpu_kernels(getattr(request, "param", None)):
+    yield
 
 
 @pytest.fixture(scope="session")

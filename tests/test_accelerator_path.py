@@ -70,7 +70,7 @@ def test_the_forward_pass_is_the_same_both_ways(tiny_model_config, variant):
   assert apply._cache_size() == 2  # one jitted function, traced under each setting
 
 
-@both_variants
+@pytest.mark.parametrize("variant", ["tied", pytest.param("untied_lora", marks=pytest.mark.slow)])
 def test_the_train_step_is_traced_again_under_the_other_setting_and_its_gradients_agree(tiny_model_config, variant, monkeypatch):
   """The run's step builder (jit_train_step) with SGD at learning rate 1: params - new params are the
   gradients. Built once and called under each setting, it is traced twice, each trace taking its

@@ -19,6 +19,9 @@ from sft.model import ModelConfig, Transformer
 from sft.model.layers import OUT_IN
 from sft.model.transformer import init_cache, split_cache, split_layers, weights_out_in
 
+# Each test also runs with the code GPUs and TPUs run (tests/conftest.py), in the full suite.
+pytestmark = pytest.mark.both_kernel_paths
+
 # A vocabulary much wider than anything else, so that a (B, P, V) array is the largest one by far.
 CFG = ModelConfig(vocab_size=512, d_model=16, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=8, mlp_dim=32, tie_embeddings=False)
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3, 4], [12, 13, 14, 15]]  # uneven: rows end at different slots
@@ -151,6 +154,7 @@ def test_a_decoding_step_on_out_in_copies_equals_one_on_the_weights(overrides):
 
 
 @pytest.mark.slow
+@pytest.mark.cpu_kernels_only
 def test_the_token_loop_multiplies_by_weights_stored_out_in_on_cpu():
   """Every projection in the compiled token loop contracts its weight's minor axis (an (out, in)
   copy): without the barrier in generate, XLA cancels the copies' transposes and multiplies by the

@@ -12,6 +12,9 @@ from sft.evaluator.generate import make_greedy_generate, pad_prompts
 from sft.model import ModelConfig, Transformer, apply_rope, attention_mask, decode_mask
 from sft.trainer.step import loss_fn
 
+# Each test also runs with the code GPUs and TPUs run (tests/conftest.py), in the full suite.
+pytestmark = pytest.mark.both_kernel_paths
+
 RNG = np.random.default_rng(0)
 # GPT-2's shape: LayerNorm, learned positions, a plain GELU MLP and biases on every projection.
 GPT2 = ModelConfig(

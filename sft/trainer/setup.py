@@ -103,7 +103,7 @@ class RunSetup:
     if per_device % micro_batches:
       raise ConfigError(
           f"{name} ({batch_size}) leaves {per_device} row(s) per device with train.parallelism='pmap', "
-          f"which do not split into {micro_batches} micro-batches (train.grad_accum_steps)"
+          f"which do not split into {micro_batches} micro-batches (gradient accumulation)"
       )
 
 
