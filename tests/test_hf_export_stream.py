@@ -31,16 +31,22 @@ def random_params(cfg, dtype=jnp.float32, seed=0):
 
 
 def old_export(params, cfg, folder, family, max_shard_bytes):
-  """The exporter as it was: every tensor on the host at once, written by the package."""
+  """What the export must equal, written without the exporter's sharding or writer: every tensor on the
+  host at once, shards filled in name order up to `max_shard_bytes` (a bigger tensor alone), each file
+  written by the `safetensors` package itself."""
   folder.mkdir(parents=True)
-  tensors = to_hf_tensors(params, cfg)
-  shards = list(safetensors_io.iter_shards(tensors, max_shard_bytes))
+  tensors = {name: np.ascontiguousarray(t) for name, t in to_hf_tensors(params, cfg).items()}
+  shards = [[]]
+  for name in sorted(tensors):
+    if shards[-1] and sum(tensors[n].nbytes for n in shards[-1]) + tensors[name].nbytes > max_shard_bytes:
+      shards.append([])
+    shards[-1].append(name)
   n = len(shards)
   names = [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)] if n > 1 else ["model.safetensors"]
   weight_map = {}
-  for name, shard in zip(names, shards):
-    safetensors_io.save_file(shard, folder / name, {"format": "pt"})
-    weight_map.update({tensor: name for tensor in shard})
+  for file_name, shard in zip(names, shards):
+    safetensors.numpy.save_file({t: tensors[t] for t in shard}, folder / file_name, metadata={"format": "pt"})
+    weight_map.update({t: file_name for t in shard})
   if n > 1:
     index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())}, "weight_map": weight_map}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
@@ -145,7 +151,8 @@ def test_stream_writer_matches_the_package_for_every_dtype(tmp_path):
   tensors["m.empty"] = np.zeros((0, 3), np.float32)
   specs = {name: (t.dtype, t.shape) for name, t in tensors.items()}
   for metadata in (None, {"format": "pt"}):
-    safetensors_io.save_file(tensors, tmp_path / "package.safetensors", metadata)
+    contiguous = {name: np.ascontiguousarray(t) for name, t in tensors.items()}
+    safetensors.numpy.save_file(contiguous, tmp_path / "package.safetensors", metadata=metadata)
     with safetensors_io.StreamWriter(tmp_path / "stream.safetensors", specs, metadata) as writer:
       for name in safetensors_io.write_order(specs):
         writer.write(name, tensors[name])
