@@ -493,3 +493,21 @@ def test_every_empty_split_is_named_at_once_and_a_refused_run_leaves_no_config(t
   assert str(refused.value).startswith("2 problems with the data build"), refused.value
   assert "the validation split" in str(refused.value) and "the pretrain split" in str(refused.value)
   assert not (tmp_path / "run" / "config.json").exists()
+
+
+def test_a_vocabulary_the_data_cannot_fill_names_its_key(tmp_path, chat_records):
+  from sft.databuilder import build_dataset
+  from sft.trainer import loop
+
+  raw = tmp_path / "raw"
+  raw.mkdir()
+  (raw / "chats.jsonl").write_text("".join(json.dumps({"messages": r["messages"]}) + "\n" for r in chat_records[:20]))
+  build = build_config()
+  build.input_dir, build.filter.language.enabled, build.output.validation_fraction = str(raw), False, 0.2
+  build_dataset(build, tmp_path / "data", progress=False)
+  config = base_config()
+  config.data.source, config.data.dir = "dir", str(tmp_path / "data")
+  config.tokenizer.vocab_size = 50_000
+  with pytest.raises(ConfigError, match=r"^tokenizer.vocab_size=50000: cannot train a tokenizer"):
+    loop.train_and_evaluate(config, tmp_path / "run")
+  assert not (tmp_path / "run" / "config.json").exists()

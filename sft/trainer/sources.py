@@ -128,7 +128,10 @@ def _get_or_train_tokenizer(config: ml_collections.ConfigDict, path: pathlib.Pat
   if not path.exists():
     log.info("tokenizer: training a SentencePiece model (vocab %d) on %s texts", config.tokenizer.vocab_size, f"{len(texts):,}")
     texts = track(texts, "tokenizer: reading texts", total=len(texts), unit=" texts")
-  return get_or_train_tokenizer(path, texts, config.tokenizer.vocab_size)
+  try:
+    return get_or_train_tokenizer(path, texts, config.tokenizer.vocab_size)
+  except ConfigError as err:  # SentencePiece refuses a vocabulary the texts cannot fill: name the key to lower
+    raise ConfigError(f"tokenizer.vocab_size={config.tokenizer.vocab_size}: {err}") from None
 
 
 def checkpoint_family(config: ml_collections.ConfigDict) -> str:
