@@ -166,6 +166,8 @@ def _load_error(err, argv) -> str:
     err = err.args[0]
   text = str(err.args[0]) if err.args else str(err)
   config_arg = next((a.partition("=")[2] for a in argv if a.startswith(("--config=", "-config="))), "")
+  if not config_arg:  # the two-word form, `--config path.py`
+    config_arg = next((b for a, b in zip(argv, argv[1:]) if a in ("--config", "-config")), "")
   if "has no attribute 'get_config'" in text:
     return f"--config={config_arg}: the file defines no get_config() (a config file returns its ConfigDict from get_config)"
   key = text.splitlines()[0].strip("\"' ") if text else "?"

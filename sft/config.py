@@ -23,6 +23,7 @@ from sft.config_keys import (
   POSITIVE,
   OneOf,
   Range,
+  constraints,
   key,
   locked,
   section,
@@ -207,13 +208,25 @@ def model_section() -> ml_collections.ConfigDict:
 
 def base_config() -> ml_collections.ConfigDict:
   """Every run key at its default, locked (the model section after the tokenizer, as a reader expects)."""
-  c = to_config_dict(Run)
+  sections = to_config_dict(Run)
   ordered = ml_collections.ConfigDict()
-  for name, value in c.items():
-    ordered[name] = value
-    if name == "tokenizer":
+  for field in dataclasses.fields(Run):
+    ordered[field.name] = sections[field.name]
+    if field.name == "tokenizer":
       ordered.model = model_section()
   return locked(ordered, Run)
+
+
+# Dotted key -> its check, as its field declares it (the model section is ModelConfig's to check).
+CHECKS = constraints(Run)
+
+
+def check_value(key: str, value: Any) -> None:
+  """`value` against the check `key` declares: for a library function handed a value directly (a
+  notebook), with the config's own rule and message."""
+  problem = CHECKS[key](value)
+  if problem:
+    raise ConfigError(f"{key}: {problem}")
 
 
 # Keys a resumed run may change: they steer evaluation, sampling, checkpointing, logging, the device

@@ -12,7 +12,7 @@ import ml_collections
 
 from sft import config as run_keys
 from sft.config import base_config
-from sft.config_keys import constraints, open_sections, problems_against, raise_problems, rule_problems
+from sft.config_keys import open_sections, problems_against, raise_problems, rule_problems
 from sft.databuilder import config as build_keys
 from sft.errors import ConfigError
 from sft.model.config import ModelConfig
@@ -20,7 +20,7 @@ from sft.model.config import ModelConfig
 BUILD = "data.build."  # where a run config holds the config of its data build
 
 # Dotted key -> its check, as its field declares it (the model section is ModelConfig's to check).
-CONSTRAINTS = constraints(run_keys.Run)
+CONSTRAINTS = run_keys.CHECKS
 # Sections of user data (raw field -> field, n-gram size -> fraction): their keys are values, not config keys.
 OPEN_SECTIONS = open_sections(run_keys.Run)
 

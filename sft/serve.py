@@ -21,6 +21,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from sft.config import check_value
 from sft.errors import ConfigError
 from sft.evaluator.generate import (
     fit_prompts,
@@ -87,7 +88,8 @@ def load_responder(
   run = setup.setup_run(config)
   tokenizer = setup.open_tokenizer(config, workdir)
   sc = config.sample
-  overflow = sc.prompt_overflow
+  overflow = sc.get("prompt_overflow", "truncate")  # a config.json saved before the key existed
+  check_value("sample.prompt_overflow", overflow)
   room = prompt_room(config.train.seq_len, sc.max_new_tokens, "sample.max_new_tokens")
   params, origin = setup.serving_params(config, workdir, run)
   log.info("serving %s", origin)

@@ -511,3 +511,27 @@ def test_a_vocabulary_the_data_cannot_fill_names_its_key(tmp_path, chat_records)
   with pytest.raises(ConfigError, match=r"^tokenizer.vocab_size=50000: cannot train a tokenizer"):
     loop.train_and_evaluate(config, tmp_path / "run")
   assert not (tmp_path / "run" / "config.json").exists()
+
+
+def test_library_entry_points_apply_the_declared_rules_to_values_handed_to_them(tmp_path):
+  from sft.trainer import inspect as trainer_inspect
+  from sft.trainer import loop, sources
+  from sft.trainer.checkpoint import Checkpointer
+
+  with pytest.raises(ConfigError, match=r"^checkpoint.max_to_keep: must be >= 1, got 0"):
+    Checkpointer(tmp_path / "ckpt", max_to_keep=0, save_interval_steps=1)  # 0 would delete what it saves
+  config = base_config()
+  config.train.grad_accum_steps = 3  # does not divide 16
+  with pytest.raises(ConfigError, match="train.grad_accum_steps \\(3\\) must divide"):
+    loop.train_and_evaluate(config, tmp_path / "run")
+  with pytest.raises(ConfigError, match="train.grad_accum_steps \\(3\\) must divide"):
+    trainer_inspect.inspect_training_rows(config, tmp_path / "run")
+  assert not (tmp_path / "run").exists()
+  config = base_config()
+  config.unlock()
+  config.data.source = "buld"
+  with pytest.raises(ConfigError, match="data.source: must be one of 'build', 'dir'"):
+    sources.data_folder(config, tmp_path / "run")
+  config = base_config()
+  config.model.lora_targets = [["q"]]  # not hashable: a clear problem, not a TypeError
+  assert problems_of(config) == "model.lora_targets must hold projection names (strings), got [['q']]"

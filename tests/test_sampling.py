@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from fresh_process import fresh_env, run_json
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from test_hf_tokenizer import CHATML, FAMILIES, make_folder
+from test_hf_tokenizer import CHAT, CHATML, FAMILIES, make_folder
 
 from sft.errors import ConfigError
 from sft.evaluator import Evaluator, Sampler, make_generate, pad_prompts, strip_generation
@@ -193,3 +193,17 @@ def test_out_sharding_replicates_a_batch_sharded_over_eight_devices():
   assert result["devices"] == 8
   assert not result["plain_replicated"]  # left alone, the ids follow the batch: one process could not read them all
   assert result["placed_replicated"] and result["placed_shard_shapes"] == [[8, 6]] and result["equal"]
+
+
+def test_an_unknown_normalization_fails_when_the_evaluator_is_built(tmp_path):
+  tok = HFTokenizer(make_folder(tmp_path, CHATML, eos_token="<|im_end|>"))
+  with pytest.raises(ConfigError, match="eval.answer_normalization: must be one of 'squad', 'whitespace'"):
+    Evaluator(
+        [{"messages": CHAT}], tokenizer=tok, model=None, eval_step=None, place_batch=None, seq_len=64,
+        batch_size=2, num_generations=1, max_new_tokens=8, normalization="lowercase",
+    )  # fmt: skip
+  with pytest.raises(ConfigError, match="eval.prompt_overflow: must be one of 'truncate', 'refuse'"):
+    Evaluator(
+        [{"messages": CHAT}], tokenizer=tok, model=None, eval_step=None, place_batch=None, seq_len=64,
+        batch_size=2, num_generations=1, max_new_tokens=8, prompt_overflow="refused",
+    )  # fmt: skip

@@ -21,6 +21,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from sft import pipeline
+from sft.config import check_value
 from sft.console import track
 from sft.errors import ConfigError
 from sft.evaluator import choices as choices_lib
@@ -148,6 +149,10 @@ class Evaluator:
       bootstrap_samples: int = 1000,  # eval.bootstrap_samples: resamples behind each interval of the report
       seed: int = 0,  # the run's seed: the report's intervals are reproducible
   ):
+    # Handed directly (a notebook) rather than from a checked config: the config's own rules.
+    check_value("eval.answer_normalization", normalization)
+    check_value("eval.prompt_overflow", prompt_overflow)
+    check_value("eval.bootstrap_samples", bootstrap_samples)
     if not records:
       raise ValueError("the eval split is empty: there is nothing to evaluate on")
     records = list(records)

@@ -123,6 +123,8 @@ class ModelConfig:
       raise ConfigError(f"model.sliding_window_pattern must be >= 0, got {self.sliding_window_pattern}")
     if self.lora_rank < 0 or not 0.0 <= self.lora_dropout < 1.0:
       raise ConfigError(f"model.lora_rank must be >= 0 and lora_dropout in [0, 1); got {self.lora_rank}, {self.lora_dropout}")
+    if not all(isinstance(t, str) for t in self.lora_targets):
+      raise ConfigError(f"model.lora_targets must hold projection names (strings), got {list(self.lora_targets)!r}")
     unknown = set(self.lora_targets) - set(LORA_TARGETS)
     if unknown:
       raise ConfigError(f"model.lora_targets has {sorted(unknown)}; the projections are {LORA_TARGETS}")

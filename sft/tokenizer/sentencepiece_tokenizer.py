@@ -34,10 +34,10 @@ class Tokenizer:
     fixed = {"pad": (PAD_ID, self._sp.pad_id()), "bos": (BOS_ID, self._sp.bos_id()), "eos": (EOS_ID, self._sp.eos_id())}
     for name, (want, got) in fixed.items():
       if want != got:
-        raise ValueError(f"tokenizer has {name}_id={got}, expected {want}; retrain it with sft.pipeline.train_tokenizer")
+        raise ValueError(f"tokenizer has {name}_id={got}, expected {want}; retrain it with sft.tokenizer.train_tokenizer")
     missing = [t for t in CONTROL_TOKENS if self._sp.piece_to_id(t) == self._sp.unk_id()]
     if missing:
-      raise ValueError(f"tokenizer lacks the chat control tokens {missing}; retrain it with sft.pipeline.train_tokenizer")
+      raise ValueError(f"tokenizer lacks the chat control tokens {missing}; retrain it with sft.tokenizer.train_tokenizer")
     self.role_ids = {role: self._sp.piece_to_id(tok) for role, tok in ROLE_TOKENS.items()}
     self.end_id = self._sp.piece_to_id(END_OF_TURN)
     self._plain = plain_text_model(model_proto)

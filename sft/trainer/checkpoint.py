@@ -19,6 +19,7 @@ import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from sft.config import check_value
 from sft.errors import ConfigError, cannot_write, disk_error
 
 log = logging.getLogger("sft")
@@ -49,6 +50,8 @@ class Checkpointer:
   the ones that would have come next."""
 
   def __init__(self, directory: str | pathlib.Path, *, max_to_keep: int, save_interval_steps: int):
+    check_value("checkpoint.max_to_keep", max_to_keep)  # 0 would delete every checkpoint it saves
+    check_value("checkpoint.every_steps", save_interval_steps)
     self.directory = pathlib.Path(directory).absolute()
     _quiet_disk_errors()
     self.manager = ocp.CheckpointManager(

@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 
 from sft import pipeline
+from sft.config_check import check_config
 from sft.console import ensure_console_handler
 from sft.databuilder.write import atomic_write_text
 from sft.errors import ConfigError, cannot_write
@@ -67,6 +68,7 @@ def inspect_training_rows(
   With `color` (default: whether standard output is a colour terminal) `text` shows every token, trained
   ones highlighted; otherwise, or with `out`, an HTML page is written (to `out`, else a temporary file).
   `generator` serves the data build's annotation model, as in `sft.jobs.train_and_evaluate`."""
+  check_config(config)
   ensure_console_handler()  # the data build's and tokenizer's lines, as in the train job
   if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
     raise ConfigError(f"rows must be a whole number of at least 1, got {rows!r}")

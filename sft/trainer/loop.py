@@ -19,6 +19,7 @@ import jax
 import ml_collections
 
 from sft import pipeline
+from sft.config_check import check_config
 from sft.console import ensure_console_handler
 from sft.errors import ConfigError, RunStopped, cannot_write
 from sft.evaluator import compare as compare_lib
@@ -138,13 +139,14 @@ def train_and_evaluate(
   data.source="build", `generator` serves the data build's model annotation (see sft.jobs);
   `takeover_lock` takes the workdir's lock over from a holder that cannot be checked (lock.workdir_lock).
 
-  The config is one `sft.config_check.check_config` passed (`sft.train_and_evaluate` checks it); one run at a time holds the workdir; a
+  Nothing is written before the whole config is checked; one run at a time holds the workdir; a
   resumed run refuses config changes that would mix two experiments (see sft/trainer/rundir.py). A full
   disk, a read-only workdir or a missing permission is a CannotWrite (a ConfigError) naming the path;
   a loss that is not finite is a TrainingDiverged (see sft/trainer/finite.py)."""
   workdir = pathlib.Path(workdir)
   t_start = time.time()
   ensure_console_handler()
+  check_config(config)  # every key, before anything is written (cheap: sft.train_and_evaluate has checked it too)
   log.info("config:\n%s", config_summary(config))
   run = setup.setup_run(config)
   if config.train.parallelism == "pmap":

@@ -24,6 +24,7 @@ import jax
 import ml_collections
 
 from sft import databuilder, hf
+from sft.config import check_value
 from sft.config_keys import raise_problems
 from sft.console import track
 from sft.errors import ConfigError
@@ -74,6 +75,7 @@ def read_built(folder: pathlib.Path, *, need_pretrain: bool) -> dict[str, Any]:
 
 def data_folder(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> pathlib.Path:
   """Where a run's data build is: data.dir (data.source "dir"), or <workdir>/data, built there."""
+  check_value("data.source", config.data.source)
   return pathlib.Path(config.data.dir) if config.data.source == "dir" else Workdir(workdir).data
 
 
