@@ -2,7 +2,6 @@
 
   sft --config=quickstart --workdir=/tmp/sft-quickstart --config.train.sft_steps=50
   sft --config=finetune:lora --workdir=/tmp/sft-lora --config.model.checkpoint=/path/to/hf_model
-  sft --config=eval --workdir=/tmp/sft-eval --config.eval.model_workdir=/tmp/sft-quickstart --config.data.dir=/tmp/sft-quickstart/data
   python launch.py --config=configs/quickstart.py --workdir=/tmp/sft-quickstart
   sft inspect --config=quickstart --workdir=/tmp/sft-quickstart --rows=4   # the first packed rows, trained tokens marked
 

@@ -1,20 +1,15 @@
-"""The eval job: a model and held-out records in, `<workdir>/eval/report.md` and `results.json` out.
-
-    python launch.py --config=configs/eval.py --workdir=/tmp/sft-eval \
-        --config.eval.model_workdir=/tmp/sft-quickstart --config.data.dir=/tmp/sft-quickstart/data
+"""The eval job: a model and held-out records in, `<workdir>/eval/report.md` and `results.json` out. Its
+commands are in the docstring of configs/eval.py.
 
 The model: the latest checkpoint of a training workdir (`eval.model_workdir`; its config.json says how
 the model and tokenizer are built), or a Hugging Face folder (`model.checkpoint`). The records: eval
 files (`eval.files`, any format the data builder reads; templates give their task), or the validation
-split of a data build (`data.source` "dir" with `data.dir`, or "build"). Nothing is trained.
+split of the run config's data section (a data build's folder, or a build). Nothing is trained.
 
 With `eval.compare_to` (a second training workdir or Hugging Face folder) the job evaluates that model
 too, on the same records with the same settings and greedy decoding, one model's parameters in memory at
 a time, and writes `<workdir>/eval/compare.md` and `compare.json`: model B (compare_to) against model A
 (the one above), per task and metric, with paired intervals and tests (sft/evaluator/compare.py).
-
-    python launch.py --config=configs/eval.py --workdir=/tmp/sft-compare --config.data.dir=/tmp/sft-quickstart/data \
-        --config.eval.model_workdir=/tmp/sft-base --config.eval.compare_to=/tmp/sft-quickstart
 
 The job holds its workdir's lock (one job or training run per workdir), and its workdir is never a
 training run's: its report would replace that run's eval/report.md.
