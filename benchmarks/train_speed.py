@@ -219,11 +219,15 @@ def profile_step(ours: Ours, trace_dir: str) -> list[tuple[float, float, str]]:
   """One traced step of ours, and its operations' time by source (see benchmarks/profile_ops.py)."""
   from benchmarks import profile_ops
 
+  # The traced program is the one whose text names its operations: a second compilation may number them
+  # otherwise, and the trace's operations would then find no source.
+  compiled = ours.step_fn.lower(ours.state, ours.batch).compile()
   with jax.profiler.trace(trace_dir):
     t0 = time.perf_counter()
-    ours.step()
+    ours.state, metrics = compiled(ours.state, ours.batch)
+    float(metrics["loss"])  # waits for the step
     wall_s = time.perf_counter() - t0
-  rows = profile_ops.breakdown(ours.step_fn.lower(ours.state, ours.batch).compile().as_text(), trace_dir)
+  rows = profile_ops.breakdown(compiled.as_text(), trace_dir)
   profile_ops.print_breakdown(rows, wall_s)
   return rows
 

@@ -19,11 +19,12 @@ from sft.databuilder import api_records, pretrain_texts, read_module  # noqa: E4
 from sft.model import ModelConfig  # noqa: E402
 from sft.tokenizer import train_tokenizer  # noqa: E402
 
-# Example counts live here, not in the tests: the full suite (what CI runs) tries as many as the most any
-# property asked for before; the fast tier (`-m "not slow"`) a few of each. `--hypothesis-profile=ci|dev`
-# picks one by hand. A test keeps its own count only where its examples are costly, said beside it.
-settings.register_profile("ci", max_examples=400, deadline=None)
-settings.register_profile("dev", max_examples=25, deadline=None)
+# Hypothesis example counts: the full suite (what CI runs) tries each property's own count (100 where it
+# sets none, Hypothesis's default); the fast tier (`-m "not slow"`) caps every property at FAST_EXAMPLES.
+# `--hypothesis-profile=ci|dev` picks one by hand.
+FAST_EXAMPLES = 25
+settings.register_profile("ci", deadline=None)
+settings.register_profile("dev", max_examples=FAST_EXAMPLES, deadline=None)
 
 
 def _fast_tier(config):
@@ -33,6 +34,17 @@ def _fast_tier(config):
 def pytest_configure(config):
   if not config.getoption("hypothesis_profile", None):
     settings.load_profile("dev" if _fast_tier(config) else "ci")
+
+
+def pytest_collection_modifyitems(config, items):
+  """In the fast tier, a property's own count is capped too (a decorator's count outranks the profile)."""
+  if not _fast_tier(config) and config.getoption("hypothesis_profile", None) != "dev":
+    return
+  for item in items:
+    test = getattr(item, "obj", None)
+    own = getattr(test, "_hypothesis_internal_use_settings", None)
+    if own is not None and own.max_examples > FAST_EXAMPLES:
+      test._hypothesis_internal_use_settings = settings(own, max_examples=FAST_EXAMPLES)
 
 
 def pytest_generate_tests(metafunc):

@@ -166,7 +166,7 @@ def wrong_types(default):
   return st.one_of(st.integers(), st.none(), st.text(max_size=5), st.lists(st.integers(), max_size=2))
 
 
-@settings(deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(data=st.data(), leaf=st.sampled_from(LEAVES))
 def test_a_value_of_the_wrong_type_is_named(data, leaf):
   kind, path = leaf
@@ -201,7 +201,7 @@ RANGED = [
 ]
 
 
-@settings(deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(data=st.data(), leaf=st.sampled_from(RANGED))
 def test_a_value_out_of_range_is_named(data, leaf):
   kind, path = leaf
@@ -256,7 +256,7 @@ ALL_PATHS = {
 }
 
 
-@settings(deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(data=st.data(), leaf=st.sampled_from(LEAVES))
 def test_a_misspelled_key_is_named_with_the_nearest_valid_key(data, leaf):
   # As `c.train.sft_stpes = 5` in a config file: a new key beside the one meant, which keeps its default.

@@ -143,7 +143,7 @@ def test_a_chat_may_name_its_task(tmp_path):
   assert [r["dropped"]["reason"] for r in out[1:3]] == ["unknown task", "unknown task"]
 
 
-@settings(deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(
     text=st.text(st.sampled_from("ab _-.\n"), max_size=20),
     answer=st.text(st.sampled_from("ab "), max_size=4),

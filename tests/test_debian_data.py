@@ -222,7 +222,7 @@ _WORDS = st.sampled_from(["the", "library", "tool", "Data", "network", "fast", "
 _SEP = st.sampled_from([" ", ", ", " (", ") ", "-", "/", ". "])
 
 
-@settings(deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(st.lists(st.tuples(_WORDS, _SEP), min_size=1, max_size=20), st.integers(0, 2**32 - 1))
 def test_blank_fill_round_trip(parts, seed):
   sentence = "".join(w + s for w, s in parts).strip()

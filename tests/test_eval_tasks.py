@@ -30,7 +30,7 @@ def _chat(user, answer, **extra):
   return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}], **extra}
 
 
-@settings(deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(sizes=st.lists(st.integers(0, 12), min_size=1, max_size=7), num=st.integers(-1, 60))
 def test_generation_prompts_are_shared_evenly_between_tasks(sizes, num):
   records = [{"task": task, "i": i} for task, n in zip(tasks_lib.TASKS, sizes) for i in range(n)]
@@ -97,7 +97,7 @@ def test_candidate_log_likelihoods_equal_the_models_own(tokenizer, tiny_model_co
   assert len(too_long) == 0 and too_long.skipped == {choices_lib.SKIP_TOO_LONG: 1}
 
 
-@settings(deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(st.text(st.sampled_from("`a\n|#"), max_size=30))
 def test_quoted_examples_cannot_close_their_fence(text):
   fenced = fence(text)
@@ -245,7 +245,7 @@ def test_every_figure_of_a_task_has_an_interval_that_holds_it(task):
   assert tasks_lib.intervals(task, [], []) == {}
 
 
-@settings(deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from("abcdx"), st.sampled_from("abc")), min_size=1, max_size=40))
 def test_classification_intervals_hold_the_figures_on_any_answers(pairs):
   predictions, references = (list(column) for column in zip(*pairs))

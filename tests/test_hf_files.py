@@ -101,7 +101,7 @@ _JSON = st.recursive(
 _KEYS = sorted(hf_config._READ | hf_config._GPT2_READ | {"model_type", "torch_dtype", "layer_types"})
 
 
-@settings(deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(
     family=st.sampled_from(hf_config.FAMILIES),
     changes=st.dictionaries(st.sampled_from(_KEYS), _JSON | st.sampled_from([0, 1, 2, 16, 64, "llama", "silu", "llama3", False, True]), max_size=4),
@@ -117,7 +117,7 @@ def test_any_config_json_gives_a_model_config_or_a_config_error(family, changes,
   assert isinstance(cfg, ModelConfig)
 
 
-@settings(deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(hf=st.dictionaries(st.text(max_size=12), _JSON, max_size=6) | _JSON)
 def test_a_random_json_value_as_config_json_is_a_config_error(hf):
   with pytest.raises(ConfigError):

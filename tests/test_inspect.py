@@ -218,7 +218,7 @@ MARKUP = st.sampled_from(list("<>&\"'/ =ab\n\t\x1b[2J;\u202e\x00é🙂"))  # mar
 HOSTILE = st.text(alphabet=MARKUP | st.characters(codec="utf-8"), min_size=1, max_size=40)
 
 
-@settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(user=HOSTILE, answer=HOSTILE)
 def test_hostile_content_is_text_on_the_page_and_in_the_terminal(tokenizer, user, answer):
   chat = {"messages": [{"role": "user", "content": f"<script>{user}</pre>"}, {"role": "assistant", "content": answer}]}
@@ -238,7 +238,7 @@ def test_hostile_content_is_text_on_the_page_and_in_the_terminal(tokenizer, user
   assert re.findall(r"\x1b\[[^m]*m", terminal) == re.findall(r"\x1b\[[0-9;]*m", terminal)
 
 
-@settings(deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(content=st.text(st.characters(codec="utf-8"), min_size=1, max_size=60))
 def test_token_texts_add_up_to_the_decoded_text(tokenizer, content):
   ids = tokenizer.encode(content)

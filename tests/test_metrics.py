@@ -87,7 +87,7 @@ PIECES = st.one_of(
     st.text(max_size=4),
 )
 ANSWERS = st.lists(PIECES, max_size=12).map("".join)
-SOME = settings(deadline=None)
+SOME = settings(max_examples=400, deadline=None)
 
 
 @SOME

@@ -168,7 +168,7 @@ class _Saved:
     return 7
 
 
-@hypothesis.settings(deadline=None)
+@hypothesis.settings(max_examples=200, deadline=None)
 @hypothesis.given(
     bad=st.lists(st.booleans(), min_size=1, max_size=30), skip=st.booleans(), max_in_a_row=st.integers(1, 4),
     reads=st.lists(st.integers(1, 30), max_size=5),

@@ -21,7 +21,7 @@ import pytest
 
 WORKER = pathlib.Path(__file__).resolve().parent / "resume_worker.py"
 STEPS = 24
-TIMING_KEYS = ("train/tokens_per_s",)
+TIMING_KEYS = ("train/tokens_per_s", "train/tflops_per_device", "train/mfu")  # from the wall clock
 # The runs share compiled programs (the same ones, so results are unchanged): each run starts in seconds.
 COMPILE_CACHE = pathlib.Path(tempfile.gettempdir()) / f"sft-test-resume-jit-cache-{os.getuid()}"
 

@@ -80,7 +80,7 @@ def test_the_base_config_has_safe_and_unsafe_keys():
   assert all(any(p == k or p.startswith(k + ".") for p in paths) for k in SAFE)  # no key of SAFE is misspelt
 
 
-@settings(deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(st.data())
 def test_changes_at_resume_are_listed_or_refused(data):
   saved, new = _base(), _base()

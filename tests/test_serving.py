@@ -130,7 +130,7 @@ def test_a_prompt_of_50000_tokens_is_cut_to_the_context_and_the_cache_never_pass
   assert "sample.max_new_tokens=64 is more than half of train.seq_len=64: prompts keep their last 32" in caplog.text
 
 
-@settings(deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(seq_len=st.integers(2, 48), new=st.integers(1, 8), offsets=st.lists(st.integers(-2, 2), min_size=1, max_size=5))
 def test_prompts_around_the_boundary_keep_their_last_tokens_and_fit(seq_len, new, offsets):
   """prompt + max_new_tokens == seq_len +- 1 and around: what fits is untouched, the rest keeps its end;

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from sft.evaluator import stats
 
 
-@settings(deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(n=st.integers(1, 5000), share=st.floats(0, 1), confidence=st.sampled_from([0.5, 0.9, 0.95, 0.99]))
 def test_wilson_interval_is_scipys(n, share, confidence):
   k = round(share * n)
@@ -32,7 +32,7 @@ def test_worked_examples():
   assert stats.mcnemar_exact(9, 2) == 2 * (1 + 11 + 55) / 2**11 == pytest.approx(0.0654, abs=1e-4)
 
 
-@settings(deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(b=st.integers(0, 400), c=st.integers(0, 400))
 def test_mcnemar_exact_is_scipys_binomial_test(b, c):
   p = stats.mcnemar_exact(b, c)
@@ -47,7 +47,7 @@ def test_mcnemar_exact_on_many_items_stays_finite():
   assert 0.0 <= stats.mcnemar_exact(30_000, 20_000) < 1e-100 and stats.mcnemar_exact(25_000, 25_000) == 1.0
 
 
-@settings(deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(st.lists(st.floats(-1e6, 1e6), min_size=1, max_size=60), st.integers(0, 2**32))
 def test_a_bootstrap_interval_holds_its_estimate_and_is_reproducible(values, seed):
   values_n = np.asarray(values)
@@ -106,7 +106,7 @@ def test_a_paired_bootstrap_cancels_what_the_items_share():
   assert flipped["difference"] == pytest.approx(-out["difference"]) and flipped["p_value"] == out["p_value"]
 
 
-@settings(deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(st.lists(st.tuples(st.booleans(), st.booleans()), min_size=1, max_size=40), st.integers(0, 100))
 def test_a_paired_p_value_is_a_probability_on_the_side_of_the_difference(pairs, seed):
   a_n, b_n = (np.asarray(column, np.float64) for column in zip(*pairs))

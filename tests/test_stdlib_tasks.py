@@ -145,7 +145,7 @@ def signatures(draw):
   return inspect.Signature(params)
 
 
-@settings(deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(signatures())
 def test_parameters_round_trip_through_the_signature_text(signature):
   text = str(signature).replace("<class 'int'>", "int").replace("<class 'str'>", "str")
@@ -160,7 +160,7 @@ _SENTENCE = st.builds(
 )
 
 
-@settings(deadline=None)
+@settings(max_examples=50, deadline=None)
 @given(st.lists(st.lists(_SENTENCE, min_size=1, max_size=4), min_size=1, max_size=3), st.booleans())
 def test_a_summary_is_the_start_of_its_excerpt(paragraphs, signature_line):
   docstring = "\n\n".join(["f(a) -> b"] * signature_line + ["\n".join(p) for p in paragraphs])

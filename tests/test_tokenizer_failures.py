@@ -79,7 +79,7 @@ JUNK = st.one_of(
 )
 
 
-@settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(eos=JUNK)
 @example(eos="</s>")
 @example(eos=1e308)

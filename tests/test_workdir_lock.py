@@ -231,7 +231,7 @@ def test_only_our_own_lock_is_removed(tmp_path, caplog):
   assert not path.exists()
 
 
-@settings(deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(
     content=st.one_of(
         st.binary(max_size=64),
