@@ -9,14 +9,14 @@ tokenizers, the chat protocol), `sft.pipeline` (the grain input pipeline) and `s
 records -> an audited chat dataset); `sft.model` (the
 Transformer); `sft.hf` (Hugging Face checkpoints); `sft.trainer` (run setup, sharded training),
 `sft.evaluator` (metrics per task, generation, reports), `sft.serve` (answering prompts),
-`sft.eval_job` (evaluating a saved model); `sft.jobs` and
-`sft.cli` (what the launcher runs).
+`sft.eval_job` (evaluating a saved model); `sft.audit` (how good a data build is, from reviewed
+samples: `sft.audit(config, workdir)`); `sft.jobs` and `sft.cli` (what the launcher runs).
 """
 
 from sft.errors import ConfigError
 
 __all__ = [
-    "ConfigError", "base_config", "build_dataset", "evaluate_model", "inspect_training_rows", "respond", "train_and_evaluate",
+    "ConfigError", "audit", "base_config", "build_dataset", "evaluate_model", "inspect_training_rows", "respond", "train_and_evaluate",
 ]
 
 
@@ -30,4 +30,8 @@ def __getattr__(name):
     from sft import jobs  # noqa: PLC0415
 
     return getattr(jobs, name)
+  if name == "audit":  # the package, which runs the audit when called: sft.audit(config, workdir)
+    import sft.audit  # noqa: PLC0415
+
+    return sft.audit
   raise AttributeError(f"module 'sft' has no attribute {name!r}")

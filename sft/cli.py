@@ -210,7 +210,12 @@ def _check(config):
   from sft.errors import ConfigError  # noqa: PLC0415
 
   try:
-    check_config(config)
+    if config.get("job") == "audit":  # an audit's keys are its own (sft/audit/config.py)
+      from sft.audit.config import check_audit_config  # noqa: PLC0415
+
+      check_audit_config(config)
+    else:
+      check_config(config)
   except ConfigError as err:
     sys.exit(f"FATAL {err}")
 
@@ -224,8 +229,8 @@ def _innermost(err, kind):
 
 
 def run(argv):
-  """The absl main: build, generate or train with the parsed flags."""
-  from sft import jobs  # noqa: PLC0415  (JAX comes with it: not needed for --help)
+  """The absl main: build, audit, evaluate, generate or train with the parsed flags."""
+  from sft import audit, jobs  # noqa: PLC0415  (JAX comes with it: not needed for --help)
   from sft.errors import ConfigError, RunStopped  # noqa: PLC0415
 
   command = argv[1:]
@@ -244,6 +249,8 @@ def run(argv):
       jobs.build_dataset(_CONFIG.value, _WORKDIR.value)
     elif _CONFIG.value.get("job") == "eval":
       jobs.evaluate_model(_CONFIG.value, _WORKDIR.value, takeover_lock=_TAKEOVER_LOCK.value)
+    elif _CONFIG.value.get("job") == "audit":
+      audit.run(_CONFIG.value, _WORKDIR.value)
     elif _GENERATE.value:
       # The model is built from the workdir's config.json; keys given here that would change it are refused.
       answers = jobs.respond(_CONFIG.value, _WORKDIR.value, _GENERATE.value, given_keys=set(override_keys(sys.argv)))

@@ -21,16 +21,21 @@ from sft.trainer import inspect as trainer_inspect
 from sft.trainer import loop
 
 
-def annotation_generator(build: ml_collections.ConfigDict) -> serve.ModelGenerator | None:
-  """The model a build config's `annotate.model_workdir` names (None when it names none)."""
+def open_annotator(build: ml_collections.ConfigDict) -> Any:
+  """The annotator a build config's `annotate.model` names (None when it names none); it loads its
+  weights on first use, so a build that finds nothing to annotate never loads them."""
   ann = build.annotate
-  return serve.ModelGenerator(ann.model_workdir, ann.batch_size, ann.max_new_tokens) if ann.model_workdir else None
+  if not ann.model:
+    return None
+  from sft import annotator  # noqa: PLC0415
+
+  return annotator.open_annotator(ann.model, ann.backend, batch_size=ann.batch_size)
 
 
 def build_dataset(config: ml_collections.ConfigDict, out_dir: str | pathlib.Path, **kwargs: Any) -> dict[str, Any]:
-  """`sft.databuilder.build_dataset`, served by the model `annotate.model_workdir` names; returns the manifest."""
+  """`sft.databuilder.build_dataset`, served by the annotator `annotate.model` names; returns the manifest."""
   check_config(config)  # every key, before a model is loaded or a file read
-  kwargs.setdefault("generator", annotation_generator(config))
+  kwargs.setdefault("annotator", open_annotator(config))
   return databuilder.build_dataset(config, out_dir, **kwargs)
 
 
@@ -38,7 +43,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   """`sft.trainer.loop.train_and_evaluate`, its data build (data.source="build") served like `build_dataset`."""
   check_config(config)  # every key, before the annotation model loads
   if config.data.source == "build":
-    kwargs.setdefault("generator", annotation_generator(config.data.build))
+    kwargs.setdefault("annotator", open_annotator(config.data.build))
   return loop.train_and_evaluate(config, workdir, **kwargs)
 
 
@@ -47,7 +52,7 @@ def inspect_training_rows(config: ml_collections.ConfigDict, workdir: str | path
   the loss-masked tokens marked; its data build (data.source="build") served like `train_and_evaluate`'s."""
   check_config(config)
   if config.data.source == "build":
-    kwargs.setdefault("generator", annotation_generator(config.data.build))
+    kwargs.setdefault("annotator", open_annotator(config.data.build))
   return trainer_inspect.inspect_training_rows(config, workdir, **kwargs)
 
 

@@ -1,6 +1,6 @@
 """Answering prompts with a trained model: the latest checkpoint of a workdir, built as its config.json
-says (or, before any training, the Hugging Face checkpoint the config names); and `ModelGenerator`, the
-model-backed generator that the data builder's annotation stages are given.
+says (or, before any training, the Hugging Face checkpoint the config names). The data builder's
+annotators are `sft.annotator`'s.
 
     import sft
     sft.respond(config, "/tmp/sft-quickstart", ["What does `json.dumps` do?"])
@@ -31,7 +31,7 @@ from sft.evaluator.generate import (
     strip_generation,
 )
 from sft.evaluator.sampling import Sampler
-from sft.trainer import rundir, setup
+from sft.trainer import setup
 from sft.trainer.workdir import Workdir
 
 log = logging.getLogger("sft")
@@ -127,29 +127,3 @@ def load_responder(
 
 def _quote(prompt: str, limit: int = 40) -> str:
   return repr(prompt if len(prompt) <= limit else prompt[:limit] + "...")
-
-
-class ModelGenerator:
-  """`generate(prompts) -> answers` with the latest checkpoint of a workdir trained by this project (its
-  config.json says how the model is built): the data builder's annotation model. Loaded on first use,
-  so the object pickles to Beam workers as a path."""
-
-  def __init__(self, workdir: str, batch_size: int = 32, max_new_tokens: int = 128):
-    if not (pathlib.Path(workdir) / "config.json").exists():
-      raise ConfigError(f"annotate.model_workdir={workdir!r} has no config.json: train a model there first")
-    self.workdir, self.batch_size, self.max_new_tokens = workdir, batch_size, max_new_tokens
-    self._respond = None
-
-  def __getstate__(self):
-    return {**self.__dict__, "_respond": None}
-
-  def generate(self, prompts: Sequence[str]) -> list[str]:
-    if self._respond is None:
-      # The run's own config, its sampling settings but max_new_tokens: nothing given to compare.
-      config = ml_collections.ConfigDict(rundir.load_saved_config(self.workdir))
-      config.sample.max_new_tokens = self.max_new_tokens
-      self._respond = load_responder(config, self.workdir, given_keys=())
-    out = []
-    for start in range(0, len(prompts), self.batch_size):
-      out += self._respond(list(prompts[start:start + self.batch_size]))
-    return out

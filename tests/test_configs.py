@@ -26,7 +26,7 @@ CONFIGS = sorted(p.stem for p in (pathlib.Path(__file__).parent.parent / "config
 def test_config_loads_and_documents_its_command(name):
   module = importlib.import_module(f"configs.{name}")
   assert module.__doc__.startswith(f"python launch.py --config=configs/{name}.py"), module.__doc__[:80]
-  if name == "build":  # your own folder, named on the command line (tests/test_build_config.py builds one)
+  if name in ("build", "audit"):  # your own folder, named on the command line (tests/test_build_config.py builds one)
     return
   if name.startswith("build_"):  # a worked example: the files it reads are in the repository
     from sft.databuilder.build import list_inputs, params_of
@@ -92,6 +92,14 @@ def test_every_experiment_config_passes_the_check(name):
     with pytest.raises(ConfigError, match="nothing to read"):
       check_config(config)
     config.input_dir = "/my/raw"
+  if name == "audit":  # the build it audits, named on the command line; checked by the audit's own keys
+    from sft.audit.config import check_audit_config
+
+    with pytest.raises(ConfigError, match="build_dir is not set"):
+      check_audit_config(config)
+    config.build_dir = "/my/build"
+    check_audit_config(config)
+    return
   check_config(config)
   check_config(ml_collections.ConfigDict(json.loads(config.to_json())))  # as serve.py reads config.json back: tuples are lists
 

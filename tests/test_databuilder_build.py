@@ -10,6 +10,7 @@ import shutil
 import ml_collections
 import pytest
 
+from sft.annotator.base import Generation
 from sft.databuilder import build, build_config, build_dataset, records, runner_local
 from sft.errors import ConfigError
 from sft.trainer import sources
@@ -87,9 +88,9 @@ def test_every_planted_record_lands_in_its_bucket(built):
 def test_accounting_adds_up_for_every_source(built):
   out, manifest = built
   accounting = manifest["accounting"]
-  assert accounting["total"] == {"read": 38, "kept": 20, "dropped": 18}
+  assert accounting["total"] == {"read": 38, "generated": 0, "kept": 20, "dropped": 18}
   for source, row in accounting["by_source"].items():
-    assert row["read"] == row["kept"] + sum(row["dropped_by_reason"].values()), source
+    assert row["read"] + row["generated"] == row["kept"] + sum(row["dropped_by_reason"].values()), source
     assert row["kept"] == sum(row["kept_by_split"].values()), source
   assert accounting["by_source"]["alpaca.jsonl"]["dropped_by_reason"] == {
       "annotate: missing response": 1, "dedup: exact duplicate": 1, "filter: refusal boilerplate": 1,
@@ -142,36 +143,117 @@ def test_same_input_same_bytes_with_workers_and_on_beam(built, tmp_path, monkeyp
 
 
 class Writer:
-  """A deterministic stand-in for a model: new tasks that duplicate, refuse or are fine; ratings by keyword."""
+  """A deterministic stand-in for an annotator (the real backends are tests/test_annotator.py's): new
+  tasks that duplicate, refuse or are fine; judge scores by keyword; labels ranked by a keyword."""
 
-  def generate(self, prompts):
+  fingerprint = "writer"
+
+  def __init__(self):
+    self.prompts = []
+
+  def generate(self, chats, decoding):
     out = []
-    for i, p in enumerate(prompts):
+    for i, chat in enumerate(chats):
+      p = chat[-1]["content"]
+      self.prompts.append(p)
       if p.startswith("Here are some tasks."):
-        out.append(["Give three tips for staying healthy.", "Name a colour.", "Describe how rivers carve valleys over time."][i % 3])
-      elif p.startswith("Rate how helpful"):
-        out.append("1" if "colour" in p else "4")
+        text = ["Give three tips for staying healthy.", "Name a colour.", "Describe how rivers carve valleys over time."][i % 3]
+      elif p.startswith("Score the response"):
+        text = "1" if "colour" in p else "4"
       elif p == "Give three tips for staying healthy.":
-        out.append("Eat a varied diet with plenty of vegetables, move your body every day, and get seven to nine hours of sleep.")
+        text = "Eat a varied diet with plenty of vegetables, move your body every day, and get seven to nine hours of sleep."
       elif p == "Name a colour.":
-        out.append("Blue.")
+        text = "Blue."
       else:
-        out.append(f"Here is an answer about this: {p}")
+        text = f"Here is an answer about this: {p}"
+      out.append(Generation(text, finished=True))
     return out
 
+  def log_likelihoods(self, chats, answers):
+    return [-0.5 if ("good" in c[-1]["content"].lower()) == (a == "positive") else -3.0 for c, a in zip(chats, answers)]
 
-def test_generated_records_go_through_the_same_stages(tmp_path):
-  config = mix_config()
-  config.annotate.model_workdir = "/unused"  # the generator is passed in; the key says annotation is on
+
+def _annotating(config, model="/unused"):
+  config.annotate.model = model  # the annotator is passed in; the key says annotation is on
+  config.annotate.backend = "workdir"
+  return config
+
+
+def test_generated_records_go_through_the_same_stages(tmp_path, monkeypatch):
+  monkeypatch.setattr(build, "check_build_config", lambda config: None)  # "/unused" names no folder
+  config = _annotating(mix_config())
   config.annotate.self_instruct.num_instructions = 3
-  config.annotate.score.enabled = True
-  manifest = build_dataset(config, tmp_path, generator=Writer(), progress=False)
+  config.annotate.judge.enabled = True
+  manifest = build_dataset(config, tmp_path, annotator=Writer(), progress=False)
   generated = manifest["accounting"]["by_source"]["self-instruct"]
-  assert generated["read"] == 3
-  assert generated["dropped_by_reason"] == {"dedup: exact duplicate": 1, "score: low score": 1}
+  assert generated["generated"] == 3 and generated["read"] == 0  # written by the model, not read
+  # One repeats a seed task word for word: not novel (ROUGE-L 1.0), so it never reaches deduplication.
+  assert generated["dropped_by_reason"] == {"annotate: self-instruct: too similar": 1, "judge: low score": 1}
+  total = manifest["accounting"]["total"]
+  assert total["read"] + total["generated"] == total["kept"] + total["dropped"]
   filled = {r["id"]: r for r in read_jsonl(tmp_path, "train") + read_jsonl(tmp_path, "validation")}
   assert filled["alpaca.jsonl:6"]["annotated"] == "response"  # the missing haiku got written
-  assert all(r["score"] >= 3 for r in filled.values())
+  assert all(r["judge_score"] >= 3 for r in filled.values())
+  assert manifest["annotation"]["annotator"]["fingerprint"] == "writer"
+  assert manifest["annotation"]["decoding"]["max_new_tokens"] == config.annotate.max_new_tokens
+  report = (tmp_path / "report.md").read_text()
+  assert "## Annotation" in report and "Judge scores (1-5): 1: 2, 2: 0, 3: 0, 4: 20, 5: 0" in report
+
+
+def _label_folder(tmp_path) -> pathlib.Path:
+  raw = tmp_path / "raw"
+  raw.mkdir()
+  rows = [{"text": f"A {'good' if i % 2 else 'dull'} film, number {i}, with its own plot.", "labels": ["positive", "negative"],
+           "verdict": "positive" if i % 2 else "negative"} for i in range(12)]
+  rows.append({"text": "Fine.", "labels": ["positive", "positive"]})  # a label set that repeats itself
+  (raw / "reviews.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  return raw
+
+
+def _label_config(raw):
+  config = build_config()
+  config.input_dir = str(raw)
+  config.filter.language.enabled = False
+  config.dedup.near = False
+  config.gold_field = "verdict"
+  return config
+
+
+def test_unlabelled_records_get_a_label_from_their_set_and_keep_their_gold(tmp_path, monkeypatch):
+  raw = _label_folder(tmp_path)
+  manifest = build_dataset(_label_config(raw), tmp_path / "none", progress=False)  # no annotator: counted drops
+  assert manifest["accounting"]["by_source"]["reviews.jsonl"]["dropped_by_reason"] == {"annotate: missing label": 12, "read: bad labels": 1}
+  monkeypatch.setattr(build, "check_build_config", lambda config: None)
+  config = _annotating(_label_config(raw))
+  build_dataset(config, tmp_path / "out", annotator=Writer(), progress=False)
+  kept = read_jsonl(tmp_path / "out", "train") + read_jsonl(tmp_path / "out", "validation")
+  assert len(kept) == 12
+  for r in kept:
+    assert r["annotated"] == "label" and r["task"] == "classification" and r["messages"][-1]["content"] == r["gold"]
+    assert 0.5 < r["label_confidence"] < 1 and "needs_label" not in r
+
+
+def test_an_annotation_that_mostly_fails_stops_the_build_and_keeps_the_previous_one(tmp_path, monkeypatch):
+  monkeypatch.setattr(build, "check_build_config", lambda config: None)
+  raw = _label_folder(tmp_path)
+  out = tmp_path / "out"
+  build_dataset(_label_config(raw), out, progress=False)
+  before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+
+  class Unsure(Writer):
+    def log_likelihoods(self, chats, answers):
+      return [-1.0 for _ in answers]  # every label equally likely: a margin of 0
+
+  config = _annotating(_label_config(raw))
+  config.annotate.label.min_confidence = 0.2
+  with pytest.raises(ConfigError, match=r"annotation dropped 12 of the 12 records .*max_drop_fraction=0.5\): annotate: label: unsure 12"):
+    build_dataset(config, out, annotator=Unsure(), progress=False)
+  after = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and not p.name.startswith(build.CACHE)}
+  assert after == before
+  config.annotate.max_drop_fraction = 1.0  # the user accepts it: a build with every drop counted
+  manifest = build_dataset(config, out, annotator=Unsure(), progress=False)
+  assert manifest["accounting"]["total"]["kept"] == 0
+  assert manifest["annotation"]["cache"]["hits"] == 24 and manifest["annotation"]["cache"]["misses"] == 0
 
 
 def test_bad_configs_fail_clearly(tmp_path):
@@ -186,16 +268,19 @@ def test_bad_configs_fail_clearly(tmp_path):
   with pytest.raises(ConfigError, match="does not exist"):
     build_dataset(config, tmp_path)
   config = mix_config()
-  config.annotate.score.enabled = True
-  with pytest.raises(ConfigError, match="model_workdir"):
+  config.annotate.judge.enabled = True
+  with pytest.raises(ConfigError, match="annotate.judge need annotate.model"):
     build_dataset(config, tmp_path)
-  config.annotate.model_workdir = str(tmp_path / "untrained")
+  config.annotate.model = str(tmp_path / "untrained")
+  with pytest.raises(ConfigError, match="is not a folder"):
+    build_dataset(config, tmp_path)
+  (tmp_path / "untrained").mkdir()
   with pytest.raises(ConfigError, match="none was given to serve it"):  # the builder never loads a model itself
-    build_dataset(config, tmp_path)
-  import sft  # noqa: PLC0415 (sft.build_dataset serves the workdir's model)
-
-  with pytest.raises(ConfigError, match="has no config.json"):
-    sft.build_dataset(config, tmp_path)
+    build_dataset(config, tmp_path / "out")
+  config.annotate.label.method = "generate"
+  config.annotate.label.min_confidence = 0.5
+  with pytest.raises(ConfigError, match="min_confidence needs annotate.label.method='loglik'"):
+    build_dataset(config, tmp_path / "out")
 
 
 def test_token_bounds_and_token_histogram_with_a_tokenizer(tmp_path):

@@ -2,11 +2,13 @@
 
 import collections
 import json
+import math
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sft.annotator.base import AnnotatorError, Decoding, Generation
 from sft.databuilder import annotate, build_config, clean, decontaminate, quality, readers, records, stages, templates
 from sft.databuilder.build import params_of
 
@@ -268,41 +270,101 @@ def test_format_adds_the_system_turn_and_splits_by_group_hash():
 
 
 class EchoModel:
-  """A deterministic stand-in for a model: answers from the prompt's words, rates by a keyword."""
+  """A deterministic stand-in for an annotator (the real backends are tests/test_annotator.py's): answers
+  from the prompt's words, scores by a keyword, and ranks labels by a fixed table."""
 
-  def __init__(self):
-    self.calls = []
+  fingerprint = "echo"
 
-  def generate(self, prompts):
-    self.calls.append(list(prompts))
+  def __init__(self, loglik=None, cut=()):
+    self.calls, self.loglik, self.cut = [], loglik or {}, cut
+
+  def generate(self, chats, decoding):
+    prompts = [c[-1]["content"] for c in chats]
+    self.calls.append(prompts)
     out = []
     for p in prompts:
-      if p.startswith("Rate how helpful"):
-        out.append("2" if "bad answer" in p else "Rating: 5")
+      if p.startswith("Score the response"):
+        text = "2" if "bad answer" in p else "Score: 5"
       elif p.startswith("Here are some tasks."):
-        out.append(f"Task 4: Explain the idea number {len(out)} in simple words.\nTask 5: ignored")
+        text = f"Task 4: Explain the idea number {len(out)} in simple words.\nTask 5: ignored"
       else:
-        out.append(f"An answer to: {p}")
+        text = f"An answer to: {p}"
+      out.append(Generation(text, finished=not any(c in p for c in self.cut)))
     return out
 
+  def log_likelihoods(self, chats, answers):
+    return [self.loglik[a] for a in answers]
 
-def test_fill_self_instruct_and_score_with_a_generator():
-  model = EchoModel()
+
+DECODING = Decoding(max_new_tokens=16)
+
+
+def test_fill_self_instruct_and_judge_with_an_annotator():
+  model = EchoModel(cut=("Ramble",))
   todo = records.chat("a:1", "a", [{"role": "user", "content": "Write a poem."}], needs_response=True)
-  filled = annotate.fill_responses([todo, _chat("q", "a")], model)
+  long = records.chat("a:2", "a", [{"role": "user", "content": "Ramble on."}], needs_response=True)
+  filled = annotate.fill_responses([todo, _chat("q", "a"), long], model, DECODING)
   assert filled[0]["messages"][-1] == {"role": "assistant", "content": "An answer to: Write a poem."} and "needs_response" not in filled[0]
-  assert filled[1] == _chat("q", "a")
-  assert annotate.fill_responses([todo], None)[0]["dropped"]["reason"] == "missing response"
+  assert filled[0]["annotated"] == "response" and filled[1] == _chat("q", "a")
+  assert filled[2]["dropped"]["stage"] == "annotate" and filled[2]["dropped"]["reason"] == "fill: truncated"
+  assert annotate.fill_responses([todo], None, DECODING)[0]["dropped"]["reason"] == "missing response"
 
   seeds = [_chat(f"Seed task {i}?", "ok", f"s:{i}") for i in range(5)]
-  new = annotate.self_instruct(seeds, model, {"num_instructions": 2, "examples_per_prompt": 3, "seed": 0})
+  params = {"num_instructions": 2, "examples_per_prompt": 3, "seed": 0, "max_similarity": 0.7}
+  new = annotate.self_instruct(seeds, model, DECODING, params)
   assert [r["id"] for r in new] == ["self-instruct:0", "self-instruct:1"]
   assert new[0]["messages"][0]["content"] == "Explain the idea number 0 in simple words."
   assert new[0]["messages"][1]["content"].startswith("An answer to: Explain the idea")
   assert model.calls[-2][0].count("Seed task") == 3
+  # The second instruction differs from the first by one word: ROUGE-L 0.875, not novel.
+  strict = annotate.self_instruct(seeds, EchoModel(), DECODING, {**params, "max_similarity": 0.8})
+  assert [r.get("dropped", {}).get("reason") for r in strict] == [None, "self-instruct: too similar"]
+  assert strict[1]["annotated"] == "self-instruct" and "Explain the idea number 0" in strict[1]["dropped"]["detail"]
 
-  scored = annotate.score_batch([_chat("q1", "good answer"), _chat("q2", "bad answer")], model, min_score=3)
-  assert scored[0]["score"] == 5 and "dropped" not in scored[0]
-  assert scored[1]["dropped"]["reason"] == "low score" and scored[1]["score"] == 2
+  judged = annotate.judge_batch([_chat("q1", "good answer"), _chat("q2", "bad answer")], model, DECODING, "rubric", min_score=3)
+  assert judged[0]["judge_score"] == 5 and "dropped" not in judged[0]
+  assert judged[1]["dropped"]["reason"] == "low score" and judged[1]["judge_score"] == 2
   assert annotate.parse_instruction("  \n3. Do this thing.") == "Do this thing."
-  assert annotate.parse_rating("I would say 4/5") == 4 and annotate.parse_rating("great") is None
+  assert annotate.parse_score("I would say 4/5") == 4 and annotate.parse_score("great") is None
+  assert annotate.parse_score("3.5") is None and annotate.parse_score("10") is None
+
+
+def test_an_annotator_that_answers_fewer_prompts_is_an_error():
+  class Short(EchoModel):
+    def generate(self, chats, decoding):
+      return super().generate(chats, decoding)[:-1]
+
+  todo = [records.chat(f"a:{i}", "a", [{"role": "user", "content": "Hi"}], needs_response=True) for i in range(3)]
+  with pytest.raises(AnnotatorError, match="returned 2 answers for 3 prompts"):
+    annotate.fill_responses(todo, Short(), DECODING)
+
+
+def test_labels_are_chosen_from_the_set_with_their_margin():
+  unlabelled = [
+      readers.to_record({"text": "Great film!", "labels": ["positive", "negative"]}, f"r:{i}", "r") for i in range(2)
+  ]
+  assert unlabelled[0]["needs_label"] and unlabelled[0]["messages"][-1]["role"] == "user"
+  model = EchoModel(loglik={"positive": -0.1, "negative": -2.3})
+  labelled = annotate.label_records(unlabelled, model, DECODING, "loglik", 0.0)
+  p_pos = 1 / (1 + math.exp(-2.2))
+  assert labelled[0]["messages"][-1] == {"role": "assistant", "content": "positive"} and "needs_label" not in labelled[0]
+  assert labelled[0]["label_confidence"] == pytest.approx(2 * p_pos - 1, abs=1e-6) and labelled[0]["annotated"] == "label"
+  unsure = annotate.label_records(unlabelled, model, DECODING, "loglik", 0.9)
+  assert unsure[0]["dropped"]["reason"] == "label: unsure" and unsure[0]["label_confidence"] < 0.9
+  assert annotate.label_records(unlabelled, None, DECODING, "loglik", 0.0)[0]["dropped"]["reason"] == "missing label"
+  assert annotate.parse_label("Positive.", ["positive", "negative"]) == "positive"
+  assert annotate.parse_label("I think it is negative", ["positive", "negative"]) == "negative"
+  assert annotate.parse_label("positive or negative", ["positive", "negative"]) is None
+  assert annotate.parse_label("very good", ["good", "very good"]) == "very good"
+  generated = annotate.label_records(unlabelled, model, DECODING, "generate", 0.0)  # "An answer to: ..." names none
+  assert generated[0]["dropped"]["reason"] == "label: off-set"
+
+
+def test_rouge_l_is_the_reference_implementations():
+  from rouge_score import rouge_scorer
+
+  scorer = rouge_scorer.RougeScorer(["rougeL"])
+  pairs = [("Explain the idea number 0 in simple words.", "Explain the idea number 1 in simple words."),
+           ("Name a colour.", "Give three tips for staying healthy."), ("", "x"), ("a b c d", "d c b a")]
+  for a, b in pairs:
+    assert annotate.rouge_l(a, b) == pytest.approx(scorer.score(a, b)["rougeL"].fmeasure)

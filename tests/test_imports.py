@@ -18,7 +18,7 @@ import pytest
 SFT = pathlib.Path(__file__).resolve().parent.parent / "sft"
 LAYERS = [
     ("sft.errors", "sft.console", "sft.config_keys"),
-    ("sft.tokenizer",),
+    ("sft.tokenizer", "sft.annotator"),  # the annotator's interface and cache; its model backend is below
     ("sft.pipeline",),
     ("sft.databuilder",),
     ("sft.model",),
@@ -26,7 +26,7 @@ LAYERS = [
     ("sft.config_check",),
     ("sft.evaluator",),
     ("sft.trainer",),
-    ("sft.serve", "sft.eval_job"),
+    ("sft.serve", "sft.eval_job", "sft.annotator.local", "sft.audit"),
     ("sft.jobs",),
     ("sft.cli", "sft.__main__", "sft"),
 ]

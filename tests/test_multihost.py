@@ -133,10 +133,10 @@ def test_a_failure_on_process_0_stops_every_process(tmp_path, raw_dir, case):
     (workdir / "data" / "manifest.json").write_text("{")  # process 0's data build refuses it
     expected = "manifest.json is not valid JSON"
   else:  # the annotation model's mesh would span both processes while one of them waits
-    (tmp_path / "model").mkdir()
-    (tmp_path / "model" / "config.json").write_text("{}")
-    overrides["data.build.annotate.model_workdir"] = str(tmp_path / "model")
-    expected = "data.build.annotate.model_workdir needs a single process"
+    (tmp_path / "model" / "checkpoints" / "1").mkdir(parents=True)  # a workdir as the annotator's check sees one
+    (tmp_path / "model" / "config.json").write_text('{"train": {}}')
+    overrides["data.build.annotate.model"] = str(tmp_path / "model")
+    expected = "data.build.annotate.model needs a single process"
   (code_0, out_0), (code_1, out_1) = finish(start(workdir, 2, overrides))
   assert code_0 != 0 and expected in out_0, out_0[-3000:]
   assert code_1 != 0 and "process 0 failed while building the data" in out_1, out_1[-3000:]

@@ -210,17 +210,3 @@ def test_the_eval_job_cuts_long_prompts_and_reports_it_or_refuses_them(trained, 
   assert "generation prompts cut to the context: 1 of 2" in (tmp_path / "ev" / "eval" / "report.md").read_text()
   with pytest.raises(ConfigError, match=r"record 'evalset.jsonl:1' has a generation prompt of \d+ tokens, more than the 60"):
     eval_job.evaluate_model(_eval_config(workdir, eval_file, prompt_overflow="refuse"), tmp_path / "ev2")
-
-
-@pytest.mark.slow
-def test_the_annotation_model_is_served_as_trained(trained, monkeypatch):
-  import pickle
-
-  workdir, _ = trained
-  built = []
-  make_generate = serve.make_generate
-  monkeypatch.setattr(serve, "make_generate", lambda model, **kw: built.append((model, kw)) or make_generate(model, **kw))
-  generator = pickle.loads(pickle.dumps(serve.ModelGenerator(str(workdir), batch_size=2, max_new_tokens=4)))
-  assert len(generator.generate(["Hi", "What does json.dumps do?", "Bye"])) == 3
-  (model, kwargs), = built  # loaded once, for every batch
-  assert model.cfg.num_layers == 3 and model.cfg.mlp_activation == "gelu_tanh" and kwargs["max_new_tokens"] == 4

@@ -5,8 +5,13 @@
     config.input_dir = "/data/raw"
     build_dataset(config, "/data/sft")
 
-The manifest stores the config, library versions, the sha256 of every input and output file, and
-the accounting: for every source, read = kept + dropped (by stage and reason).
+The manifest stores the config, library versions, the sha256 of every input and output file, the
+annotator and its decoding, and the accounting: for every source, read + generated = kept + dropped (by
+stage and reason).
+
+With an annotator, every generation and score is kept in <out_dir>/annotations.sqlite (the annotation
+cache, `sft.annotator.cache`): it outlives a failed or killed build, so a build run again asks the model
+only for what it does not have yet.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ log = logging.getLogger("sft")
 MANIFEST = "manifest.json"
 REPORT = "report.md"
 PLOTS = "plots"
+CACHE = "annotations.sqlite"  # beside the build's files, not one of them: a rebuild keeps and reuses it
+_CACHE_FILES = {CACHE, f"{CACHE}-wal", f"{CACHE}-shm", f"{CACHE}-journal"}
 _LIBRARIES = ("ftfy", "py3langid", "numpy", "array_record", "apache-beam", "grain")
 
 
@@ -92,7 +99,7 @@ def _owned(out_dir: pathlib.Path) -> set[str]:
     raise ConfigError(f"output folder {str(out_dir)!r} is a file")
   manifest = load_manifest(out_dir)
   if manifest is None:
-    if any(out_dir.iterdir()):
+    if any(p.name not in _CACHE_FILES for p in out_dir.iterdir()):  # a first build cut off leaves its cache
       raise ConfigError(
           f"output folder {str(out_dir)!r} is not empty and has no {MANIFEST}: it is no data build's output "
           "(or a build was cut off while it replaced one), and its files may be someone else's; use an empty folder"
@@ -175,8 +182,45 @@ def _swap(staging: pathlib.Path, out_dir: pathlib.Path, new: set[str], owned: se
   shutil.rmtree(trash, ignore_errors=True)
 
 
-def build_dataset(config: ml_collections.ConfigDict, out_dir: str | pathlib.Path, *, generator: annotate.Generator | None = None, progress: bool = True) -> dict[str, Any]:
-  """Runs every stage and writes the dataset into `out_dir`; returns the manifest.
+class _CachedTasks:
+  """The annotator with one cached view per annotation task (`sft.annotator.cache`), and the counts of
+  answers the cache gave and the model computed."""
+
+  def __init__(self, annotator: Any, path: pathlib.Path):
+    from sft.annotator.cache import AnnotationCache  # noqa: PLC0415
+
+    self.inner, self.path, self.cache, self.views = annotator, path, AnnotationCache(path), {}
+
+  @property
+  def fingerprint(self) -> str:
+    return self.inner.fingerprint
+
+  def for_task(self, task: str) -> Any:
+    from sft.annotator.cache import CachedAnnotator  # noqa: PLC0415
+
+    if task not in self.views:
+      self.views[task] = CachedAnnotator(self.inner, self.cache, task)
+    return self.views[task]
+
+  def counts(self) -> dict[str, Any]:
+    views = self.views.values()
+    return {"path": str(self.path), "hits": sum(v.hits for v in views), "misses": sum(v.misses for v in views)}
+
+
+def _annotation(params: dict[str, Any], annotator: Any) -> dict[str, Any] | None:
+  """What the manifest records of the annotator: which model, its fingerprint, the decoding settings."""
+  if annotator is None:
+    return None
+  ann = params["annotate"]
+  return {
+      "annotator": {"model": ann["model"], "backend": ann["backend"], "fingerprint": annotator.fingerprint},
+      "decoding": stages.decoding(params).as_dict(),
+  }
+
+
+def build_dataset(config: ml_collections.ConfigDict, out_dir: str | pathlib.Path, *, annotator: Any = None, progress: bool = True) -> dict[str, Any]:
+  """Runs every stage and writes the dataset into `out_dir`; returns the manifest. `annotator` (an
+  `sft.annotator` backend) serves annotation; `sft.build_dataset` opens the one `annotate.model` names.
 
   The build is written into a hidden folder beside `out_dir` and moved in only once it has fully
   succeeded, replacing what the previous build wrote (the files its manifest lists, report.md, plots/
@@ -187,10 +231,10 @@ def build_dataset(config: ml_collections.ConfigDict, out_dir: str | pathlib.Path
   out_dir = pathlib.Path(out_dir)
   owned = _check_out_dir(params, out_dir)
   inputs = list_inputs(params)
-  if generator is None and params["annotate"]["model_workdir"]:
+  if annotator is None and params["annotate"]["model"]:
     raise ConfigError(
-        "annotate.model_workdir names a model but none was given to serve it: build through sft.build_dataset "
-        "(or launch.py), or pass generator="
+        "annotate.model names a model but none was given to serve it: build through sft.build_dataset "
+        "(or launch.py), or pass annotator="
     )
   dc = params["decontaminate"]
   try:
@@ -206,23 +250,34 @@ def build_dataset(config: ml_collections.ConfigDict, out_dir: str | pathlib.Path
   _remove(staging)
   staging.mkdir(parents=True)
   try:
-    manifest = _build_into(staging, params, inputs, index, eval_items, generator, progress)
+    if annotator is not None and params["annotate"]["cache"]:
+      if params["runner"] == "beam":
+        log.warning("annotate.cache: not used with the beam runner (its workers cannot share one file); every answer is computed")
+      else:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        annotator = _CachedTasks(annotator, out_dir / CACHE)
+    manifest = _build_into(staging, params, inputs, index, eval_items, annotator, progress)
     # Only what the build wrote moves in: runner leftovers (.beam) stay behind and go with `staging`.
     _swap(staging, out_dir, {e["file"] for e in manifest["outputs"]} | {MANIFEST, REPORT, PLOTS}, owned)
   finally:
     shutil.rmtree(staging, ignore_errors=True)
   total = manifest["accounting"]["total"]
-  log.info("data builder: read %d, kept %d, dropped %d; report %s", total["read"], total["kept"], total["dropped"], out_dir / REPORT)
+  generated = f", generated {total['generated']}" if total.get("generated") else ""
+  log.info("data builder: read %d%s, kept %d, dropped %d; report %s", total["read"], generated, total["kept"], total["dropped"], out_dir / REPORT)
   return manifest
 
 
-def _build_into(folder: pathlib.Path, params: dict[str, Any], inputs: list[tuple[str, str, str]], index: Any, eval_items: dict[str, Any], generator: Any, progress: bool) -> dict[str, Any]:
+def _build_into(folder: pathlib.Path, params: dict[str, Any], inputs: list[tuple[str, str, str]], index: Any, eval_items: dict[str, Any], annotator: Any, progress: bool) -> dict[str, Any]:
   runner = make_runner(params, folder, progress)
-  items = stages.run(runner, inputs, params, index, generator)
+  items = stages.run(runner, inputs, params, index, annotator)
   num_shards = params["output"]["num_shards"]
   written = runner.group_by(items, functools.partial(write.shard_key, num_shards=num_shards), functools.partial(write.write_shard, str(folder), num_shards), "write")
   facts = runner.flat_map(items, functools.partial(report.fact, tokenizer=params["filter"]["length"]["tokenizer"]), "measure")
   written, facts = runner.results(written, facts)
+  if annotator is not None:
+    problem = annotate.guard_problem(facts, params["annotate"]["max_drop_fraction"])
+    if problem:
+      raise ConfigError(problem)
   written = sorted(written + write.write_empty_splits(folder, written, num_shards), key=lambda e: e["file"])
 
   manifest = {
@@ -236,9 +291,13 @@ def _build_into(folder: pathlib.Path, params: dict[str, Any], inputs: list[tuple
           for kind, path, source in inputs
       ],
       "eval_sets": eval_items,
+      "annotation": _annotation(params, annotator),
       "outputs": written,
       "accounting": report.accounting(facts),
   }
+  if isinstance(annotator, _CachedTasks):
+    manifest["annotation"]["cache"] = annotator.counts()
+    log.info("annotation cache %s: %d answers reused, %d computed", annotator.path, annotator.counts()["hits"], annotator.counts()["misses"])
   report.write_report(folder, facts, manifest, params["output"]["examples_per_reason"])
   report.write_json(folder / MANIFEST, manifest)  # last: its presence says the build is whole
   return manifest

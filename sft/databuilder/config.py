@@ -29,6 +29,7 @@ from sft.config_keys import (
   strings,
   to_config_dict,
 )
+from sft.databuilder.annotate.judge import DEFAULT_RUBRIC
 from sft.databuilder.clean import PHONE_LENIENCIES, PII_KINDS
 from sft.databuilder.control import MODES as CONTROL_STRING_MODES
 
@@ -83,8 +84,10 @@ class GopherFilter:
 class LanguageFilter:
   enabled: bool = key(True)
   languages: tuple = key(("en",), strings)  # ISO 639-1 codes to keep
+  # A record is dropped when py3langid is at least this sure of a language outside `languages`; a text it is
+  # less sure of (short, names, code) gets no verdict: kept, counted "not judged (unsure)" in the report.
   min_confidence: float = key(0.5, FRACTION)
-  min_chars: int = key(40, AT_LEAST_0)  # shorter texts are not judged
+  min_chars: int = key(40, AT_LEAST_0)  # shorter texts are not judged (kept)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,8 +122,18 @@ class Dedup:
   bands: int = key(14, AT_LEAST_1)
   rows: int = key(8, AT_LEAST_1)
   shingle_size: int = key(5, AT_LEAST_1)  # words per shingle
-  threshold: float = key(0.7, FRACTION)  # estimated Jaccard a candidate pair must reach
+  # Estimated Jaccard a candidate pair must reach: on the whole texts, and for two chats also on their
+  # answers' word sets, which must hold the same digits too (a shared prompt with other answers is no duplicate).
+  threshold: float = key(0.7, FRACTION)
   seed: int = key(1, AT_LEAST_0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Label:
+  # Records with a text and a label set but no label get one: "loglik" ranks the set by the annotator's
+  # log-likelihood (label_confidence: the top label's probability margin); "generate" reads its answer.
+  method: str = key("loglik", OneOf(("loglik", "generate")))
+  min_confidence: float = key(0.0, FRACTION)  # a smaller margin drops the record ("label: unsure"); loglik only
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,21 +141,35 @@ class SelfInstruct:
   num_instructions: int = key(0, AT_LEAST_0)  # new instructions to write from seed tasks
   examples_per_prompt: int = key(3, AT_LEAST_1)
   seed: int = key(0, AT_LEAST_0)
+  max_similarity: float = key(0.7, FRACTION)  # ROUGE-L against seeds and accepted ones at or above it: dropped
 
 
 @dataclasses.dataclass(frozen=True)
-class Score:
-  enabled: bool = key(False)  # rate every example 1-5 with the model, drop below min_score
+class Judge:
+  enabled: bool = key(False)  # score every kept chat 1-5 against the rubric, drop below min_score
+  rubric: str = key(DEFAULT_RUBRIC)
   min_score: int = key(3, Range(1, 5))
 
 
 @dataclasses.dataclass(frozen=True)
 class Annotate:
-  model_workdir: str = key("")  # a workdir trained by this project: fills missing responses, self-instruct, scores
+  # The annotator: a training workdir of this project or a local Hugging Face folder ("" : none; records
+  # that need an answer or a label are then dropped, counted).
+  model: str = key("")
+  backend: str = key("auto", OneOf(("auto", "workdir", "hf")))  # auto: told apart by the folder's files
   batch_size: int = key(32, AT_LEAST_1)
   max_new_tokens: int = key(128, AT_LEAST_1)
+  temperature: float = key(0.0, AT_LEAST_0)  # 0: greedy
+  top_p: float = key(1.0, Range(0, 1, low_open=True))
+  seed: int = key(0, AT_LEAST_0)  # sampling: a row's randomness comes from it and the row's own prompt
+  # Every generation and score is kept in <output folder>/annotations.sqlite, keyed by the annotator's
+  # fingerprint, the task, the prompt and the decoding: a build run again regenerates nothing it has.
+  cache: bool = key(True)
+  # A build whose annotation drops more than this fraction of what it was given fails (the previous build stays).
+  max_drop_fraction: float = key(0.5, FRACTION)
+  label: Label = section(Label)
   self_instruct: SelfInstruct = section(SelfInstruct)
-  score: Score = section(Score)
+  judge: Judge = section(Judge)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,6 +192,9 @@ class Build:
   stdlib: bool = key(False)  # also read the embedded default: this Python's standard-library API docs
   # Renames raw fields before schema detection, e.g. {"question": "prompt"}.
   field_map: dict = key({}, renames, open_keys=True)
+  # A raw field holding the right answer (e.g. "section"): kept as the record's `gold`, left out of schema
+  # detection; the audit measures annotation against it.
+  gold_field: str = key("")
   # A longer line, row or document is rejected unparsed (bounds memory); 0: no limit.
   read_max_record_bytes: int = key(16 * 2**20, AT_LEAST_0)
   clean: Clean = section(Clean)
@@ -209,8 +239,19 @@ def _tokenizer_exists(v: dict[str, Any]) -> str | None:
 
 
 def _annotation_model_named(v: dict[str, Any]) -> str | None:
-  if (v["annotate.self_instruct.num_instructions"] > 0 or v["annotate.score.enabled"]) and not v["annotate.model_workdir"]:
-    return "annotate.self_instruct and annotate.score need annotate.model_workdir (a trained workdir)"
+  if (v["annotate.self_instruct.num_instructions"] > 0 or v["annotate.judge.enabled"]) and not v["annotate.model"]:
+    return "annotate.self_instruct and annotate.judge need annotate.model (a training workdir or a Hugging Face folder)"
+  return None
+
+
+def _annotator_exists(v: dict[str, Any]) -> str | None:
+  path = v["annotate.model"]
+  return f"annotate.model={path!r} is not a folder" if path and not pathlib.Path(path).is_dir() else None
+
+
+def _margin_of_loglik(v: dict[str, Any]) -> str | None:
+  if v["annotate.label.min_confidence"] > 0 and v["annotate.label.method"] != "loglik":
+    return "annotate.label.min_confidence needs annotate.label.method='loglik' (a generated label has no margin)"
   return None
 
 
@@ -219,7 +260,9 @@ RULES = (
     (("dedup.near", "dedup.bands", "dedup.rows", "dedup.num_perm"), _bands_make_perms),
     (("filter.length.min_tokens", "filter.length.max_tokens", "filter.length.tokenizer"), _token_bounds_counted),
     (("filter.length.tokenizer",), _tokenizer_exists),
-    (("annotate.self_instruct.num_instructions", "annotate.score.enabled", "annotate.model_workdir"), _annotation_model_named),
+    (("annotate.self_instruct.num_instructions", "annotate.judge.enabled", "annotate.model"), _annotation_model_named),
+    (("annotate.model",), _annotator_exists),
+    (("annotate.label.min_confidence", "annotate.label.method"), _margin_of_loglik),
 )
 
 

@@ -4,16 +4,25 @@ algorithm itself is minhash.py, which knows nothing of records.
 Exact duplicates (the same text once lowercased and stripped of punctuation and spacing): records are
 grouped by `exact_key` and `keep_first` keeps the smallest id of each group.
 
-Near duplicates, in one process (runner_local.py), over all live records at once:
+Near duplicates: records whose whole texts reach `threshold` in estimated Jaccard similarity of their word
+`shingle_size`-grams, and, for chats, whose answers (the assistant turns) say the same thing too: the same
+digits in the same order, and word sets that reach `threshold` as well. A long shared prompt with a short
+answer ("What is 41 and 66?" / "What is 41 and 79?") is most of a chat's shingles, so the whole text alone
+would call two different answers duplicates; the answers' word sets, unlike their 5-grams, still match when
+an answer is reworded slightly or reordered. A chat and a document are never near duplicates (as for exact
+ones). Each record becomes one row of `fingerprints`: its MinHash signature, its answer's word-set signature
+and a hash of its kind and its answer's digits; `verified` is the rule above on pairs of rows.
+
+In one process (runner_local.py), over all live records at once:
 
     drops = near_duplicate_drops(live, params)   # {dropped id: kept id}
     items = mark_near_duplicates(items, drops)
 
 and in pieces over a cluster (runner_beam.py), the way datatrove does it: `signatures_of` a batch of
-records on the workers, `band_keys` of every signature, grouped by key into band buckets, the
-`verified_bucket_pairs` of each bucket (paired by minhash.bucket_pairs, verified by estimated Jaccard),
-then only the distinct verified pairs (few) meet in one place for `drops_from_pairs` (union-find). Both
-ways give the same drops: the same candidate pairs, the same verification, the smallest id kept.
+records on the workers (their fingerprints), `band_keys` of every signature, grouped by key into band
+buckets, the `verified_bucket_pairs` of each bucket (paired by minhash.bucket_pairs, then `verified`), then
+only the distinct verified pairs (few) meet in one place for `drops_from_pairs` (union-find). Both ways
+give the same drops: the same candidate pairs, the same verification, the smallest id kept.
 """
 
 from __future__ import annotations
@@ -25,12 +34,13 @@ from typing import Any
 
 import numpy as np
 
-from sft.databuilder import minhash, records
+from sft.databuilder import minhash, records, templates
 
-# (record id, its MinHash signature as Python ints): what a Beam worker emits for one record.
+# (record id, its fingerprint as Python ints): what a Beam worker emits for one record.
 Signed = tuple[str, tuple[int, ...]]
 
 _NON_WORD = re.compile(r"\W+")
+_DIGITS = re.compile(r"\d+")
 
 
 def exact_key(record: records.Record) -> str | None:
@@ -59,15 +69,57 @@ def drops_from_pairs(pairs: list[tuple[str, str]]) -> dict[str, str]:
   return {ids[i]: ids[int(rep)] for i, rep in enumerate(representative) if rep != i}
 
 
-def near_duplicate_drops(live: list[records.Record], params: dict[str, Any]) -> dict[str, str]:
-  """{dropped id: kept id} for near duplicates among live records, all at once: MinHash LSH candidate
-  pairs verified by estimated Jaccard, clusters by union-find, the smallest id of a cluster kept."""
+def answer(record: records.Record) -> str:
+  """A chat's assistant turns, joined by newlines ("" for a document)."""
+  if record["kind"] != "chat":
+    return ""
+  return "\n".join(m["content"] for m in record["messages"] if m["role"] == "assistant")
+
+
+def fingerprints(batch: list[records.Record], params: dict[str, Any]) -> np.ndarray:
+  """(len(batch), 2 * num_perm + 1) uint64: each record's MinHash signature of its whole text (a templated
+  chat's without the template's own words: templates.own_text), the signature
+  of its answer's set of words without digits (1-word shingles; minhash.EMPTY for a document or an answer
+  without such words) and a 64-bit hash of its kind and its answer's digits, in order. Each row depends on its
+  record and `params` only."""
+  num_perm, seed = params["num_perm"], params["seed"]
+  texts = [templates.own_text(r) for r in batch]
+  whole_nd = minhash.signatures(texts, num_perm=num_perm, shingle_size=params["shingle_size"], seed=seed)
+  answers = [answer(r) for r in batch]
+  chats = [i for i, r in enumerate(batch) if r["kind"] == "chat"]
+  answer_nd = np.full((len(batch), num_perm), minhash.EMPTY, np.uint64)
+  # Numbers are compared by the key alone: "1,070" and "1070" are the same answer, "107" and "120" are not.
+  words = [_DIGITS.sub(" ", answers[i]) for i in chats]
+  answer_nd[chats] = minhash.signatures(words, num_perm=num_perm, shingle_size=1, seed=seed)
+  keys = [records.stable_hash(f"{r['kind']}\x1f{''.join(_DIGITS.findall(a))}") for r, a in zip(batch, answers)]
+  return np.concatenate([whole_nd, answer_nd, np.array(keys, np.uint64).reshape(-1, 1)], axis=1)
+
+
+def verified(fingerprints_nd: np.ndarray, pairs_n2: np.ndarray, threshold: float) -> np.ndarray:
+  """The rows of `pairs_n2` that are near duplicates: whole texts and answers' word sets at or above
+  `threshold` in estimated Jaccard similarity, and the same kind and answer digits."""
+  num_perm = (fingerprints_nd.shape[1] - 1) // 2
+  whole = minhash.estimated_jaccard(fingerprints_nd[:, :num_perm], pairs_n2)
+  answers = minhash.estimated_jaccard(fingerprints_nd[:, num_perm:-1], pairs_n2)
+  same_key = fingerprints_nd[pairs_n2[:, 0], -1] == fingerprints_nd[pairs_n2[:, 1], -1]
+  return pairs_n2[(whole >= threshold) & (answers >= threshold) & same_key]
+
+
+def near_duplicate_pairs(live: list[records.Record], params: dict[str, Any]) -> list[tuple[str, str]]:
+  """(smaller id, larger id) near-duplicate pairs among live records, all at once: MinHash LSH candidate
+  pairs, then `verified`."""
   live = sorted(live, key=lambda r: r["id"])
-  pairs_n2 = minhash.near_duplicate_pairs(
-      [records.contents(r) for r in live], num_perm=params["num_perm"], bands=params["bands"], rows=params["rows"],
-      shingle_size=params["shingle_size"], threshold=params["threshold"], seed=params["seed"],
-  )
-  return drops_from_pairs([(live[i]["id"], live[j]["id"]) for i, j in pairs_n2.tolist()])
+  fingerprints_nd = fingerprints(live, params)
+  signatures_nd = fingerprints_nd[:, :params["num_perm"]]
+  candidates_n2 = minhash.candidate_pairs(signatures_nd, bands=params["bands"], rows=params["rows"])
+  pairs_n2 = verified(fingerprints_nd, candidates_n2, params["threshold"])
+  return [(live[i]["id"], live[j]["id"]) for i, j in pairs_n2.tolist()]
+
+
+def near_duplicate_drops(live: list[records.Record], params: dict[str, Any]) -> dict[str, str]:
+  """{dropped id: kept id} for near duplicates among live records: clusters of their near_duplicate_pairs
+  by union-find, the smallest id of a cluster kept."""
+  return drops_from_pairs(near_duplicate_pairs(live, params))
 
 
 def mark_near_duplicate(record: records.Record, drops: dict[str, str]) -> records.Record:
@@ -83,25 +135,23 @@ def mark_near_duplicates(items: list[records.Record], drops: dict[str, str]) -> 
 
 
 def signatures_of(batch: list[records.Record], params: dict[str, Any]) -> list[Signed]:
-  """(id, signature) of each record of the batch that has words (one without is nobody's duplicate)."""
-  signatures_nd = minhash.signatures(
-      [records.contents(r) for r in batch], num_perm=params["num_perm"], shingle_size=params["shingle_size"], seed=params["seed"],
-  )
-  has_words = np.any(signatures_nd != minhash.EMPTY, axis=1)
-  return [(r["id"], tuple(sig.tolist())) for r, sig, keep in zip(batch, signatures_nd, has_words) if keep]
+  """(id, fingerprint) of each record of the batch that has words (one without is nobody's duplicate)."""
+  fingerprints_nd = fingerprints(batch, params)
+  has_words = np.any(fingerprints_nd[:, :params["num_perm"]] != minhash.EMPTY, axis=1)
+  return [(r["id"], tuple(row.tolist())) for r, row, keep in zip(batch, fingerprints_nd, has_words) if keep]
 
 
 def band_keys(signed: Signed, bands: int, rows: int) -> Iterator[tuple[tuple[int, tuple[int, ...]], Signed]]:
-  """((band, the signature's rows in it), (id, signature)) for every band: records sharing a key share a bucket."""
-  _, signature = signed
+  """((band, the signature's rows in it), (id, fingerprint)) for every band: records sharing a key share a bucket."""
+  _, fingerprint = signed
   for band in range(bands):
-    yield (band, signature[band * rows:(band + 1) * rows]), signed
+    yield (band, fingerprint[band * rows:(band + 1) * rows]), signed
 
 
 def verified_bucket_pairs(bucket: tuple[Any, list[Signed]], threshold: float) -> list[tuple[str, str]]:
-  """(smaller id, larger id) pairs of one band bucket that reach `threshold`, paired as candidate_pairs pairs
+  """(smaller id, larger id) pairs of one band bucket that are `verified`, paired as candidate_pairs pairs
   a bucket: members by id, as the local path indexes them."""
   members = sorted(bucket[1], key=lambda member: member[0])
   pairs_n2 = minhash.bucket_pairs([len(members)])
-  signatures_nd = np.array([signature for _, signature in members], np.uint64)
-  return [(members[i][0], members[j][0]) for i, j in minhash.verified_pairs(signatures_nd, pairs_n2, threshold).tolist()]
+  fingerprints_nd = np.array([fingerprint for _, fingerprint in members], np.uint64)
+  return [(members[i][0], members[j][0]) for i, j in verified(fingerprints_nd, pairs_n2, threshold).tolist()]

@@ -6,9 +6,10 @@
                non-alphabetic word ratios, duplicated lines and paragraphs, top and duplicated
                n-gram character fractions, stop words. Applied to texts of at least
                `min_words_to_apply` words: on a one-line answer the ratios say nothing.
-    language   py3langid (its model ships inside the package); the record's language must be
-               among `languages` with at least `min_confidence`, for texts of `min_chars` or more
-               (translation examples are not judged)
+    language   py3langid (its model ships inside the package); a record is dropped when the identifier
+               is at least `min_confidence` sure of a language outside `languages`. A text shorter than
+               `min_chars`, a translation example (two languages by design) or one the identifier is less
+               sure of gets no verdict: it is kept, and the report counts it as not judged.
     sft        an empty or trivial response, a response that repeats the prompt, refusal boilerplate
 """
 
@@ -135,6 +136,12 @@ def identify_language(text: str) -> tuple[str, float]:
   return lang, float(prob)
 
 
+# The report's language mix counts a kept record the language filter gave no verdict under these.
+NOT_JUDGED_SHORT, NOT_JUDGED_UNSURE, NOT_JUDGED_TRANSLATION = (
+    "not judged (short)", "not judged (unsure)", "not judged (translation)"
+)
+
+
 def detect_language(record: records.Record, p: dict[str, Any]) -> tuple[str, float] | None:
   """The record's (language, probability), or None where it is not judged: shorter than
   `min_chars`, or a translation pair (two languages by design)."""
@@ -149,14 +156,23 @@ def language(record: records.Record, p: dict[str, Any]) -> tuple[str, str] | Non
 
 
 def language_verdict(judged: tuple[str, float] | None, p: dict[str, Any]) -> tuple[str, str] | None:
+  """A drop only when the identifier is at least `min_confidence` sure of a language outside `languages`:
+  on a short or mixed text (a one-word answer, code, names) its best guess is often wrong but unsure,
+  and an unsure guess says nothing either way."""
   if judged is None:
     return None
   lang, prob = judged
-  if lang not in p["languages"]:
-    return "language", f"{lang} ({prob:.2f})"
-  if prob < p["min_confidence"]:
-    return "language: low confidence", f"{lang} ({prob:.2f}) < {p['min_confidence']}"
+  if lang not in p["languages"] and prob >= p["min_confidence"]:
+    return "language", f"{lang} ({prob:.2f} >= {p['min_confidence']})"
   return None
+
+
+def language_label(record: records.Record, judged: tuple[str, float] | None, p: dict[str, Any]) -> str:
+  """What the report's language mix counts a kept record as: its language, or why it was not judged."""
+  if judged is None:
+    return NOT_JUDGED_TRANSLATION if record.get("task") == "translation" else NOT_JUDGED_SHORT
+  lang, prob = judged
+  return lang if prob >= p["min_confidence"] else NOT_JUDGED_UNSURE
 
 
 def _normalized(text: str) -> str:
@@ -201,4 +217,4 @@ def filter_record(record: records.Record, params: dict[str, Any], count_tokens=N
   failure = language_verdict(judged, params["language"])
   if failure:
     return records.drop(record, "filter", *failure)
-  return {**record, "lang": judged[0]} if judged else record  # the report's language mix reuses it
+  return {**record, "lang": language_label(record, judged, params["language"])}  # the report's language mix

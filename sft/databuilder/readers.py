@@ -11,7 +11,8 @@ Formats (by extension): .jsonl/.ndjson, .json (a list, or an object holding one 
     text                {"text"}: a raw document (pretraining text)
 
 A prompt without a response (empty "output" / "completion") becomes a chat ending in a user turn,
-marked "needs_response" for the annotation stage. Nothing here raises on bad data: every malformed
+marked "needs_response" for the annotation stage; a classification record with its label set but no
+label ({"text", "labels"}) one marked "needs_label". Nothing here raises on bad data: every malformed
 line, row or file becomes a rejected record with the reason.
 """
 
@@ -91,12 +92,22 @@ def _prompt_chat(record_id: str, source: str, prompt: str, response: str, system
   return records.chat(record_id, source, messages, needs_response=True)
 
 
-def to_record(raw: Any, record_id: str, source: str, field_map: dict[str, str] | None = None) -> records.Record:
-  """One parsed JSON value / row -> a record (raises Malformed with the reason)."""
+def to_record(raw: Any, record_id: str, source: str, field_map: dict[str, str] | None = None, gold_field: str = "") -> records.Record:
+  """One parsed JSON value / row -> a record (raises Malformed with the reason). `gold_field` (after the
+  renames): a field holding the right answer, kept as the record's "gold" and not part of its schema."""
   if not isinstance(raw, dict):
     raise Malformed("wrong type", f"record is a {type(raw).__name__}, not an object")
   if field_map:
     raw = {field_map.get(k, k): v for k, v in raw.items()}
+  if gold_field and gold_field in raw:
+    raw = dict(raw)
+    gold = raw.pop(gold_field)
+    record = _schema_record(raw, record_id, source)
+    return record if gold is None else {**record, "gold": gold}
+  return _schema_record(raw, record_id, source)
+
+
+def _schema_record(raw: dict[str, Any], record_id: str, source: str) -> records.Record:
   keys = set(raw)  # with None values (a column absent from this row): the schema still shows
   if "messages" in keys:
     turns = _turns(raw["messages"], "role", "content", {r: r for r in records.ROLES})
@@ -108,6 +119,11 @@ def to_record(raw: Any, record_id: str, source: str, field_map: dict[str, str] |
     return _prompt_chat(record_id, source, prompt, _text_field(raw, "output", False), _text_field(raw, "system", False))
   elif "prompt" in keys:
     return _prompt_chat(record_id, source, _text_field(raw, "prompt"), _text_field(raw, "completion", False))
+  elif templates.is_unlabelled(raw):
+    try:
+      return templates.unlabelled_chat(raw, record_id, source)
+    except templates.Invalid as err:
+      raise Malformed(err.reason, str(err)) from None
   elif (task := templates.task_of(keys)) is not None:
     absent = [k for k in templates.TASKS[task][0] if raw[k] is None]
     if absent:
@@ -160,13 +176,13 @@ def _error_detail(err: BaseException) -> str:
   return f"{type(err).__name__}: {str(err)[:200]}"
 
 
-def _parse(values: Iterator[tuple[str, Any, str]], source: str, field_map) -> Iterator[records.Record]:
+def _parse(values: Iterator[tuple[str, Any, str]], source: str, field_map, gold_field: str = "") -> Iterator[records.Record]:
   """(id, parsed value or an Exception, raw text) -> records or rejections."""
   for record_id, value, raw_text in values:
     try:
       if isinstance(value, Malformed):
         raise value
-      record = to_record(value, record_id, source, field_map)
+      record = to_record(value, record_id, source, field_map, gold_field)
       json.dumps(record, ensure_ascii=False).encode("utf-8")  # lone surrogates would fail every later stage
       yield record
     except Malformed as err:
@@ -399,7 +415,10 @@ def _values(path: pathlib.Path, kind: str, source: str, limit: int) -> Iterator[
       yield from _csv_values(f, source, "\t" if kind == "tsv" else ",", limit)
 
 
-def read_file(path: pathlib.Path, source: str, field_map: dict[str, str] | None = None, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> Iterator[records.Record]:
+def read_file(
+    path: pathlib.Path, source: str, field_map: dict[str, str] | None = None, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
+    gold_field: str = "",
+) -> Iterator[records.Record]:
   """Every record of one file (rejections included), ids `<source>:<line, row or index>`, unique within
   the file. Never raises on bad data: a bad record is a rejection, an unreadable file one more, and a
   file with no records at all one "no records" rejection, so every input has a row in the accounting.
@@ -414,7 +433,8 @@ def read_file(path: pathlib.Path, source: str, field_map: dict[str, str] | None 
   ids = set()
   values = _sized(_values(path, kind, source, max_record_bytes), max_record_bytes)
   try:
-    for record in _parse(values, source, None if kind == "text" else field_map):  # a document has no fields to map
+    # A document has no fields to map.
+    for record in _parse(values, source, None if kind == "text" else field_map, "" if kind == "text" else gold_field):
       ids.add(record["id"])
       yield record
   except (OSError, csv.Error, *_RECORD_ERRORS) as err:  # a file that vanished, a directory, a read error mid-file

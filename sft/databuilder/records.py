@@ -7,7 +7,9 @@ A record is a plain JSON-able dict, so the same stages run in worker processes a
     {"id": "notes/a.txt", "source": "notes", "kind": "text", "text": "..."}
 
 Optional keys: "group" (records sharing it land in the same split), "edits" (counts of what cleaning
-changed), "lang" (what the language filter judged), "split" (set by the format stage). A dropped record keeps its content and gains "dropped": {"stage", "reason", "detail"}; later
+changed), "lang" (what the language filter judged, or "not judged (short | unsure | translation)"),
+"split" (set by the format stage); from annotation, "annotated" (response | label | self-instruct),
+"label_confidence", "judge_score", and "gold" (the right answer a raw field named by gold_field held). A dropped record keeps its content and gains "dropped": {"stage", "reason", "detail"}; later
 stages pass it through untouched, and the report and the accounting read it at the end.
 """
 

@@ -1,9 +1,9 @@
 """The build as stages over a collection of records, written once against a small runner interface
 so the same code runs in local worker processes (runner_local.py) and on Apache Beam (runner_beam.py).
 
-    read -> annotate (fill missing responses) -> clean -> filter -> decontaminate
+    read -> annotate (fill missing responses, label unlabelled records) -> clean -> filter -> decontaminate
          -> [self-instruct: new records from kept seeds, through clean -> filter -> decontaminate]
-         -> exact dedup -> near dedup -> annotate (score) -> format + split -> write
+         -> exact dedup -> near dedup -> judge -> format + split -> write
 
 A dropped record stays in the collection, marked, and every later stage passes it through; the
 writer puts it in rejected.jsonl and the manifest counts it, so read = kept + dropped per source.
@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable, Protocol, Sequence
 
+from sft.annotator.base import Decoding
 from sft.databuilder import annotate, clean, decontaminate, dedup, quality, readers, records
 
 
@@ -29,7 +30,7 @@ class Runner(Protocol):
   def concat(self, colls: list[Any], name: str) -> Any: ...
 
 
-def read_input(item: tuple[str, str, str], field_map: dict[str, str], max_record_bytes: int) -> list[records.Record]:
+def read_input(item: tuple[str, str, str], field_map: dict[str, str], max_record_bytes: int, gold_field: str = "") -> list[records.Record]:
   """("file", path, source) -> its records; ("stdlib", "", "stdlib") -> the embedded default."""
   kind, path, source = item
   if kind == "stdlib":
@@ -38,7 +39,7 @@ def read_input(item: tuple[str, str, str], field_map: dict[str, str], max_record
     return stdlib_tasks.read_records()
   import pathlib  # noqa: PLC0415
 
-  return list(readers.read_file(pathlib.Path(path), source, field_map, max_record_bytes))
+  return list(readers.read_file(pathlib.Path(path), source, field_map, max_record_bytes, gold_field))
 
 
 @functools.lru_cache(maxsize=4)
@@ -98,12 +99,31 @@ def format_record(record: records.Record, system_prompt: str, validation_fractio
   return [{**record, "task": record.get("task") or "chat", "split": split}]
 
 
-def run(runner: Runner, inputs: Sequence[tuple[str, str, str]], params: dict[str, Any], index: dict[str, Any], generator: annotate.Generator | None) -> Any:
+def decoding(params: dict[str, Any]) -> Decoding:
+  """The annotation's decoding settings, from the build config (recorded in the manifest)."""
+  ann = params["annotate"]
+  return Decoding(max_new_tokens=ann["max_new_tokens"], temperature=ann["temperature"], top_p=ann["top_p"], seed=ann["seed"])
+
+
+def annotate_read(batch: list[records.Record], annotator: Any, params: dict[str, Any]) -> list[records.Record]:
+  """fill, then label: records read without their answer get one from the annotator (or a counted drop)."""
+  label = params["annotate"]["label"]
+  batch = annotate.fill_responses(batch, _for(annotator, "fill"), decoding(params))
+  return annotate.label_records(batch, _for(annotator, "label"), decoding(params), label["method"], label["min_confidence"])
+
+
+def _for(annotator: Any, task: str) -> Any:
+  """The annotator as a task sees it: one with a `for_task` (a cache keyed by task) gives its own view."""
+  return annotator.for_task(task) if annotator is not None and hasattr(annotator, "for_task") else annotator
+
+
+def run(runner: Runner, inputs: Sequence[tuple[str, str, str]], params: dict[str, Any], index: dict[str, Any], annotator: Any) -> Any:
   """All stages; returns the collection of formatted records, kept and dropped."""
   items = runner.create(list(inputs), "inputs")
-  items = runner.flat_map(items, functools.partial(read_input, field_map=params["field_map"], max_record_bytes=params["read_max_record_bytes"]), "read")
+  read = functools.partial(read_input, field_map=params["field_map"], max_record_bytes=params["read_max_record_bytes"], gold_field=params["gold_field"])
+  items = runner.flat_map(items, read, "read")
   ann = params["annotate"]
-  items = runner.map_batches(items, functools.partial(annotate.fill_responses, generator=generator), ann["batch_size"], "annotate: fill")
+  items = runner.map_batches(items, functools.partial(annotate_read, annotator=annotator, params=params), ann["batch_size"], "annotate: fill, label")
   process = functools.partial(process_record, params=params, index=index)
   items = runner.flat_map(items, process, "clean, filter, decontaminate")
 
@@ -111,7 +131,8 @@ def run(runner: Runner, inputs: Sequence[tuple[str, str, str]], params: dict[str
   if si["num_instructions"] > 0:
     new = runner.global_apply(
         items, lambda r: not records.is_dropped(r) and r["kind"] == "chat",
-        functools.partial(annotate.self_instruct, generator=generator, params=si), "annotate: self-instruct",
+        functools.partial(annotate.self_instruct, annotator=_for(annotator, "self-instruct"), decoding=decoding(params), params=si),
+        "annotate: self-instruct",
     )
     items = runner.concat([items, runner.flat_map(new, process, "self-instruct: clean, filter, decontaminate")], "with self-instruct")
 
@@ -119,11 +140,12 @@ def run(runner: Runner, inputs: Sequence[tuple[str, str, str]], params: dict[str
     items = runner.group_by(items, dedup.exact_key, dedup.keep_first, "dedup: exact")
   if params["dedup"]["near"]:
     items = runner.near_duplicates(items, params["dedup"], "dedup: near")
-  if ann["score"]["enabled"]:
-    if generator is None:
-      raise ValueError("annotate.score.enabled needs annotate.model_workdir")
-    score = functools.partial(annotate.score_batch, generator=generator, min_score=ann["score"]["min_score"])
-    items = runner.map_batches(items, score, ann["batch_size"], "annotate: score")
+  judge = ann["judge"]
+  if judge["enabled"]:
+    if annotator is None:
+      raise ValueError("annotate.judge.enabled needs annotate.model")
+    fn = functools.partial(annotate.judge_batch, annotator=_for(annotator, "judge"), decoding=decoding(params), rubric=judge["rubric"], min_score=judge["min_score"])
+    items = runner.map_batches(items, fn, ann["batch_size"], "annotate: judge")
   out = params["output"]
   fmt = functools.partial(format_record, system_prompt=params["format"]["system_prompt"], validation_fraction=out["validation_fraction"], salt=out["salt"])
   return runner.flat_map(items, fmt, "format")

@@ -16,6 +16,7 @@ ranks by log-likelihood.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from sft.databuilder import records
@@ -106,8 +107,8 @@ def task_of(fields: set[str]) -> str | None:
   return max(matches, key=lambda n: len(TASKS[n][0])) if matches else None
 
 
-def _options(raw: dict[str, Any], field: str, answer: str) -> list[str] | None:
-  """The record's label set or candidates as strings (None if absent); the answer must be one of them."""
+def _options(raw: dict[str, Any], field: str, answer: str | None) -> list[str] | None:
+  """The record's label set or candidates as strings (None if absent); the answer (if any) must be one of them."""
   options = raw.get(field)
   if options is None:
     return None
@@ -118,9 +119,62 @@ def _options(raw: dict[str, Any], field: str, answer: str) -> list[str] | None:
   options = [str(x) for x in options]
   if len(set(options)) != len(options):
     raise Invalid(f"bad {field}", f"field '{field}' repeats an entry: {options}")
-  if answer not in options:
+  if answer is not None and answer not in options:
     raise Invalid(f"bad {field}", f"the answer {answer!r} is not one of '{field}': {options}")
   return options
+
+
+_PLACEHOLDER = re.compile(r"\{\w+\}")
+
+
+def own_text(record: records.Record) -> str:
+  """A chat's text without the words its template wrote: the user turn less the paraphrase's literal
+  parts and the label set or candidates it lists, then the answers. What near-deduplication compares, so
+  that two records are near duplicates for what their fields hold, never for the instruction they share
+  ("Classify the following text as one of: doc, fonts, ...\n\nPython 3 module for X"). Any other record:
+  its contents."""
+  name = record.get("template")
+  if record["kind"] != "chat" or name not in TASKS:
+    return records.contents(record)
+  paraphrases = TASKS[name][2]
+  literals = [x for x in _PLACEHOLDER.split(paraphrases[records.stable_hash(record["id"]) % len(paraphrases)]) if x.strip()]
+  options = record.get("labels") or record.get("choices")
+  if options:
+    literals += [f" as one of: {', '.join(options)}", f" with one of: {', '.join(options)}"]
+  parts = []
+  for message in record["messages"]:
+    content = message["content"]
+    if message["role"] == "user":
+      for literal in literals:
+        content = content.replace(literal, "\n", 1)
+    if message["role"] != "system":
+      parts.append(content)
+  return "\n".join(parts)
+
+
+_UNLABELLED_FIELDS = {"text", "labels", "label", "id", "system"}
+
+
+def is_unlabelled(raw: dict[str, Any]) -> bool:
+  """A classification record with its text and label set but no label (absent, null or empty): the
+  annotation stage's label task chooses one."""
+  return {"text", "labels"} <= set(raw) <= _UNLABELLED_FIELDS and raw.get("label") in (None, "")
+
+
+def unlabelled_chat(raw: dict[str, Any], record_id: str, source: str) -> records.Record:
+  """The chat of an unlabelled classification record: its user turn, no answer yet, marked needs_label;
+  raises Invalid for a text that is not text or a bad label set."""
+  if not isinstance(raw["text"], str):
+    raise Invalid("wrong type", f"field 'text' is {type(raw['text']).__name__}, not text")
+  if raw["labels"] is None:
+    raise Invalid("missing field", "labels")
+  labels = _options(raw, "labels", None)
+  paraphrases = TASKS["classification"][2]
+  template = paraphrases[records.stable_hash(record_id) % len(paraphrases)]
+  messages = [{"role": "user", "content": template.format(text=raw["text"], options=f" as one of: {', '.join(labels)}")}]
+  if isinstance(raw.get("system"), str) and raw["system"]:
+    messages.insert(0, {"role": "system", "content": raw["system"]})
+  return records.chat(record_id, source, messages, task="classification", template="classification", labels=labels, needs_label=True)
 
 
 def to_chat(raw: dict[str, Any], template_name: str, record_id: str, source: str) -> records.Record:

@@ -107,7 +107,10 @@ def generate(
     pad_id: int,
     sampler: Sampler = GREEDY,
 ) -> jax.Array:
-  """Returns (B, max_new_tokens) generated ids: a stop token included, `pad_id` after it."""
+  """Returns (B, max_new_tokens) generated ids: a stop token included, `pad_id` after it.
+
+  `rng`: one key for the batch, or (B,) keys, one per row: then a sampled row depends on its own key
+  and prompt only, never on the rows it shares the batch with (see Sampler.per_row)."""
   batch, prompt_len = prompt_tokens_bp.shape
   cfg = model.cfg
   if cfg.position_embedding == "learned" and prompt_len + max_new_tokens > cfg.max_positions:  # past the table: NaN
@@ -117,7 +120,14 @@ def generate(
   stop_s = jnp.asarray(stop_ids or (-1,), jnp.int32)
   cache = constrain_cache(init_cache(model.cfg, batch, prompt_len + max_new_tokens))
   logits_bv, cache = prefill(model, params, prompt_tokens_bp, prompt_lengths_b, cache)
-  first_b = sampler(logits_bv, jax.random.fold_in(rng, 0))
+  per_row = jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key) and rng.ndim == 1
+
+  def draw(logits_bv, i):
+    if per_row:
+      return sampler.per_row(logits_bv, jax.vmap(jax.random.fold_in, in_axes=(0, None))(rng, i))
+    return sampler(logits_bv, jax.random.fold_in(rng, i))
+
+  first_b = draw(logits_bv, 0)
   out_bn = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first_b)
 
   def is_stop(tokens_b):
@@ -139,7 +149,7 @@ def generate(
     i, last_b, out_bn, done_b, cache = carry
     slot_b = prompt_lengths_b + i - 1  # where `last_b`, the answer token i - 1, goes
     logits_b1v, cache = model.apply(variables, last_b[:, None], slot_b[:, None], cache=cache, cache_index_b=slot_b)
-    next_b = jnp.where(done_b, pad_id, sampler(logits_b1v[:, 0], jax.random.fold_in(rng, i)))
+    next_b = jnp.where(done_b, pad_id, draw(logits_b1v[:, 0], i))
     return i + 1, next_b, out_bn.at[:, i].set(next_b), done_b | is_stop(next_b), constrain_cache(cache)
 
   init = (jnp.int32(1), first_b, out_bn, is_stop(first_b), constrain_cache(split_cache(cache)))
@@ -155,7 +165,8 @@ def make_generate(
     sampler: Sampler = GREEDY,
     out_sharding: jax.sharding.Sharding | None = None,
 ) -> Callable:
-  """`fn(params, prompt_tokens_bp, prompt_lengths_b, rng) -> (B, max_new_tokens)`, compiled once per shape.
+  """`fn(params, prompt_tokens_bp, prompt_lengths_b, rng) -> (B, max_new_tokens)`, compiled once per shape;
+  `rng` one key, or (B,) keys (one per row: see `generate`).
 
   `out_sharding`: where the generated ids go. Left to the compiler they follow the batch's sharding,
   which a multi-process run cannot `device_get`; a replicated sharding gives every process all rows.

@@ -43,3 +43,8 @@ class Sampler:
       cutoff_b1 = jnp.min(jnp.where(before_bv < self.top_p, sorted_bv, jnp.inf), axis=-1, keepdims=True)
       logits_bv = jnp.where(logits_bv < cutoff_b1, -jnp.inf, logits_bv)
     return jax.random.categorical(rng, logits_bv, axis=-1).astype(jnp.int32)
+
+  def per_row(self, logits_bv: jax.Array, rngs_b: jax.Array) -> jax.Array:
+    """As calling the sampler, each row drawing with its own key of `rngs_b` ((B,) keys): a row's token
+    is the one it would draw alone, whatever the rows beside it."""
+    return jax.vmap(lambda logits_v, rng: self(logits_v[None], rng)[0])(logits_bv, rngs_b)

@@ -61,13 +61,13 @@ def wants_color() -> bool:
 
 def inspect_training_rows(
     config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, rows: int = 8,
-    out: str | pathlib.Path | None = None, color: bool | None = None, generator: Any = None,
+    out: str | pathlib.Path | None = None, color: bool | None = None, annotator: Any = None,
 ) -> InspectResult:
   """Renders the first `rows` packed rows of the SFT phase for `config` (the train job's keys) in `workdir`.
 
   With `color` (default: whether standard output is a colour terminal) `text` shows every token, trained
   ones highlighted; otherwise, or with `out`, an HTML page is written (to `out`, else a temporary file).
-  `generator` serves the data build's annotation model, as in `sft.jobs.train_and_evaluate`."""
+  `annotator` serves the data build's annotation model, as in `sft.jobs.train_and_evaluate`."""
   check_config(config)
   ensure_console_handler()  # the data build's and tokenizer's lines, as in the train job
   if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
@@ -76,7 +76,7 @@ def inspect_training_rows(
   color = wants_color() if color is None else color
   tc = config.train
   try:
-    splits, _ = sources.load_splits(config, workdir, generator=generator)
+    splits, _ = sources.load_splits(config, workdir, annotator=annotator)
     tokenizer = sources.prepare_tokenizer(config, workdir, splits)
   except (OSError, ValueError) as err:
     failed = cannot_write(err, "the data build or tokenizer", workdir)

@@ -132,11 +132,11 @@ def _log_model(abstract_params, trainable, model_cfg) -> None:
 
 
 def train_and_evaluate(
-    config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, generator: Any = None,
+    config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, annotator: Any = None,
     takeover_lock: bool = False,
 ) -> dict[str, Any]:
   """Runs (or resumes) the job described by `config` in `workdir`; returns the final metrics. With
-  data.source="build", `generator` serves the data build's model annotation (see sft.jobs);
+  data.source="build", `annotator` serves the data build's model annotation (see sft.jobs);
   `takeover_lock` takes the workdir's lock over from a holder that cannot be checked (lock.workdir_lock).
 
   Nothing is written before the whole config is checked; one run at a time holds the workdir; a
@@ -158,7 +158,7 @@ def train_and_evaluate(
     workdir.mkdir(parents=True, exist_ok=True)
     with _workdir_lock(workdir, takeover_lock):
       start = _check_resume(config, workdir)
-      return _train_and_evaluate(config, workdir, run, generator, t_start, start)
+      return _train_and_evaluate(config, workdir, run, annotator, t_start, start)
   except (OSError, ValueError) as err:
     failed = cannot_write(err, "the run's files", workdir)
     if failed is None:
@@ -190,11 +190,11 @@ def _record_config(config: ml_collections.ConfigDict, workdir: pathlib.Path, sta
   multihost.on_process_0(lambda: rundir.write_run_config(workdir, config, start), "writing config.json")
 
 
-def _train_and_evaluate(config, workdir: pathlib.Path, run: setup.RunSetup, generator, t_start: float, start: int) -> dict[str, Any]:
+def _train_and_evaluate(config, workdir: pathlib.Path, run: setup.RunSetup, annotator, t_start: float, start: int) -> dict[str, Any]:
   tc = config.train
   paths = Workdir(workdir)
   log.info("devices: %d x %s, %d process(es); mesh %s", jax.device_count(), jax.devices()[0].platform, jax.process_count(), dict(run.mesh.shape))
-  splits, data_summary = sources.load_splits(config, workdir, generator=generator)
+  splits, data_summary = sources.load_splits(config, workdir, annotator=annotator)
   tokenizer = sources.prepare_tokenizer(config, workdir, splits)
   _check_data(config, data_summary, splits, tokenizer, run.model_cfg)
   _record_config(config, workdir, start)

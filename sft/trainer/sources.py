@@ -80,14 +80,14 @@ def data_folder(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> pat
 
 
 def load_splits(
-    config: ml_collections.ConfigDict, workdir: pathlib.Path, *, generator: Any = None
+    config: ml_collections.ConfigDict, workdir: pathlib.Path, *, annotator: Any = None
 ) -> tuple[dict[str, Any], dict[str, Any]]:
   """(splits, accounting): splits are train, eval and pretrain record sequences. With data.source
-  "build" the build runs first when <workdir>/data holds none (`generator` serves its annotation).
+  "build" the build runs first when <workdir>/data holds none (`annotator` serves its annotation).
   Either way the folder must hold a finished build: a manifest whose every output is there, whole."""
   folder = data_folder(config, workdir)
   if config.data.source == "build":
-    multihost.on_process_0(lambda: _ensure_built(config, folder, generator), "building the data")
+    multihost.on_process_0(lambda: _ensure_built(config, folder, annotator), "building the data")
   try:
     manifest = databuilder.check_outputs(folder)
   except ConfigError as err:
@@ -98,15 +98,15 @@ def load_splits(
   return splits, {"records": {k: len(v) for k, v in splits.items()}, "build": manifest["accounting"]["total"]}
 
 
-def _ensure_built(config: ml_collections.ConfigDict, folder: pathlib.Path, generator: Any) -> dict[str, Any]:
+def _ensure_built(config: ml_collections.ConfigDict, folder: pathlib.Path, annotator: Any) -> dict[str, Any]:
   """ensure_built, on process 0 while the others wait: so no annotation model can serve it (the model's
   mesh spans every process's devices)."""
-  if generator is not None and jax.process_count() > 1 and databuilder.load_manifest(folder) is None:
+  if annotator is not None and jax.process_count() > 1 and databuilder.load_manifest(folder) is None:
     raise ConfigError(
-        "data.build.annotate.model_workdir needs a single process: build the data first (launch.py with the "
+        "data.build.annotate.model needs a single process: build the data first (launch.py with the "
         "data.build config), then train with data.source='dir'"
     )
-  return databuilder.ensure_built(config.data.build, folder, generator=generator)
+  return databuilder.ensure_built(config.data.build, folder, annotator=annotator)
 
 
 def prepare_tokenizer(config: ml_collections.ConfigDict, workdir: pathlib.Path, splits: dict[str, Any]) -> ChatTokenizer:

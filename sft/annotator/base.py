@@ -1,0 +1,65 @@
+"""What an annotator is: a model behind one small interface, whatever runs it.
+
+    annotator.generate(chats, decoding) -> [Generation(text, finished), ...]   one per chat, in order
+    annotator.log_likelihoods(chats, answers) -> [float, ...]                  one per (chat, answer) pair
+    annotator.fingerprint                                                      what the cache is keyed by
+
+A chat is a list of messages ({"role", "content"}) that ends with a user turn; the annotator renders it
+with its own chat template, so a prompt reads to the model as its own training data did. The backends:
+a training workdir of this project and a local Hugging Face folder (`sft.annotator.local`); an
+OpenAI-compatible endpoint plugs in behind the same three members.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Protocol, Sequence
+
+Chat = Sequence[dict[str, str]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Decoding:
+  """How a generation is decoded; part of every cache key and recorded in the build's manifest.
+  temperature 0 is greedy. A sampled row's randomness comes from `seed` and its own prompt, never from
+  the rows it happens to share a batch with, so a rerun (or a cached half of one) gives the same text."""
+
+  max_new_tokens: int = 128
+  temperature: float = 0.0
+  top_p: float = 1.0
+  top_k: int = 0
+  seed: int = 0
+
+  def as_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+  """One answer: its text (the end-of-turn token and what follows it removed), and whether the model
+  ended it (False: cut off at `max_new_tokens`, which the annotation tasks reject as "truncated")."""
+
+  text: str
+  finished: bool
+
+
+class Annotator(Protocol):
+  """The interface the annotation tasks and the audit's machine reviewer are written against."""
+
+  fingerprint: str  # changes with the weights, the tokenizer or the backend: a different annotator misses the cache
+
+  def generate(self, chats: Sequence[Chat], decoding: Decoding) -> list[Generation]: ...
+
+  def log_likelihoods(self, chats: Sequence[Chat], answers: Sequence[str]) -> list[float]:
+    """The summed log-probability of each answer as the assistant turn after its chat, its end of turn
+    included (the tokens training puts the loss on): what the label task ranks a label set by."""
+    ...
+
+
+class AnnotatorError(RuntimeError):
+  """A backend broke its contract (e.g. returned fewer answers than it was given prompts): never a silent skip."""
+
+
+def check_count(what: str, got: Sequence[Any], expected: int) -> None:
+  if len(got) != expected:
+    raise AnnotatorError(f"the annotator returned {len(got)} {what} for {expected} prompts")

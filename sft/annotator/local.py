@@ -1,0 +1,407 @@
+"""Annotating with a model on this machine's accelerators: a training workdir of this project (its
+config.json, latest checkpoint and tokenizer, served as trained) or a local Hugging Face folder
+(config.json, *.safetensors and the tokenizer files).
+
+    annotator = open_annotator("/tmp/sft-quickstart")          # "auto": a workdir or a Hugging Face folder
+    annotator.generate([[{"role": "user", "content": "Hi"}]], Decoding(max_new_tokens=64))
+    annotator.log_likelihoods([[{"role": "user", "content": "2 + 2?"}]], ["4"])
+
+Prompts are batched by length: each batch's prompts are padded up to a bucket (powers of two from 16, then
+the prompt room) and its rows up to `batch_size`, so a whole run compiles one program per bucket it uses.
+The object pickles as its path and settings (Beam workers) and loads the model on first use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import pathlib
+from typing import Any, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from sft import hf, serve
+from sft.annotator.base import Chat, Decoding, Generation
+from sft.config import base_config
+from sft.console import bar
+from sft.errors import ConfigError
+from sft.evaluator.generate import fit_prompts, make_generate, prompt_room, strip_generation
+from sft.evaluator.sampling import Sampler
+from sft.trainer import rundir, setup, sharding
+from sft.trainer import step as step_lib
+from sft.trainer.workdir import Workdir
+
+log = logging.getLogger("sft")
+BACKENDS = ("auto", "workdir", "hf")
+KEY = "annotate.model"  # the build config's key that names the model, in every error about it
+DEFAULT_CONTEXT = 2048  # a Hugging Face model's context when none is given (capped by its positions)
+SMALLEST_BUCKET = 16
+# The files of a Hugging Face folder that make its model and tokenizer (the weights are *.safetensors).
+HF_FILES = (
+    "config.json", "generation_config.json", "model.safetensors.index.json", "tokenizer.json", "tokenizer.model",
+    "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
+)
+# A chat ends with the user's turn; the renderer wants the assistant turn its prompt leads into.
+_PLACEHOLDER = {"role": "assistant", "content": "-"}
+
+
+def buckets(room: int) -> list[int]:
+  """The padded prompt lengths a run compiles for: powers of two from 16 below `room`, then `room`.
+
+      buckets(100) -> [16, 32, 64, 100]      buckets(10) -> [10]
+  """
+  out, size = [], SMALLEST_BUCKET
+  while size < room:
+    out.append(size)
+    size *= 2
+  return [*out, room]
+
+
+def bucket_of(length: int, room: int) -> int:
+  return next(b for b in buckets(room) if b >= length)
+
+
+def by_bucket(lengths: Sequence[int], room: int, batch_size: int) -> Iterator[tuple[int, list[int]]]:
+  """(bucket, indices of at most `batch_size` rows) batches: the indices grouped by the bucket of their
+  length, shortest first. A row's bucket is its own length's, whoever it is batched with."""
+  groups: dict[int, list[int]] = {}
+  for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+    groups.setdefault(bucket_of(lengths[i], room), []).append(i)
+  for bucket, members in sorted(groups.items()):
+    for start in range(0, len(members), batch_size):
+      yield bucket, members[start:start + batch_size]
+
+
+def row_key_data(tokens: Sequence[int]) -> tuple[int, int]:
+  """Two 32-bit words of the digest of a prompt's tokens: what its sampling key is folded from."""
+  digest = hashlib.sha256(np.asarray(tokens, np.int32).tobytes()).digest()
+  return int.from_bytes(digest[:4], "little"), int.from_bytes(digest[4:8], "little")
+
+
+def row_keys(seed: int, prompts: Sequence[Sequence[int]]) -> jax.Array:
+  """(B,) keys, each from `seed` and its row's prompt alone: a sampled answer is the same in any batch."""
+  data = jnp.asarray([row_key_data(p) for p in prompts], jnp.uint32)
+  base = jax.random.key(seed)
+  return jax.vmap(lambda d: jax.random.fold_in(jax.random.fold_in(base, d[0]), d[1]))(data)
+
+
+def fill_rows(rows: Sequence[Sequence[int]], width: int, batch_size: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+  """(batch_size, width) right-padded tokens and (batch_size,) lengths; missing rows copy the first."""
+  rows = [*rows, *[rows[0]] * (batch_size - len(rows))]
+  tokens = np.full((batch_size, width), pad_id, np.int32)
+  for r, row in enumerate(rows):
+    tokens[r, : len(row)] = row
+  return tokens, np.asarray([len(r) for r in rows], np.int32)
+
+
+def score_rows(encoded: Sequence[tuple[np.ndarray, np.ndarray]], width: int, batch_size: int) -> dict[str, np.ndarray]:
+  """One whole (unpacked) row per (tokens, loss mask), laid out as the evaluator's choice rows
+  (sft.evaluator.choices.choice_rows): inputs, targets, loss_mask, segment_ids, positions; `width`
+  columns, `batch_size` rows (the missing ones all padding)."""
+  keys = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
+  batch = {k: np.zeros((batch_size, width), np.int32) for k in keys}
+  for r, (tokens, mask) in enumerate(encoded):
+    n = len(tokens) - 1
+    batch["inputs"][r, :n], batch["targets"][r, :n], batch["loss_mask"][r, :n] = tokens[:-1], tokens[1:], mask[1:]
+    batch["segment_ids"][r, :n] = 1
+    batch["positions"][r, :n] = np.arange(n)
+  return batch
+
+
+def dedup(items: Sequence[Any], key) -> tuple[list[Any], list[int]]:
+  """(the distinct items by `key`, first seen first; each item's index among them): equal prompts are
+  computed once, which changes no answer (a row's answer depends on its own tokens only)."""
+  seen: dict[Any, int] = {}
+  distinct, index = [], []
+  for item in items:
+    k = key(item)
+    if k not in seen:
+      seen[k] = len(distinct)
+      distinct.append(item)
+    index.append(seen[k])
+  return distinct, index
+
+
+def detect_backend(path: pathlib.Path) -> str:
+  """"workdir" or "hf", told apart as the eval job tells `eval.compare_to` apart; anything else is a ConfigError."""
+  saved = rundir.load_saved_config(path)
+  if Workdir(path).checkpoints.exists() or (isinstance(saved, dict) and "train" in saved):
+    return "workdir"
+  if saved is not None and any(path.glob("*.safetensors")):
+    return "hf"
+  raise ConfigError(
+      f"{KEY}={str(path)!r} holds no model: give a training workdir with a checkpoint, or a Hugging Face folder "
+      "(config.json, *.safetensors and the tokenizer files)"
+  )
+
+
+def _check_folder(path: pathlib.Path, backend: str) -> None:
+  """What the backend needs is there, or a one-line ConfigError; nothing is loaded."""
+  where = f"{KEY}={str(path)!r}"
+  if backend == "workdir":
+    if rundir.load_saved_config(path) is None:
+      raise ConfigError(f"{where} has no config.json: is it the workdir of a training run?")
+    if setup.latest_step(path) is None:
+      raise ConfigError(f"{where} has no checkpoint: train there first")
+    return
+  has_tokenizer = (path / "tokenizer.json").is_file() or (path / "tokenizer.model").is_file()
+  missing = [name for name, ok in (
+      ("config.json", (path / "config.json").is_file()),
+      ("*.safetensors", any(path.rglob("*.safetensors"))),
+      ("tokenizer.json or tokenizer.model", has_tokenizer),
+  ) if not ok]
+  if missing:
+    raise ConfigError(f"{where} is no Hugging Face folder: it has no {' and no '.join(missing)}")
+
+
+def open_annotator(
+    path: str, backend: str = "auto", *, batch_size: int = 32, context: int = 0, progress: bool = True
+) -> LocalAnnotator:
+  """The annotator of a training workdir ("workdir") or a Hugging Face folder ("hf"); "auto" tells them
+  apart from the folder's files. Checks the folder (a one-line ConfigError naming annotate.model) and
+  loads nothing: the model loads on first use.
+
+  `batch_size`: rows per compiled call. `context`: prompt + answer tokens; 0 is the workdir's
+  train.seq_len, or for a Hugging Face model 2048 capped by its positions (a given context is capped
+  by them too). `progress`: a progress bar over the prompts of each call."""
+  if backend not in BACKENDS:
+    raise ConfigError(f"the annotator backend must be one of {BACKENDS}, got {backend!r}")
+  if not isinstance(batch_size, int) or batch_size < 1:
+    raise ConfigError(f"the annotator's batch_size must be at least 1, got {batch_size!r}")
+  if not isinstance(context, int) or context < 0:
+    raise ConfigError(f"the annotator's context must be >= 0 (0: the model's own), got {context!r}")
+  folder = pathlib.Path(path)
+  if not folder.is_dir():
+    raise ConfigError(f"{KEY}={str(path)!r} is not a folder: give a training workdir or a Hugging Face folder")
+  kind = detect_backend(folder) if backend == "auto" else backend
+  _check_folder(folder, kind)
+  return LocalAnnotator(str(path), kind, batch_size=batch_size, context=context, progress=progress)
+
+
+# --- the fingerprint --------------------------------------------------------------------------------
+
+
+def _files_under(root: pathlib.Path, prefix: str = "") -> list[tuple[str, pathlib.Path]]:
+  return [(prefix + p.relative_to(root).as_posix(), p) for p in root.rglob("*") if p.is_file()]
+
+
+def _hf_files(folder: pathlib.Path, prefix: str = "") -> list[tuple[str, pathlib.Path]]:
+  named = [(prefix + name, folder / name) for name in HF_FILES if (folder / name).is_file()]
+  weights = [(prefix + p.relative_to(folder).as_posix(), p) for p in folder.rglob("*.safetensors")]
+  return named + weights
+
+
+def model_files(path: pathlib.Path, backend: str) -> list[tuple[str, pathlib.Path]]:
+  """(name relative to the model's folder, path) of every file its weights, tokenizer and model config
+  are read from, sorted by name. A workdir fine-tuned from a Hugging Face model adds that folder's
+  config.json and tokenizer files (under "model.checkpoint/"): its shape and tokenizer come from there."""
+  if backend == "hf":
+    return sorted(_hf_files(path))
+  step = setup.latest_step(path)
+  files = [(Workdir(".").config.name, Workdir(path).config)]
+  if Workdir(path).tokenizer.is_file():
+    files.append((Workdir(".").tokenizer.name, Workdir(path).tokenizer))
+  if step is not None:
+    files += _files_under(Workdir(path).checkpoints / str(step), f"{setup.CHECKPOINTS}/{step}/")
+  checkpoint = (rundir.load_saved_config(path) or {}).get("model", {}).get("checkpoint")
+  if checkpoint:
+    files += [f for f in _hf_files(pathlib.Path(checkpoint), "model.checkpoint/") if not f[0].endswith(".safetensors")]
+  return sorted(files)
+
+
+def fingerprint_of(path: pathlib.Path, backend: str) -> str:
+  """16 hex digits of the sha256 over the backend kind and each file's name and bytes, in name order:
+  the same files give the same fingerprint wherever they lie; one changed byte gives another."""
+  digest = hashlib.sha256(f"sft.annotator/{backend}\n".encode())
+  for name, file in model_files(path, backend):
+    with open(file, "rb") as f:
+      content = hashlib.file_digest(f, "sha256").hexdigest()
+    digest.update(f"{name}\0{content}\n".encode())
+  return digest.hexdigest()[:16]
+
+
+# --- the model --------------------------------------------------------------------------------------
+
+
+def _hf_context(folder: pathlib.Path, context: int) -> int:
+  """A Hugging Face model's context: `context` (or DEFAULT_CONTEXT) capped by the positions its
+  config.json declares."""
+  hf_config = hf.read_hf_config(folder / "config.json")
+  positions = hf_config.get("max_position_embeddings") or hf_config.get("n_positions")
+  wanted = context or DEFAULT_CONTEXT
+  return min(wanted, positions) if isinstance(positions, int) and positions > 0 else wanted
+
+
+def _run_config(path: pathlib.Path, backend: str, context: int) -> ml_collections.ConfigDict:
+  """The config the model is built from: the workdir's config.json as trained (serve's serving config),
+  or the defaults with model.checkpoint the Hugging Face folder (as the eval job's model.checkpoint)."""
+  if backend == "workdir":
+    saved = ml_collections.ConfigDict(rundir.load_saved_config(path))
+    return serve.serving_config(saved, path, given_keys=())
+  config = base_config()
+  config.model.checkpoint = str(path)
+  config.train.seq_len = _hf_context(path, context)
+  return config
+
+
+@dataclasses.dataclass
+class _Model:
+  """What a LocalAnnotator loads on first use."""
+
+  run: setup.RunSetup
+  params: Any
+  tokenizer: Any
+  context: int
+  score: Any  # (params, placed batch) -> {"loglik_b", "tokens_b"}: the evaluator's score step
+  generators: dict = dataclasses.field(default_factory=dict)  # (max_new_tokens, Sampler) -> jitted generate
+
+
+def load_model(path: pathlib.Path, backend: str, batch_size: int, context: int) -> _Model:
+  """The model, its tokenizer and its context, placed on the mesh of the config it is built from, as
+  serving (a workdir) and the eval job (a Hugging Face folder) place it."""
+  config = _run_config(path, backend, context)
+  run = setup.setup_run(config)
+  run.check_batch("the annotator's batch_size", batch_size)
+  tokenizer = setup.open_tokenizer(config, path)
+  if backend == "workdir":
+    params, origin = setup.serving_params(config, path, run)
+    size = min(config.train.seq_len, context) if context else config.train.seq_len
+  else:
+    params, origin = hf.load_params(path, run.model_cfg, run.param_shardings), str(path)
+    size = config.train.seq_len
+  log.info("annotator: %s (context %d tokens)", origin, size)
+  score = step_lib.jit_score_step(run.model.apply, run.param_shardings, run.batch_sharding, run.replicated)
+  return _Model(run, params, tokenizer, size, score)
+
+
+class LocalAnnotator:
+  """An Annotator (sft.annotator.base) backed by a model loaded here; see the module docstring.
+
+  `prompts_cut` counts the prompts (and scored chats) longer than the context that lost their first
+  tokens, over every call."""
+
+  def __init__(self, path: str, backend: str, *, batch_size: int = 32, context: int = 0, progress: bool = True):
+    if backend not in ("workdir", "hf"):
+      raise ConfigError(f"a LocalAnnotator's backend is 'workdir' or 'hf', got {backend!r}: see open_annotator")
+    self.path, self.backend = str(path), backend
+    self.batch_size, self.context_setting, self.progress = batch_size, context, progress
+    self.prompts_cut = 0
+    self._fingerprint: str | None = None
+    self._model: _Model | None = None
+
+  def __getstate__(self):  # the path and settings: a worker process loads the model itself
+    return {**self.__dict__, "_model": None}
+
+  def __repr__(self) -> str:
+    return f"LocalAnnotator({self.path!r}, {self.backend!r}, batch_size={self.batch_size})"
+
+  @property
+  def fingerprint(self) -> str:
+    if self._fingerprint is None:
+      self._fingerprint = fingerprint_of(pathlib.Path(self.path), self.backend)
+    return self._fingerprint
+
+  @property
+  def model(self) -> _Model:
+    if self._model is None:
+      self._model = load_model(pathlib.Path(self.path), self.backend, self.batch_size, self.context_setting)
+    return self._model
+
+  @property
+  def context(self) -> int:
+    """Prompt + answer tokens (loads the model)."""
+    return self.model.context
+
+  def _generator(self, decoding: Decoding):
+    model = self.model
+    sampler = Sampler(temperature=decoding.temperature, top_k=decoding.top_k, top_p=decoding.top_p)
+    key = (decoding.max_new_tokens, sampler)
+    if key not in model.generators:
+      tok = model.tokenizer
+      model.generators[key] = make_generate(
+          model.run.model, max_new_tokens=decoding.max_new_tokens, stop_ids=tok.stop_ids, pad_id=tok.pad_id,
+          sampler=sampler,
+      )
+    return model.generators[key]
+
+  def _count_cut(self, cut: int, total: int, what: str, room: int) -> None:
+    if cut:
+      self.prompts_cut += cut
+      log.warning(
+          "annotator: %d of %d %s are longer than the %d tokens that fit the context of %d: their first tokens are cut",
+          cut, total, what, room, self.context,
+      )
+
+  def _bar(self, total: int, desc: str):
+    return bar(total, desc, " records", enabled=self.progress)
+
+  def generate(self, chats: Sequence[Chat], decoding: Decoding) -> list[Generation]:
+    """One Generation per chat, in order: each chat rendered with the model's chat template up to the
+    assistant's turn, answered with a KV cache; greedy at temperature 0. A sampled answer depends on
+    decoding.seed and its own prompt tokens only. Equal prompts are answered once."""
+    if not chats:
+      return []
+    model = self.model
+    tok = model.tokenizer
+    generate = self._generator(decoding)  # checks the decoding before any rendering
+    room = prompt_room(model.context, decoding.max_new_tokens, "max_new_tokens")
+    prompts, cut = fit_prompts([_render(tok, chat, i) for i, chat in enumerate(chats)], room)
+    self._count_cut(len(cut), len(chats), "prompts", room)
+    distinct, index = dedup(prompts, tuple)
+    out: list[Generation | None] = [None] * len(distinct)
+    stops = set(tok.stop_ids)
+    with self._bar(len(distinct), "annotate: generating") as progress, model.run.on_mesh():
+      for bucket, rows in by_bucket([len(p) for p in distinct], room, self.batch_size):
+        tokens_bp, lengths_b = fill_rows([distinct[r] for r in rows], bucket, self.batch_size, tok.pad_id)
+        keys_b = row_keys(decoding.seed, [tokens_bp[i, :n] for i, n in enumerate(lengths_b)])
+        out_bn = np.asarray(jax.device_get(generate(model.params, tokens_bp, lengths_b, keys_b)))
+        for r, ids in zip(rows, out_bn):
+          out[r] = Generation(
+              tok.decode(strip_generation(ids, tok.stop_ids, tok.pad_id)), any(int(t) in stops for t in ids)
+          )
+        progress.update(len(rows))
+    return [out[i] for i in index]
+
+  def log_likelihoods(self, chats: Sequence[Chat], answers: Sequence[str]) -> list[float]:
+    """The summed log-probability of each answer as the assistant's turn after its chat, its end of turn
+    included (tokenizer.tokenize_chat's loss-masked tokens), scored by the evaluator's score step. A
+    chat and answer longer than the context keep their last tokens (counted in `prompts_cut`)."""
+    if len(chats) != len(answers):
+      raise ValueError(f"log_likelihoods takes one answer per chat, got {len(chats)} chats and {len(answers)} answers")
+    if not chats:
+      return []
+    model = self.model
+    encoded = [_encode(model.tokenizer, chat, answer, i) for i, (chat, answer) in enumerate(zip(chats, answers))]
+    width = model.context
+    cut = [i for i, (tokens, _) in enumerate(encoded) if len(tokens) - 1 > width]
+    encoded = [(t[-(width + 1):], m[-(width + 1):]) if len(t) - 1 > width else (t, m) for t, m in encoded]
+    self._count_cut(len(cut), len(chats), "scored chats", width)
+    distinct, index = dedup(encoded, lambda pair: (pair[0].tobytes(), pair[1].tobytes()))
+    out = np.zeros(len(distinct), np.float64)
+    run = model.run
+    with self._bar(len(distinct), "annotate: scoring") as progress, run.on_mesh():
+      for bucket, rows in by_bucket([len(t) - 1 for t, _ in distinct], width, self.batch_size):
+        batch = score_rows([distinct[r] for r in rows], bucket, self.batch_size)
+        scored = jax.device_get(model.score(model.params, sharding.global_batch(batch, run.batch_sharding)))
+        out[rows] = np.asarray(scored["loglik_b"])[: len(rows)]
+        progress.update(len(rows))
+    return [float(out[i]) for i in index]
+
+
+def _render(tokenizer, chat: Chat, index: int) -> list[int]:
+  try:
+    return tokenizer.render_prompt([*chat, _PLACEHOLDER])[0]
+  except (ValueError, TypeError, KeyError) as err:  # a template's refusal, TokenizerFailure, a malformed chat
+    raise ConfigError(f"annotator: chat {index + 1} cannot be rendered: {err}") from None
+
+
+def _encode(tokenizer, chat: Chat, answer: str, index: int) -> tuple[np.ndarray, np.ndarray]:
+  try:
+    tokens, mask = tokenizer.tokenize_chat([*chat, {"role": "assistant", "content": answer}])
+  except (ValueError, TypeError, KeyError) as err:
+    raise ConfigError(f"annotator: chat {index + 1} with its answer cannot be tokenized: {err}") from None
+  return np.asarray(tokens, np.int32), np.asarray(mask, np.int32)
