@@ -200,6 +200,21 @@ def test_a_build_annotates_with_a_real_workdir_through_the_launcher_path(tmp_pat
   assert filled + sum(fill.values()) == 4 and set(fill) <= {"annotate: fill: truncated", "annotate: fill: empty"}
   assert manifest["annotation"]["cache"]["misses"] == 6 * 2 + 4
 
+  # The audit's machine reviewer, the same model, opened from judge.model: every sampled row is filled or
+  # counted as unparseable (a random model mostly answers neither keep nor drop).
+  from sft.audit.config import audit_config
+
+  audit = audit_config()
+  audit.build_dir, audit.mode, audit.per_stratum = str(tmp_path / "out"), "judge", 2
+  audit.judge.model, audit.judge.max_new_tokens = str(model_dir), 4
+  judged = sft.audit(audit, tmp_path / "audit")
+  machine = [json.loads(x) for x in (tmp_path / "audit" / "review-machine.jsonl").read_text().splitlines()]
+  assert len(machine) == judged["rows"] > 0 and all(r["reviewer"] == "machine" for r in machine)
+  assert sum(1 for r in machine if not r["verdict"] and not r["right_label"]) == judged["unparseable"]
+  audit.judge.model = str(raw)
+  with pytest.raises(sft.ConfigError, match=r"^judge.model='.*' holds no model"):
+    sft.audit(audit, tmp_path / "audit2")
+
 
 def read_all(folder: pathlib.Path) -> list[dict]:
   return [json.loads(line) for p in sorted(folder.glob("*.jsonl")) if not p.name.startswith("rejected")

@@ -126,7 +126,7 @@ def dedup(items: Sequence[Any], key) -> tuple[list[Any], list[int]]:
   return distinct, index
 
 
-def detect_backend(path: pathlib.Path) -> str:
+def detect_backend(path: pathlib.Path, key: str = KEY) -> str:
   """"workdir" or "hf", told apart as the eval job tells `eval.compare_to` apart; anything else is a ConfigError."""
   saved = rundir.load_saved_config(path)
   if Workdir(path).checkpoints.exists() or (isinstance(saved, dict) and "train" in saved):
@@ -134,14 +134,14 @@ def detect_backend(path: pathlib.Path) -> str:
   if saved is not None and any(path.glob("*.safetensors")):
     return "hf"
   raise ConfigError(
-      f"{KEY}={str(path)!r} holds no model: give a training workdir with a checkpoint, or a Hugging Face folder "
+      f"{key}={str(path)!r} holds no model: give a training workdir with a checkpoint, or a Hugging Face folder "
       "(config.json, *.safetensors and the tokenizer files)"
   )
 
 
-def _check_folder(path: pathlib.Path, backend: str) -> None:
+def _check_folder(path: pathlib.Path, backend: str, key: str = KEY) -> None:
   """What the backend needs is there, or a one-line ConfigError; nothing is loaded."""
-  where = f"{KEY}={str(path)!r}"
+  where = f"{key}={str(path)!r}"
   if backend == "workdir":
     if rundir.load_saved_config(path) is None:
       raise ConfigError(f"{where} has no config.json: is it the workdir of a training run?")
@@ -159,7 +159,8 @@ def _check_folder(path: pathlib.Path, backend: str) -> None:
 
 
 def open_annotator(
-    path: str, backend: str = "auto", *, batch_size: int = 32, context: int = 0, progress: bool = True
+    path: str, backend: str = "auto", *, batch_size: int = 32, context: int = 0, progress: bool = True,
+    key: str = KEY,
 ) -> LocalAnnotator:
   """The annotator of a training workdir ("workdir") or a Hugging Face folder ("hf"); "auto" tells them
   apart from the folder's files. Checks the folder (a one-line ConfigError naming annotate.model) and
@@ -167,7 +168,8 @@ def open_annotator(
 
   `batch_size`: rows per compiled call. `context`: prompt + answer tokens; 0 is the workdir's
   train.seq_len, or for a Hugging Face model 2048 capped by its positions (a given context is capped
-  by them too). `progress`: a progress bar over the prompts of each call."""
+  by them too). `progress`: a progress bar over the prompts of each call. `key`: the config key every
+  error names (the audit's machine reviewer is judge.model)."""
   if backend not in BACKENDS:
     raise ConfigError(f"the annotator backend must be one of {BACKENDS}, got {backend!r}")
   if not isinstance(batch_size, int) or batch_size < 1:
@@ -176,9 +178,9 @@ def open_annotator(
     raise ConfigError(f"the annotator's context must be >= 0 (0: the model's own), got {context!r}")
   folder = pathlib.Path(path)
   if not folder.is_dir():
-    raise ConfigError(f"{KEY}={str(path)!r} is not a folder: give a training workdir or a Hugging Face folder")
-  kind = detect_backend(folder) if backend == "auto" else backend
-  _check_folder(folder, kind)
+    raise ConfigError(f"{key}={str(path)!r} is not a folder: give a training workdir or a Hugging Face folder")
+  kind = detect_backend(folder, key) if backend == "auto" else backend
+  _check_folder(folder, kind, key)
   return LocalAnnotator(str(path), kind, batch_size=batch_size, context=context, progress=progress)
 
 

@@ -63,11 +63,9 @@ def _open_annotator(judge_config) -> Any:
         "mode=judge needs a model to review with: set judge.model (a training workdir or a Hugging Face folder) or "
         "pass annotator= to sft.audit; or review by hand: mode=sample, then mode=score"
     )
-  if not pathlib.Path(judge_config.model).is_dir():
-    raise ConfigError(f"judge.model={judge_config.model!r} is not a folder: give a training workdir or a Hugging Face folder")
   from sft.annotator import open_annotator  # noqa: PLC0415
 
-  return open_annotator(judge_config.model, batch_size=judge_config.batch_size)
+  return open_annotator(judge_config.model, batch_size=judge_config.batch_size, key="judge.model")
 
 
 def _tokenizer(path: str) -> Any:
