@@ -40,6 +40,17 @@ from sft.config import base_config  # noqa: E402
 from sft.databuilder import build_config  # noqa: E402
 
 SECTIONS = ("doc", "fonts", "games", "libdevel", "net", "python", "science", "sound")
+# The defaults this study changed, as planted/measure.py measured them on the commit before (742b084).
+BEFORE = [
+    "Before the language and near-duplicate defaults changed (`planted/measure.py` on commit 742b084, every",
+    "record counted): `filter: language` dropped 11 (precision 0.91), `filter: language: low confidence` 11",
+    "(precision 0.00: clean English such as \"Spell the word 'bananas' backwards.\" at en 0.26), `dedup: near",
+    "duplicate` 11 (precision 0.36: arithmetic and one-word-answer families sharing a template); 19 of the 91",
+    "clean records were lost. On (a)'s 400 unlabelled synopses, near-deduplication of the whole rendered chat",
+    "dropped 23 distinct packages (\"Python 3 module for ...\": the instruction and its 8 labels outweighed a",
+    "5-word synopsis); it now compares what the template's fields hold and drops none.",
+    "",
+]
 TRAIN_PER_SECTION, HELD_OUT_PER_SECTION = 300, 50
 
 
@@ -122,10 +133,10 @@ def labelling(out: pathlib.Path, args) -> tuple[list[str], dict]:
   start = time.time()
   sft.train_and_evaluate(annotator_config(out / "raw-train", args.sft_steps), workdir)
   train_s = time.time() - start
-  timings = {}
-  for name, cache in (("cold", True), ("warm", True)):
+  timings = {}  # each build opens the annotator afresh: loading and compiling are in every figure but the warm one
+  for name, cache, folder in (("off", False, "labelled-nocache"), ("cold", True, "labelled"), ("warm", True, "labelled")):
     start = time.time()
-    manifest = sft.build_dataset(label_config(out / "raw-unlabelled", workdir, cache), out / "labelled", progress=False)
+    manifest = sft.build_dataset(label_config(out / "raw-unlabelled", workdir, cache), out / folder, progress=False)
     timings[name] = time.time() - start
   results = audit(out / "labelled", out / "audit-labels")
   gold = {row["kind"]: row for row in results["gold"]["kinds"]}["label"]
@@ -156,8 +167,7 @@ def labelling(out: pathlib.Path, args) -> tuple[list[str], dict]:
   ]
   for label, row in gold["classification"]["per_class"].items():
     md.append(f"| {label} | {row['precision']:.3f} | {row['recall']:.3f} | {row['f1']:.3f} | {row['support']} |")
-  cost = _cost(out, workdir, len(held_out), timings)
-  return md + [""] + cost, results
+  return md + [""] + _cost(len(held_out), timings), results
 
 
 def _drops(manifest: dict) -> dict[str, int]:
@@ -167,22 +177,22 @@ def _drops(manifest: dict) -> dict[str, int]:
   return dict(counts.most_common())
 
 
-def _cost(out: pathlib.Path, workdir: pathlib.Path, n: int, timings: dict) -> list[str]:
-  shutil.rmtree(out / "labelled-nocache", ignore_errors=True)
-  start = time.time()
-  sft.build_dataset(label_config(out / "raw-unlabelled", workdir, False), out / "labelled-nocache", progress=False)
-  plain = time.time() - start
+def _cost(n: int, timings: dict) -> list[str]:
+  plain = timings["off"]
   return [
       "## (c) The cost of annotation, with and without the cache",
       "",
       f"The labelling build of {n} records ({len(SECTIONS)} log-likelihoods each), the whole build timed "
-      "(reading, filters, deduplication and writing included):",
+      "(reading, filters, deduplication and writing included; each build but the last loads the annotator and "
+      "compiles its scoring step, the last never loads it):",
       "",
       "| build | wall time | records/s |",
       "|---|---|---|",
       f"| cache off | {plain:.1f} s | {n / plain:.1f} |",
       f"| cache on, first run (every answer computed and stored) | {timings['cold']:.1f} s | {n / timings['cold']:.1f} |",
       f"| cache on, run again (every answer from the cache) | {timings['warm']:.1f} s | {n / timings['warm']:.1f} |",
+      "",
+      f"The cached rerun is {plain / timings['warm']:.1f}x faster than a build without the cache.",
       "",
   ]
 
@@ -222,6 +232,7 @@ def filters(out: pathlib.Path, per_stratum: int, seed: int) -> list[str]:
     reason = row["stratum"].removeprefix("dropped: ")
     md.append(f"| {reason} | {row['size']} | {_figure(row)} | {exact['precision'].get(reason, float('nan')):.3f} |")
   recall = results["recall"]
+  md += ["", *BEFORE]
   md += [
       "",
       f"Recall of the filters as a whole (bad records removed / all bad records): audit estimate {_figure(recall)}, "
