@@ -219,3 +219,56 @@ def test_a_build_annotates_with_a_real_workdir_through_the_launcher_path(tmp_pat
 def read_all(folder: pathlib.Path) -> list[dict]:
   return [json.loads(line) for p in sorted(folder.glob("*.jsonl")) if not p.name.startswith("rejected")
           for line in p.read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_an_annotator_trained_on_a_separable_task_labels_held_out_records_right(tmp_path):
+  """A tiny model trained here on texts whose label one keyword gives labels other records of the task
+  (other ids, so other instruction paraphrases), given only the label set: by log-likelihood (the label
+  task's default) and by generation."""
+  import random
+
+  import sft
+  from sft.config import base_config
+
+  rng = random.Random(0)
+  words = ["river", "garden", "window", "market", "letter", "bridge", "candle", "ticket", "mirror", "pocket"]
+
+  def text(label: str, word: str) -> str:
+    return f"The sky over the {word} was {'sunny and bright' if label == 'sun' else 'rainy and grey'}."
+
+  labels = ["sun", "rain"]
+  # Every word with both labels alike: the keyword is the only thing that tells them apart.
+  train = [{"text": text(label, word), "label": label, "labels": labels} for word in words for label in labels * 12]
+  rng.shuffle(train)
+  held_out = [{"text": text(label, word), "labels": labels, "truth": label} for word in words for label in labels]
+  for folder, rows in (("train", train), ("unlabelled", held_out)):
+    (tmp_path / folder).mkdir()
+    (tmp_path / folder / f"{folder}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+  config = base_config()
+  config.data.build.stdlib = False
+  config.data.build.input_dir = str(tmp_path / "train")
+  config.data.build.dedup.exact = False  # the texts are a few variations of two sentences by design
+  config.data.build.dedup.near = False
+  config.data.build.output.validation_fraction = 0.1
+  config.tokenizer.vocab_size = 320  # what these few words can fill
+  config.model.update(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64)
+  config.train.update(seq_len=128, batch_size=16, pretrain_steps=0, sft_steps=200, lr=1e-2)  # every chat whole
+  config.eval.update(every_steps=200, num_generations=0)
+  config.checkpoint.every_steps = 200
+  sft.train_and_evaluate(config, tmp_path / "model")
+
+  for method in ("loglik", "generate"):
+    build = build_config()
+    build.input_dir = str(tmp_path / "unlabelled")
+    build.gold_field = "truth"
+    build.dedup.exact = build.dedup.near = False
+    build.annotate.model = str(tmp_path / "model")
+    build.annotate.label.method = method
+    build.annotate.max_new_tokens = 8
+    build.annotate.max_drop_fraction = 1.0
+    sft.build_dataset(build, tmp_path / method, progress=False)
+    labelled = [r for r in read_all(tmp_path / method) if r.get("annotated") == "label"]
+    right = sum(r["messages"][-1]["content"] == r["gold"] for r in labelled)
+    assert len(labelled) == 20 and right >= 19, (method, right, len(labelled))
