@@ -11,6 +11,13 @@ compile is not timed); both sides are timed interleaved in this one process, --r
 median is reported. Torch gets as many threads as this process may use CPUs. Greedy float32 decoding of
 two implementations may part ways once two logits nearly tie: the agreement reported is over all
 generated tokens, and per row up to the first difference. --tiny: a 2-layer toy model, a few seconds.
+
+Each side's share of its own roofline: a decoding step reads every weight once for the whole batch and
+does 2 FLOPs per weight per row, so `batch x read GB/s / weight bytes` and `matmul GFLOP/s / (2 x
+parameters)` bound its new tokens/s; the lower of the two is printed, with each library's own read and
+matmul speed measured in this process. (The KV cache and the activations are left out: the bound is
+an upper one.) At batch 1 both sides read memory at about the machine's speed, so neither can be
+much faster than the other there.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from benchmarks.roofline import matmul_gflops, read_gbps  # noqa: E402
 from sft.evaluator.generate import make_generate  # noqa: E402
 from sft.hf import export_model  # noqa: E402
 from sft.model import ModelConfig, Transformer  # noqa: E402
@@ -82,7 +90,14 @@ def agreement(a_bn: np.ndarray, b_bn: np.ndarray) -> tuple[float, float, float]:
   return float(equal_bn.mean()), float(equal_bn.all(1).mean()), float(prefix_b.mean() / a_bn.shape[1])
 
 
-def bench_batch(batch: int, cfg: ModelConfig, generate, params, hf, args) -> dict:
+def roofline(batch: int, num_params: int, read: float, gflops: float) -> tuple[float, str]:
+  """(the bound on new tokens/s, what bounds it) for one library: reading the weights, or their matmuls."""
+  by_reading = batch * read * 1e9 / (4 * num_params)
+  by_matmul = gflops * 1e9 / (2 * num_params)
+  return (by_reading, "reading the weights") if by_reading < by_matmul else (by_matmul, "the matmuls")
+
+
+def bench_batch(batch: int, cfg: ModelConfig, generate, params, hf, args, speeds: dict) -> dict:
   """Times both sides on `batch` random prompts and prints tokens/s, the ratio and the tokens' agreement."""
   import torch
 
@@ -115,7 +130,16 @@ def bench_batch(batch: int, cfg: ModelConfig, generate, params, hf, args) -> dic
       flush=True,
   )
   print(f"batch {batch}: greedy tokens equal {tokens:.3f}, rows equal throughout {rows:.3f}, agreeing prefix {prefix:.3f} of a row", flush=True)
-  return {"batch": batch, "ours": ours_tps, "hf": theirs_tps, "ratio": ours_tps / theirs_tps, "tokens_equal": tokens}
+  num_params = count_params(params)
+  shares = {}
+  for side, tps, lib in (("ours", ours_tps, "jax"), ("hf", theirs_tps, "torch")):
+    bound, by = roofline(batch, num_params, speeds[lib]["read"], speeds[lib]["gflops"])
+    shares[side] = tps / bound
+    print(f"batch {batch}: {side:>4} roofline {bound:8.1f} tokens/s (bound by {by}); at {tps / bound:.0%} of it", flush=True)
+  return {
+      "batch": batch, "ours": ours_tps, "hf": theirs_tps, "ratio": ours_tps / theirs_tps, "tokens_equal": tokens,
+      "roofline_share": shares,
+  }
 
 
 def main(argv=None) -> list[dict]:
@@ -140,8 +164,15 @@ def main(argv=None) -> list[dict]:
       f"{args.new_tokens} new tokens, greedy; jax {jax.__version__} on {jax.devices()[0].platform}, "
       f"torch {torch.__version__} with torch.set_num_threads({threads}) (the CPUs this process may use)"
   )
+  (jax_read, torch_read), (jax_gflops, torch_gflops) = read_gbps(64 * 2**20 if args.tiny else 512 * 2**20), matmul_gflops(256 if args.tiny else 2048)
+  speeds = {"jax": {"read": jax_read, "gflops": jax_gflops}, "torch": {"read": torch_read, "gflops": torch_gflops}}
+  print(
+      f"this machine: reading memory JAX {jax_read:.1f} GB/s, PyTorch {torch_read:.1f} GB/s; matmul "
+      f"{'256' if args.tiny else '2048'}^3 float32 JAX {jax_gflops:.0f} GFLOP/s, PyTorch {torch_gflops:.0f} GFLOP/s; "
+      f"weights {4 * count_params(params) / 1e6:.1f} MB"
+  )
   generate = make_generate(model, max_new_tokens=args.new_tokens, stop_ids=(), pad_id=0)
-  return [bench_batch(batch, cfg, generate, params, hf, args) for batch in args.batch]
+  return [bench_batch(batch, cfg, generate, params, hf, args, speeds) for batch in args.batch]
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks.roofline import matmul_gflops  # noqa: E402
 from sft.hf import export_model  # noqa: E402
 from sft.model import ModelConfig, Transformer  # noqa: E402
 from sft.model.config import REMAT_POLICIES  # noqa: E402
@@ -128,26 +129,6 @@ class Theirs:
     self.optimizer.step()
     self.optimizer.zero_grad(set_to_none=True)
     return total
-
-
-def matmul_gflops(n: int, repeats: int = 3) -> tuple[float, float]:
-  """(JAX, PyTorch) GFLOP/s of one n x n x n float32 matmul, best of `repeats`."""
-  import torch
-
-  a = jnp.ones((n, n), jnp.float32)
-  f = jax.jit(lambda x: x @ x)
-  f(a).block_until_ready()
-  ta = torch.ones((n, n))
-  torch.mm(ta, ta)
-  best_jax = best_torch = float("inf")
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    f(a).block_until_ready()
-    best_jax = min(best_jax, time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    torch.mm(ta, ta)
-    best_torch = min(best_torch, time.perf_counter() - t0)
-  return 2 * n**3 / best_jax / 1e9, 2 * n**3 / best_torch / 1e9
 
 
 def timed(side, steps: int) -> float:

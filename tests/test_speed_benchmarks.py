@@ -70,6 +70,10 @@ def test_generate_speed_prints_both_sides_and_the_ratio(capsys):
     assert result["ratio"] == pytest.approx(result["ours"] / result["hf"])
     assert result["tokens_equal"] == 1.0  # 8 tokens of a toy model: the two sides agree exactly
     assert re.search(rf"batch {batch}: ours +[\d.]+ tokens/s, HF generate +[\d.]+ tokens/s, ratio [\d.]+x", out), out
+    for side in ("ours", "hf"):  # each side's share of the bound its own library's read and matmul speeds set
+      assert re.search(rf"batch {batch}: +{side} roofline +[\d.]+ tokens/s \(bound by (reading the weights|the matmuls)\)", out), out
+      assert 0 < result["roofline_share"][side]
+  assert re.search(r"this machine: reading memory JAX [\d.]+ GB/s, PyTorch [\d.]+ GB/s; matmul 256\^3", out), out
 
 
 def test_profile_labels_fold_layers_and_name_the_pass():
