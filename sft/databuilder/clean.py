@@ -145,6 +145,17 @@ def scrub_pii(text: str, kinds: tuple[str, ...], counts: collections.Counter, re
   return "".join(pieces)
 
 
+# Printable ASCII without "&", plus tab and newline: ftfy leaves such a text as it is (no entity to unescape,
+# no mojibake or width, quote or ligature fix possible without a non-ASCII character, no carriage return,
+# terminal escape or control character to remove) and every Unicode normal form of ASCII is itself.
+_FTFY_UNCHANGED = re.compile(r"[\t\n\x20-\x25\x27-\x7e]*")
+
+
+def fix_unicode(text: str, form: str) -> str:
+  """ftfy.fix_text(text, normalization=form), without calling it on a text it cannot change."""
+  return text if _FTFY_UNCHANGED.fullmatch(text) else ftfy.fix_text(text, normalization=form)
+
+
 def clean_text(text: str, params: dict[str, Any], counts: collections.Counter, extra_control: tuple[str, ...] = ()) -> str:
   """One text through every cleaning step; `counts` gains one per step that changed it.
 
@@ -155,7 +166,7 @@ def clean_text(text: str, params: dict[str, Any], counts: collections.Counter, e
   n_escaped = 0
   if escape:
     text, n_escaped = control.escape(text, extra_control)
-  fixed = ftfy.fix_text(text, normalization=params["unicode_form"]) if params["fix_unicode"] else unicodedata.normalize(params["unicode_form"], text)
+  fixed = fix_unicode(text, params["unicode_form"]) if params["fix_unicode"] else unicodedata.normalize(params["unicode_form"], text)
   counts["unicode_fixed"] += fixed != text
   out = strip_html(fixed) if params["strip_html"] else fixed
   counts["html_stripped"] += out != fixed

@@ -79,12 +79,14 @@ def _template_fields(record: records.Record) -> str:
   return ""
 
 
-def exact_texts(item: str | records.Record, eval_side: bool) -> list[str]:
+def exact_texts(item: str | records.Record, eval_side: bool, tokens: list[str] | None = None) -> list[str]:
   """The normalised texts of a record (or plain text) that the exact matcher compares: see the module doc.
-  An eval item's single turns are no keys: its answer alone ("Saturn") is no evidence of contamination."""
+  An eval item's single turns are no keys: its answer alone ("Saturn") is no evidence of contamination.
+  `tokens`: the words of the record's whole text, when the caller has them already."""
   if isinstance(item, str):
     return [normalise(item)]
-  texts = [records.contents(item)]
+  whole = " ".join(words(records.contents(item)) if tokens is None else tokens)
+  texts = []
   if item["kind"] == "chat":
     messages = item["messages"]
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=len(messages))
@@ -94,12 +96,13 @@ def exact_texts(item: str | records.Record, eval_side: bool) -> list[str]:
       texts += [fields, f"{fields}\n{response}"]
     if not eval_side:
       texts += [m["content"] for m in messages]
-  return list(dict.fromkeys(t for t in map(normalise, texts) if t))
+  return list(dict.fromkeys(t for t in [whole, *map(normalise, texts)] if t))
 
 
 def build_index(items: Iterable[tuple[str, str | records.Record]], n: int, min_words: int, exact_min_words: int = EXACT_MIN_WORDS) -> dict[str, Any]:
   """The index over (id, text or record) pairs, plain dicts so it is cheap to send to workers:
-  "grams": {"w1 ... wn": eval item id}, "lengths": sorted n-gram lengths, "exact": {normalised key:
+  "grams": {"w1 ... wn": eval item id}, "lengths": sorted n-gram lengths, "firsts": {the first words of the
+  grams} (most positions of a text start no gram: no join, no lookup), "exact": {normalised key:
   eval item id}, "starts": {first word: lengths of the keys (exact_min_words <= length < n) starting with it}."""
   grams: dict[str, str] = {}
   exact: dict[str, str] = {}
@@ -117,7 +120,8 @@ def build_index(items: Iterable[tuple[str, str | records.Record]], n: int, min_w
       length = key.count(" ") + 1
       if exact_min_words <= length < n:
         starts.setdefault(key.split(" ", 1)[0], set()).add(length)
-  return {"grams": grams, "lengths": sorted(lengths), "exact": exact, "starts": {w: sorted(s) for w, s in starts.items()}}
+  firsts = {gram.split(" ", 1)[0] for gram in grams}
+  return {"grams": grams, "lengths": sorted(lengths), "firsts": firsts, "exact": exact, "starts": {w: sorted(s) for w, s in starts.items()}}
 
 
 def index_from_files(paths: Iterable[str], n: int, min_words: int, exact_min_words: int = EXACT_MIN_WORDS) -> tuple[dict[str, Any], dict[str, dict[str, int]]]:
@@ -134,40 +138,47 @@ def index_from_files(paths: Iterable[str], n: int, min_words: int, exact_min_wor
   return build_index(items, n, min_words, exact_min_words), counts
 
 
-def find_overlap(text: str, index: dict[str, Any]) -> tuple[str, str] | None:
-  """(eval item id, shared words) for the first shared n-gram, or None."""
-  tokens = words(text)
+def find_overlap(text: str, index: dict[str, Any], tokens: list[str] | None = None) -> tuple[str, str] | None:
+  """(eval item id, shared words) for the first shared n-gram, or None. `tokens`: words(text), if known."""
+  tokens = words(text) if tokens is None else tokens
   grams = index["grams"]
+  firsts = index.get("firsts")  # an n-gram can only start at a word that starts one of the index's
   for size in index["lengths"]:
     for i in range(len(tokens) - size + 1):
+      if firsts is not None and tokens[i] not in firsts:
+        continue
       gram = " ".join(tokens[i:i + size])
       if gram in grams:
         return grams[gram], gram
   return None
 
 
-def find_exact(record: records.Record, index: dict[str, Any]) -> tuple[str, str] | None:
+def find_exact(record: records.Record, index: dict[str, Any], tokens: list[str] | None = None) -> tuple[str, str] | None:
   """(eval item id, its key) when one of the record's texts equals an eval key or, for the whole text and
-  template fields (which hold the others), contains one of exact_min_words or more; else None."""
+  template fields (which hold the others), contains one of exact_min_words or more; else None. `tokens`:
+  the words of the record's whole text, if known."""
   exact, starts = index["exact"], index["starts"]
-  for text in exact_texts(record, eval_side=False):
+  tokens = words(records.contents(record)) if tokens is None else tokens
+  for text in exact_texts(record, eval_side=False, tokens=tokens):
     if text in exact:
       return exact[text], text
-  for text in (records.contents(record), _template_fields(record) if record["kind"] == "chat" else ""):
-    tokens = words(text)
-    for i, word in enumerate(tokens):
+  fields = _template_fields(record) if record["kind"] == "chat" else ""
+  for seq in (tokens, words(fields)):
+    for i, word in enumerate(seq):
       for size in starts.get(word, ()):
-        key = " ".join(tokens[i:i + size])
+        key = " ".join(seq[i:i + size])
         if key in exact:
           return exact[key], key
   return None
 
 
 def decontaminate_record(record: records.Record, index: dict[str, Any]) -> records.Record:
-  if match := (find_overlap(records.contents(record), index) if index["grams"] else None):
+  text = records.contents(record)
+  tokens = words(text)  # once, for both matchers
+  if match := (find_overlap(text, index, tokens) if index["grams"] else None):
     item_id, gram = match
     return records.drop(record, "decontaminate", NGRAM_REASON, f"{item_id}: '{gram}'")
-  if match := (find_exact(record, index) if index.get("exact") else None):
+  if match := (find_exact(record, index, tokens) if index.get("exact") else None):
     item_id, key = match
     return records.drop(record, "decontaminate", EXACT_REASON, f"{item_id}: '{key}'")
   return record

@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import pickle
+import time
 from typing import Any, Callable
 
 from sft.console import bar
 from sft.databuilder import dedup, records
 
-_MIN_PARALLEL = 4000  # below this many items, starting workers costs more than it saves
+_MIN_PARALLEL = 4000  # below this many items, starting workers costs more than it saves; 0: workers always
 _CHUNK = 500
+# What a pool of spawn workers costs before its first result: fresh interpreters importing the stage's modules.
+_POOL_START_SECONDS = 0.5
 _worker_fn = None
 
 
@@ -24,8 +28,18 @@ def _apply_chunk(chunk: list) -> list:
   return [out for item in chunk for out in _worker_fn(item)]
 
 
+def _workers_pay(seconds: float, transfer_seconds: float, num_items: int, remaining: int, num_workers: int) -> bool:
+  """Whether `remaining` items run sooner over `num_workers` workers than here, from the first `num_items`:
+  `seconds` to compute them here and `transfer_seconds` to pickle them and their results once (each crosses
+  a pipe twice: pickled on one side, unpickled on the other). A cheap stage (format, measure) costs less
+  than sending its records to workers and back."""
+  per_item, transfer = seconds / num_items, 2 * transfer_seconds / num_items
+  return remaining * per_item * (1 - 1 / num_workers) > _POOL_START_SECONDS + remaining * transfer
+
+
 class LocalRunner:
-  """Collections are lists; `flat_map` runs over `num_workers` processes for large inputs."""
+  """Collections are lists; `flat_map` runs over `num_workers` processes for large inputs whose first chunk,
+  timed here, shows the work outweighs sending the records to workers and back."""
 
   def __init__(self, num_workers: int = 0, progress: bool = True):
     self.num_workers = num_workers or os.cpu_count() or 1
@@ -38,7 +52,19 @@ class LocalRunner:
     chunks = [coll[i:i + _CHUNK] for i in range(0, len(coll), _CHUNK)]
     out = []
     with bar(len(coll), name, " inputs" if name == "read" else " records", enabled=self.progress) as progress:
-      if self.num_workers > 1 and len(coll) >= _MIN_PARALLEL:
+      parallel = self.num_workers > 1 and len(coll) >= _MIN_PARALLEL
+      if parallel and _MIN_PARALLEL:  # the first chunk here, timed: it says whether workers pay for the rest
+        start = time.perf_counter()
+        first = [o for item in chunks[0] for o in fn(item)]
+        seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        pickle.dumps(chunks[0], pickle.HIGHEST_PROTOCOL), pickle.dumps(first, pickle.HIGHEST_PROTOCOL)
+        transfer = time.perf_counter() - start
+        out += first
+        progress.update(len(chunks[0]))
+        parallel = _workers_pay(seconds, transfer, len(chunks[0]), len(coll) - len(chunks[0]), self.num_workers)
+        chunks = chunks[1:]
+      if parallel:
         # spawn, not fork: the parent may hold JAX's threads, which a forked child would inherit broken.
         with multiprocessing.get_context("spawn").Pool(self.num_workers, _init_worker, (fn,)) as pool:
           for chunk, result in zip(chunks, pool.imap(_apply_chunk, chunks)):

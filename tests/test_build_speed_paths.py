@@ -1,0 +1,122 @@
+"""The data build's fast paths decide exactly as the slow paths they stand in for: ftfy skipped on text it
+cannot change, alphanumeric counting by regex, language identification on a float32 table, the
+decontamination index's first-word filter, and cheap stages kept out of worker processes."""
+
+import collections
+import multiprocessing
+import sys
+
+import ftfy
+import numpy as np
+import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from sft.databuilder import clean, decontaminate, quality, records, runner_local
+
+# Printable ASCII and the characters around the fast path's edges: "&" (entities), "\r", escape and
+# other control characters, Latin-1 mojibake, curly quotes, a ligature, full-width letters, a surrogate.
+EDGES = "&;#\r\x1b\x00\x07\x0b\x0c\x7f\x85\u00a0\u00c3\u00a9\u00e2\u20ac\u2122\u201c\u2019\ufb01\uff21\u2028\ufeff"
+TEXTS = st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E) | st.sampled_from(list("\t\n" + EDGES)), max_size=80)
+
+
+@settings(max_examples=400, deadline=None)
+@given(TEXTS, st.sampled_from(["NFC", "NFD", "NFKC", "NFKD"]))
+@example("caf\u00c3\u00a9 &amp; more", "NFC")
+@example("line\r\nbreak \x1b[31mred\x1b[0m", "NFC")
+@example("plain text, nothing to fix.\n\tIndented.", "NFKC")
+def test_ftfy_fast_path_matches_ftfy(text, form):
+  assert clean.fix_unicode(text, form) == ftfy.fix_text(text, normalization=form)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=0x7F), max_size=80))
+def test_ftfy_leaves_what_the_fast_path_skips(text):
+  if clean._FTFY_UNCHANGED.fullmatch(text):
+    assert ftfy.fix_text(text) == text
+  else:  # the pattern only lets through text without "&", "\r" or control characters
+    assert set(text) & set("&\r" + "".join(map(chr, [*range(0, 9), *range(11, 32), 127])))
+
+
+def test_alnum_pattern_is_isalnum_on_every_code_point():
+  chars = "".join(map(chr, range(sys.maxunicode + 1)))
+  by_pattern = {m.start() for m in quality._ALNUM.finditer(chars)}
+  assert by_pattern == {i for i, c in enumerate(chars) if c.isalnum()}
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=40), st.integers(-1, 12))
+def test_has_alnum_counts_as_isalnum_does(text, n):
+  assert quality._has_alnum(text, n) == (sum(c.isalnum() for c in text) >= n)
+
+
+@pytest.fixture(scope="module")
+def stock_identifier():
+  from py3langid.langid import MODEL_FILE, LanguageIdentifier
+
+  return LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.text(max_size=200) | st.lists(st.sampled_from("the of and water mountain über été вода 水 مياه 12 , .".split()), max_size=60).map(" ".join))
+@example("The river carved the valley over many years.")
+@example("")
+def test_float32_table_scores_bit_for_bit(stock_identifier, text):
+  fast = quality._identifier()
+  assert fast.nb_ptc.dtype == np.float32
+  assert np.array_equal(fast._decide(text).view(np.uint32), stock_identifier._decide(text).view(np.uint32))
+  assert quality.identify_language(text) == stock_identifier.classify(text)
+
+
+VOCAB = "the a river valley carved over many years stone water cold north".split()
+WORDS = st.lists(st.sampled_from(VOCAB), max_size=30).map(" ".join)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(WORDS, min_size=1, max_size=4), WORDS, WORDS)
+def test_first_word_filter_finds_what_the_full_scan_finds(eval_texts, prompt, answer):
+  index = decontaminate.build_index([(f"eval:{i}", t) for i, t in enumerate(eval_texts)], n=5, min_words=3, exact_min_words=2)
+  full_scan = {k: v for k, v in index.items() if k != "firsts"}
+  record = records.chat("x:1", "x", [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}])
+  text = records.contents(record)
+  assert decontaminate.find_overlap(text, index) == decontaminate.find_overlap(text, full_scan)
+  tokens = decontaminate.words(text)
+  assert decontaminate.find_exact(record, index, tokens) == decontaminate.find_exact(record, index)
+  assert decontaminate.decontaminate_record(record, index) == decontaminate.decontaminate_record(record, full_scan)
+
+
+def test_workers_pay_for_costly_items_only():
+  # 500 items timed here: 1 ms of work and 5 ms to pickle them (format, measure) -> no workers;
+  # 150 ms of work (clean, filter, decontaminate) for 100,000 more -> workers.
+  assert not runner_local._workers_pay(0.001, 0.005, 500, 100_000, 2)
+  assert runner_local._workers_pay(0.150, 0.005, 500, 100_000, 2)
+  assert not runner_local._workers_pay(0.150, 0.005, 500, 500, 2)  # too few left to pay for starting workers
+
+
+def _double(x):
+  return [x, -x]
+
+
+def test_cheap_stage_runs_here_in_order(monkeypatch):
+  def no_pool(*args, **kwargs):
+    raise AssertionError("a cheap stage started worker processes")
+
+  monkeypatch.setattr(multiprocessing, "get_context", no_pool)
+  items = list(range(runner_local._MIN_PARALLEL + 1234))
+  out = runner_local.LocalRunner(2, progress=False).flat_map(items, _double, "cheap")
+  assert out == [y for x in items for y in _double(x)]
+
+
+def test_costly_stage_goes_to_workers_in_order(monkeypatch):
+  used = collections.Counter()
+  spawn = multiprocessing.get_context("spawn")
+
+  def counting(method):
+    used[method] += 1
+    return spawn
+
+  monkeypatch.setattr(multiprocessing, "get_context", counting)
+  monkeypatch.setattr(runner_local, "_workers_pay", lambda *args: True)
+  items = list(range(runner_local._MIN_PARALLEL))
+  out = runner_local.LocalRunner(2, progress=False).flat_map(items, _double, "costly")
+  assert out == [y for x in items for y in _double(x)] and used == {"spawn": 1}
