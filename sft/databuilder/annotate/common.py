@@ -22,6 +22,19 @@ def chat_of(record: records.Record) -> list[dict[str, str]]:
   return [dict(m) for m in messages[:-1]]
 
 
+def pending(batch: Sequence[records.Record], mark: str) -> list[int]:
+  """The indices of the live records of `batch` that carry `mark` (needs_response, needs_label)."""
+  return [i for i, r in enumerate(batch) if not records.is_dropped(r) and r.get(mark)]
+
+
+def without_annotator(batch: Sequence[records.Record], todo: Sequence[int], reason: str, detail: str) -> list[records.Record]:
+  """The batch with the records of `todo` dropped: nothing can annotate them (annotate.model is unset)."""
+  out = list(batch)
+  for i in todo:
+    out[i] = records.drop(batch[i], STAGE, reason, detail)
+  return out
+
+
 def generate(annotator: Any, chats: Sequence[Chat], decoding: Any) -> list[Generation]:
   """The annotator's answers, exactly one per chat (else AnnotatorError)."""
   if not chats:

@@ -13,19 +13,17 @@ from __future__ import annotations
 from typing import Any
 
 from sft.databuilder import records
-from sft.databuilder.annotate.common import STAGE, chat_of, failure, generate
+from sft.databuilder.annotate.common import STAGE, chat_of, failure, generate, pending, without_annotator
 
 
 def fill_responses(batch: list[records.Record], annotator: Any, decoding: Any) -> list[records.Record]:
   """The batch with every live record marked needs_response answered (or dropped, with the reason)."""
-  todo = [i for i, r in enumerate(batch) if not records.is_dropped(r) and r.get("needs_response")]
+  todo = pending(batch, "needs_response")
   if not todo:
     return batch
-  out = list(batch)
   if annotator is None:
-    for i in todo:
-      out[i] = records.drop(batch[i], STAGE, "missing response", "no annotate.model to write it")
-    return out
+    return without_annotator(batch, todo, "missing response", "no annotate.model to write it")
+  out = list(batch)
   answers = generate(annotator, [chat_of(batch[i]) for i in todo], decoding)
   for i, answer in zip(todo, answers, strict=True):
     record = {k: v for k, v in batch[i].items() if k != "needs_response"}

@@ -20,7 +20,15 @@ from typing import Any, Sequence
 import numpy as np
 
 from sft.databuilder import records
-from sft.databuilder.annotate.common import STAGE, chat_of, failure, generate, log_likelihoods
+from sft.databuilder.annotate.common import (
+  STAGE,
+  chat_of,
+  failure,
+  generate,
+  log_likelihoods,
+  pending,
+  without_annotator,
+)
 
 
 def _norm(text: str) -> str:
@@ -64,14 +72,12 @@ def label_records(
     batch: list[records.Record], annotator: Any, decoding: Any, method: str, min_confidence: float
 ) -> list[records.Record]:
   """The batch with every live record marked needs_label labelled (or dropped, with the reason)."""
-  todo = [i for i, r in enumerate(batch) if not records.is_dropped(r) and r.get("needs_label")]
+  todo = pending(batch, "needs_label")
   if not todo:
     return batch
-  out = list(batch)
   if annotator is None:
-    for i in todo:
-      out[i] = records.drop(batch[i], STAGE, "missing label", "no annotate.model to choose one")
-    return out
+    return without_annotator(batch, todo, "missing label", "no annotate.model to choose one")
+  out = list(batch)
   if method == "loglik":
     chats = [chat_of(batch[i]) for i in todo for _ in batch[i]["labels"]]
     scores = log_likelihoods(annotator, chats, [x for i in todo for x in batch[i]["labels"]])
