@@ -21,6 +21,7 @@ from sft.config_keys import (
   FRACTION,
   MESH_SIZE,
   POSITIVE,
+  SEED,
   OneOf,
   Range,
   constraints,
@@ -130,7 +131,7 @@ class Sample:
   top_k: int = key(0, AT_LEAST_0)  # 0: no limit
   top_p: float = key(1.0, Range(0, 1, low_open=True))
   max_new_tokens: int = key(128, AT_LEAST_1)
-  seed: int = key(0, AT_LEAST_0)
+  seed: int = key(0, SEED)
   prompt_overflow: str = key("truncate", OVERFLOW)  # as eval.prompt_overflow, for --generate prompts
 
 
@@ -166,7 +167,7 @@ class Run:
   trains: a resumed run may change them."""
 
   job: str = key("train", OneOf(("train", "eval", "build")))  # "eval": evaluates a model; "build": the data builder
-  seed: int = key(0, AT_LEAST_0)  # parameter init and data order
+  seed: int = key(0, SEED)  # parameter init and data order
   data: Data = section(Data)
   tokenizer: Tokenizer = section(Tokenizer)
   train: Train = section(Train)

@@ -288,6 +288,7 @@ POSITIVE = Range(0, low_open=True)
 FRACTION = Range(0, 1)
 BELOW_1 = Range(0, 1, high_open=True)  # fractions that must leave something (Adam's betas, a validation share)
 MESH_SIZE = Range(1, also=(-1,))  # -1: the devices left over
+SEED = Range(0, 2**63 - 1)  # what jax.random.key and numpy take; a larger one would be a traceback there
 
 
 def strings(value) -> str | None:

@@ -79,3 +79,26 @@ def test_without_input_dir_the_build_stops_with_one_line_naming_the_key(tmp_path
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("FATAL ") and "input_dir" in lines[0], result.stderr[-2000:]
   assert not out.exists()  # refused before any work
+
+
+def test_a_seed_too_large_for_jax_is_a_config_error_in_every_config():
+  import pytest
+
+  from sft.audit.config import audit_config, check_audit_config
+  from sft.config import base_config
+  from sft.config_check import check_config
+  from sft.databuilder.config import build_config, check_build_config
+  from sft.errors import ConfigError
+
+  run = base_config()
+  run.seed = 2**64  # jax.random.key would raise OverflowError
+  with pytest.raises(ConfigError, match=r"^seed: "):
+    check_config(run)
+  data = build_config()
+  data.input_dir, data.annotate.seed = "/raw", 2**63
+  with pytest.raises(ConfigError, match=r"annotate\.seed"):
+    check_build_config(data)
+  audit = audit_config()
+  audit.build_dir, audit.seed = "/build", -1
+  with pytest.raises(ConfigError, match=r"seed"):
+    check_audit_config(audit)

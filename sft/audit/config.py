@@ -10,8 +10,8 @@ from typing import Any
 import ml_collections
 
 from sft.config_keys import (
-  AT_LEAST_0,
   AT_LEAST_1,
+  SEED,
   OneOf,
   Range,
   key,
@@ -51,7 +51,7 @@ class Audit:
   build_dir: str = key("")  # the finished data build to audit (a folder with manifest.json)
   # "sample": review.jsonl / review.csv to fill; "judge": a model fills them; "score": filled reviews -> figures
   mode: str = key("sample", OneOf(MODES))
-  seed: int = key(0, AT_LEAST_0)  # which records are sampled, and the bootstrap's draws
+  seed: int = key(0, SEED)  # which records are sampled, and the bootstrap's draws
   per_stratum: int = key(20, AT_LEAST_1)  # records sampled from each stratum (all of a smaller one)
   reviews: tuple = key((), strings)  # filled review files (JSONL or CSV) that mode "score" reads
   tokenizer: str = key("")  # a SentencePiece .model or a Hugging Face folder: trained tokens marked by its loss mask

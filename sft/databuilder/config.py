@@ -14,6 +14,7 @@ from sft.config_keys import (
   AT_LEAST_1,
   BELOW_1,
   FRACTION,
+  SEED,
   OneOf,
   Range,
   SomeOf,
@@ -125,7 +126,7 @@ class Dedup:
   # Estimated Jaccard a candidate pair must reach: on the whole texts, and for two chats also on their
   # answers' word sets, which must hold the same digits too (a shared prompt with other answers is no duplicate).
   threshold: float = key(0.7, FRACTION)
-  seed: int = key(1, AT_LEAST_0)
+  seed: int = key(1, SEED)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,7 +141,7 @@ class Label:
 class SelfInstruct:
   num_instructions: int = key(0, AT_LEAST_0)  # new instructions to write from seed tasks
   examples_per_prompt: int = key(3, AT_LEAST_1)
-  seed: int = key(0, AT_LEAST_0)
+  seed: int = key(0, SEED)
   max_similarity: float = key(0.7, FRACTION)  # ROUGE-L against seeds and accepted ones at or above it: dropped
 
 
@@ -161,7 +162,7 @@ class Annotate:
   max_new_tokens: int = key(128, AT_LEAST_1)
   temperature: float = key(0.0, AT_LEAST_0)  # 0: greedy
   top_p: float = key(1.0, Range(0, 1, low_open=True))
-  seed: int = key(0, AT_LEAST_0)  # sampling: a row's randomness comes from it and the row's own prompt
+  seed: int = key(0, SEED)  # sampling: a row's randomness comes from it and the row's own prompt
   # Every generation and score is kept in <output folder>/annotations.sqlite, keyed by the annotator's
   # fingerprint, the task, the prompt and the decoding: a build run again regenerates nothing it has.
   cache: bool = key(True)
