@@ -8,7 +8,7 @@ Packages, bottom to top of the import graph: `sft.tokenizer` (SentencePiece and 
 tokenizers, the chat protocol), `sft.pipeline` (the grain input pipeline) and `sft.databuilder` (raw
 records -> an audited chat dataset); `sft.model` (the
 Transformer); `sft.hf` (Hugging Face checkpoints); `sft.trainer` (run setup, sharded training),
-`sft.evaluator` (metrics per task, generation, reports), `sft.serve` (answering prompts),
+`sft.evaluator` (metrics per task, generation, reports), `sft.serve` (answering prompts in-process, and over HTTP with OpenAI's API: `sft.serve(config, workdir)`),
 `sft.eval_job` (evaluating a saved model); `sft.audit` (how good a data build is, from reviewed
 samples: `sft.audit(config, workdir)`); `sft.jobs` and `sft.cli` (what the launcher runs).
 """
@@ -16,7 +16,8 @@ samples: `sft.audit(config, workdir)`); `sft.jobs` and `sft.cli` (what the launc
 from sft.errors import ConfigError
 
 __all__ = [
-    "ConfigError", "audit", "base_config", "build_dataset", "evaluate_model", "inspect_training_rows", "respond", "train_and_evaluate",
+    "ConfigError", "audit", "base_config", "build_dataset", "evaluate_model", "inspect_training_rows", "respond", "serve",
+    "train_and_evaluate",
 ]
 
 
@@ -34,4 +35,8 @@ def __getattr__(name):
     import sft.audit  # noqa: PLC0415
 
     return sft.audit
+  if name == "serve":  # the package, which serves when called: sft.serve(config, workdir)
+    import sft.serve  # noqa: PLC0415
+
+    return sft.serve
   raise AttributeError(f"module 'sft' has no attribute {name!r}")

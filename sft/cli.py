@@ -4,6 +4,7 @@
   sft --config=finetune:lora --workdir=/tmp/sft-lora --config.model.checkpoint=/path/to/hf_model
   python launch.py --config=configs/quickstart.py --workdir=/tmp/sft-quickstart
   sft inspect --config=quickstart --workdir=/tmp/sft-quickstart --rows=4   # the first packed rows, trained tokens marked
+  sft serve --config=serve --workdir=/tmp/sft-quickstart                   # OpenAI's API on http://127.0.0.1:8000/v1
 
 --config is a config file given as a path (it holds a separator or ends in .py; `path[:argument]`) or the
 name of one in the project's `configs` package (never a file of the current directory).
@@ -214,6 +215,10 @@ def _check(config):
       from sft.audit.config import check_audit_config  # noqa: PLC0415
 
       check_audit_config(config)
+    elif config.get("job") == "serve":  # so are a server's (sft/serve/config.py)
+      from sft.serve.config import check_serve_config  # noqa: PLC0415
+
+      check_serve_config(config)
     else:
       check_config(config)
   except ConfigError as err:
@@ -229,13 +234,16 @@ def _innermost(err, kind):
 
 
 def run(argv):
-  """The absl main: build, audit, evaluate, generate or train with the parsed flags."""
+  """The absl main: build, audit, evaluate, serve, generate or train with the parsed flags."""
   from sft import audit, jobs  # noqa: PLC0415  (JAX comes with it: not needed for --help)
   from sft.errors import ConfigError, RunStopped  # noqa: PLC0415
 
   command = argv[1:]
-  if command not in ([], ["inspect"]):
-    raise app.UsageError(f"unexpected arguments: {command} (the one command is `sft inspect`)")
+  if command not in ([], ["inspect"], ["serve"]):
+    raise app.UsageError(f"unexpected arguments: {command} (the commands are `sft inspect` and `sft serve`)")
+  serving = _CONFIG.value.get("job") == "serve"
+  if command == ["serve"] and not serving:
+    sys.exit(f"FATAL `sft serve` takes a serve config (--config=serve), not one with job={_CONFIG.value.get('job')!r}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # library INFO chatter (checkpoint I/O) off; --verbosity=0 brings it back
   if _DISTRIBUTED.value:
@@ -251,6 +259,10 @@ def run(argv):
       jobs.evaluate_model(_CONFIG.value, _WORKDIR.value, takeover_lock=_TAKEOVER_LOCK.value)
     elif _CONFIG.value.get("job") == "audit":
       audit.run(_CONFIG.value, _WORKDIR.value)
+    elif serving:
+      from sft import serve  # noqa: PLC0415
+
+      serve.run(_CONFIG.value, _WORKDIR.value)
     elif _GENERATE.value:
       # The model is built from the workdir's config.json; keys given here that would change it are refused.
       answers = jobs.respond(_CONFIG.value, _WORKDIR.value, _GENERATE.value, given_keys=set(override_keys(sys.argv)))

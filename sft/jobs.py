@@ -15,20 +15,30 @@ from typing import Any, Sequence
 
 import ml_collections
 
-from sft import databuilder, eval_job, serve
+from sft import databuilder, eval_job
 from sft.config_check import check_config
+from sft.serve import answers
 from sft.trainer import inspect as trainer_inspect
 from sft.trainer import loop
 
 
 def open_annotator(build: ml_collections.ConfigDict) -> Any:
-  """The annotator a build config's `annotate.model` names (None when it names none); it loads its
-  weights on first use, so a build that finds nothing to annotate never loads them."""
+  """The annotator a build config's `annotate.model` names (None when it names none): a training workdir
+  or a Hugging Face folder, which loads its weights on first use, so a build that finds nothing to
+  annotate never loads them; or an OpenAI-compatible server (a URL: `annotate.endpoint`), first asked
+  on first use too."""
   ann = build.annotate
   if not ann.model:
     return None
   from sft import annotator  # noqa: PLC0415
+  from sft.annotator.endpoint import backend_of  # noqa: PLC0415
 
+  if backend_of(ann.model, ann.backend) == "endpoint":
+    end = ann.endpoint
+    return annotator.open_endpoint(
+        ann.model, model=end.model, api_key_env=end.api_key_env, timeout_s=end.timeout_s, retries=end.retries,
+        concurrency=end.concurrency,
+    )
   return annotator.open_annotator(ann.model, ann.backend, batch_size=ann.batch_size)
 
 
@@ -66,6 +76,6 @@ def respond(
     given_keys: set[str] | frozenset[str] | None = None,
 ) -> list[str]:
   """One answer per prompt from the workdir's latest checkpoint, the model built as it was trained;
-  `given_keys`: the keys set on the command line (see `sft.serve.load_responder`)."""
+  `given_keys`: the keys set on the command line (see `sft.serve.answers.load_responder`)."""
   check_config(config)
-  return serve.respond(config, workdir, prompts, given_keys=given_keys)
+  return answers.respond(config, workdir, prompts, given_keys=given_keys)

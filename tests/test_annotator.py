@@ -7,7 +7,6 @@ import json
 import pickle
 import shutil
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,16 +15,17 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+import serving_util  # noqa: E402
+
 from sft import hf  # noqa: E402
 from sft.annotator import AnnotationCache, CachedAnnotator, Decoding, Generation, open_annotator  # noqa: E402
 from sft.annotator import local as annotator_local  # noqa: E402
-from sft.config import base_config  # noqa: E402
 from sft.errors import ConfigError  # noqa: E402
 from sft.evaluator.generate import fit_prompts, make_generate, pad_prompts, prompt_room, strip_generation  # noqa: E402
 from sft.model import Transformer  # noqa: E402
+from sft.serve import loading  # noqa: E402
 from sft.tokenizer import load_tokenizer  # noqa: E402
-from sft.trainer import rundir, setup  # noqa: E402
-from sft.trainer.checkpoint import Checkpointer  # noqa: E402
+from sft.trainer import setup  # noqa: E402
 
 SEQ_LEN = 64
 NEW = 6
@@ -44,41 +44,13 @@ SHORT = [[{"role": "user", "content": text}] for text in ("json", "dumps", "spli
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, tokenizer):
   """(workdir, model, params): a training workdir with a checkpoint of random parameters."""
-  folder = tmp_path_factory.mktemp("run")
-  (folder / setup.TOKENIZER_FILE).write_bytes(tokenizer.model_proto)
-  config = base_config()
-  config.tokenizer.vocab_size = 512
-  config.model.update(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64)
-  config.train.seq_len = SEQ_LEN
-  rundir.write_run_config(folder, config, 0)
-  run = setup.setup_run(config)
-  params = nn.unbox(run.model.init(jax.random.key(7), *run.dummy_inputs)["params"])
-  checkpointer = Checkpointer(folder / setup.CHECKPOINTS, max_to_keep=1, save_interval_steps=1)
-  checkpointer.save(3, {"params": params}, {}, force=True)
-  checkpointer.close()
-  return folder, run.model, jax.device_get(params)
-
-
-def _hf_folder(folder):
-  from test_hf import COMMON
-  from test_hf_tokenizer import CHATML, make_folder
-
-  make_folder(folder, CHATML, eos_token="<|im_end|>")
-  ids = dict(bos_token_id=None, eos_token_id=None, pad_token_id=None)
-  config = transformers.LlamaConfig(**{**COMMON, "vocab_size": 400}, **ids)
-  torch.manual_seed(0)
-  model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-  with torch.no_grad():  # larger than the default init, so that answers differ from prompt to prompt
-    for p in model.parameters():
-      p.normal_(0.0, 0.2)
-  model.save_pretrained(folder)
-  return folder
+  return serving_util.tiny_workdir(tmp_path_factory.mktemp("run"), tokenizer, seq_len=SEQ_LEN, step=3)
 
 
 @pytest.fixture(scope="module")
 def hf_folder(tmp_path_factory):
   """(folder, model, params): a Hugging Face llama folder with a chat-template tokenizer."""
-  folder = _hf_folder(tmp_path_factory.mktemp("hf"))
+  folder = serving_util.make_hf_folder(tmp_path_factory.mktemp("hf"))
   cfg, params = hf.load_model(folder)
   return folder, Transformer(cfg), params
 
@@ -260,7 +232,7 @@ def test_buckets_and_the_hf_context():
 
 def test_a_hugging_face_context_is_capped_by_its_positions(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps({"max_position_embeddings": 512}))
-  assert annotator_local._hf_context(tmp_path, 0) == 512 and annotator_local._hf_context(tmp_path, 100) == 100
-  assert annotator_local._hf_context(tmp_path, 4096) == 512
+  assert loading._hf_context(tmp_path, 0) == 512 and loading._hf_context(tmp_path, 100) == 100
+  assert loading._hf_context(tmp_path, 4096) == 512
   (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
-  assert annotator_local._hf_context(tmp_path, 0) == annotator_local.DEFAULT_CONTEXT
+  assert loading._hf_context(tmp_path, 0) == loading.DEFAULT_CONTEXT

@@ -26,7 +26,7 @@ CONFIGS = sorted(p.stem for p in (pathlib.Path(__file__).parent.parent / "config
 def test_config_loads_and_documents_its_command(name):
   module = importlib.import_module(f"configs.{name}")
   assert module.__doc__.startswith(f"python launch.py --config=configs/{name}.py"), module.__doc__[:80]
-  if name in ("build", "audit"):  # your own folder, named on the command line (tests/test_build_config.py builds one)
+  if name in ("build", "audit", "serve"):  # your own folder, named on the command line (tests/test_build_config.py builds one)
     return
   if name.startswith("build_"):  # a worked example: the files it reads are in the repository
     from sft.databuilder.build import list_inputs, params_of
@@ -100,8 +100,16 @@ def test_every_experiment_config_passes_the_check(name):
     config.build_dir = "/my/build"
     check_audit_config(config)
     return
+  if name == "serve":  # the model is --workdir; checked by the server's own keys
+    from sft.serve.config import check_serve_config
+
+    check_serve_config(config)
+    config.default_max_tokens = config.max_tokens + 1
+    with pytest.raises(ConfigError, match="more than max_tokens"):
+      check_serve_config(config)
+    return
   check_config(config)
-  check_config(ml_collections.ConfigDict(json.loads(config.to_json())))  # as serve.py reads config.json back: tuples are lists
+  check_config(ml_collections.ConfigDict(json.loads(config.to_json())))  # as serving reads config.json back: tuples are lists
 
 
 def test_the_defaults_pass_the_check():

@@ -83,7 +83,7 @@ def test_quickstart_runs_then_resumes(tmp_path):
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["6", "8"]
   unknown = subprocess.run([sys.executable, "launch.py", "inspekt", "--config=configs/quickstart.py", f"--workdir={tmp_path}"],
                            cwd=ROOT, capture_output=True, text=True, timeout=120)
-  assert unknown.returncode != 0 and "the one command is `sft inspect`" in unknown.stderr
+  assert unknown.returncode != 0 and "the commands are `sft inspect` and `sft serve`" in unknown.stderr
 
 
   # The eval job on the trained workdir: eval files of two tasks, one line that is no record.

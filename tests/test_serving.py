@@ -14,10 +14,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sft import jobs, serve
+from sft import jobs
 from sft.config import base_config
 from sft.errors import ConfigError
 from sft.model import Transformer
+from sft.serve import answers as serve
 from sft.trainer import lock, rundir, setup
 from sft.trainer.checkpoint import Checkpointer
 

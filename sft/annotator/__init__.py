@@ -1,5 +1,6 @@
 """Annotators: a model behind one small interface (`base`), a model on this machine (`local`: a training
-workdir or a Hugging Face folder), and the SQLite cache of their answers (`cache`).
+workdir or a Hugging Face folder), an OpenAI-compatible server (`endpoint`), and the SQLite cache of
+their answers (`cache`).
 
     from sft.annotator import AnnotationCache, CachedAnnotator, Decoding, open_annotator
 
@@ -7,7 +8,8 @@ workdir or a Hugging Face folder), and the SQLite cache of their answers (`cache
     annotator.generate([[{"role": "user", "content": "What does json.dumps do?"}]], Decoding(max_new_tokens=64))
 
 `base` and `cache` need no JAX: the data builder and its worker processes import them. `open_annotator`
-and `LocalAnnotator` load `local` (JAX, the model) when first named, so importing the package stays light.
+and `LocalAnnotator` load `local` (JAX, the model) when first named, `open_endpoint` and
+`EndpointAnnotator` load `endpoint` (and it `openai` on first use), so importing the package stays light.
 """
 
 import importlib
@@ -15,16 +17,19 @@ import importlib
 from sft.annotator.base import Annotator, AnnotatorError, Chat, Decoding, Generation, check_count
 from sft.annotator.cache import AnnotationCache, CachedAnnotator, cache_key
 
-_LOCAL = ("LocalAnnotator", "open_annotator")
+_LAZY = {
+    "LocalAnnotator": "sft.annotator.local", "open_annotator": "sft.annotator.local",
+    "EndpointAnnotator": "sft.annotator.endpoint", "open_endpoint": "sft.annotator.endpoint",
+}
 
 __all__ = [
-    "AnnotationCache", "Annotator", "AnnotatorError", "CachedAnnotator", "Chat", "Decoding", "Generation",
-    "LocalAnnotator", "cache_key", "check_count", "open_annotator",
+    "AnnotationCache", "Annotator", "AnnotatorError", "CachedAnnotator", "Chat", "Decoding", "EndpointAnnotator",
+    "Generation", "LocalAnnotator", "cache_key", "check_count", "open_annotator", "open_endpoint",
 ]
 
 
 def __getattr__(name):
-  if name in _LOCAL:
+  if name in _LAZY:
     # By name, on first use: `local` sits above the serving stack, this package below the data builder.
-    return getattr(importlib.import_module("sft.annotator.local"), name)
+    return getattr(importlib.import_module(_LAZY[name]), name)
   raise AttributeError(f"module 'sft.annotator' has no attribute {name!r}")

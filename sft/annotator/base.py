@@ -6,8 +6,8 @@
 
 A chat is a list of messages ({"role", "content"}) that ends with a user turn; the annotator renders it
 with its own chat template, so a prompt reads to the model as its own training data did. The backends:
-a training workdir of this project and a local Hugging Face folder (`sft.annotator.local`); an
-OpenAI-compatible endpoint plugs in behind the same three members.
+a training workdir of this project and a local Hugging Face folder (`sft.annotator.local`), and an
+OpenAI-compatible server (`sft.annotator.endpoint`), which cannot score (no `log_likelihoods`).
 """
 
 from __future__ import annotations
@@ -37,10 +37,13 @@ class Decoding:
 @dataclasses.dataclass(frozen=True)
 class Generation:
   """One answer: its text (the end-of-turn token and what follows it removed), and whether the model
-  ended it (False: cut off at `max_new_tokens`, which the annotation tasks reject as "truncated")."""
+  ended it (False: cut off at `max_new_tokens`, which the annotation tasks reject as "truncated").
+  `error`: why there is no answer (a request to a server that still failed after its retries, an
+  answer that broke the API's shape); the tasks drop such a record, counted as "annotator error"."""
 
   text: str
   finished: bool
+  error: str = ""
 
 
 class Annotator(Protocol):

@@ -168,7 +168,7 @@ class AnnotationCache:
 
 
 def _generation(response: Any) -> Generation:
-  return Generation(str(response["text"]), bool(response["finished"]))
+  return Generation(str(response["text"]), bool(response["finished"]), str(response.get("error", "")))
 
 
 class CachedAnnotator:
@@ -192,7 +192,7 @@ class CachedAnnotator:
     def ask(indices: list[int]) -> list[dict[str, Any]]:
       out = self.annotator.generate([chats[i] for i in indices], decoding)
       check_count("generations", out, len(indices))
-      return [{"text": g.text, "finished": bool(g.finished)} for g in out]
+      return [{"text": g.text, "finished": bool(g.finished), **({"error": g.error} if g.error else {})} for g in out]
 
     return [_generation(r) for r in self._answer(requests, ask)]
 
@@ -219,7 +219,9 @@ class CachedAnnotator:
     todo = list(first.values())  # each missing request once, in order
     if todo:
       responses = ask(todo)
-      self.cache.put_many([(keys[i], fingerprint, self.task, requests[i], r) for i, r in zip(todo, responses)])
+      # A failed request (an error, no answer) is returned but not stored: the next build asks again.
+      kept = [(i, r) for i, r in zip(todo, responses) if not (isinstance(r, dict) and r.get("error"))]
+      self.cache.put_many([(keys[i], fingerprint, self.task, requests[i], r) for i, r in kept])
       found.update((keys[i], r) for i, r in zip(todo, responses))
     self.misses += len(todo)
     self.hits += len(keys) - len(todo)

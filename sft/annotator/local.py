@@ -13,7 +13,6 @@ The object pickles as its path and settings (Beam workers) and loads the model o
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 import pathlib
@@ -21,48 +20,22 @@ from typing import Any, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-from sft import hf, serve
 from sft.annotator.base import Chat, Decoding, Generation
-from sft.config import base_config
 from sft.console import bar
 from sft.errors import ConfigError
 from sft.evaluator.generate import fit_prompts, make_generate, prompt_room, strip_generation
 from sft.evaluator.sampling import Sampler
-from sft.trainer import rundir, setup, sharding
-from sft.trainer import step as step_lib
-from sft.trainer.workdir import Workdir
+from sft.serve import loading
+from sft.serve.engine import bucket_of, buckets  # noqa: F401  (the server's buckets: one set of shapes)
+from sft.trainer import sharding
 
 log = logging.getLogger("sft")
-BACKENDS = ("auto", "workdir", "hf")
+BACKENDS = loading.BACKENDS
 KEY = "annotate.model"  # the build config's key that names the model, in every error about it
-DEFAULT_CONTEXT = 2048  # a Hugging Face model's context when none is given (capped by its positions)
-SMALLEST_BUCKET = 16
-# The files of a Hugging Face folder that make its model and tokenizer (the weights are *.safetensors).
-HF_FILES = (
-    "config.json", "generation_config.json", "model.safetensors.index.json", "tokenizer.json", "tokenizer.model",
-    "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
-)
 # A chat ends with the user's turn; the renderer wants the assistant turn its prompt leads into.
 _PLACEHOLDER = {"role": "assistant", "content": "-"}
-
-
-def buckets(room: int) -> list[int]:
-  """The padded prompt lengths a run compiles for: powers of two from 16 below `room`, then `room`.
-
-      buckets(100) -> [16, 32, 64, 100]      buckets(10) -> [10]
-  """
-  out, size = [], SMALLEST_BUCKET
-  while size < room:
-    out.append(size)
-    size *= 2
-  return [*out, room]
-
-
-def bucket_of(length: int, room: int) -> int:
-  return next(b for b in buckets(room) if b >= length)
 
 
 def by_bucket(lengths: Sequence[int], room: int, batch_size: int) -> Iterator[tuple[int, list[int]]]:
@@ -126,38 +99,6 @@ def dedup(items: Sequence[Any], key) -> tuple[list[Any], list[int]]:
   return distinct, index
 
 
-def detect_backend(path: pathlib.Path, key: str = KEY) -> str:
-  """"workdir" or "hf", told apart as the eval job tells `eval.compare_to` apart; anything else is a ConfigError."""
-  saved = rundir.load_saved_config(path)
-  if Workdir(path).checkpoints.exists() or (isinstance(saved, dict) and "train" in saved):
-    return "workdir"
-  if saved is not None and any(path.glob("*.safetensors")):
-    return "hf"
-  raise ConfigError(
-      f"{key}={str(path)!r} holds no model: give a training workdir with a checkpoint, or a Hugging Face folder "
-      "(config.json, *.safetensors and the tokenizer files)"
-  )
-
-
-def _check_folder(path: pathlib.Path, backend: str, key: str = KEY) -> None:
-  """What the backend needs is there, or a one-line ConfigError; nothing is loaded."""
-  where = f"{key}={str(path)!r}"
-  if backend == "workdir":
-    if rundir.load_saved_config(path) is None:
-      raise ConfigError(f"{where} has no config.json: is it the workdir of a training run?")
-    if setup.latest_step(path) is None:
-      raise ConfigError(f"{where} has no checkpoint: train there first")
-    return
-  has_tokenizer = (path / "tokenizer.json").is_file() or (path / "tokenizer.model").is_file()
-  missing = [name for name, ok in (
-      ("config.json", (path / "config.json").is_file()),
-      ("*.safetensors", any(path.rglob("*.safetensors"))),
-      ("tokenizer.json or tokenizer.model", has_tokenizer),
-  ) if not ok]
-  if missing:
-    raise ConfigError(f"{where} is no Hugging Face folder: it has no {' and no '.join(missing)}")
-
-
 def open_annotator(
     path: str, backend: str = "auto", *, batch_size: int = 32, context: int = 0, progress: bool = True,
     key: str = KEY,
@@ -176,108 +117,8 @@ def open_annotator(
     raise ConfigError(f"the annotator's batch_size must be at least 1, got {batch_size!r}")
   if not isinstance(context, int) or context < 0:
     raise ConfigError(f"the annotator's context must be >= 0 (0: the model's own), got {context!r}")
-  folder = pathlib.Path(path)
-  if not folder.is_dir():
-    raise ConfigError(f"{key}={str(path)!r} is not a folder: give a training workdir or a Hugging Face folder")
-  kind = detect_backend(folder, key) if backend == "auto" else backend
-  _check_folder(folder, kind, key)
+  _, kind = loading.resolve_backend(path, backend, key)
   return LocalAnnotator(str(path), kind, batch_size=batch_size, context=context, progress=progress)
-
-
-# --- the fingerprint --------------------------------------------------------------------------------
-
-
-def _files_under(root: pathlib.Path, prefix: str = "") -> list[tuple[str, pathlib.Path]]:
-  return [(prefix + p.relative_to(root).as_posix(), p) for p in root.rglob("*") if p.is_file()]
-
-
-def _hf_files(folder: pathlib.Path, prefix: str = "") -> list[tuple[str, pathlib.Path]]:
-  named = [(prefix + name, folder / name) for name in HF_FILES if (folder / name).is_file()]
-  weights = [(prefix + p.relative_to(folder).as_posix(), p) for p in folder.rglob("*.safetensors")]
-  return named + weights
-
-
-def model_files(path: pathlib.Path, backend: str) -> list[tuple[str, pathlib.Path]]:
-  """(name relative to the model's folder, path) of every file its weights, tokenizer and model config
-  are read from, sorted by name. A workdir fine-tuned from a Hugging Face model adds that folder's
-  config.json and tokenizer files (under "model.checkpoint/"): its shape and tokenizer come from there."""
-  if backend == "hf":
-    return sorted(_hf_files(path))
-  step = setup.latest_step(path)
-  files = [(Workdir(".").config.name, Workdir(path).config)]
-  if Workdir(path).tokenizer.is_file():
-    files.append((Workdir(".").tokenizer.name, Workdir(path).tokenizer))
-  if step is not None:
-    files += _files_under(Workdir(path).checkpoints / str(step), f"{setup.CHECKPOINTS}/{step}/")
-  checkpoint = (rundir.load_saved_config(path) or {}).get("model", {}).get("checkpoint")
-  if checkpoint:
-    files += [f for f in _hf_files(pathlib.Path(checkpoint), "model.checkpoint/") if not f[0].endswith(".safetensors")]
-  return sorted(files)
-
-
-def fingerprint_of(path: pathlib.Path, backend: str) -> str:
-  """16 hex digits of the sha256 over the backend kind and each file's name and bytes, in name order:
-  the same files give the same fingerprint wherever they lie; one changed byte gives another."""
-  digest = hashlib.sha256(f"sft.annotator/{backend}\n".encode())
-  for name, file in model_files(path, backend):
-    with open(file, "rb") as f:
-      content = hashlib.file_digest(f, "sha256").hexdigest()
-    digest.update(f"{name}\0{content}\n".encode())
-  return digest.hexdigest()[:16]
-
-
-# --- the model --------------------------------------------------------------------------------------
-
-
-def _hf_context(folder: pathlib.Path, context: int) -> int:
-  """A Hugging Face model's context: `context` (or DEFAULT_CONTEXT) capped by the positions its
-  config.json declares."""
-  hf_config = hf.read_hf_config(folder / "config.json")
-  positions = hf_config.get("max_position_embeddings") or hf_config.get("n_positions")
-  wanted = context or DEFAULT_CONTEXT
-  return min(wanted, positions) if isinstance(positions, int) and positions > 0 else wanted
-
-
-def _run_config(path: pathlib.Path, backend: str, context: int) -> ml_collections.ConfigDict:
-  """The config the model is built from: the workdir's config.json as trained (serve's serving config),
-  or the defaults with model.checkpoint the Hugging Face folder (as the eval job's model.checkpoint)."""
-  if backend == "workdir":
-    saved = ml_collections.ConfigDict(rundir.load_saved_config(path))
-    return serve.serving_config(saved, path, given_keys=())
-  config = base_config()
-  config.model.checkpoint = str(path)
-  config.train.seq_len = _hf_context(path, context)
-  return config
-
-
-@dataclasses.dataclass
-class _Model:
-  """What a LocalAnnotator loads on first use."""
-
-  run: setup.RunSetup
-  params: Any
-  tokenizer: Any
-  context: int
-  score: Any  # (params, placed batch) -> {"loglik_b", "tokens_b"}: the evaluator's score step
-  generators: dict = dataclasses.field(default_factory=dict)  # (max_new_tokens, Sampler) -> jitted generate
-
-
-def load_model(path: pathlib.Path, backend: str, batch_size: int, context: int) -> _Model:
-  """The model, its tokenizer and its context, placed on the mesh of the config it is built from, as
-  serving (a workdir) and the eval job (a Hugging Face folder) place it."""
-  config = _run_config(path, backend, context)
-  run = setup.setup_run(config)
-  run.check_batch("the annotator's batch_size", batch_size)
-  tokenizer = setup.open_tokenizer(config, path)
-  if backend == "workdir":
-    params, origin = setup.serving_params(config, path, run)
-    size = min(config.train.seq_len, context) if context else config.train.seq_len
-  else:
-    params, origin = hf.load_params(path, run.model_cfg, run.param_shardings), str(path)
-    size = config.train.seq_len
-  log.info("annotator: %s (context %d tokens)", origin, size)
-  score = step_lib.jit_score_step(run.model.apply, run.param_shardings, run.batch_sharding, run.replicated)
-  return _Model(run, params, tokenizer, size, score)
 
 
 class LocalAnnotator:
@@ -293,7 +134,7 @@ class LocalAnnotator:
     self.batch_size, self.context_setting, self.progress = batch_size, context, progress
     self.prompts_cut = 0
     self._fingerprint: str | None = None
-    self._model: _Model | None = None
+    self._model: loading.LoadedModel | None = None
 
   def __getstate__(self):  # the path and settings: a worker process loads the model itself
     return {**self.__dict__, "_model": None}
@@ -304,13 +145,13 @@ class LocalAnnotator:
   @property
   def fingerprint(self) -> str:
     if self._fingerprint is None:
-      self._fingerprint = fingerprint_of(pathlib.Path(self.path), self.backend)
+      self._fingerprint = loading.fingerprint_of(pathlib.Path(self.path), self.backend)
     return self._fingerprint
 
   @property
-  def model(self) -> _Model:
+  def model(self) -> loading.LoadedModel:
     if self._model is None:
-      self._model = load_model(pathlib.Path(self.path), self.backend, self.batch_size, self.context_setting)
+      self._model = loading.load_model(pathlib.Path(self.path), self.backend, self.batch_size, self.context_setting)
     return self._model
 
   @property

@@ -37,7 +37,8 @@ RUBRIC = (
 class Judge:
   """The machine reviewer (mode "judge"): a model behind sft/annotator/base.py's Annotator interface."""
 
-  # The model that reviews: a training workdir or a Hugging Face folder (sft.annotator.open_annotator); an
+  # The model that reviews: a training workdir, a Hugging Face folder (sft.annotator.open_annotator) or the URL of
+  # an OpenAI-compatible server (its first model, the key from SFT_API_KEY: sft.annotator.open_endpoint); an
   # annotator passed to sft.audit(..., annotator=) is used instead.
   model: str = key("")
   rubric: str = key(RUBRIC)  # what makes a record worth keeping; the prompt adds the record and the answer format

@@ -60,11 +60,15 @@ def _open_annotator(judge_config) -> Any:
   """The model judge.model names, loaded on first use."""
   if not judge_config.model:
     raise ConfigError(
-        "mode=judge needs a model to review with: set judge.model (a training workdir or a Hugging Face folder) or "
+        "mode=judge needs a model to review with: set judge.model (a training workdir, a Hugging Face folder or the URL "
+        "of an OpenAI-compatible server) or "
         "pass annotator= to sft.audit; or review by hand: mode=sample, then mode=score"
     )
-  from sft.annotator import open_annotator  # noqa: PLC0415
+  from sft.annotator import open_annotator, open_endpoint  # noqa: PLC0415
+  from sft.annotator.endpoint import is_url  # noqa: PLC0415
 
+  if is_url(judge_config.model):  # an OpenAI-compatible server (sft serve, vLLM, a hosted API): its first model
+    return open_endpoint(judge_config.model, progress=False, key="judge.model")
   return open_annotator(judge_config.model, batch_size=judge_config.batch_size, key="judge.model")
 
 

@@ -9,11 +9,13 @@ from typing import Any
 
 import ml_collections
 
+from sft.annotator.endpoint import DEFAULT_API_KEY_ENV, backend_of, env_name_problem, is_url
 from sft.config_keys import (
   AT_LEAST_0,
   AT_LEAST_1,
   BELOW_1,
   FRACTION,
+  POSITIVE,
   SEED,
   OneOf,
   Range,
@@ -153,11 +155,25 @@ class Judge:
 
 
 @dataclasses.dataclass(frozen=True)
+class Endpoint:
+  """An OpenAI-compatible server as the annotator (annotate.model its base URL): sft.annotator.endpoint."""
+
+  model: str = key("")  # the name the server serves the model under; "": the first one GET /models lists
+  # The environment variable holding the API key, sent as a Bearer token ("" or unset: none); never the key.
+  api_key_env: str = key(DEFAULT_API_KEY_ENV, env_name_problem)
+  timeout_s: float = key(120.0, POSITIVE)  # seconds one request may take
+  retries: int = key(4, AT_LEAST_0)  # further tries of a failed request (backoff, Retry-After); then a counted drop
+  concurrency: int = key(8, AT_LEAST_1)  # requests in flight at once (at most annotate.batch_size are asked together)
+
+
+@dataclasses.dataclass(frozen=True)
 class Annotate:
-  # The annotator: a training workdir of this project or a local Hugging Face folder ("" : none; records
-  # that need an answer or a label are then dropped, counted).
+  # The annotator: a training workdir of this project, a local Hugging Face folder, or the base URL of an
+  # OpenAI-compatible server (http://127.0.0.1:8000/v1; see `endpoint`) ("" : none; records that need an
+  # answer or a label are then dropped, counted).
   model: str = key("")
-  backend: str = key("auto", OneOf(("auto", "workdir", "hf")))  # auto: told apart by the folder's files
+  # auto: a URL is "endpoint", a folder is told apart by its files
+  backend: str = key("auto", OneOf(("auto", "workdir", "hf", "endpoint")))
   batch_size: int = key(32, AT_LEAST_1)
   max_new_tokens: int = key(128, AT_LEAST_1)
   temperature: float = key(0.0, AT_LEAST_0)  # 0: greedy
@@ -168,6 +184,7 @@ class Annotate:
   cache: bool = key(True)
   # A build whose annotation drops more than this fraction of what it was given fails (the previous build stays).
   max_drop_fraction: float = key(0.5, FRACTION)
+  endpoint: Endpoint = section(Endpoint)
   label: Label = section(Label)
   self_instruct: SelfInstruct = section(SelfInstruct)
   judge: Judge = section(Judge)
@@ -241,13 +258,34 @@ def _tokenizer_exists(v: dict[str, Any]) -> str | None:
 
 def _annotation_model_named(v: dict[str, Any]) -> str | None:
   if (v["annotate.self_instruct.num_instructions"] > 0 or v["annotate.judge.enabled"]) and not v["annotate.model"]:
-    return "annotate.self_instruct and annotate.judge need annotate.model (a training workdir or a Hugging Face folder)"
+    return (
+        "annotate.self_instruct and annotate.judge need annotate.model (a training workdir, a Hugging Face folder "
+        "or an OpenAI-compatible server's URL)"
+    )
   return None
 
 
 def _annotator_exists(v: dict[str, Any]) -> str | None:
-  path = v["annotate.model"]
-  return f"annotate.model={path!r} is not a folder" if path and not pathlib.Path(path).is_dir() else None
+  model, backend = v["annotate.model"], backend_of(v["annotate.model"], v["annotate.backend"])
+  if not model:
+    return None
+  if backend == "endpoint" and not is_url(model):
+    return f"annotate.model={model!r} is no URL: the endpoint backend needs the server's base URL"
+  if backend == "endpoint":
+    return None
+  if is_url(model):
+    return f"annotate.model={model!r} is a URL: set annotate.backend='endpoint' (or 'auto'), not {backend!r}"
+  return f"annotate.model={model!r} is not a folder" if not pathlib.Path(model).is_dir() else None
+
+
+def _endpoint_cannot_score(v: dict[str, Any]) -> str | None:
+  endpoint = v["annotate.model"] and backend_of(v["annotate.model"], v["annotate.backend"]) == "endpoint"
+  if endpoint and v["annotate.label.method"] == "loglik":
+    return (
+        "annotate.label.method='loglik' needs log-likelihoods, which an OpenAI-compatible endpoint cannot give: "
+        "set annotate.label.method='generate'"
+    )
+  return None
 
 
 def _margin_of_loglik(v: dict[str, Any]) -> str | None:
@@ -262,7 +300,8 @@ RULES = (
     (("filter.length.min_tokens", "filter.length.max_tokens", "filter.length.tokenizer"), _token_bounds_counted),
     (("filter.length.tokenizer",), _tokenizer_exists),
     (("annotate.self_instruct.num_instructions", "annotate.judge.enabled", "annotate.model"), _annotation_model_named),
-    (("annotate.model",), _annotator_exists),
+    (("annotate.model", "annotate.backend"), _annotator_exists),
+    (("annotate.model", "annotate.backend", "annotate.label.method"), _endpoint_cannot_score),
     (("annotate.label.min_confidence", "annotate.label.method"), _margin_of_loglik),
 )
 

@@ -48,3 +48,32 @@ class Sampler:
     """As calling the sampler, each row drawing with its own key of `rngs_b` ((B,) keys): a row's token
     is the one it would draw alone, whatever the rows beside it."""
     return jax.vmap(lambda logits_v, rng: self(logits_v[None], rng)[0])(logits_bv, rngs_b)
+
+
+def sample_rows(
+    logits_bv: jax.Array, keys_b: jax.Array, temperature_b: jax.Array, top_k_b: jax.Array, top_p_b: jax.Array
+) -> jax.Array:
+  """(B, V) logits -> (B,) int32 tokens, each row with its own settings (a server's batch mixes requests):
+  greedy where temperature_b is 0, else a draw with that row's key as `Sampler(temperature, top_k,
+  top_p).per_row` would draw it. The sort top-k/top-p need runs only when some row samples."""
+  greedy_b = jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+
+  def sampled(_):
+    sampling = temperature_b > 0
+    scaled_bv = logits_bv.astype(jnp.float32) / jnp.where(sampling, temperature_b, 1.0)[:, None]
+    sorted_bv = jnp.sort(scaled_bv, axis=-1)[:, ::-1]
+    vocab = logits_bv.shape[-1]
+    # top-k: the k-th largest value of the row (no limit where top_k is 0, or past the vocabulary).
+    kth_b = jnp.take_along_axis(sorted_bv, (jnp.clip(top_k_b, 1, vocab) - 1)[:, None], axis=-1)[:, 0]
+    kth_b = jnp.where(top_k_b > 0, kth_b, -jnp.inf)
+    scaled_bv = jnp.where(scaled_bv < kth_b[:, None], -jnp.inf, scaled_bv)
+    sorted_bv = jnp.where(sorted_bv < kth_b[:, None], -jnp.inf, sorted_bv)
+    probs_bv = jax.nn.softmax(sorted_bv, axis=-1)
+    before_bv = jnp.cumsum(probs_bv, axis=-1) - probs_bv
+    cutoff_b = jnp.min(jnp.where(before_bv < top_p_b[:, None], sorted_bv, jnp.inf), axis=-1)
+    cutoff_b = jnp.where(top_p_b < 1.0, cutoff_b, -jnp.inf)
+    scaled_bv = jnp.where(scaled_bv < cutoff_b[:, None], -jnp.inf, scaled_bv)
+    drawn_b = jax.vmap(lambda logits_v, key: jax.random.categorical(key, logits_v))(scaled_bv, keys_b)
+    return jnp.where(sampling, drawn_b.astype(jnp.int32), greedy_b)
+
+  return jax.lax.cond(jnp.any(temperature_b > 0), sampled, lambda _: greedy_b, None)

@@ -54,6 +54,13 @@ class Tokenizer:
     """The strings only the chat format writes as tokens; in text they are spelled out."""
     return CONTROL_TOKENS
 
+  def token_id(self, token: str) -> int:
+    """The id of one piece (a control string included), as HFTokenizer.token_id."""
+    token_id = self._sp.piece_to_id(token)
+    if token_id == self._sp.unk_id() and token != self._sp.id_to_piece(token_id):
+      raise ValueError(f"token {token!r} is not in the vocabulary")
+    return int(token_id)
+
   def encode(self, text: str) -> list[int]:
     """Plain text: `<|end|>` in `text` is spelled out, never the end-of-turn token."""
     return self._plain.encode(text)

@@ -53,7 +53,11 @@ def log_likelihoods(annotator: Any, chats: Sequence[Chat], answers: Sequence[str
 
 
 def failure(generation: Generation, max_new_tokens: int) -> tuple[str, str] | None:
-  """(reason, detail) when a generation cannot be used as it is; None when it can."""
+  """(reason, detail) when a generation cannot be used as it is; None when it can. An annotator's
+  error (a server's request that failed after its retries) comes first: its text is no answer."""
+  error = getattr(generation, "error", "")
+  if error:
+    return "annotator error", error
   if not generation.finished:
     return "truncated", f"cut at max_new_tokens={max_new_tokens}: {generation.text[-80:]!r}"
   if not generation.text.strip():

@@ -39,7 +39,9 @@ def judge_batch(batch: list[records.Record], annotator: Any, decoding: Any, rubr
   out = list(batch)
   for i, answer in zip(todo, generate(annotator, chats, decoding), strict=True):
     score = parse_score(answer.text)
-    if score is None:
+    if answer.error:  # the request failed (an endpoint's error after its retries): no verdict to read
+      out[i] = records.drop(batch[i], JUDGE_STAGE, "annotator error", answer.error)
+    elif score is None:
       out[i] = records.drop(batch[i], JUDGE_STAGE, "unreadable score", repr(answer.text[:80]))
     elif score < min_score:
       out[i] = records.drop({**batch[i], "judge_score": score}, JUDGE_STAGE, "low score", f"{score} < {min_score}")

@@ -96,6 +96,9 @@ def self_instruct(seeds: list[records.Record], annotator: Any, decoding: Any, pa
   for i, generation in enumerate(written):
     instruction = parse_instruction(generation.text)
     whole_line = generation.finished or "\n" in generation.text.strip()
+    if generation.error:  # the request failed (an endpoint's error after its retries)
+      out[i] = _rejected(i, "self-instruct: annotator error", generation.error, "")
+      continue
     if not instruction:
       out[i] = _rejected(i, "self-instruct: empty", "no instruction in the answer", generation.text)
       continue
