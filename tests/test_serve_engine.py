@@ -13,7 +13,7 @@ from serving_util import SEQ_LEN, make_workdir
 from sft.evaluator.generate import make_generate, pad_prompts, strip_generation
 from sft.evaluator.sampling import Sampler, sample_rows
 from sft.serve import loading
-from sft.serve.engine import Engine, Job, QueueFull, Sampling, _chunk_steps, bucket_of, buckets
+from sft.serve.engine import Engine, Job, QueueFull, Sampling, Unavailable, _chunk_steps, bucket_of, buckets
 
 
 @pytest.fixture(scope="module")
@@ -137,3 +137,48 @@ def test_chunks_and_buckets_keep_the_compiled_shapes_few():
   assert buckets(128) == [16, 32, 64, 128] and buckets(10) == [10]
   assert [bucket_of(n, 128) for n in (1, 16, 17, 100, 128)] == [16, 16, 32, 128, 128]
   assert [_chunk_steps(8, left) for left in (100, 8, 5, 4, 3, 2, 1)] == [8, 8, 8, 4, 4, 2, 1]
+
+
+def test_an_engine_that_fails_tells_every_job_and_takes_no_more(model):
+  engine = _engine(model, slots=2)
+  prompts = _prompts(model.tokenizer, 3)
+
+  def broken(*args, **kwargs):
+    raise RuntimeError("device lost")
+
+  engine._decode = broken  # noqa: SLF001  (the device fails mid-run)
+  collectors = [Collector() for _ in prompts]
+  for prompt, collector in zip(prompts, collectors):
+    engine.submit(Job(prompt, emit=collector, sampling=Sampling(max_tokens=8)))
+  engine.start()
+  for c in collectors:
+    assert c.done.wait(60)
+  assert all(c.end[0] == "error" and "device lost" in c.end[1] for c in collectors)
+  assert "device lost" in engine.failed
+  with pytest.raises(Unavailable, match="device lost"):
+    engine.submit(Job(prompts[0], emit=Collector(), sampling=Sampling(max_tokens=2)))
+
+
+@pytest.mark.slow
+def test_over_a_mesh_of_8_devices_the_engine_answers_as_on_one(tmp_path):
+  """The slots sharded over 8 fake CPU devices (a fresh process), prompts prefilled one copy per shard:
+  the same greedy answers and scored log-probabilities as one device gives."""
+  import json
+  import os
+  import subprocess
+  import sys
+
+  import serve_multidevice_check
+  from serving_util import make_hf_folder
+
+  folder = make_hf_folder(tmp_path / "hf")
+  script = os.path.join(os.path.dirname(__file__), "serve_multidevice_check.py")
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  out = subprocess.run([sys.executable, script, str(folder)], capture_output=True, text=True, env=env, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  sharded = json.loads(out.stdout.strip().splitlines()[-1])
+  here = serve_multidevice_check.answers(folder, 8)
+  assert sharded["devices"] == 8 and here["devices"] == 1
+  assert sharded["tokens"] == here["tokens"] and all(len(t) >= 1 for t in here["tokens"])
+  np.testing.assert_allclose(np.concatenate(sharded["logprobs"]), np.concatenate(here["logprobs"]), atol=2e-3)

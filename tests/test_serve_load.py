@@ -119,3 +119,29 @@ def test_concurrent_clients_get_their_own_answers_and_leavers_free_their_slots(s
   assert all(job.cancelled and job.generated < LEAVER_TOKENS for job in leavers), [j.generated for j in leavers]
   health = httpx2.get(base.removesuffix("/v1") + "/health").json()
   assert health == {"status": "ok", "running": 0, "waiting": 0}
+
+
+def test_a_slow_reader_holds_up_only_itself(served):
+  """A streaming client that reads nothing for a while: the others are answered meanwhile, and its own
+  answer, read late, is whole."""
+  base, server, _ = served
+  body = {"model": "tiny", "temperature": 0, "max_tokens": 40, "stream": True,
+          "messages": [{"role": "user", "content": _prompt(1)}]}
+  with httpx2.Client(timeout=60) as slow, slow.stream("POST", base + "/chat/completions", json=body) as response:
+    assert response.status_code == 200
+    began = time.monotonic()
+    with httpx2.Client(timeout=60) as http:
+      others = [_ask(http, base, "/completions", {"model": "tiny", "temperature": 0, "max_tokens": 8,
+                                                  "prompt": _prompt(i)}) for i in range(4)]
+    others_took = time.monotonic() - began
+    assert all(status == 200 for status, _, _ in others)
+    text, finish = "", None
+    for line in response.iter_lines():  # read only now
+      if line.startswith("data: ") and line != "data: [DONE]":
+        for choice in json.loads(line.removeprefix("data: "))["choices"]:
+          text += _text_of(choice)
+          finish = choice["finish_reason"] or finish
+  with httpx2.Client(timeout=60) as http:
+    alone = _ask(http, base, "/chat/completions", body)
+  assert (200, text, finish) == alone
+  assert others_took < 30

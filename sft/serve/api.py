@@ -31,7 +31,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from sft.serve import protocol
-from sft.serve.engine import Engine, Job, QueueFull, Sampling, Token
+from sft.serve.engine import Engine, Job, QueueFull, Sampling, Token, Unavailable
 from sft.serve.protocol import ApiError, Limits, TextStream
 from sft.tokenizer import TokenizerFailure
 
@@ -111,9 +111,11 @@ class Flight:
       for job in [*self.score_jobs, *self.jobs]:
         self.server.engine.submit(job)
         submitted.append(job)
-    except QueueFull as err:
+    except (QueueFull, Unavailable) as err:
       for job in submitted:
         job.cancelled = True
+      if isinstance(err, Unavailable):
+        raise ApiError(503, str(err), headers={"Retry-After": str(RETRY_AFTER_S)}) from None
       raise ApiError(429, f"the server is busy ({err}): retry later", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
 
   def cancel(self) -> None:

@@ -36,6 +36,7 @@ from sft.model.backend import use_cpu_kernels
 from sft.model.layers import OUT_IN
 from sft.model.transformer import init_cache, split_cache, split_layers, weights_out_in
 from sft.serve.loading import LoadedModel
+from sft.trainer import sharding
 
 log = logging.getLogger("sft")
 SMALLEST_BUCKET = 16
@@ -97,9 +98,13 @@ class QueueFull(Exception):
   """More requests wait than the server takes: the client should retry later (429)."""
 
 
+class Unavailable(Exception):
+  """The engine takes no job: it is shutting down, or it failed (503)."""
+
+
 class Engine:
   """See the module docstring. `start()` runs the loop in a daemon thread; `submit(job)` queues a job
-  (QueueFull past `max_waiting`); `stop(deadline)` finishes or cancels what runs."""
+  (QueueFull past `max_waiting`, Unavailable once stopping or failed); `stop(deadline)` finishes or cancels what runs."""
 
   def __init__(self, model: LoadedModel, *, slots: int, chunk: int, max_waiting: int, context: int):
     self.model, self.slots, self.chunk, self.max_waiting, self.context = model, slots, chunk, max_waiting, context
@@ -115,6 +120,9 @@ class Engine:
     self.steps = 0
     run, cfg = model.run, model.run.model_cfg
     self._run = run
+    # A prompt is prefilled in a batch of one row per batch shard of the mesh (copies of it), so that the
+    # batch divides over the devices; only row 0 is kept.
+    self._prefill_rows = sharding.batch_shards(run.mesh, run.rules)
     with run.on_mesh():
       self._variables = _decode_variables(model.params)
       self._cache = jax.jit(lambda: constrain_cache(split_cache(init_cache(cfg, slots, context))))()
@@ -139,7 +147,9 @@ class Engine:
   def submit(self, job: Job) -> None:
     with self._lock:
       if self._stopping:
-        raise QueueFull("the server is shutting down")
+        raise Unavailable("the server is shutting down")
+      if self.failed or (self._thread is not None and not self._thread.is_alive()):
+        raise Unavailable(f"the server's engine failed: {self.failed or 'it stopped'}")
       if len(self._waiting) >= self.max_waiting:
         raise QueueFull(f"{len(self._waiting)} requests are waiting already")
       self._waiting.append(job)
@@ -216,12 +226,15 @@ class Engine:
       else:
         self._start(job, free[0])
 
+  def _padded(self, prompt: list[int]) -> np.ndarray:
+    """(rows, bucket) copies of the prompt, right-padded to its length bucket (see `_prefill_rows`)."""
+    tokens_rp = np.zeros((self._prefill_rows, bucket_of(len(prompt), self.context)), np.int32)
+    tokens_rp[:, : len(prompt)] = prompt
+    return tokens_rp
+
   def _run_score(self, job: Job) -> None:
-    width = bucket_of(len(job.prompt), self.context)
-    tokens_1p = np.zeros((1, width), np.int32)
-    tokens_1p[0, : len(job.prompt)] = job.prompt
     lp_p, top_ids_pn, top_lp_pn = jax.device_get(
-        self._score(self.model.params, tokens_1p, np.asarray([len(job.prompt)], np.int32))
+        self._score(self.model.params, self._padded(job.prompt), np.int32(len(job.prompt)))
     )
     n = len(job.prompt)
     logprobs = [None] + [float(x) for x in lp_p[: n - 1]]
@@ -230,12 +243,9 @@ class Engine:
 
   def _start(self, job: Job, slot: int) -> None:
     s = job.sampling
-    width = bucket_of(len(job.prompt), self.context)
-    tokens_1p = np.zeros((1, width), np.int32)
-    tokens_1p[0, : len(job.prompt)] = job.prompt
     seed = _seed_words(s.seed)
     self._cache, first, lp, top_ids, top_lps = self._prefill(
-        self.model.params, self._cache, tokens_1p, np.int32(len(job.prompt)), np.int32(slot),
+        self.model.params, self._cache, self._padded(job.prompt), np.int32(len(job.prompt)), np.int32(slot),
         np.float32(s.temperature), np.int32(s.top_k), np.float32(s.top_p), seed, logprobs=s.logprobs,
     )
     first, lp, top_ids, top_lps = jax.device_get((first, lp, top_ids, top_lps))
@@ -323,26 +333,27 @@ def _top(logprobs_bv: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def _prefill_into(
-    params, cache, tokens_1p, length, slot, temperature, top_k, top_p, seed_2, *, model: Transformer, logprobs: bool
+    params, cache, tokens_rp, length, slot, temperature, top_k, top_p, seed_2, *, model: Transformer, logprobs: bool
 ):
-  """Runs one prompt (right-padded to its bucket) and writes its keys and values into row `slot` of the
-  engine's cache; returns (cache, its first token, that token's log-probability, top ids, top logprobs)."""
-  width = tokens_1p.shape[1]
-  row_cache = init_cache(model.cfg, 1, width)
-  positions_1p = jnp.arange(width, dtype=jnp.int32)[None]
-  hidden_1pd, row_cache = model.apply(
-      {"params": params}, tokens_1p, positions_1p, cache=row_cache, cache_index_b=jnp.zeros((1,), jnp.int32),
+  """Runs one prompt (copied on every row, right-padded to its bucket) and writes row 0's keys and values
+  into row `slot` of the engine's cache; returns (cache, its first token, that token's log-probability,
+  top ids, top logprobs)."""
+  rows, width = tokens_rp.shape
+  row_cache = constrain_cache(init_cache(model.cfg, rows, width))
+  positions_rp = jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32), (rows, width))
+  hidden_rpd, row_cache = model.apply(
+      {"params": params}, tokens_rp, positions_rp, cache=row_cache, cache_index_b=jnp.zeros((rows,), jnp.int32),
       return_hidden=True,
   )
-  last_11d = jax.lax.dynamic_slice_in_dim(hidden_1pd, length - 1, 1, axis=1)
+  last_11d = jax.lax.dynamic_slice_in_dim(hidden_rpd[:1], length - 1, 1, axis=1)
   logits_1v = model.apply({"params": params}, last_11d, method=Transformer.unembed)[:, 0].astype(jnp.float32)
   first = sample_rows(logits_1v, _row_key(seed_2, 0)[None], temperature[None], top_k[None], top_p[None])[0]
   out = []
-  for (k_big, v_big), (k_row, v_row) in zip(cache, split_cache(row_cache)):
-    # keys (B, K, H, S) take the row's (1, K, H, P) at [slot, 0, 0, 0]; values (B, K, S, H) its (1, K, P, H).
+  for (k_big, v_big), (k_rows, v_rows) in zip(cache, split_cache(row_cache)):
+    # keys (B, K, H, S) take row 0's (1, K, H, P) at [slot, 0, 0, 0]; values (B, K, S, H) its (1, K, P, H).
     out.append((
-        jax.lax.dynamic_update_slice(k_big, k_row.astype(k_big.dtype), (slot, 0, 0, 0)),
-        jax.lax.dynamic_update_slice(v_big, v_row.astype(v_big.dtype), (slot, 0, 0, 0)),
+        jax.lax.dynamic_update_slice(k_big, k_rows[:1].astype(k_big.dtype), (slot, 0, 0, 0)),
+        jax.lax.dynamic_update_slice(v_big, v_rows[:1].astype(v_big.dtype), (slot, 0, 0, 0)),
     ))
   log_v = jax.nn.log_softmax(logits_1v[0])
   ids, values = _top(log_v[None]) if logprobs else (jnp.zeros((1, TOP_LOGPROBS), jnp.int32), jnp.zeros((1, TOP_LOGPROBS)))
@@ -375,15 +386,16 @@ def _decode_chunk(variables, cache, last_b, pos_b, state, *, model: Transformer,
   return cache, tokens_cb.T, lp_cb.T, ids_cbn.transpose(1, 0, 2), values_cbn.transpose(1, 0, 2)
 
 
-def _score_prompt(params, tokens_1p, length_1, *, model: Transformer):
+def _score_prompt(params, tokens_rp, length, *, model: Transformer):
   """Each prompt token's log-probability given the ones before it (position p scores token p + 1), with
-  its TOP_LOGPROBS alternatives: (P,), (P, N), (P, N)."""
-  width = tokens_1p.shape[1]
-  positions_1p = jnp.arange(width, dtype=jnp.int32)[None]
-  segments_1p = (positions_1p < length_1[:, None]).astype(jnp.int32)
-  logits_1pv = model.apply({"params": params}, tokens_1p, positions_1p, segments_1p).astype(jnp.float32)
-  log_pv = jax.nn.log_softmax(logits_1pv[0])
-  next_p = jnp.concatenate([tokens_1p[0, 1:], jnp.zeros((1,), jnp.int32)])
+  its TOP_LOGPROBS alternatives: (P,), (P, N), (P, N). The prompt is copied on every row (see
+  `Engine._prefill_rows`); row 0 is read."""
+  rows, width = tokens_rp.shape
+  positions_rp = jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32), (rows, width))
+  segments_rp = (positions_rp < length).astype(jnp.int32)
+  logits_rpv = model.apply({"params": params}, tokens_rp, positions_rp, segments_rp)
+  log_pv = jax.nn.log_softmax(logits_rpv[0].astype(jnp.float32))
+  next_p = jnp.concatenate([tokens_rp[0, 1:], jnp.zeros((1,), jnp.int32)])
   chosen_p = jnp.take_along_axis(log_pv, next_p[:, None], axis=-1)[:, 0]
   ids_pn, values_pn = _top(log_pv)
   return chosen_p, ids_pn, values_pn

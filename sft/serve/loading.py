@@ -154,12 +154,14 @@ class LoadedModel:
   generators: dict = dataclasses.field(default_factory=dict)  # (max_new_tokens, Sampler) -> jitted generate
 
 
-def load_model(path: pathlib.Path, backend: str, batch_size: int, context: int) -> LoadedModel:
+def load_model(
+    path: pathlib.Path, backend: str, batch_size: int, context: int, batch_key: str = "the annotator's batch_size"
+) -> LoadedModel:
   """The model, its tokenizer and its context, placed on the mesh of the config it is built from, as
   serving (a workdir) and the eval job (a Hugging Face folder) place it."""
   config = _run_config(path, backend, context)
   run = setup.setup_run(config)
-  run.check_batch("the annotator's batch_size", batch_size)
+  run.check_batch(batch_key, batch_size)  # `batch_key` names the setting in the error
   tokenizer = setup.open_tokenizer(config, path)
   if backend == "workdir":
     params, origin = setup.serving_params(config, path, run)

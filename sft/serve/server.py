@@ -51,7 +51,7 @@ def build_server(config: ml_collections.ConfigDict, workdir: str | pathlib.Path)
   """The model loaded and its engine started; the returned Server is what `create_app` serves."""
   check_serve_config(config)
   folder, backend = loading.resolve_backend(str(workdir), config.backend, "--workdir")
-  model = loading.load_model(folder, backend, 1, config.context)
+  model = loading.load_model(folder, backend, config.slots, config.context, "slots")
   context = model_context(model, config.context)
   engine = Engine(model, slots=config.slots, chunk=config.decode_chunk, max_waiting=config.max_waiting, context=context)
   if config.warmup:
