@@ -72,6 +72,15 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> None:
   deadline_s = config.shutdown_timeout_s
 
   class Uvicorn(uvicorn.Server):
+    async def startup(self, sockets=None):
+      await super().startup(sockets)
+      bound = [sock.getsockname() for srv in self.servers for sock in srv.sockets]
+      port = bound[0][1] if bound else config.port  # --config.port=0: the port the system gave
+      log.warning(
+          "serving %s as %r on http://%s:%d/v1 (%d slots, context %d)%s", workdir, server.name, config.host, port,
+          config.slots, server.limits.context, ", API key required" if server.api_key else "",
+      )
+
     async def shutdown(self, sockets=None):
       # Before uvicorn's graceful wait: the engine drains for shutdown_timeout_s, then tells every job
       # still running or waiting that the server is going (an error event, not a cut stream).
@@ -84,10 +93,6 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> None:
       # uvicorn's own cut is a backstop past the engine's deadline: the clients' error events go out first.
       app, host=config.host, port=config.port, log_level="warning", timeout_graceful_shutdown=deadline_s + GRACE_S,
   ))
-  log.warning(
-      "serving %s as %r on http://%s:%d/v1 (%d slots, context %d)%s", workdir, server.name, config.host, config.port,
-      config.slots, server.limits.context, ", API key required" if server.api_key else "",
-  )
   try:
     uv.run()
   finally:
