@@ -3,7 +3,6 @@ greedy answer, whoever shares the batch and whichever slot it lands in; a sample
 alone; slots are refilled while others decode; a cancelled request frees its slot."""
 
 import threading
-import time
 
 import jax
 import numpy as np
@@ -100,26 +99,31 @@ def test_a_seeded_answer_depends_on_its_seed_alone(model):
 
 def test_a_cancelled_request_frees_its_slot_and_the_queue_is_bounded(model):
   engine = _engine(model, slots=1, max_waiting=2)
+  engine.stop_ids = ()  # no answer ends before its budget: only the cancellation can end the long one
   prompts = _prompts(model.tokenizer, 4)
   gone, running = Collector(), Collector()
   never_started = Job(prompts[0], emit=gone, sampling=Sampling(max_tokens=8))
+  long_job = Job(prompts[1], emit=None, sampling=Sampling(max_tokens=SEQ_LEN // 2))
+
+  def leave_after_two(kind, value):  # the client leaves mid-answer, after its second token
+    running(kind, value)
+    if len(running.tokens) == 2:
+      long_job.cancelled = True
+
+  long_job.emit = leave_after_two
   engine.submit(never_started)
-  engine.submit(Job(prompts[1], emit=running, sampling=Sampling(max_tokens=SEQ_LEN // 2)))
+  engine.submit(long_job)
   with pytest.raises(QueueFull):  # two wait already
     engine.submit(Job(prompts[2], emit=Collector(), sampling=Sampling(max_tokens=2)))
   never_started.cancelled = True  # its client left while it waited
   engine.start()
   try:
-    deadline = time.monotonic() + 60
-    while len(running.tokens) < 2 and time.monotonic() < deadline:
-      time.sleep(0.01)
-    engine._rows[0].cancelled = True  # noqa: SLF001  (the decoding one's client leaves mid-answer)
     (tokens, end), = _run(engine, [prompts[3]], [Sampling(max_tokens=3)])  # the one slot is free again
   finally:
     engine.stop(5)
   assert gone.tokens == [] and not gone.done.is_set()
-  assert 2 <= len(running.tokens) < SEQ_LEN // 2 and not running.done.is_set()
-  assert end[0] == "done" and engine.running == 0 and engine.waiting == 0
+  assert len(running.tokens) == 2 and not running.done.is_set()  # stopped at once, nothing after
+  assert end == ("done", "length") and len(tokens) == 3 and engine.running == 0 and engine.waiting == 0
 
 
 def test_per_row_sampling_draws_as_the_sampler_does():
