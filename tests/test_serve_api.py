@@ -119,6 +119,10 @@ def test_max_tokens_ends_the_answer_with_length_and_counts_the_tokens(served):
   prompt, _ = served.server.tokenizer.render_prompt([*HELLO, {"role": "assistant", "content": "-"}])
   assert out.choices[0].finish_reason == "length"
   assert (out.usage.prompt_tokens, out.usage.completion_tokens, out.usage.total_tokens) == (len(prompt), 5, len(prompt) + 5)
+  one = served.client.chat.completions.create(messages=HELLO, max_tokens=1, **GREEDY)
+  assert one.usage.completion_tokens <= 1 and (one.choices[0].finish_reason == "length") == (one.usage.completion_tokens == 1)
+  with pytest.raises(openai.BadRequestError, match="max_tokens must be at least 1"):
+    served.client.chat.completions.create(messages=HELLO, max_tokens=0, **GREEDY)
 
 
 def _reference_logprobs(server, ids):

@@ -303,6 +303,8 @@ def create_app(server: Server) -> Starlette:
     except (ValueError, TypeError, KeyError) as err:
       raise protocol.bad(f"the chat cannot be rendered with the model's chat template: {err}", "messages") from None
     prompt = protocol.fit_prompt(prompt, c.truncate_prompt_tokens, server.limits)
+    if c.max_tokens == 0:  # a chat answers: nothing to score here (completions take max_tokens 0 with echo)
+      raise protocol.bad("max_tokens must be at least 1 for a chat completion", "max_tokens")
     budget = protocol.answer_budget(len(prompt), c.max_tokens, server.limits)
     flight = Flight(server, [prompt] * c.n, samplings(c, [budget], want_logprobs), c.stop)
     flight.submit()
