@@ -407,7 +407,7 @@ def test_sharding_rules_are_a_list_of_rules():
 def test_the_builders_own_checks_run_with_the_section_named():
   config = base_config()
   config.data.build.dedup.bands = 3
-  assert problems_of(config).startswith("data.build.dedup.bands x dedup.rows (3 x 8) must equal dedup.num_perm")
+  assert problems_of(config).startswith("data.build.dedup.bands x dedup.rows (3 x 4) must equal dedup.num_perm")
   config = base_config()
   config.data.build.stdlib = False
   assert problems_of(config) == "data.build: nothing to read: set input_dir (a folder of raw files) and/or stdlib=True"

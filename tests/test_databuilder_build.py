@@ -100,7 +100,7 @@ def test_accounting_adds_up_for_every_source(built):
   assert sum(e["records"] for e in on_disk.values() if e["file"].endswith(".array_record")) == 20
   assert sum(e["records"] for e in on_disk.values() if e["file"].startswith("rejected")) == 18
   assert all(len(e["sha256"]) == 64 for e in manifest["outputs"] + [i for i in manifest["inputs"]])
-  assert manifest["versions"]["ftfy"] and manifest["config"]["dedup"]["bands"] == 14
+  assert manifest["versions"]["ftfy"] and manifest["config"]["dedup"]["bands"] == 28
 
 
 def test_report_has_tables_examples_and_plots(built):

@@ -144,19 +144,19 @@ def test_beam_bucket_pairs_equal_the_local_vectorised_pairs(tmp_path, monkeypatc
 
 @pytest.mark.parametrize("size", [minhash.MAX_BUCKET, minhash.MAX_BUCKET + 5])
 def test_a_big_bucket_verifies_only_pairs_with_its_smallest_id(size):
-  # Band 0 is shared by all; the others agree with each other on band 1 but not with the smallest id:
-  # estimated Jaccard 1.0 among them, 0.5 with it. All pairs find them, a star does not. The fingerprints
-  # are documents': no answer (EMPTY), one key.
+  # Band 0 is shared by all; the others agree with each other on band 1 but not with the smallest id, and
+  # so do their shingle sets: Jaccard 1.0 among them, 2 / 6 with it. All pairs find them, a star does not.
+  # The fingerprints are documents': no answer words, one key.
   signatures_nd = np.zeros((size, 16), np.uint64)
   signatures_nd[1:, 8:] = 7
-  no_answer = np.full((size, 16), minhash.EMPTY, np.uint64)
-  fingerprints_nd = np.concatenate([signatures_nd, no_answer, np.ones((size, 1), np.uint64)], axis=1)
+  shingles = [(1, 2, 3, 4)] + [(1, 2, 5, 6)] * (size - 1)
   ids = [f"r{i:03d}" for i in range(size)]
-  members = [(record_id, tuple(fingerprint)) for record_id, fingerprint in zip(ids, fingerprints_nd.tolist())][::-1]
+  members = [(ids[k], tuple(signatures_nd[k].tolist()), 1, shingles[k], ()) for k in range(size)][::-1]
   pairs = dedup.verified_bucket_pairs(((0, (0,) * 8), members), threshold=0.75)
   small = size <= minhash.MAX_BUCKET
   assert pairs == ([(ids[i], ids[j]) for i, j in itertools.combinations(range(1, size), 2)] if small else [])
-  local_n2 = dedup.verified(fingerprints_nd, minhash.candidate_pairs(signatures_nd[:, :8], bands=1, rows=8), 0.75)
+  fingerprints = dedup.Fingerprints(signatures_nd, np.ones(size, np.uint64), minhash.sets_of(shingles), minhash.sets_of([()] * size))
+  local_n2 = dedup.verified(fingerprints, minhash.candidate_pairs(signatures_nd[:, :8], bands=1, rows=8), 0.75)
   assert pairs == [(ids[i], ids[j]) for i, j in local_n2.tolist()]
 
 

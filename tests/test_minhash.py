@@ -30,7 +30,7 @@ UNRELATED = (
   "a rate makes it crawl, so schedules warm the rate up and then decay it over many thousands of steps."
 )
 # The first three entries of signatures(["short text"], num_perm=24, shingle_size=5, seed=1).
-SHORT_TEXT_FIRST_3 = [1023661877052911708, 631276213113184757, 2143120765419035243]
+SHORT_TEXT_FIRST_3 = [4081144990, 1946581081, 576158549]
 OTHER = (
   "A sourdough starter is a culture of wild yeast and lactic acid bacteria kept alive with regular "
   "feedings of flour and water, and bakers use it instead of commercial yeast to leaven bread with a "

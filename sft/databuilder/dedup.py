@@ -4,14 +4,15 @@ algorithm itself is minhash.py, which knows nothing of records.
 Exact duplicates (the same text once lowercased and stripped of punctuation and spacing): records are
 grouped by `exact_key` and `keep_first` keeps the smallest id of each group.
 
-Near duplicates: records whose whole texts reach `threshold` in estimated Jaccard similarity of their word
-`shingle_size`-grams, and, for chats, whose answers (the assistant turns) say the same thing too: the same
-digits in the same order, and word sets that reach `threshold` as well. A long shared prompt with a short
-answer ("What is 41 and 66?" / "What is 41 and 79?") is most of a chat's shingles, so the whole text alone
-would call two different answers duplicates; the answers' word sets, unlike their 5-grams, still match when
-an answer is reworded slightly or reordered. A chat and a document are never near duplicates (as for exact
-ones). Each record becomes one row of `fingerprints`: its MinHash signature, its answer's word-set signature
-and a hash of its kind and its answer's digits; `verified` is the rule above on pairs of rows.
+Near duplicates: records proposed by MinHash LSH whose whole texts reach `threshold` in Jaccard similarity
+of their word `shingle_size`-grams, exactly (MinHash only proposes), and, for chats, whose answers (the
+assistant turns) say the same thing too: the same digits in the same order, and word sets that reach
+`threshold` as well. A long shared prompt with a short answer ("What is 41 and 66?" / "What is 41 and 79?")
+is most of a chat's shingles, so the whole text alone would call two different answers duplicates; the
+answers' word sets, unlike their 5-grams, still match when an answer is reworded slightly or reordered. A
+chat and a document are never near duplicates (as for exact ones). Each record has `fingerprints`: its
+MinHash signature, its shingles, its answer's words and a hash of its kind and its answer's digits;
+`verified` is the rule above on pairs of them.
 
 In one process (runner_local.py), over all live records at once:
 
@@ -20,9 +21,10 @@ In one process (runner_local.py), over all live records at once:
 
 and in pieces over a cluster (runner_beam.py), the way datatrove does it: `signatures_of` a batch of
 records on the workers (their fingerprints), `band_keys` of every signature, grouped by key into band
-buckets, the `verified_bucket_pairs` of each bucket (paired by minhash.bucket_pairs, then `verified`), then
-only the distinct verified pairs (few) meet in one place for `drops_from_pairs` (union-find). Both ways
-give the same drops: the same candidate pairs, the same verification, the smallest id kept.
+buckets (each member with its sets: verification needs them where the bucket is), the `verified_bucket_pairs`
+of each bucket (paired by minhash.bucket_pairs, then `verified`), then only the distinct verified pairs (few)
+meet in one place for `drops_from_pairs` (union-find). Both ways give the same drops: the same candidate
+pairs, the same verification, the smallest id kept.
 """
 
 from __future__ import annotations
@@ -30,14 +32,15 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from sft.databuilder import minhash, records, templates
 
-# (record id, its fingerprint as Python ints): what a Beam worker emits for one record.
-Signed = tuple[str, tuple[int, ...]]
+# What a Beam worker emits for one record, its Fingerprints as Python ints: (record id, signature, key,
+# its shingles and its answer's words, each sorted and distinct).
+Signed = tuple[str, tuple[int, ...], int, tuple[int, ...], tuple[int, ...]]
 
 _NON_WORD = re.compile(r"\W+")
 _DIGITS = re.compile(r"\d+")
@@ -76,43 +79,49 @@ def answer(record: records.Record) -> str:
   return "\n".join(m["content"] for m in record["messages"] if m["role"] == "assistant")
 
 
-def fingerprints(batch: list[records.Record], params: dict[str, Any]) -> np.ndarray:
-  """(len(batch), 2 * num_perm + 1) uint64: each record's MinHash signature of its whole text (a templated
-  chat's without the template's own words: templates.own_text), the signature
-  of its answer's set of words without digits (1-word shingles; minhash.EMPTY for a document or an answer
-  without such words) and a 64-bit hash of its kind and its answer's digits, in order. Each row depends on its
-  record and `params` only."""
-  num_perm, seed = params["num_perm"], params["seed"]
+class Fingerprints(NamedTuple):
+  """What near-duplicate detection knows of records, entry k for record k; each depends on its record and
+  the params only."""
+
+  signatures: np.ndarray  # (num_records, num_perm) uint64 MinHash signatures of the whole texts
+  keys: np.ndarray  # (num_records,) uint64 hash of the kind and the answer's digits
+  shingles: minhash.Sets  # the whole texts' shingles
+  answer_words: minhash.Sets  # the answers' words without digits (none for a document)
+
+
+def fingerprints(batch: list[records.Record], params: dict[str, Any]) -> Fingerprints:
+  """The Fingerprints of the records: each one's whole text (a templated chat's without the template's own
+  words: templates.own_text) as a MinHash signature and as its set of shingles, its answer's set of words
+  without digits (1-word shingles), and a 64-bit hash of its kind and its answer's digits."""
   texts = [templates.own_text(r) for r in batch]
-  whole_nd = minhash.signatures(texts, num_perm=num_perm, shingle_size=params["shingle_size"], seed=seed)
+  signatures_nd, shingles = minhash.sketches(
+    texts, num_perm=params["num_perm"], shingle_size=params["shingle_size"], seed=params["seed"]
+  )
   answers = [answer(r) for r in batch]
-  chats = [i for i, r in enumerate(batch) if r["kind"] == "chat"]
-  answer_nd = np.full((len(batch), num_perm), minhash.EMPTY, np.uint64)
   # Numbers are compared by the key alone: "1,070" and "1070" are the same answer, "107" and "120" are not.
-  words = [_DIGITS.sub(" ", answers[i]) for i in chats]
-  answer_nd[chats] = minhash.signatures(words, num_perm=num_perm, shingle_size=1, seed=seed)
+  answer_words = minhash.shingle_sets([_DIGITS.sub(" ", a) for a in answers], shingle_size=1)
   keys = [records.stable_hash(f"{r['kind']}\x1f{''.join(_DIGITS.findall(a))}") for r, a in zip(batch, answers)]
-  return np.concatenate([whole_nd, answer_nd, np.array(keys, np.uint64).reshape(-1, 1)], axis=1)
+  return Fingerprints(signatures_nd, np.array(keys, np.uint64), shingles, answer_words)
 
 
-def verified(fingerprints_nd: np.ndarray, pairs_n2: np.ndarray, threshold: float) -> np.ndarray:
-  """The rows of `pairs_n2` that are near duplicates: whole texts and answers' word sets at or above
-  `threshold` in estimated Jaccard similarity, and the same kind and answer digits."""
-  num_perm = (fingerprints_nd.shape[1] - 1) // 2
-  whole = minhash.estimated_jaccard(fingerprints_nd[:, :num_perm], pairs_n2)
-  answers = minhash.estimated_jaccard(fingerprints_nd[:, num_perm:-1], pairs_n2)
-  same_key = fingerprints_nd[pairs_n2[:, 0], -1] == fingerprints_nd[pairs_n2[:, 1], -1]
-  return pairs_n2[(whole >= threshold) & (answers >= threshold) & same_key]
+def verified(fingerprints_: Fingerprints, pairs_n2: np.ndarray, threshold: float) -> np.ndarray:
+  """The rows of `pairs_n2` that are near duplicates: whole texts' shingle sets and answers' word sets at or
+  above `threshold` in Jaccard similarity (two answers without such words are alike), and the same kind and
+  answer digits."""
+  same_key = fingerprints_.keys[pairs_n2[:, 0]] == fingerprints_.keys[pairs_n2[:, 1]]
+  pairs_n2 = pairs_n2[same_key]  # most candidates that fail, fail here (a shared prompt, other numbers)
+  whole = minhash.set_jaccard(fingerprints_.shingles, pairs_n2)
+  answers = minhash.set_jaccard(fingerprints_.answer_words, pairs_n2)
+  return pairs_n2[(whole >= threshold) & (answers >= threshold)]
 
 
 def near_duplicate_pairs(live: list[records.Record], params: dict[str, Any]) -> list[tuple[str, str]]:
   """(smaller id, larger id) near-duplicate pairs among live records, all at once: MinHash LSH candidate
   pairs, then `verified`."""
   live = sorted(live, key=lambda r: r["id"])
-  fingerprints_nd = fingerprints(live, params)
-  signatures_nd = fingerprints_nd[:, :params["num_perm"]]
-  candidates_n2 = minhash.candidate_pairs(signatures_nd, bands=params["bands"], rows=params["rows"])
-  pairs_n2 = verified(fingerprints_nd, candidates_n2, params["threshold"])
+  fingerprints_ = fingerprints(live, params)
+  candidates_n2 = minhash.candidate_pairs(fingerprints_.signatures, bands=params["bands"], rows=params["rows"])
+  pairs_n2 = verified(fingerprints_, candidates_n2, params["threshold"])
   return [(live[i]["id"], live[j]["id"]) for i, j in pairs_n2.tolist()]
 
 
@@ -135,17 +144,26 @@ def mark_near_duplicates(items: list[records.Record], drops: dict[str, str]) -> 
 
 
 def signatures_of(batch: list[records.Record], params: dict[str, Any]) -> list[Signed]:
-  """(id, fingerprint) of each record of the batch that has words (one without is nobody's duplicate)."""
-  fingerprints_nd = fingerprints(batch, params)
-  has_words = np.any(fingerprints_nd[:, :params["num_perm"]] != minhash.EMPTY, axis=1)
-  return [(r["id"], tuple(row.tolist())) for r, row, keep in zip(batch, fingerprints_nd, has_words) if keep]
+  """The Signed form of each record of the batch that has words (one without is nobody's duplicate)."""
+  fingerprints_ = fingerprints(batch, params)
+  signed = []
+  for k, record in enumerate(batch):
+    signature = fingerprints_.signatures[k]
+    if signature[0] != minhash.EMPTY:
+      shingles, words = (_set_of(sets, k) for sets in (fingerprints_.shingles, fingerprints_.answer_words))
+      signed.append((record["id"], tuple(signature.tolist()), int(fingerprints_.keys[k]), shingles, words))
+  return signed
+
+
+def _set_of(sets: minhash.Sets, k: int) -> tuple[int, ...]:
+  return tuple(sorted(set(sets.hashes[sets.offsets[k] : sets.offsets[k + 1]].tolist())))
 
 
 def band_keys(signed: Signed, bands: int, rows: int) -> Iterator[tuple[tuple[int, tuple[int, ...]], Signed]]:
-  """((band, the signature's rows in it), (id, fingerprint)) for every band: records sharing a key share a bucket."""
-  _, fingerprint = signed
+  """((band, the signature's rows in it), signed) for every band: records sharing a key share a bucket."""
+  signature = signed[1]
   for band in range(bands):
-    yield (band, fingerprint[band * rows:(band + 1) * rows]), signed
+    yield (band, signature[band * rows:(band + 1) * rows]), signed
 
 
 def verified_bucket_pairs(bucket: tuple[Any, list[Signed]], threshold: float) -> list[tuple[str, str]]:
@@ -153,5 +171,8 @@ def verified_bucket_pairs(bucket: tuple[Any, list[Signed]], threshold: float) ->
   a bucket: members by id, as the local path indexes them."""
   members = sorted(bucket[1], key=lambda member: member[0])
   pairs_n2 = minhash.bucket_pairs([len(members)])
-  fingerprints_nd = np.array([fingerprint for _, fingerprint in members], np.uint64)
-  return [(members[i][0], members[j][0]) for i, j in verified(fingerprints_nd, pairs_n2, threshold).tolist()]
+  ids, signatures, keys, shingles, words = zip(*members) if members else ((),) * 5
+  fingerprints_ = Fingerprints(
+    np.array(signatures, np.uint64), np.array(keys, np.uint64), minhash.sets_of(shingles), minhash.sets_of(words)
+  )
+  return [(ids[i], ids[j]) for i, j in verified(fingerprints_, pairs_n2, threshold).tolist()]
