@@ -11,6 +11,9 @@ import sft
 from sft.annotator import Decoding, open_annotator, open_endpoint
 from sft.annotator.endpoint import fingerprint_of
 
+# A build and an audit through a served model: about a minute.
+pytestmark = pytest.mark.slow
+
 CHATS = [[{"role": "user", "content": text}] for text in (
     "json", "What does json.dumps do?", "split text on spaces", "wrap", "shlex split a command line into its words",
 )]

@@ -34,7 +34,7 @@ class Served:
     return self.http.post(self.base + path, json=body, **kw) if body is not None else self.http.post(self.base + path, **kw)
 
 
-@pytest.fixture(scope="module", params=["workdir", "hf"])
+@pytest.fixture(scope="module", params=["workdir", pytest.param("hf", marks=pytest.mark.slow)])
 def served(request, tmp_path_factory, tokenizer):
   folder = tmp_path_factory.mktemp(request.param) / "model"
   folder = make_workdir(folder, tokenizer) if request.param == "workdir" else make_hf_folder(folder)

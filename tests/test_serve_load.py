@@ -12,6 +12,9 @@ import pytest
 from serving_util import make_workdir, running_server
 from serving_util import test_config as serve_config
 
+# Concurrent clients against a served model: about half a minute.
+pytestmark = pytest.mark.slow
+
 CLIENTS = 20
 LEAVER_TOKENS = 63  # the budget of the requests whose clients leave mid-stream (no other request asks for it)
 WORDS = "import json def dumps obj indent sort keys return value string list".split()
