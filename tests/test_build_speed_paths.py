@@ -1,5 +1,5 @@
 """The data build's fast paths decide exactly as the slow paths they stand in for: ftfy skipped on text it
-cannot change, alphanumeric counting by regex, language identification on a float32 table, the
+cannot change, alphanumeric counting by regex, language identification batched and on a float32 table, the
 decontamination index's first-word filter, and cheap stages kept out of worker processes."""
 
 import collections
@@ -12,7 +12,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from sft.databuilder import clean, decontaminate, quality, records, runner_local
+from sft.databuilder import clean, decontaminate, language_id, quality, records, runner_local
 
 # Printable ASCII and the characters around the fast path's edges: "&" (entities), "\r", escape and
 # other control characters, Latin-1 mojibake, curly quotes, a ligature, full-width letters, a surrogate.
@@ -57,15 +57,42 @@ def stock_identifier():
   return LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
 
 
+LANGUAGE_TEXTS = st.text(max_size=200) | st.lists(st.sampled_from("the of and water mountain über été вода 水 مياه 12 , . ß İ".split()), max_size=60).map(" ".join)
+
+
 @settings(max_examples=150, deadline=None)
-@given(st.text(max_size=200) | st.lists(st.sampled_from("the of and water mountain über été вода 水 مياه 12 , .".split()), max_size=60).map(" ".join))
+@given(LANGUAGE_TEXTS)
 @example("The river carved the valley over many years.")
 @example("")
-def test_float32_table_scores_bit_for_bit(stock_identifier, text):
-  fast = quality._identifier()
-  assert fast.nb_ptc.dtype == np.float32
-  assert np.array_equal(fast._decide(text).view(np.uint32), stock_identifier._decide(text).view(np.uint32))
-  assert quality.identify_language(text) == stock_identifier.classify(text)
+@example("SHOUTED TEXT IS LOWERED FIRST")
+@example("lone \ud800 surrogate")
+def test_batched_walk_counts_what_py3langid_counts(stock_identifier, text):
+  from py3langid.langid import visit_counts
+
+  data = stock_identifier._encode(text)
+  [(ids, counts)] = language_id.feature_counts([data], language_id.model())
+  stock = visit_counts(stock_identifier.tk_nextmove, stock_identifier._rowbase, stock_identifier.tk_output, data) or {}
+  assert list(zip(ids.tolist(), counts.tolist())) == list(stock.items())  # the same features in first-seen order
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(LANGUAGE_TEXTS, max_size=12), st.integers(1, 5))
+@example(["The river carved the valley over many years.", "", "Le fleuve a creusé la vallée.", "水"], 2)
+def test_languages_bit_for_bit_as_py3langid_in_any_batch(stock_identifier, texts, batch):
+  """Each text's language and probability are py3langid's own, to the bit, whatever its batch mates."""
+  expected = [stock_identifier.classify(t) for t in texts]
+  assert language_id.identify(texts, batch=batch) == expected
+  assert [quality.identify_language(t) for t in texts] == expected
+
+
+def test_automaton_depth_bounds_every_state():
+  """The walk's window: no state stands for a longer string than `depth` bytes (checked from the model)."""
+  m = language_id.model()
+  assert m.depth == 6
+  data = bytes(range(256)) * 3 + "вода 水 مياه".encode() * 4
+  windowed = language_id.feature_counts([data], m)
+  step_by_step = language_id.feature_counts([data], m._replace(depth=len(data) + 1))
+  assert [a.tolist() for a in windowed[0]] == [b.tolist() for b in step_by_step[0]]
 
 
 VOCAB = "the a river valley carved over many years stone water cold north".split()

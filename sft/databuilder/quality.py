@@ -21,7 +21,7 @@ import itertools
 import re
 from typing import Any, Callable
 
-from sft.databuilder import records
+from sft.databuilder import language_id, records
 
 _WORD = re.compile(r"\w+")
 STOP_WORDS = frozenset({"the", "be", "to", "of", "and", "that", "have", "with"})  # Gopher's
@@ -124,23 +124,9 @@ def gopher(record: records.Record, p: dict[str, Any]) -> tuple[str, str] | None:
   return None
 
 
-@functools.lru_cache(maxsize=None)
-def _identifier():
-  """py3langid's identifier with its feature table in float32. The model ships it in float16, which every
-  classification casts (the rows a text touches) to float32 before the product: casting it whole once gives
-  the same numbers, bit for bit, at half the cost per text."""
-  import numpy as np  # noqa: PLC0415
-  from py3langid.langid import MODEL_FILE, LanguageIdentifier  # noqa: PLC0415 (loads the model once per process)
-
-  model = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
-  table = model.nb_ptc.astype(np.float32)
-  return LanguageIdentifier(table, model.nb_pc, model.nb_classes, model.tk_nextmove, model.tk_output, norm_probs=True, tk_row=model.tk_row)
-
-
 def identify_language(text: str) -> tuple[str, float]:
   """('en', 0.99): the most likely language and its probability."""
-  lang, prob = _identifier().classify(text)
-  return lang, float(prob)
+  return language_id.identify([text])[0]
 
 
 # The report's language mix counts a kept record the language filter gave no verdict under these.
@@ -152,10 +138,11 @@ NOT_JUDGED_SHORT, NOT_JUDGED_UNSURE, NOT_JUDGED_TRANSLATION = (
 def detect_language(record: records.Record, p: dict[str, Any]) -> tuple[str, float] | None:
   """The record's (language, probability), or None where it is not judged: shorter than
   `min_chars`, or a translation pair (two languages by design)."""
-  text = records.contents(record)
-  if len(text) < p["min_chars"] or record.get("task") == "translation":
-    return None
-  return identify_language(text)
+  return identify_language(records.contents(record)) if _judged(record, p) else None
+
+
+def _judged(record: records.Record, p: dict[str, Any]) -> bool:
+  return len(records.contents(record)) >= p["min_chars"] and record.get("task") != "translation"
 
 
 def language(record: records.Record, p: dict[str, Any]) -> tuple[str, str] | None:
@@ -218,6 +205,11 @@ def sft_rules(record: records.Record, p: dict[str, Any]) -> tuple[str, str] | No
 
 def filter_record(record: records.Record, params: dict[str, Any], count_tokens=None) -> records.Record:
   """The record, or the record dropped by the first rule it fails (stage "filter")."""
+  return filter_records([record], params, count_tokens)[0]
+
+
+def _first_failure(record: records.Record, params: dict[str, Any], count_tokens) -> tuple[str, str] | None:
+  """The rules before the language's, in order."""
   checks = (
       lambda: length(record, params["length"], count_tokens),
       lambda: sft_rules(record, params["sft"]),
@@ -226,11 +218,25 @@ def filter_record(record: records.Record, params: dict[str, Any], count_tokens=N
   for check in checks:
     failure = check()
     if failure:
-      return records.drop(record, "filter", *failure)
+      return failure
+  return None
+
+
+def filter_records(batch: list[records.Record], params: dict[str, Any], count_tokens=None) -> list[records.Record]:
+  """filter_record on each record; the language identifier runs once over the texts it judges."""
+  out = []
+  for record in batch:
+    failure = _first_failure(record, params, count_tokens)
+    out.append(records.drop(record, "filter", *failure) if failure else record)
   if not params["language"]["enabled"]:
-    return record
-  judged = detect_language(record, params["language"])
-  failure = language_verdict(judged, params["language"])
-  if failure:
-    return records.drop(record, "filter", *failure)
-  return {**record, "lang": language_label(record, judged, params["language"])}  # the report's language mix
+    return out
+  p = params["language"]
+  judge = [i for i, r in enumerate(out) if not records.is_dropped(r) and _judged(r, p)]
+  verdicts = dict(zip(judge, language_id.identify([records.contents(out[i]) for i in judge]), strict=True))
+  for i, record in enumerate(out):
+    if records.is_dropped(record):
+      continue
+    judged = verdicts.get(i)
+    failure = language_verdict(judged, p)
+    out[i] = records.drop(record, "filter", *failure) if failure else {**record, "lang": language_label(record, judged, p)}
+  return out

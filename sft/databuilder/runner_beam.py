@@ -23,6 +23,7 @@ except ImportError as err:  # pragma: no cover
   raise ImportError("runner='beam' needs Apache Beam: pip install -r requirements-beam.txt") from err
 
 _SIGNATURE_BATCH = 2000
+_CHUNK = 500  # records per call of a chunk-wise stage (language identification runs once per chunk)
 
 
 def _by_id(items) -> list:
@@ -45,6 +46,13 @@ class BeamRunner:
 
   def flat_map(self, coll, fn: Callable, name: str):
     return coll | self._label(name) >> beam.FlatMap(fn)
+
+  def map_chunks(self, coll, fn: Callable, name: str):
+    return (
+        coll
+        | self._label(f"{name}: batch") >> beam.BatchElements(min_batch_size=1, max_batch_size=_CHUNK)
+        | self._label(name) >> beam.FlatMap(fn)
+    )
 
   def map_batches(self, coll, fn: Callable, batch_size: int, name: str):
     return (

@@ -3,6 +3,7 @@ progress bars, and deduplication is dedup.py's, all at once."""
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import os
 import pickle
@@ -25,7 +26,11 @@ def _init_worker(fn):
 
 
 def _apply_chunk(chunk: list) -> list:
-  return [out for item in chunk for out in _worker_fn(item)]
+  return _worker_fn(chunk)
+
+
+def _each(fn: Callable[[Any], list], chunk: list) -> list:
+  return [out for item in chunk for out in fn(item)]
 
 
 def _workers_pay(seconds: float, transfer_seconds: float, num_items: int, remaining: int, num_workers: int) -> bool:
@@ -49,13 +54,16 @@ class LocalRunner:
     return list(items)
 
   def flat_map(self, coll: list, fn: Callable[[Any], list], name: str) -> list:
+    return self.map_chunks(coll, functools.partial(_each, fn), name)
+
+  def map_chunks(self, coll: list, fn: Callable[[list], list], name: str) -> list:
     chunks = [coll[i:i + _CHUNK] for i in range(0, len(coll), _CHUNK)]
     out = []
     with bar(len(coll), name, " inputs" if name == "read" else " records", enabled=self.progress) as progress:
       parallel = self.num_workers > 1 and len(coll) >= _MIN_PARALLEL
       if parallel and _MIN_PARALLEL:  # the first chunk here, timed: it says whether workers pay for the rest
         start = time.perf_counter()
-        first = [o for item in chunks[0] for o in fn(item)]
+        first = fn(chunks[0])
         seconds = time.perf_counter() - start
         start = time.perf_counter()
         pickle.dumps(chunks[0], pickle.HIGHEST_PROTOCOL), pickle.dumps(first, pickle.HIGHEST_PROTOCOL)
@@ -72,7 +80,7 @@ class LocalRunner:
             progress.update(len(chunk))
       else:
         for chunk in chunks:
-          out += [o for item in chunk for o in fn(item)]
+          out += fn(chunk)
           progress.update(len(chunk))
     return out
 

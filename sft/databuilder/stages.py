@@ -23,6 +23,8 @@ class Runner(Protocol):
 
   def create(self, items: list[Any], name: str) -> Any: ...
   def flat_map(self, coll: Any, fn: Callable[[Any], list[Any]], name: str) -> Any: ...
+  # fn maps a list of items, of the runner's choosing, to a list (a stage that works better on many at once).
+  def map_chunks(self, coll: Any, fn: Callable[[list], list], name: str) -> Any: ...
   def map_batches(self, coll: Any, fn: Callable[[list], list], batch_size: int, name: str) -> Any: ...
   def group_by(self, coll: Any, key_fn: Callable[[Any], Any], fn: Callable[[Any, list], list], name: str) -> Any: ...
   def global_apply(self, coll: Any, select: Callable[[Any], bool], fn: Callable[[list], list], name: str) -> Any: ...
@@ -67,22 +69,32 @@ def tokenizer_control_strings(tokenizer_path: str) -> tuple[str, ...]:
 
 
 def process_record(record: records.Record, params: dict[str, Any], index: dict[str, Any]) -> list[records.Record]:
-  """clean -> filter -> decontaminate, for one live record."""
-  if records.is_dropped(record):
-    return [record]
+  """clean -> filter -> decontaminate, for one record."""
+  return process_records([record], params, index)
+
+
+def process_records(batch: list[records.Record], params: dict[str, Any], index: dict[str, Any]) -> list[records.Record]:
+  """clean -> filter -> decontaminate for each live record of the batch, in order; language identification
+  runs once for the whole batch, and each record's result is what it would be alone."""
   length = params["filter"]["length"]
-  # The character cap before cleaning: cleaning work grows with the text, and a huge record would be
-  # dropped by the filter anyway.
-  size = len(records.contents(record))
-  if length["max_characters"] and size > length["max_characters"]:
-    return [records.drop(record, "clean", "too long", f"{size} characters before cleaning > {length['max_characters']}")]
-  record = clean.clean_record(record, params["clean"], tokenizer_control_strings(length["tokenizer"]))
-  if records.is_dropped(record):
-    return [record]
-  record = quality.filter_record(record, params["filter"], token_counter(length["tokenizer"]))
-  if records.is_dropped(record):
-    return [record]
-  return [decontaminate.decontaminate_record(record, index)]
+  out = list(batch)
+  live = []
+  for i, record in enumerate(batch):
+    if records.is_dropped(record):
+      continue
+    # The character cap before cleaning: cleaning work grows with the text, and a huge record would be
+    # dropped by the filter anyway.
+    size = len(records.contents(record))
+    if length["max_characters"] and size > length["max_characters"]:
+      out[i] = records.drop(record, "clean", "too long", f"{size} characters before cleaning > {length['max_characters']}")
+      continue
+    out[i] = clean.clean_record(record, params["clean"], tokenizer_control_strings(length["tokenizer"]))
+    if not records.is_dropped(out[i]):
+      live.append(i)
+  filtered = quality.filter_records([out[i] for i in live], params["filter"], token_counter(length["tokenizer"]))
+  for i, record in zip(live, filtered, strict=True):
+    out[i] = record if records.is_dropped(record) else decontaminate.decontaminate_record(record, index)
+  return out
 
 
 def format_record(record: records.Record, system_prompt: str, validation_fraction: float, salt: str) -> list[records.Record]:
@@ -124,8 +136,8 @@ def run(runner: Runner, inputs: Sequence[tuple[str, str, str]], params: dict[str
   items = runner.flat_map(items, read, "read")
   ann = params["annotate"]
   items = runner.map_batches(items, functools.partial(annotate_read, annotator=annotator, params=params), ann["batch_size"], "annotate: fill, label")
-  process = functools.partial(process_record, params=params, index=index)
-  items = runner.flat_map(items, process, "clean, filter, decontaminate")
+  process = functools.partial(process_records, params=params, index=index)
+  items = runner.map_chunks(items, process, "clean, filter, decontaminate")
 
   si = ann["self_instruct"]
   if si["num_instructions"] > 0:
@@ -134,7 +146,7 @@ def run(runner: Runner, inputs: Sequence[tuple[str, str, str]], params: dict[str
         functools.partial(annotate.self_instruct, annotator=_for(annotator, "self-instruct"), decoding=decoding(params), params=si),
         "annotate: self-instruct",
     )
-    items = runner.concat([items, runner.flat_map(new, process, "self-instruct: clean, filter, decontaminate")], "with self-instruct")
+    items = runner.concat([items, runner.map_chunks(new, process, "self-instruct: clean, filter, decontaminate")], "with self-instruct")
 
   if params["dedup"]["exact"]:
     items = runner.group_by(items, dedup.exact_key, dedup.keep_first, "dedup: exact")

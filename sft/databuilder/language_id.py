@@ -1,0 +1,132 @@
+"""Language identification with py3langid's model, many texts at once, bit for bit as py3langid scores one.
+
+py3langid walks a byte automaton over each text in a Python loop (one step per byte: about a quarter of a
+record's time in the build) and counts the features the states it passes through emit. The automaton is
+Aho-Corasick's: the state after a byte is the longest suffix of the text so far that starts a feature, at
+most `depth` bytes long (6 for the model shipped), so it depends on the last `depth` bytes alone. Every
+position's state is therefore found by walking `depth` bytes from the start state, and all positions of
+all texts of a batch walk together: `depth` vectorised steps instead of one Python step per byte.
+
+Scoring is py3langid's own per text (log1p of the counts, in first-seen order, times the rows of the
+feature table, plus the prior; then the softmax at temperature sqrt(bytes)), so every probability is the
+number py3langid would give; the feature table is cast once to float32, as py3langid casts the rows it
+touches on every call.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Sequence
+
+import numpy as np
+
+
+class _Model(NamedTuple):
+  start_row: int  # the start state's row * 256
+  next_row: np.ndarray  # int32 (rows * 256,): the row (state row * 256) reached from a row by a byte
+  next_state: np.ndarray  # int32 (rows * 256,): the state reached (for its feature)
+  feature_of_state: np.ndarray  # int32 (states,): the feature a state emits, or -1
+  depth: int  # the longest byte string a state stands for
+  table: np.ndarray  # float32 (features, classes): log P(feature | class)
+  prior: np.ndarray  # float32 (classes,)
+  classes: tuple[str, ...]
+  alias_pairs: tuple[tuple[int, int], ...]  # (first, duplicate) columns of one language
+  encode: object  # py3langid's text -> bytes (upper case lowered, NFC, UTF-8)
+
+
+def _depth(next_state: np.ndarray, row_of_state: np.ndarray) -> int:
+  """Breadth-first levels from the start state: the length of the longest string a state stands for.
+  States that share a row of transitions are expanded once."""
+  seen = np.zeros(len(row_of_state), dtype=bool)
+  seen[0] = True
+  frontier, depth = np.zeros(1, dtype=np.int64), 0
+  while True:
+    rows = np.unique(row_of_state[frontier]).astype(np.int64)
+    reached = np.zeros_like(seen)
+    reached[next_state[(rows[:, None] * 256 + np.arange(256)).ravel()]] = True
+    frontier = np.flatnonzero(reached & ~seen)
+    if not len(frontier):
+      return depth
+    seen[frontier] = True
+    depth += 1
+
+
+@functools.lru_cache(maxsize=None)
+def model() -> _Model:
+  from py3langid.langid import MODEL_FILE, LanguageIdentifier  # noqa: PLC0415 (loads the model once per process)
+
+  stock = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
+  row_of_state = np.frombuffer(stock.tk_row, dtype=stock.tk_row.typecode).astype(np.int32)  # array.arrays
+  next_state = np.frombuffer(stock.tk_nextmove, dtype=stock.tk_nextmove.typecode).astype(np.int32)
+  return _Model(
+      start_row=int(row_of_state[0]) * 256,
+      next_row=row_of_state[next_state] * 256,
+      next_state=next_state,
+      feature_of_state=np.asarray(stock.tk_output, dtype=np.int32),
+      depth=_depth(next_state, row_of_state),
+      table=stock.nb_ptc.astype(np.float32),
+      prior=stock.nb_pc,
+      classes=tuple(stock.nb_classes),
+      alias_pairs=tuple(stock._alias_pairs),
+      encode=stock._encode,
+  )
+
+
+def feature_counts(texts: Sequence[bytes], m: _Model) -> list[tuple[np.ndarray, np.ndarray]]:
+  """Per text, (feature ids in the order first seen, their counts as float32): py3langid's visit counts."""
+  lengths = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
+  data = np.frombuffer(b"".join(texts), dtype=np.uint8)
+  n = len(data)
+  text_of = np.repeat(np.arange(len(texts)), lengths)
+  offset = np.arange(n) - np.repeat(np.cumsum(lengths) - lengths, lengths)  # position within its text
+  # The row after the window's first `depth - 1` bytes, then the state after its last one. A position
+  # nearer its text's start than the window's length starts later, from the start state.
+  rows = np.full(n, m.start_row, dtype=np.int32)
+  for back in range(min(m.depth, n) - 1, 0, -1):
+    step = m.next_row[rows[back:] + data[:n - back]]
+    rows[back:] = np.where(offset[back:] >= back, step, rows[back:])
+  emitted = m.feature_of_state[m.next_state[rows + data]]  # (n,): the feature at each position, or -1
+  positions = np.flatnonzero(emitted >= 0)
+  # Each (text, feature) pair's count and first position: one sort of (pair << 32 | position); then
+  # the pairs in the order of their first positions (a text's pairs in the order first seen).
+  pairs = np.sort((text_of[positions] * np.int64(len(m.table)) + emitted[positions]) << 32 | positions)
+  key = pairs >> 32
+  starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]]) if len(pairs) else positions
+  counts = np.diff(np.r_[starts, len(pairs)]).astype(np.float32)
+  first = pairs[starts] & 0xFFFFFFFF
+  group_at = np.full(n, -1, dtype=np.int64)
+  group_at[first] = np.arange(len(first))
+  in_order = group_at[group_at >= 0]
+  first, counts = first[in_order], counts[in_order]
+  features, text_of = emitted[first], text_of[first]
+  bounds = np.searchsorted(text_of, np.arange(len(texts) + 1))
+  return [(features[a:b], counts[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def probabilities(counted: list[tuple[np.ndarray, np.ndarray]], num_bytes: Sequence[int], m: _Model) -> np.ndarray:
+  """float32 (texts, classes): py3langid's `_decide` with norm_probs, from each text's visit counts."""
+  scores = np.zeros((len(counted), len(m.classes)), dtype=np.float32)  # no feature: uniform
+  for row, (ids, counts) in zip(scores, counted):
+    if len(ids):
+      row[:] = np.log1p(counts) @ m.table[ids] + m.prior
+  # As py3langid: the temperature's reciprocal in float64, rounded to float32 before the product.
+  scores *= (1.0 / np.sqrt(np.maximum(np.asarray(num_bytes, dtype=np.float64), 1))).astype(np.float32)[:, None]
+  np.exp(scores - scores.max(axis=1, keepdims=True), out=scores)
+  scores /= scores.sum(axis=1, keepdims=True)
+  for i, j in m.alias_pairs:  # a language under two columns: one score
+    scores[:, i] += scores[:, j]
+    scores[:, j] = 0.0
+  return scores
+
+
+def identify(texts: Sequence[str], batch: int = 512) -> list[tuple[str, float]]:
+  """[('en', 0.99), ...]: each text's most likely language and its probability; `batch` texts at a time
+  (a (pair, position) key fits 64 bits: texts x features < 2**31, bytes < 2**32)."""
+  m = model()
+  out = []
+  for i in range(0, len(texts), batch):
+    encoded = [m.encode(t) for t in texts[i:i + batch]]
+    scores = probabilities(feature_counts(encoded, m), [len(data) for data in encoded], m)
+    best = scores.argmax(axis=1)
+    out += [(m.classes[j], p) for j, p in zip(best.tolist(), scores[np.arange(len(encoded)), best].tolist())]
+  return out
