@@ -124,14 +124,34 @@ def _double(x):
   return [x, -x]
 
 
-def test_cheap_stage_runs_here_in_order(monkeypatch):
-  def no_pool(*args, **kwargs):
-    raise AssertionError("a cheap stage started worker processes")
+def test_cheap_stage_runs_here_in_order_and_stops_the_workers_at_once(monkeypatch):
+  """Workers start beside the first chunk's trial; a cheap stage stops them before its second chunk and
+  sends them nothing."""
+  events = []
 
-  monkeypatch.setattr(multiprocessing, "get_context", no_pool)
+  class Pool:
+    def __init__(self, *args, **kwargs):
+      events.append("workers started")
+
+    def imap(self, *args):
+      raise AssertionError("a cheap stage sent work to worker processes")
+
+    def terminate(self):
+      events.append("workers stopped")
+
+    def join(self):
+      pass
+
+  monkeypatch.setattr(multiprocessing, "get_context", lambda method: type("Context", (), {"Pool": Pool}))
+
+  def double(chunk):
+    events.append("chunk")
+    return [y for x in chunk for y in _double(x)]
+
   items = list(range(runner_local._MIN_PARALLEL + 1234))
-  out = runner_local.LocalRunner(2, progress=False).flat_map(items, _double, "cheap")
+  out = runner_local.LocalRunner(2, progress=False).map_chunks(items, double, "cheap")
   assert out == [y for x in items for y in _double(x)]
+  assert events[:4] == ["workers started", "chunk", "workers stopped", "chunk"]
 
 
 def test_costly_stage_goes_to_workers_in_order(monkeypatch):
@@ -147,3 +167,25 @@ def test_costly_stage_goes_to_workers_in_order(monkeypatch):
   items = list(range(runner_local._MIN_PARALLEL))
   out = runner_local.LocalRunner(2, progress=False).flat_map(items, _double, "costly")
   assert out == [y for x in items for y in _double(x)] and used == {"spawn": 1}
+
+
+def _facts(n):
+  langs = ("en", "fr", "not judged (short)")
+  kept = [{"id": f"k{i}", "source": "s", "kind": "chat", "chars": 10 + i, "words": 2 + i % 7, "split": "train", "lang": langs[i % 3]} for i in range(n)]
+  dropped = [{"id": f"d{i}", "source": "s", "kind": "chat", "chars": 5, "words": 1, "stage": "filter", "reason": "r"} for i in range(n // 3)]
+  return kept + dropped
+
+
+def test_plots_drawn_in_a_second_process_are_the_plots_drawn_here(tmp_path):
+  from sft.databuilder import report
+
+  facts = _facts(60)
+  report.draw_plots(tmp_path / "here" / "plots", report.plot_jobs(facts))
+  background = report.BackgroundPlots(tmp_path / "there", facts)
+  background.wait()
+  here = {p.name: p.read_bytes() for p in (tmp_path / "here" / "plots").iterdir()}
+  assert len(here) == 6 and here == {p.name: p.read_bytes() for p in (tmp_path / "there" / "plots").iterdir()}
+  killed = report.BackgroundPlots(tmp_path / "killed", facts)
+  killed.process.kill()
+  killed.wait()  # the second process died: drawn here instead
+  assert here == {p.name: p.read_bytes() for p in (tmp_path / "killed" / "plots").iterdir()}

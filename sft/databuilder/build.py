@@ -271,13 +271,27 @@ def _build_into(folder: pathlib.Path, params: dict[str, Any], inputs: list[tuple
   runner = make_runner(params, folder, progress)
   items = stages.run(runner, inputs, params, index, annotator)
   num_shards = params["output"]["num_shards"]
-  written = runner.group_by(items, functools.partial(write.shard_key, num_shards=num_shards), functools.partial(write.write_shard, str(folder), num_shards), "write")
   facts = runner.flat_map(items, functools.partial(report.fact, tokenizer=params["filter"]["length"]["tokenizer"]), "measure")
-  written, facts = runner.results(written, facts)
-  if annotator is not None:
-    problem = annotate.guard_problem(facts, params["annotate"]["max_drop_fraction"])
-    if problem:
-      raise ConfigError(problem)
+  # Facts already here (a local build): a large build's plots are drawn beside the shards' writing.
+  plots = report.BackgroundPlots(folder, facts) if isinstance(facts, list) and len(facts) >= report.BACKGROUND_PLOTS_MIN_RECORDS else None
+  try:
+    written = runner.group_by(items, functools.partial(write.shard_key, num_shards=num_shards), functools.partial(write.write_shard, str(folder), num_shards), "write")
+    written, facts = runner.results(written, facts)
+    if annotator is not None:
+      problem = annotate.guard_problem(facts, params["annotate"]["max_drop_fraction"])
+      if problem:
+        raise ConfigError(problem)
+    manifest = _manifest(folder, params, inputs, eval_items, annotator, written, facts, num_shards)
+    report.write_report(folder, facts, manifest, params["output"]["examples_per_reason"], plots)
+  except BaseException:
+    if plots is not None:
+      plots.cancel()
+    raise
+  report.write_json(folder / MANIFEST, manifest)  # last: its presence says the build is whole
+  return manifest
+
+
+def _manifest(folder: pathlib.Path, params: dict[str, Any], inputs: list[tuple[str, str, str]], eval_items: dict[str, Any], annotator: Any, written: list, facts: list, num_shards: int) -> dict[str, Any]:
   written = sorted(written + write.write_empty_splits(folder, written, num_shards), key=lambda e: e["file"])
 
   manifest = {
@@ -298,8 +312,6 @@ def _build_into(folder: pathlib.Path, params: dict[str, Any], inputs: list[tuple
   if isinstance(annotator, _CachedTasks):
     manifest["annotation"]["cache"] = annotator.counts()
     log.info("annotation cache %s: %d answers reused, %d computed", annotator.path, annotator.counts()["hits"], annotator.counts()["misses"])
-  report.write_report(folder, facts, manifest, params["output"]["examples_per_reason"])
-  report.write_json(folder / MANIFEST, manifest)  # last: its presence says the build is whole
   return manifest
 
 

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import collections
 import json
+import logging
 import pathlib
 from typing import Any
 
 from sft.databuilder import records, write
+
+log = logging.getLogger("sft")
 
 # In plots/, which the build moves into place whole, beside report.md.
 INSPECT_PAGE = "plots/inspect.html"
@@ -130,10 +133,86 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
   return "\n".join(lines)
 
 
-def write_report(out_dir: pathlib.Path, facts: list[dict[str, Any]], manifest: dict[str, Any], examples_per_reason: int) -> pathlib.Path:
-  """report.md and its plots (plots/*.png) in `out_dir`."""
-  plots = out_dir / "plots"
-  plots.mkdir(exist_ok=True)
+# A build of at least this many records draws its plots in a second process while this one writes the shards
+# (drawing takes seconds, whatever the size); a smaller build draws them here, after its few records.
+BACKGROUND_PLOTS_MIN_RECORDS = 20_000
+
+
+def plot_jobs(facts: list[dict[str, Any]]) -> list[tuple[str, str, dict[str, Any], str, str]]:
+  """Every plot of the report as (file name in plots/, kind, data, title, x label), from the facts alone."""
+  facts = sorted(facts, key=lambda f: f["id"])
+  kept = [f for f in facts if "stage" not in f]
+  jobs = [("stages.png", "bar", {r["stage"]: r["out"] for r in funnel(facts)}, "records remaining after each stage", "records")]
+  by_reason = _by_reason(facts)
+  if by_reason:
+    order = _reason_order(by_reason)
+    jobs.append(("drop_reasons.png", "bar", {f"{s}: {r}": len(by_reason[(s, r)]) for s, r in order[:25]}, "dropped records by reason", "records"))
+  for unit in _length_units(kept):
+    by_split = collections.defaultdict(list)
+    for f in kept:
+      by_split[f["split"]].append(f[unit])
+    jobs.append((f"length_{unit}.png", "hist", dict(sorted(by_split.items())), f"{unit} per record", unit))
+  langs, sources = _mix(kept)
+  jobs.append(("languages.png", "bar", dict(langs.most_common(15)), "language of kept records", "records"))
+  jobs.append(("sources.png", "bar", dict(sources.most_common(25)), "source of kept records", "records"))
+  return jobs
+
+
+def draw_plots(plots: pathlib.Path, jobs: list[tuple[str, str, dict[str, Any], str, str]]) -> None:
+  plots.mkdir(parents=True, exist_ok=True)
+  for name, kind, data, title, xlabel in jobs:
+    _plot(plots / name, kind, data, title, xlabel)
+
+
+class BackgroundPlots:
+  """The report's plots drawn by a spawned process (spawn: the parent may hold JAX's threads) while the
+  build goes on; `wait` joins it, and draws them here should that process have failed."""
+
+  def __init__(self, out_dir: pathlib.Path, facts: list[dict[str, Any]]):
+    import multiprocessing  # noqa: PLC0415
+
+    self.plots, self.jobs = out_dir / "plots", plot_jobs(facts)
+    self.process = multiprocessing.get_context("spawn").Process(target=draw_plots, args=(self.plots, self.jobs), daemon=True)
+    self.process.start()
+
+  def wait(self) -> None:
+    self.process.join()
+    if self.process.exitcode != 0:
+      log.warning("drawing the report's plots in a second process failed (exit code %s): drawing them here", self.process.exitcode)
+      draw_plots(self.plots, self.jobs)
+
+  def cancel(self) -> None:
+    if self.process.is_alive():
+      self.process.kill()
+    self.process.join()
+
+
+def _by_reason(facts: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict]]:
+  by_reason: dict[tuple[str, str], list[dict]] = collections.defaultdict(list)
+  for f in facts:
+    if "stage" in f:
+      by_reason[(f["stage"], f["reason"])].append(f)
+  return by_reason
+
+
+def _reason_order(by_reason: dict[tuple[str, str], list[dict]]) -> list[tuple[str, str]]:
+  return sorted(by_reason, key=lambda k: (STAGES.index(k[0]) if k[0] in STAGES else 99, -len(by_reason[k])))
+
+
+def _length_units(kept: list[dict[str, Any]]) -> tuple[str, ...]:
+  return ("chars", "words", "tokens") if any("tokens" in f for f in kept) else ("chars", "words")
+
+
+def _mix(kept: list[dict[str, Any]]) -> tuple[collections.Counter, collections.Counter]:
+  return collections.Counter(f.get("lang", "not judged (short)") for f in kept), collections.Counter(f["source"] for f in kept)
+
+
+def write_report(
+    out_dir: pathlib.Path, facts: list[dict[str, Any]], manifest: dict[str, Any], examples_per_reason: int,
+    plots: BackgroundPlots | None = None,
+) -> pathlib.Path:
+  """report.md and its plots (plots/*.png) in `out_dir`; `plots`: the plots already being drawn."""
+  (out_dir / "plots").mkdir(exist_ok=True)
   facts = sorted(facts, key=lambda f: f["id"])
   kept = [f for f in facts if "stage" not in f]
   acc = manifest["accounting"]
@@ -158,16 +237,12 @@ def write_report(out_dir: pathlib.Path, facts: list[dict[str, Any]], manifest: d
         f"\nDecontamination against {num_items} eval items: {decon[decontaminate.NGRAM_REASON]} dropped for a shared n-gram, "
         f"{decon[decontaminate.EXACT_REASON]} for holding a short eval item whole (exact).\n"
     )
-  _plot(plots / "stages.png", "bar", {r["stage"]: r["out"] for r in rows}, "records remaining after each stage", "records")
   md.append("\n![stages](plots/stages.png)\n")
 
   md += annotation_section(facts, manifest.get("annotation"))
   md.append("## Drop reasons, with examples\n")
-  by_reason: dict[tuple[str, str], list[dict]] = collections.defaultdict(list)
-  for f in facts:
-    if "stage" in f:
-      by_reason[(f["stage"], f["reason"])].append(f)
-  order = sorted(by_reason, key=lambda k: (STAGES.index(k[0]) if k[0] in STAGES else 99, -len(by_reason[k])))
+  by_reason = _by_reason(facts)
+  order = _reason_order(by_reason)
   md.append(_table(["stage", "reason", "records"], [[s, r, len(by_reason[(s, r)])] for s, r in order]))
   for stage, reason in order:
     md.append(f"\n**{stage}: {reason}** ({len(by_reason[(stage, reason)])})\n")
@@ -175,7 +250,6 @@ def write_report(out_dir: pathlib.Path, facts: list[dict[str, Any]], manifest: d
       excerpt = " ".join(f.get("excerpt", "").split())[:160]
       md.append(f"- `{f['id']}` {f.get('detail', '')} — “{excerpt}”")
   if by_reason:
-    _plot(plots / "drop_reasons.png", "bar", {f"{s}: {r}": len(by_reason[(s, r)]) for s, r in order[:25]}, "dropped records by reason", "records")
     md.append("\n![drop reasons](plots/drop_reasons.png)\n")
 
   edits = collections.Counter()
@@ -195,23 +269,16 @@ def write_report(out_dir: pathlib.Path, facts: list[dict[str, Any]], manifest: d
     md.append("No duplicates.")
 
   md.append("\n## Lengths of kept records\n")
-  units = ("chars", "words", "tokens") if any("tokens" in f for f in kept) else ("chars", "words")
+  units = _length_units(kept)
   for unit in units:
-    by_split = collections.defaultdict(list)
-    for f in kept:
-      by_split[f["split"]].append(f[unit])
-    name = _plot(plots / f"length_{unit}.png", "hist", dict(sorted(by_split.items())), f"{unit} per record", unit)
-    md.append(f"![{unit}](plots/{name})\n")
+    md.append(f"![{unit}](plots/length_{unit}.png)\n")
   if "tokens" not in units:
     md.append("Token counts: set filter.length.tokenizer (a SentencePiece .model or a Hugging Face folder) to count tokens.\n")
 
-  langs = collections.Counter(f.get("lang", "not judged (short)") for f in kept)
-  sources = collections.Counter(f["source"] for f in kept)
+  langs, sources = _mix(kept)
   md.append("## Language and source mix of kept records\n")
   md.append(_table(["language", "records"], [[k, v] for k, v in langs.most_common(15)]))
   md.append("\n" + _table(["source", "records"], [[k, v] for k, v in sources.most_common()]))
-  _plot(plots / "languages.png", "bar", dict(langs.most_common(15)), "language of kept records", "records")
-  _plot(plots / "sources.png", "bar", dict(sources.most_common(25)), "source of kept records", "records")
   md.append("\n![languages](plots/languages.png) ![sources](plots/sources.png)\n")
   tasks = collections.Counter((f["task"], f["split"]) for f in kept if "task" in f)
   if tasks:
@@ -221,6 +288,10 @@ def write_report(out_dir: pathlib.Path, facts: list[dict[str, Any]], manifest: d
     md.append(_table(["task", *splits], [[t, *(tasks[t, s] for s in splits)] for t in names]))
   # A manifest made by hand (tests) may have no config: then there is no tokenizer either.
   md += inspect_section(out_dir, manifest.get("config", {}).get("filter", {}).get("length", {}).get("tokenizer", ""))
+  if plots is None:
+    draw_plots(out_dir / "plots", plot_jobs(facts))
+  else:
+    plots.wait()
   path = out_dir / "report.md"
   write.atomic_write_text(path, "\n".join(md) + "\n")
   return path

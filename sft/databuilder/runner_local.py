@@ -61,27 +61,36 @@ class LocalRunner:
     out = []
     with bar(len(coll), name, " inputs" if name == "read" else " records", enabled=self.progress) as progress:
       parallel = self.num_workers > 1 and len(coll) >= _MIN_PARALLEL
-      if parallel and _MIN_PARALLEL:  # the first chunk here, timed: it says whether workers pay for the rest
-        start = time.perf_counter()
-        first = fn(chunks[0])
-        seconds = time.perf_counter() - start
-        start = time.perf_counter()
-        pickle.dumps(chunks[0], pickle.HIGHEST_PROTOCOL), pickle.dumps(first, pickle.HIGHEST_PROTOCOL)
-        transfer = time.perf_counter() - start
-        out += first
-        progress.update(len(chunks[0]))
-        parallel = _workers_pay(seconds, transfer, len(chunks[0]), len(coll) - len(chunks[0]), self.num_workers)
-        chunks = chunks[1:]
-      if parallel:
-        # spawn, not fork: the parent may hold JAX's threads, which a forked child would inherit broken.
-        with multiprocessing.get_context("spawn").Pool(self.num_workers, _init_worker, (fn,)) as pool:
+      # Started before the first chunk's trial here, so that their start (a fresh interpreter, the stage's
+      # imports and models) overlaps it; stopped at once if the trial says they do not pay. Spawn, not fork:
+      # the parent may hold JAX's threads, which a forked child would inherit broken.
+      pool = multiprocessing.get_context("spawn").Pool(self.num_workers, _init_worker, (fn,)) if parallel else None
+      try:
+        if parallel and _MIN_PARALLEL:  # the first chunk here, timed: it says whether workers pay for the rest
+          start = time.perf_counter()
+          first = fn(chunks[0])
+          seconds = time.perf_counter() - start
+          start = time.perf_counter()
+          pickle.dumps(chunks[0], pickle.HIGHEST_PROTOCOL), pickle.dumps(first, pickle.HIGHEST_PROTOCOL)
+          transfer = time.perf_counter() - start
+          out += first
+          progress.update(len(chunks[0]))
+          parallel = _workers_pay(seconds, transfer, len(chunks[0]), len(coll) - len(chunks[0]), self.num_workers)
+          chunks = chunks[1:]
+          if not parallel:
+            pool.terminate()
+        if parallel:
           for chunk, result in zip(chunks, pool.imap(_apply_chunk, chunks)):
             out += result
             progress.update(len(chunk))
-      else:
-        for chunk in chunks:
-          out += fn(chunk)
-          progress.update(len(chunk))
+        else:
+          for chunk in chunks:
+            out += fn(chunk)
+            progress.update(len(chunk))
+      finally:
+        if pool is not None:
+          pool.terminate()
+          pool.join()
     return out
 
   def map_batches(self, coll: list, fn: Callable[[list], list], batch_size: int, name: str) -> list:
