@@ -52,6 +52,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 
+from benchmarks import roofline  # noqa: E402
 from sft.annotator import AnnotationCache, CachedAnnotator, Decoding, Generation, open_annotator  # noqa: E402
 from sft.annotator.local import bucket_of  # noqa: E402
 from sft.evaluator.generate import prompt_room  # noqa: E402
@@ -374,13 +375,40 @@ def run(args, folder, chats, decoding, tmp, threads, torch, transformers) -> dic
       f"ours {sum(g.finished for g in ours_out)}, HF {sum(g.finished for g in theirs_out)}",
       flush=True,
   )
+  floor = weight_floor(QUICK if args.quick else BENCH, sum(lengths), tokens["ours"], args.batch_size)
+  hf_seconds = statistics.median(seconds[best])
+  print(
+      f"floor (the weight products alone, measured now: {sum(lengths)} prompt tokens unpadded, then "
+      f"{floor['steps']} decoding steps of {args.batch_size} full rows): ours {floor['jax']:.4f} s, HF "
+      f"{floor['torch']:.4f} s; each side's time over its floor: ours "
+      f"{statistics.median(seconds['ours']) / floor['jax']:.2f}x, HF {hf_seconds / floor['torch']:.2f}x; "
+      f"the most any implementation on JAX's kernels could reach here: {hf_seconds / floor['jax']:.2f}x HF",
+      flush=True,
+  )
   result = {
       "records": len(chats), "compile_s": ours_warm_s, "hf_cache": best, "ratio": ratio,
+      "floor_ours_s": floor["jax"], "floor_hf_s": floor["torch"], "best_possible_ratio": hf_seconds / floor["jax"],
       "ours_records_per_s": rates["ours"][0], "ours_tokens_per_s": rates["ours"][1],
       "hf_records_per_s": rates[best][0], "hf_tokens_per_s": rates[best][1], "answers_equal": equal / len(chats),
   }  # fmt: skip
   result.update(cache_rerun(args, folder, chats, decoding, ours, ours_out, tmp))
   return result
+
+
+def weight_floor(fields: dict, prompt_tokens: int, new_tokens: int, batch_size: int) -> dict:
+  """Seconds of the run's weight products alone, per library: every prompt token through the layers'
+  projections (in passes of up to 4096 rows), then ceil(new tokens / batch) decoding steps of `batch_size`
+  rows each with the vocabulary projection: no padding, no attention, every step full (as continuous
+  batching would be at best). No implementation multiplying with that library's kernels runs faster."""
+  rows = min(prompt_tokens, 4096)
+  prefill_jax, prefill_torch = roofline.matmul_seconds(fields, rows, unembed=False)
+  step_jax, step_torch = roofline.matmul_seconds(fields, batch_size, unembed=True)
+  steps = -(-new_tokens // batch_size)
+  return {
+      "steps": steps,
+      "jax": prompt_tokens / rows * prefill_jax + steps * step_jax,
+      "torch": prompt_tokens / rows * prefill_torch + steps * step_torch,
+  }
 
 
 def cache_rerun(args, folder, chats, decoding, ours, ours_out, tmp) -> dict:

@@ -45,3 +45,49 @@ def read_gbps(n_bytes: int = 512 * 2**20, repeats: int = 5) -> tuple[float, floa
   ta = torch.ones(n_bytes // 4)
   best_jax, best_torch = _best_seconds(lambda: f(a).block_until_ready(), lambda: torch.sum(ta), repeats)
   return n_bytes / best_jax / 1e9, n_bytes / best_torch / 1e9
+
+
+def projection_shapes(fields: dict) -> list[tuple[int, int]]:
+  """(in, out) of every weight a Llama layer multiplies a token by (transformers' config field names)."""
+  d, f, hd = fields["hidden_size"], fields["intermediate_size"], fields["head_dim"]
+  q, kv = fields["num_attention_heads"] * hd, fields["num_key_value_heads"] * hd
+  return [(d, q), (d, kv), (d, kv), (q, d), (d, f), (d, f), (f, d)]
+
+
+def matmul_seconds(fields: dict, rows: int, unembed: bool, repeats: int = 5) -> tuple[float, float]:
+  """(JAX, PyTorch) seconds of the weight products alone of one forward pass over `rows` token rows: every
+  layer's projections (2-D products) and, with `unembed`, the vocabulary projection of every row; no
+  attention, norms or activations. Each library gets the faster of the two weight layouts, (in, out) and
+  (out, in) (sft's decoding multiplies by (out, in) copies on CPU; torch's Linear stores that layout): a
+  floor under any implementation's pass that multiplies with that library's kernels. Best of `repeats`,
+  interleaved."""
+  import numpy as np
+  import torch
+
+  shapes = projection_shapes(fields) * fields["num_hidden_layers"]
+  if unembed:
+    shapes.append((fields["hidden_size"], fields["vocab_size"]))
+  rng = np.random.default_rng(0)
+  weights = [rng.standard_normal(s, dtype=np.float32) * 0.02 for s in shapes]
+  inputs = {k: rng.standard_normal((rows, k), dtype=np.float32) for k in {s[0] for s in shapes}}
+  # Each product's input is a fixed array of its width: the products cannot be skipped (their sums are
+  # returned) and none waits on another's result, which only favours the floor.
+  jax_x = {k: jnp.asarray(v) for k, v in inputs.items()}
+  torch_x = {k: torch.from_numpy(v) for k, v in inputs.items()}
+  best = []
+  for out_in in (False, True):
+    if out_in:
+      jax_w, torch_w = [jnp.asarray(w.T.copy()) for w in weights], [torch.from_numpy(w.T.copy()) for w in weights]
+      f = jax.jit(lambda xs, ws: sum(jnp.sum(xs[w.shape[1]] @ w.T) for w in ws))
+      product = torch.nn.functional.linear
+    else:
+      jax_w, torch_w = [jnp.asarray(w) for w in weights], [torch.from_numpy(w) for w in weights]
+      f = jax.jit(lambda xs, ws: sum(jnp.sum(xs[w.shape[0]] @ w) for w in ws))
+      product = torch.matmul
+
+    def run_torch(torch_w=torch_w, product=product, out_in=out_in):
+      with torch.inference_mode():
+        return sum(float(product(torch_x[w.shape[1] if out_in else w.shape[0]], w).sum()) for w in torch_w)
+
+    best.append(_best_seconds(lambda f=f, jax_w=jax_w: f(jax_x, jax_w).block_until_ready(), run_torch, repeats))
+  return min(b[0] for b in best), min(b[1] for b in best)

@@ -49,6 +49,16 @@ def test_quick_run_prints_both_sides_the_ratio_and_a_cache_rerun_that_asks_nothi
   theirs = {c: float(sides[f"HF generate, {c} cache"][2]) for c in ("dynamic", "static")}
   assert theirs[cache] == max(theirs.values())
   assert float(ratio) == pytest.approx(float(sides["ours"][2]) / theirs[cache], rel=0.05)
+  floor = line(
+      rf"^floor \(the weight products alone, measured now: (\d+) prompt tokens unpadded, then (\d+) decoding steps of 8 "
+      rf"full rows\): ours {NUMBER} s, HF {NUMBER} s; each side's time over its floor: ours {NUMBER}x, HF {NUMBER}x; "
+      rf"the most any implementation on JAX's kernels could reach here: {NUMBER}x HF$",
+      out,
+  )
+  ours_tokens = float(sides["ours"][3]) * float(sides["ours"][1])
+  assert int(floor[1]) == -(-round(ours_tokens) // 8)  # every new token in full steps of the batch
+  assert 0 < float(floor[2]) and 0 < float(floor[3])
+  assert float(floor[4]) == pytest.approx(float(sides["ours"][1]) / float(floor[2]), rel=0.05)
   (equal,) = line(r"^greedy answers equal: (\d+) of 24", out)
   assert int(equal) >= 20  # a toy model's 8 greedy tokens: the two sides agree (a few near ties may flip)
   first = line(rf"^cache: first run {NUMBER} s \((\d+) misses, model asked (\d+) chats\)", out)

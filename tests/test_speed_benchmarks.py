@@ -73,6 +73,9 @@ def test_generate_speed_prints_both_sides_and_the_ratio(capsys):
     for side in ("ours", "hf"):  # each side's share of the bound its own library's read and matmul speeds set
       assert re.search(rf"batch {batch}: +{side} roofline +[\d.]+ tokens/s \(bound by (reading the weights|the matmuls)\)", out), out
       assert 0 < result["roofline_share"][side]
+    floor = re.search(rf"batch {batch}: floor \(the weight products alone, .*\) ours ([\d.]+) s, HF ([\d.]+) s; .*: ([\d.]+)x HF$", out, re.M)
+    assert floor and 0 < float(floor[1]) and 0 < float(floor[2]), out
+    assert float(floor[3]) == pytest.approx(result["best_possible_ratio"], abs=0.01)
   assert re.search(r"this machine: reading memory JAX [\d.]+ GB/s, PyTorch [\d.]+ GB/s; matmul 256\^3", out), out
 
 
