@@ -11,7 +11,7 @@ import ml_collections
 import pytest
 
 from sft.annotator.base import Generation
-from sft.databuilder import build, build_config, build_dataset, records, runner_local
+from sft.databuilder import build, build_config, build_dataset, records, report, runner_local
 from sft.errors import ConfigError
 from sft.trainer import sources
 
@@ -133,8 +133,17 @@ def test_same_input_same_bytes_with_workers_and_on_beam(built, tmp_path, monkeyp
   assert again["accounting"] == manifest["accounting"] and again["outputs"] == manifest["outputs"]
 
   monkeypatch.setattr(runner_local, "_MIN_PARALLEL", 0)  # worker processes even for this small input
+  monkeypatch.setattr(report, "BACKGROUND_PLOTS_MIN_RECORDS", 0)  # and the plots drawn by a second process
   build_dataset(mix_config(num_workers=2), tmp_path / "workers", progress=False)
   assert shard_bytes(tmp_path / "workers") == shard_bytes(out)
+  assert tree_bytes(tmp_path / "workers" / "plots") == tree_bytes(out / "plots")
+
+  def no_second_process(*args):
+    raise AssertionError("a build told to use one process started another")
+
+  monkeypatch.setattr(report, "BackgroundPlots", no_second_process)
+  build_dataset(mix_config(num_workers=1), tmp_path / "one", progress=False)
+  assert tree_bytes(tmp_path / "one" / "plots") == tree_bytes(out / "plots")
 
   pytest.importorskip("apache_beam")
   beam = build_dataset(mix_config(runner="beam"), tmp_path / "beam", progress=False)

@@ -272,8 +272,9 @@ def _build_into(folder: pathlib.Path, params: dict[str, Any], inputs: list[tuple
   items = stages.run(runner, inputs, params, index, annotator)
   num_shards = params["output"]["num_shards"]
   facts = runner.flat_map(items, functools.partial(report.fact, tokenizer=params["filter"]["length"]["tokenizer"]), "measure")
-  # Facts already here (a local build): a large build's plots are drawn beside the shards' writing.
-  plots = report.BackgroundPlots(folder, facts) if isinstance(facts, list) and len(facts) >= report.BACKGROUND_PLOTS_MIN_RECORDS else None
+  # Facts already here (a local build with workers): a large build's plots are drawn beside the shards' writing.
+  background = isinstance(facts, list) and getattr(runner, "num_workers", 1) > 1 and len(facts) >= report.BACKGROUND_PLOTS_MIN_RECORDS
+  plots = report.BackgroundPlots(folder, facts) if background else None
   try:
     written = runner.group_by(items, functools.partial(write.shard_key, num_shards=num_shards), functools.partial(write.write_shard, str(folder), num_shards), "write")
     written, facts = runner.results(written, facts)
