@@ -20,6 +20,7 @@ import re
 from jax.profiler import ProfileData
 
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*?op_name=\"([^\"]*)\"")
+_NAME = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = ")
 _WORKER_THREAD = "tf_XLAEigen"  # XLA:CPU's intra-op pool: the threads that run the compiled operations
 _NOT_AN_OPERATION = ("ThunkExecutor", "SlinkyThreadPool", "end: ")  # the executor's own spans
 
@@ -44,18 +45,21 @@ def source_ops(hlo_text: str) -> dict[str, str]:
   return {m.group(1): source_label(m.group(2)) for m in map(_INSTRUCTION.match, hlo_text.splitlines()) if m}
 
 
-def operation_times_ns(trace_dir: str) -> collections.Counter:
-  """Instruction name -> nanoseconds summed over every run of it on XLA:CPU's worker threads."""
+def operation_times_ns(trace_dir: str, instructions: set[str] | frozenset = frozenset()) -> collections.Counter:
+  """Instruction name -> nanoseconds summed over every run of it. With `instructions` (the compiled
+  program's names), every thread's events of those names count: XLA:CPU runs an operation on its worker
+  pool, but some on the client's own thread (a loop body among them, seen on a busy machine); without, the
+  worker threads' events alone."""
   paths = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
   if not paths:
     raise FileNotFoundError(f"no profile (*.xplane.pb) under {trace_dir}")
   times = collections.Counter()
   for plane in ProfileData.from_file(max(paths, key=os.path.getmtime)).planes:
     for line in plane.lines:
-      if not line.name.startswith(_WORKER_THREAD):
+      if not instructions and not line.name.startswith(_WORKER_THREAD):
         continue
       for event in line.events:
-        if not event.name.startswith(_NOT_AN_OPERATION):
+        if (event.name in instructions) if instructions else not event.name.startswith(_NOT_AN_OPERATION):
           times[event.name] += event.duration_ns
   if not times:
     raise ValueError(f"no XLA:CPU operation in the profile under {trace_dir}: it reads traces of CPU runs only")
@@ -66,7 +70,8 @@ def breakdown(hlo_text: str, trace_dir: str, top: int | None = None) -> list[tup
   """(thread-ms, share of all operation time, source), most expensive first: the `top` ones, or all."""
   sources = source_ops(hlo_text)
   by_source = collections.Counter()
-  for name, ns in operation_times_ns(trace_dir).items():
+  names = frozenset(m.group(1) for m in map(_NAME.match, hlo_text.splitlines()) if m)
+  for name, ns in operation_times_ns(trace_dir, names).items():
     by_source[sources.get(name) or "(no source) " + re.sub(r"[.]\d+$", "", name)] += ns
   total = sum(by_source.values()) or 1
   return [(ns / 1e6, ns / total, source) for source, ns in by_source.most_common(top)]
