@@ -4,6 +4,7 @@ decontamination index's first-word filter, and cheap stages kept out of worker p
 
 import collections
 import multiprocessing
+import operator
 import sys
 
 import ftfy
@@ -100,41 +101,90 @@ WORDS = st.lists(st.sampled_from(VOCAB), max_size=30).map(" ".join)
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(WORDS, min_size=1, max_size=4), WORDS, WORDS)
-def test_first_word_filter_finds_what_the_full_scan_finds(eval_texts, prompt, answer):
-  index = decontaminate.build_index([(f"eval:{i}", t) for i, t in enumerate(eval_texts)], n=5, min_words=3, exact_min_words=2)
-  full_scan = {k: v for k, v in index.items() if k != "firsts"}
+@given(st.lists(WORDS, min_size=1, max_size=4), WORDS, WORDS, st.sampled_from([1, 3]))
+def test_first_words_filter_finds_what_the_full_scan_finds(eval_texts, prompt, answer, min_words):
+  index = decontaminate.build_index([(f"eval:{i}", t) for i, t in enumerate(eval_texts)], n=5, min_words=min_words, exact_min_words=2)
+  full_scan = {k: v for k, v in index.items() if k != "heads"}
   record = records.chat("x:1", "x", [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}])
   text = records.contents(record)
   assert decontaminate.find_overlap(text, index) == decontaminate.find_overlap(text, full_scan)
   tokens = decontaminate.words(text)
-  assert decontaminate.find_exact(record, index, tokens) == decontaminate.find_exact(record, index)
+  assert decontaminate.find_exact(record, index, decontaminate.message_words(record)) == decontaminate.find_exact(record, index)
+  assert [w for seq in decontaminate.message_words(record) for w in seq] == tokens
   assert decontaminate.decontaminate_record(record, index) == decontaminate.decontaminate_record(record, full_scan)
 
 
+def _normalize_whitespace_in_full(text):
+  lines = [clean._SPACES.sub(" ", line).strip() for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n")]
+  return clean._BLANK_LINES.sub("\n\n", "\n".join(lines)).strip()
+
+
+SPACES = st.text(alphabet=st.sampled_from(list("ab .\n\r\t\x0b\x0c\x1c\x85\u00a0\u2000\u200b\u2028\u3000")), max_size=40)
+
+
+@settings(max_examples=500, deadline=None)
+@given(SPACES)
+@example("a\n\nb")
+@example("a \u200b\nb")
+def test_whitespace_fast_path_matches_the_full_normalisation(text):
+  assert clean.normalize_whitespace(text) == _normalize_whitespace_in_full(text)
+
+
+# Greek capital sigma lowercases by its neighbours (final or not): a newline between texts must end that context.
+SIGMA_TEXTS = st.text(alphabet=st.sampled_from(list("ΣσςΑα'.\u0345\u00ad a1_\n")), max_size=12)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(SIGMA_TEXTS, min_size=1, max_size=4))
+@example(["ΑΣ", "Σα"])
+def test_words_of_the_turns_are_the_words_of_the_whole_text(turns):
+  record = records.chat("x:1", "x", [{"role": ("user", "assistant")[i % 2], "content": t} for i, t in enumerate(turns)])
+  per_turn = decontaminate.message_words(record)
+  assert [w for seq in per_turn for w in seq] == decontaminate.words(records.contents(record))
+  messages = record["messages"]
+  last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=len(messages))
+  prompt = "\n".join(m["content"] for m in messages[:last] if m["role"] == "user")
+  texts = [records.contents(record), prompt, *(m["content"] for m in messages)]  # each normalised on its own
+  expected = list(dict.fromkeys(t for t in map(decontaminate.normalise, texts) if t))
+  assert decontaminate.exact_texts(record, eval_side=False, per_message=per_turn) == expected
+
+
 def test_workers_pay_for_costly_items_only():
-  # 500 items timed here: 1 ms of work and 5 ms to pickle them (format, measure) -> no workers;
-  # 150 ms of work (clean, filter, decontaminate) for 100,000 more -> workers.
+  # 500 items timed in a worker: 1 ms of work and 5 ms to pickle them (format, measure) -> here;
+  # 150 ms of work (clean, filter, decontaminate) -> workers; work that costs less than its transfer -> here.
   assert not runner_local._workers_pay(0.001, 0.005, 500, 100_000, 2)
   assert runner_local._workers_pay(0.150, 0.005, 500, 100_000, 2)
-  assert not runner_local._workers_pay(0.150, 0.005, 500, 500, 2)  # too few left to pay for starting workers
+  assert not runner_local._workers_pay(0.150, 0.100, 500, 500, 2)
 
 
 def _double(x):
   return [x, -x]
 
 
-def test_cheap_stage_runs_here_in_order_and_stops_the_workers_at_once(monkeypatch):
-  """Workers start beside the first chunk's trial; a cheap stage stops them before its second chunk and
-  sends them nothing."""
-  events = []
+_EVENTS = []  # what the fake pool below and the stage function saw, in order
+
+
+def _double_chunk(chunk):
+  _EVENTS.append("chunk")
+  return [y for x in chunk for y in _double(x)]
+
+
+def test_cheap_stage_runs_here_in_order_after_its_trial_in_a_worker(monkeypatch):
+  """The first chunk runs in a worker, timed; a cheap stage runs the rest here, and the workers stay up
+  for the build's later stages until the runner closes."""
+  events = _EVENTS
+  events.clear()
 
   class Pool:
     def __init__(self, *args, **kwargs):
       events.append("workers started")
 
+    def apply(self, fn, args):
+      events.append("trial in a worker")
+      return fn(*args)
+
     def imap(self, *args):
-      raise AssertionError("a cheap stage sent work to worker processes")
+      raise AssertionError("a cheap stage sent its other chunks to worker processes")
 
     def terminate(self):
       events.append("workers stopped")
@@ -143,18 +193,19 @@ def test_cheap_stage_runs_here_in_order_and_stops_the_workers_at_once(monkeypatc
       pass
 
   monkeypatch.setattr(multiprocessing, "get_context", lambda method: type("Context", (), {"Pool": Pool}))
-
-  def double(chunk):
-    events.append("chunk")
-    return [y for x in chunk for y in _double(x)]
-
+  monkeypatch.setattr(runner_local, "_workers_pay", lambda *args: False)  # (its own test is above)
+  double = _double_chunk
   items = list(range(runner_local._MIN_PARALLEL + 1234))
-  out = runner_local.LocalRunner(2, progress=False).map_chunks(items, double, "cheap")
-  assert out == [y for x in items for y in _double(x)]
-  assert events[:4] == ["workers started", "chunk", "workers stopped", "chunk"]
+  with runner_local.LocalRunner(2, progress=False) as runner:
+    out = runner.map_chunks(items, double, "cheap")
+    assert out == [y for x in items for y in _double(x)]
+    again = runner.map_chunks(items, double, "cheap again")
+  assert again == out
+  assert events[:4] == ["workers started", "trial in a worker", "chunk", "chunk"]
+  assert events.count("workers started") == 1 and events[-1] == "workers stopped"
 
 
-def test_costly_stage_goes_to_workers_in_order(monkeypatch):
+def test_costly_stages_go_to_the_same_workers_in_order(monkeypatch):
   used = collections.Counter()
   spawn = multiprocessing.get_context("spawn")
 
@@ -165,8 +216,13 @@ def test_costly_stage_goes_to_workers_in_order(monkeypatch):
   monkeypatch.setattr(multiprocessing, "get_context", counting)
   monkeypatch.setattr(runner_local, "_workers_pay", lambda *args: True)
   items = list(range(runner_local._MIN_PARALLEL))
-  out = runner_local.LocalRunner(2, progress=False).flat_map(items, _double, "costly")
+  with runner_local.LocalRunner(2, progress=False) as runner:
+    out = runner.flat_map(items, _double, "costly")
+    rows = [{"id": f"{x:05d}", "key": x % 7} for x in items]
+    keyed = runner.group_by(rows, operator.itemgetter("key"), lambda key, group: [(key, len(group))], "keyed")  # keys in workers
+    assert runner._workers is not None
   assert out == [y for x in items for y in _double(x)] and used == {"spawn": 1}
+  assert dict(keyed) == collections.Counter(x % 7 for x in items) and runner._workers is None
 
 
 def _facts(n):
@@ -189,3 +245,23 @@ def test_plots_drawn_in_a_second_process_are_the_plots_drawn_here(tmp_path):
   killed.process.kill()
   killed.wait()  # the second process died: drawn here instead
   assert here == {p.name: p.read_bytes() for p in (tmp_path / "killed" / "plots").iterdir()}
+
+
+DEDUP = {"num_perm": 16, "bands": 4, "rows": 4, "shingle_size": 2, "threshold": 0.7, "seed": 1}
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(WORDS, WORDS), min_size=1, max_size=12), st.lists(st.integers(1, 11), max_size=4))
+def test_fingerprints_in_chunks_join_into_those_of_the_whole(pairs, cuts):
+  """The local runner computes near-dedup fingerprints chunk by chunk (in workers) and joins them."""
+  from sft.databuilder import dedup
+
+  batch = [records.chat(f"x:{i}", "x", [{"role": "user", "content": q}, {"role": "assistant", "content": a}]) for i, (q, a) in enumerate(pairs)]
+  bounds = sorted({0, len(batch), *(c for c in cuts if c < len(batch))})
+  parts = [dedup.fingerprints(batch[a:b], DEDUP) for a, b in zip(bounds, bounds[1:])]
+  joined, whole = dedup.joined(parts), dedup.fingerprints(batch, DEDUP)
+  for name in whole._fields:
+    if name in ("shingles", "answer_words"):
+      assert all(np.array_equal(x, y) for x, y in zip(getattr(joined, name), getattr(whole, name))), name
+    else:
+      assert np.array_equal(getattr(joined, name), getattr(whole, name)), name

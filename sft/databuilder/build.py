@@ -41,6 +41,8 @@ REPORT = "report.md"
 PLOTS = "plots"
 CACHE = "annotations.sqlite"  # beside the build's files, not one of them: a rebuild keeps and reuses it
 _CACHE_FILES = {CACHE, f"{CACHE}-wal", f"{CACHE}-shm", f"{CACHE}-journal"}
+# Input files of this many bytes (a few thousand records) start the worker processes before reading.
+EARLY_WORKERS_MIN_BYTES = 1 << 20
 _LIBRARIES = ("ftfy", "py3langid", "numpy", "array_record", "apache-beam", "grain")
 
 
@@ -267,8 +269,21 @@ def build_dataset(config: ml_collections.ConfigDict, out_dir: str | pathlib.Path
   return manifest
 
 
+def _input_bytes(inputs: list[tuple[str, str, str]]) -> int:
+  return sum(os.path.getsize(path) for kind, path, _ in inputs if kind == "file" and os.path.isfile(path))
+
+
 def _build_into(folder: pathlib.Path, params: dict[str, Any], inputs: list[tuple[str, str, str]], index: Any, eval_items: dict[str, Any], annotator: Any, progress: bool) -> dict[str, Any]:
   runner = make_runner(params, folder, progress)
+  try:
+    if _input_bytes(inputs) >= EARLY_WORKERS_MIN_BYTES:  # the workers get ready while this process reads
+      runner.start_workers(functools.partial(stages.warm, params))
+    return _run_and_write(runner, folder, params, inputs, index, eval_items, annotator)
+  finally:
+    runner.close()
+
+
+def _run_and_write(runner: Any, folder: pathlib.Path, params: dict[str, Any], inputs: list[tuple[str, str, str]], index: Any, eval_items: dict[str, Any], annotator: Any) -> dict[str, Any]:
   items = stages.run(runner, inputs, params, index, annotator)
   num_shards = params["output"]["num_shards"]
   facts = runner.flat_map(items, functools.partial(report.fact, tokenizer=params["filter"]["length"]["tokenizer"]), "measure")

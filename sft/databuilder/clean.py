@@ -75,8 +75,23 @@ def strip_html(text: str) -> str:
   return "".join(parser.parts)
 
 
+_ODD_SPACES = re.compile(r"[\r\t\u00a0\u2000-\u200b\u3000]")
+_AT_A_LINE_END = re.compile(r"\s\n|\n\s")
+
+
+def _normal_whitespace(text: str) -> bool:
+  """Whether normalize_whitespace would leave `text` as it is, for most texts (one it says no to may still
+  be): no carriage return or run of _SPACES other than one space, no whitespace at its ends or beside a
+  newline (a line's ends, a blank line)."""
+  if "  " in text or _ODD_SPACES.search(text) or text[:1].isspace() or text[-1:].isspace():
+    return False
+  return "\n" not in text or not _AT_A_LINE_END.search(text)
+
+
 def normalize_whitespace(text: str) -> str:
   """Runs of spaces -> one space, trailing spaces off every line, at most one blank line in a row."""
+  if _normal_whitespace(text):
+    return text
   lines = [_SPACES.sub(" ", line).strip() for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n")]
   return _BLANK_LINES.sub("\n\n", "\n".join(lines)).strip()
 
@@ -105,6 +120,7 @@ def _is_year_range(candidate: str) -> bool:
 
 
 _DIGIT_OR_AT = re.compile(r"[\d@]")
+_ASCII_DIGIT_OR_AT = "0123456789@"
 
 
 def pii_spans(text: str, kinds: tuple[str, ...], region: str = "US", leniency: str = "valid") -> list[tuple[int, int, str]]:
@@ -113,7 +129,8 @@ def pii_spans(text: str, kinds: tuple[str, ...], region: str = "US", leniency: s
   for kind in kinds:
     if kind not in PII_PATTERNS:
       raise ValueError(f"unknown PII kind {kind!r}; choose among {sorted(PII_PATTERNS)}")
-  if not _DIGIT_OR_AT.search(text):  # every kind needs a digit or an "@"
+  # Every kind needs a digit or an "@": on ASCII text, a few `in` tests say so sooner than the pattern.
+  if not (any(c in text for c in _ASCII_DIGIT_OR_AT) if text.isascii() else _DIGIT_OR_AT.search(text)):
     return []
   taken: list[tuple[int, int, str]] = []
   for kind in (k for k in PII_PATTERNS if k in kinds):
@@ -167,11 +184,14 @@ def clean_text(text: str, params: dict[str, Any], counts: collections.Counter, e
   if escape:
     text, n_escaped = control.escape(text, extra_control)
   fixed = fix_unicode(text, params["unicode_form"]) if params["fix_unicode"] else unicodedata.normalize(params["unicode_form"], text)
-  counts["unicode_fixed"] += fixed != text
+  if fixed != text:  # (a Counter's missing key costs a Python call: counted only when changed)
+    counts["unicode_fixed"] += 1
   out = strip_html(fixed) if params["strip_html"] else fixed
-  counts["html_stripped"] += out != fixed
+  if out != fixed:
+    counts["html_stripped"] += 1
   spaced = normalize_whitespace(out)
-  counts["whitespace_normalized"] += spaced != out
+  if spaced != out:
+    counts["whitespace_normalized"] += 1
   region, leniency = params.get("phone_region", "US"), params.get("phone_leniency", "valid")
   scrubbed = scrub_pii(spaced, tuple(params["pii"]), counts, region, leniency) if params["pii"] else spaced
   if escape:

@@ -85,19 +85,31 @@ def pattern(extra: tuple[str, ...] = ()) -> re.Pattern | None:
   return re.compile(f"(?=[{firsts}])(?=({'|'.join(map(re.escape, strings))}))")
 
 
+@functools.lru_cache(maxsize=8)
+def _first_characters(extra: tuple[str, ...] = ()) -> frozenset[str]:
+  """The characters `pattern(extra)`'s strings start with: a text holding none of them (most) holds none."""
+  return frozenset(f[0] for s in (*KNOWN, *extra) if len(f := fold(s)) >= 2)
+
+
+def _matches(folded: str, extra: tuple[str, ...]) -> list[re.Match]:
+  """Every occurrence of a control string in the folded text (a few `in` tests decide most texts)."""
+  p = pattern(extra)
+  if p is None or not any(c in folded for c in _first_characters(extra)):
+    return []
+  return list(p.finditer(folded))
+
+
 def find(text: str, extra: tuple[str, ...] = ()) -> set[str]:
   """The control strings (folded) that occur in fold(text)."""
-  p = pattern(extra)
-  return {m.group(1) for m in p.finditer(fold(text))} if p else set()
+  return {m.group(1) for m in _matches(fold(text), extra)}
 
 
 def escape(text: str, extra: tuple[str, ...] = ()) -> tuple[str, int]:
   """(text with every control string broken by a backslash after its first character, how many).
   Found in fold(text), each is broken in `text` after the character its first folded character comes
   from, so the backslash lands inside the occurrence whatever was hidden or widened in it."""
-  p = pattern(extra)
   folded = fold(text)
-  starts = [m.start() for m in p.finditer(folded)] if p else []
+  starts = [m.start() for m in _matches(folded, extra)]
   if not starts:
     return text, 0
   origin = _origins(text) if folded is not text else range(len(text))

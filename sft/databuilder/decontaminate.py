@@ -79,30 +79,40 @@ def _template_fields(record: records.Record) -> str:
   return ""
 
 
-def exact_texts(item: str | records.Record, eval_side: bool, tokens: list[str] | None = None) -> list[str]:
+def message_words(record: records.Record) -> list[list[str]]:
+  """The words of each text of a record (a chat's turns; a document's text): those of its whole text
+  (`records.contents`, the turns joined by newlines) are theirs one after another, since no word spans a
+  newline and lowercasing does not look across one."""
+  if record["kind"] == "chat":
+    return [words(m["content"]) for m in record["messages"]]
+  return [words(records.contents(record))]
+
+
+def exact_texts(item: str | records.Record, eval_side: bool, per_message: list[list[str]] | None = None) -> list[str]:
   """The normalised texts of a record (or plain text) that the exact matcher compares: see the module doc.
   An eval item's single turns are no keys: its answer alone ("Saturn") is no evidence of contamination.
-  `tokens`: the words of the record's whole text, when the caller has them already."""
+  `per_message`: the record's message_words, when the caller has them already."""
   if isinstance(item, str):
     return [normalise(item)]
-  whole = " ".join(words(records.contents(item)) if tokens is None else tokens)
+  per_message = message_words(item) if per_message is None else per_message
+  whole = " ".join(word for seq in per_message for word in seq)
   texts = []
   if item["kind"] == "chat":
     messages = item["messages"]
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=len(messages))
     response = messages[last]["content"] if last < len(messages) else ""
-    texts.append("\n".join(m["content"] for m in messages[:last] if m["role"] == "user"))
+    texts.append(" ".join(word for m, seq in zip(messages[:last], per_message) if m["role"] == "user" for word in seq))
     if fields := _template_fields(item):
-      texts += [fields, f"{fields}\n{response}"]
+      texts += [normalise(fields), normalise(f"{fields}\n{response}")]
     if not eval_side:
-      texts += [m["content"] for m in messages]
-  return list(dict.fromkeys(t for t in [whole, *map(normalise, texts)] if t))
+      texts += [" ".join(seq) for seq in per_message]
+  return list(dict.fromkeys(t for t in [whole, *texts] if t))
 
 
 def build_index(items: Iterable[tuple[str, str | records.Record]], n: int, min_words: int, exact_min_words: int = EXACT_MIN_WORDS) -> dict[str, Any]:
   """The index over (id, text or record) pairs, plain dicts so it is cheap to send to workers:
-  "grams": {"w1 ... wn": eval item id}, "lengths": sorted n-gram lengths, "firsts": {the first words of the
-  grams} (most positions of a text start no gram: no join, no lookup), "exact": {normalised key:
+  "grams": {"w1 ... wn": eval item id}, "lengths": sorted n-gram lengths, "heads": {the first two words of the
+  grams, or the one of a one-word gram} (most positions of a text start no gram: no join, no lookup), "exact": {normalised key:
   eval item id}, "starts": {first word: lengths of the keys (exact_min_words <= length < n) starting with it}."""
   grams: dict[str, str] = {}
   exact: dict[str, str] = {}
@@ -120,8 +130,8 @@ def build_index(items: Iterable[tuple[str, str | records.Record]], n: int, min_w
       length = key.count(" ") + 1
       if exact_min_words <= length < n:
         starts.setdefault(key.split(" ", 1)[0], set()).add(length)
-  firsts = {gram.split(" ", 1)[0] for gram in grams}
-  return {"grams": grams, "lengths": sorted(lengths), "firsts": firsts, "exact": exact, "starts": {w: sorted(s) for w, s in starts.items()}}
+  heads = {" ".join(gram.split(" ", 2)[:2]) for gram in grams}
+  return {"grams": grams, "lengths": sorted(lengths), "heads": heads, "exact": exact, "starts": {w: sorted(s) for w, s in starts.items()}}
 
 
 def index_from_files(paths: Iterable[str], n: int, min_words: int, exact_min_words: int = EXACT_MIN_WORDS) -> tuple[dict[str, Any], dict[str, dict[str, int]]]:
@@ -142,30 +152,34 @@ def find_overlap(text: str, index: dict[str, Any], tokens: list[str] | None = No
   """(eval item id, shared words) for the first shared n-gram, or None. `tokens`: words(text), if known."""
   tokens = words(text) if tokens is None else tokens
   grams = index["grams"]
-  firsts = index.get("firsts")  # an n-gram can only start at a word that starts one of the index's
+  heads = index.get("heads")  # an n-gram can only start where the text's next two words start one of the index's
+  pairs = [f"{a} {b}" for a, b in zip(tokens, tokens[1:])] if heads is not None else []
   for size in index["lengths"]:
-    for i in range(len(tokens) - size + 1):
-      if firsts is not None and tokens[i] not in firsts:
-        continue
+    stop = len(tokens) - size + 1
+    if heads is None:
+      starts = range(stop)
+    else:
+      starts = [i for i, word in enumerate(tokens[:stop]) if word in heads] if size == 1 else [i for i, pair in enumerate(pairs[:stop]) if pair in heads]
+    for i in starts:
       gram = " ".join(tokens[i:i + size])
       if gram in grams:
         return grams[gram], gram
   return None
 
 
-def find_exact(record: records.Record, index: dict[str, Any], tokens: list[str] | None = None) -> tuple[str, str] | None:
+def find_exact(record: records.Record, index: dict[str, Any], per_message: list[list[str]] | None = None) -> tuple[str, str] | None:
   """(eval item id, its key) when one of the record's texts equals an eval key or, for the whole text and
-  template fields (which hold the others), contains one of exact_min_words or more; else None. `tokens`:
-  the words of the record's whole text, if known."""
+  template fields (which hold the others), contains one of exact_min_words or more; else None.
+  `per_message`: the record's message_words, if known."""
   exact, starts = index["exact"], index["starts"]
-  tokens = words(records.contents(record)) if tokens is None else tokens
-  for text in exact_texts(record, eval_side=False, tokens=tokens):
+  per_message = message_words(record) if per_message is None else per_message
+  for text in exact_texts(record, eval_side=False, per_message=per_message):
     if text in exact:
       return exact[text], text
   fields = _template_fields(record) if record["kind"] == "chat" else ""
-  for seq in (tokens, words(fields)):
-    for i, word in enumerate(seq):
-      for size in starts.get(word, ()):
+  for seq in ([word for turn in per_message for word in turn], words(fields)):
+    for i, sizes in [(i, sizes) for i, word in enumerate(seq) if (sizes := starts.get(word))]:
+      for size in sizes:
         key = " ".join(seq[i:i + size])
         if key in exact:
           return exact[key], key
@@ -173,12 +187,12 @@ def find_exact(record: records.Record, index: dict[str, Any], tokens: list[str] 
 
 
 def decontaminate_record(record: records.Record, index: dict[str, Any]) -> records.Record:
-  text = records.contents(record)
-  tokens = words(text)  # once, for both matchers
-  if match := (find_overlap(text, index, tokens) if index["grams"] else None):
+  per_message = message_words(record)  # once, for both matchers
+  tokens = [word for seq in per_message for word in seq]
+  if match := (find_overlap("", index, tokens) if index["grams"] else None):
     item_id, gram = match
     return records.drop(record, "decontaminate", NGRAM_REASON, f"{item_id}: '{gram}'")
-  if match := (find_exact(record, index, tokens) if index.get("exact") else None):
+  if match := (find_exact(record, index, per_message) if index.get("exact") else None):
     item_id, key = match
     return records.drop(record, "decontaminate", EXACT_REASON, f"{item_id}: '{key}'")
   return record

@@ -98,6 +98,12 @@ class BeamRunner:
     )
     return coll | self._label(name) >> beam.Map(dedup.mark_near_duplicate, drops=beam.pvalue.AsSingleton(drops))
 
+  def start_workers(self, warm: Callable | None = None) -> None:
+    """Beam starts and warms its own workers."""
+
+  def close(self) -> None:
+    """Nothing to stop: `results` ran the pipeline to its end."""
+
   def concat(self, colls: list, name: str):
     return tuple(colls) | self._label(name) >> beam.Flatten()
 

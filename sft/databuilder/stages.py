@@ -15,7 +15,7 @@ import functools
 from typing import Any, Callable, Protocol, Sequence
 
 from sft.annotator.base import Decoding
-from sft.databuilder import annotate, clean, decontaminate, dedup, quality, readers, records
+from sft.databuilder import annotate, clean, decontaminate, dedup, language_id, quality, readers, records
 
 
 class Runner(Protocol):
@@ -30,6 +30,9 @@ class Runner(Protocol):
   def global_apply(self, coll: Any, select: Callable[[Any], bool], fn: Callable[[list], list], name: str) -> Any: ...
   def near_duplicates(self, coll: Any, params: dict[str, Any], name: str) -> Any: ...
   def concat(self, colls: list[Any], name: str) -> Any: ...
+  # Local workers started now, `warm` run in each (a no-op where workers are the engine's); close: stops them.
+  def start_workers(self, warm: Callable[[], Any] | None = None) -> None: ...
+  def close(self) -> None: ...
 
 
 def read_input(item: tuple[str, str, str], field_map: dict[str, str], max_record_bytes: int, gold_field: str = "") -> list[records.Record]:
@@ -66,6 +69,15 @@ def token_counter(tokenizer_path: str) -> Callable[[str], int] | None:
 def tokenizer_control_strings(tokenizer_path: str) -> tuple[str, ...]:
   """The target tokenizer's own control strings, escaped or dropped by clean on top of the known ones."""
   return tuple(getattr(_tokenizer(tokenizer_path), "control_strings", ()) or ()) if tokenizer_path else ()
+
+
+def warm(params: dict[str, Any]) -> None:
+  """Loads what the record-wise stages load on first use (the language model, the tokenizer): worker
+  processes started ahead of them run this while the inputs are read."""
+  if params["filter"]["language"]["enabled"]:
+    language_id.model()
+  token_counter(params["filter"]["length"]["tokenizer"])
+  tokenizer_control_strings(params["filter"]["length"]["tokenizer"])
 
 
 def process_record(record: records.Record, params: dict[str, Any], index: dict[str, Any]) -> list[records.Record]:
