@@ -86,6 +86,30 @@ def test_languages_bit_for_bit_as_py3langid_in_any_batch(stock_identifier, texts
   assert [quality.identify_language(t) for t in texts] == expected
 
 
+def test_the_cached_model_is_the_derived_one_and_a_broken_cache_is_rebuilt(tmp_path, monkeypatch):
+  monkeypatch.setenv("SFT_CACHE_DIR", str(tmp_path))
+  derived = language_id._derive()
+  language_id.model.cache_clear()
+  try:
+    first = language_id.model()  # derives and writes the cache
+    (folder,) = tmp_path.iterdir()
+    language_id.model.cache_clear()
+    cached = language_id.model()
+    assert isinstance(cached.table, np.memmap)  # read from the files this time
+    for m in (first, cached):
+      assert m._replace(**dict.fromkeys(language_id._ARRAYS)) == derived._replace(**dict.fromkeys(language_id._ARRAYS))
+      for name in language_id._ARRAYS:
+        got, want = getattr(m, name), getattr(derived, name)
+        assert got.dtype == want.dtype and np.array_equal(got, want), name
+    (folder / "table.npy").write_bytes((folder / "table.npy").read_bytes()[:1000])  # truncated
+    language_id.model.cache_clear()
+    assert np.array_equal(language_id.model().table, derived.table) and not isinstance(language_id.model().table, np.memmap)
+    language_id.model.cache_clear()
+    assert isinstance(language_id.model().table, np.memmap)  # rewritten whole
+  finally:
+    language_id.model.cache_clear()
+
+
 def test_automaton_depth_bounds_every_state():
   """The walk's window: no state stands for a longer string than `depth` bytes (checked from the model)."""
   m = language_id.model()

@@ -16,6 +16,12 @@ touches on every call.
 from __future__ import annotations
 
 import functools
+import hashlib
+import importlib.metadata
+import json
+import os
+import pathlib
+import shutil
 from typing import NamedTuple, Sequence
 
 import numpy as np
@@ -51,9 +57,76 @@ def _depth(next_state: np.ndarray, row_of_state: np.ndarray) -> int:
     depth += 1
 
 
+_ARRAYS = ("next_row", "next_state", "feature_of_state", "table", "prior")
+_CACHE_FORMAT = 1  # bump when _Model's fields or their meaning change
+
+
+def cache_root() -> pathlib.Path:
+  """Where derived files are kept between runs: $SFT_CACHE_DIR, else $XDG_CACHE_HOME/sft, else ~/.cache/sft."""
+  if os.environ.get("SFT_CACHE_DIR"):
+    return pathlib.Path(os.environ["SFT_CACHE_DIR"])
+  return pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache") / "sft"
+
+
+def _cache_folder() -> pathlib.Path:
+  """The model's arrays, keyed by the py3langid model file they come from (version, size, time)."""
+  import py3langid.langid as langid  # noqa: PLC0415
+
+  stat = (langid.MODEL_DIR / langid.MODEL_FILE).stat()
+  key = f"{importlib.metadata.version('py3langid')}:{stat.st_size}:{stat.st_mtime_ns}:{_CACHE_FORMAT}"
+  return cache_root() / f"language_id-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def _load_cached(folder: pathlib.Path) -> _Model | None:
+  """The model from its cached arrays, memory-mapped (no decompression; the pages are shared by every
+  process that maps them); None when they are missing or unreadable."""
+  from py3langid.langid import LanguageIdentifier  # noqa: PLC0415
+
+  try:
+    meta = json.loads((folder / "meta.json").read_text())
+    arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in _ARRAYS}
+    return _Model(
+        start_row=int(meta["start_row"]), depth=int(meta["depth"]), classes=tuple(meta["classes"]),
+        alias_pairs=tuple(tuple(p) for p in meta["alias_pairs"]), encode=LanguageIdentifier._encode, **arrays,
+    )
+  except (OSError, ValueError, KeyError, TypeError):
+    return None
+
+
+def _save_cached(m: _Model, folder: pathlib.Path) -> None:
+  """Writes the arrays beside `folder` and renames them into place whole (a concurrent writer's copy, if
+  it landed first, is kept); a folder that cannot be written is no error, only a slower next start."""
+  tmp = folder.with_name(f".{folder.name}.{os.getpid()}")
+  try:
+    tmp.mkdir(parents=True, exist_ok=True)
+    for name in _ARRAYS:
+      np.save(tmp / f"{name}.npy", getattr(m, name))
+    meta = {"start_row": m.start_row, "depth": m.depth, "classes": list(m.classes), "alias_pairs": [list(p) for p in m.alias_pairs]}
+    (tmp / "meta.json").write_text(json.dumps(meta))
+    os.rename(tmp, folder)
+  except OSError:
+    pass
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
 @functools.lru_cache(maxsize=None)
 def model() -> _Model:
-  from py3langid.langid import MODEL_FILE, LanguageIdentifier  # noqa: PLC0415 (loads the model once per process)
+  """The model, once per process: from the cache folder when it is there (milliseconds), else derived from
+  py3langid's compressed file (about a second) and cached."""
+  folder = _cache_folder()
+  cached = _load_cached(folder)
+  if cached is not None:
+    return cached
+  derived = _derive()
+  if folder.exists():  # there but unreadable (a truncated file): replaced
+    shutil.rmtree(folder, ignore_errors=True)
+  _save_cached(derived, folder)
+  return derived
+
+
+def _derive() -> _Model:
+  from py3langid.langid import MODEL_FILE, LanguageIdentifier  # noqa: PLC0415
 
   stock = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
   row_of_state = np.frombuffer(stock.tk_row, dtype=stock.tk_row.typecode).astype(np.int32)  # array.arrays
