@@ -276,16 +276,22 @@ DEDUP = {"num_perm": 16, "bands": 4, "rows": 4, "shingle_size": 2, "threshold": 
 
 @settings(max_examples=100, deadline=None)
 @given(st.lists(st.tuples(WORDS, WORDS), min_size=1, max_size=12), st.lists(st.integers(1, 11), max_size=4))
-def test_fingerprints_in_chunks_join_into_those_of_the_whole(pairs, cuts):
+def test_fingerprints_in_chunks_or_packed_are_those_of_the_whole(pairs, cuts):
   """The local runner computes near-dedup fingerprints chunk by chunk (in workers) and joins them."""
   from sft.databuilder import dedup
 
   batch = [records.chat(f"x:{i}", "x", [{"role": "user", "content": q}, {"role": "assistant", "content": a}]) for i, (q, a) in enumerate(pairs)]
   bounds = sorted({0, len(batch), *(c for c in cuts if c < len(batch))})
   parts = [dedup.fingerprints(batch[a:b], DEDUP) for a, b in zip(bounds, bounds[1:])]
-  joined, whole = dedup.joined(parts), dedup.fingerprints(batch, DEDUP)
-  for name in whole._fields:
-    if name in ("shingles", "answer_words"):
-      assert all(np.array_equal(x, y) for x, y in zip(getattr(joined, name), getattr(whole, name))), name
-    else:
-      assert np.array_equal(getattr(joined, name), getattr(whole, name)), name
+  whole = dedup.fingerprints(batch, DEDUP)
+  # The clean/filter/decontaminate stage attaches each record's, packed; near dedup unpacks them.
+  ready = dedup.prepared(batch, {**DEDUP, "exact": True, "near": True})
+  unpacked = dedup.unpacked([r[dedup.PREPARED][1] for r in ready], DEDUP["num_perm"])
+  for got in (dedup.joined(parts), unpacked):
+    for name in whole._fields:
+      if name in ("shingles", "answer_words"):
+        assert all(np.array_equal(x, y) for x, y in zip(getattr(got, name), getattr(whole, name))), name
+      else:
+        assert np.array_equal(getattr(got, name), getattr(whole, name)), name
+  assert [dedup.exact_key(r) for r in ready] == [dedup.exact_key(r) for r in batch]
+  assert [dedup.unprepared(r) for r in ready] == batch

@@ -46,10 +46,57 @@ _NON_WORD = re.compile(r"\W+")
 _DIGITS = re.compile(r"\d+")
 
 
+# What `prepared` attaches to a record for the dedup stages (computed where the record already is, in the
+# clean/filter/decontaminate stage's workers): (its exact_key or None, its packed Fingerprints or None).
+# `unprepared` takes it off again before the record is formatted and written.
+PREPARED = "_dedup"
+
+
+def prepared(batch: list[records.Record], params: dict[str, Any]) -> list[records.Record]:
+  """The live records of the batch with what exact (params["exact"]) and near (params["near"]) dedup will
+  need attached; dropped records as they are."""
+  live = [i for i, r in enumerate(batch) if not records.is_dropped(r)]
+  if not live or not (params["exact"] or params["near"]):
+    return batch
+  exact = [exact_key(batch[i]) if params["exact"] else None for i in live]
+  packed = _packed(fingerprints([batch[i] for i in live], params)) if params["near"] else [None] * len(live)
+  out = list(batch)
+  for i, key, fingerprint in zip(live, exact, packed, strict=True):
+    out[i] = {**batch[i], PREPARED: (key, fingerprint)}
+  return out
+
+
+def unprepared(record: records.Record) -> records.Record:
+  return {k: v for k, v in record.items() if k != PREPARED} if PREPARED in record else record
+
+
+def _packed(f: Fingerprints) -> list[tuple[bytes, int, bytes, bytes]]:
+  """Each record's Fingerprints as (signature, key, shingles, answer words): bytes, cheap to send."""
+  sets = [(f.shingles.hashes, f.shingles.offsets), (f.answer_words.hashes, f.answer_words.offsets)]
+  (sh, so), (ah, ao) = ((h, o.tolist()) for h, o in sets)
+  return [
+      (f.signatures[k].tobytes(), int(f.keys[k]), sh[so[k]:so[k + 1]].tobytes(), ah[ao[k]:ao[k + 1]].tobytes())
+      for k in range(len(f.keys))
+  ]
+
+
+def unpacked(packed: list[tuple[bytes, int, bytes, bytes]], num_perm: int) -> Fingerprints:
+  """The Fingerprints of records from their packed forms, in order."""
+  def sets(members: list[bytes]) -> minhash.Sets:
+    lengths = np.fromiter((len(m) // 4 for m in members), np.int64, count=len(members))
+    return minhash.Sets(np.frombuffer(b"".join(members), np.uint32), np.concatenate([[0], np.cumsum(lengths)]))
+
+  signatures, keys, shingles, answer_words = zip(*packed) if packed else ((), (), (), ())
+  signatures_nd = np.frombuffer(b"".join(signatures), np.uint64).reshape(len(packed), num_perm)
+  return Fingerprints(signatures_nd, np.array(keys, np.uint64), sets(list(shingles)), sets(list(answer_words)))
+
+
 def exact_key(record: records.Record) -> str | None:
   """Hash of the lowercased text with punctuation and spacing collapsed (None for dropped records)."""
   if records.is_dropped(record):
     return None
+  if (ready := record.get(PREPARED)) and ready[0] is not None:
+    return ready[0]
   if record["kind"] == "chat":
     text = "\x1e".join(f"{m['role']}\x1f{_NON_WORD.sub(' ', m['content'].lower()).strip()}" for m in record["messages"])
   else:

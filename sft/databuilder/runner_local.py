@@ -166,9 +166,13 @@ class LocalRunner:
 
   def near_duplicates(self, coll: list, params: dict[str, Any], name: str) -> list:
     live = sorted((r for r in coll if not records.is_dropped(r)), key=lambda r: r["id"])
-    # Each record's fingerprints depend on it alone: computed in chunks (over the workers), then joined.
-    parts = self.map_chunks(live, functools.partial(_fingerprints, params=params), f"{name}: fingerprints", _FINGERPRINT_CHUNK)
-    pairs = dedup.near_duplicate_pairs(live, params, dedup.joined(parts) if parts else None)
+    ready = [r.get(dedup.PREPARED, (None, None))[1] for r in live]
+    if live and all(f is not None for f in ready):  # computed by the clean/filter/decontaminate stage
+      fingerprints = dedup.unpacked(ready, params["num_perm"])
+    else:  # each record's depend on it alone: computed in chunks (over the workers), then joined
+      parts = self.map_chunks(live, functools.partial(_fingerprints, params=params), f"{name}: fingerprints", _FINGERPRINT_CHUNK)
+      fingerprints = dedup.joined(parts) if parts else None
+    pairs = dedup.near_duplicate_pairs(live, params, fingerprints)
     return dedup.mark_near_duplicates(coll, dedup.drops_from_pairs(pairs))
 
   def concat(self, colls: list[list], name: str) -> list:

@@ -87,7 +87,8 @@ def process_record(record: records.Record, params: dict[str, Any], index: dict[s
 
 def process_records(batch: list[records.Record], params: dict[str, Any], index: dict[str, Any]) -> list[records.Record]:
   """clean -> filter -> decontaminate for each live record of the batch, in order; language identification
-  runs once for the whole batch, and each record's result is what it would be alone."""
+  runs once for the whole batch, and each record's result is what it would be alone. The records kept get
+  what the dedup stages need attached (dedup.prepared), here where the work is spread over workers."""
   length = params["filter"]["length"]
   out = list(batch)
   live = []
@@ -106,12 +107,13 @@ def process_records(batch: list[records.Record], params: dict[str, Any], index: 
   filtered = quality.filter_records([out[i] for i in live], params["filter"], token_counter(length["tokenizer"]))
   for i, record in zip(live, filtered, strict=True):
     out[i] = record if records.is_dropped(record) else decontaminate.decontaminate_record(record, index)
-  return out
+  return dedup.prepared(out, params["dedup"])
 
 
 def format_record(record: records.Record, system_prompt: str, validation_fraction: float, salt: str) -> list[records.Record]:
   """Final chat schema (optional system turn, `task`: "chat" when no template set one), and the split:
-  pretrain for text, else by hash."""
+  pretrain for text, else by hash. What the dedup stages needed comes off here."""
+  record = dedup.unprepared(record)
   if records.is_dropped(record):
     return [record]
   if record["kind"] == "text":
