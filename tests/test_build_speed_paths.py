@@ -3,6 +3,7 @@ cannot change, alphanumeric counting by regex, language identification batched a
 decontamination index's first-word filter, and cheap stages kept out of worker processes."""
 
 import collections
+import mmap
 import multiprocessing
 import operator
 import sys
@@ -86,6 +87,13 @@ def test_languages_bit_for_bit_as_py3langid_in_any_batch(stock_identifier, texts
   assert [quality.identify_language(t) for t in texts] == expected
 
 
+def _mapped(array):
+  """Whether the array's memory is a file mapped by np.load (some base of it is the mmap)."""
+  while array is not None and not isinstance(array, mmap.mmap):
+    array = getattr(array, "base", None)
+  return array is not None
+
+
 def test_the_cached_model_is_the_derived_one_and_a_broken_cache_is_rebuilt(tmp_path, monkeypatch):
   monkeypatch.setenv("SFT_CACHE_DIR", str(tmp_path))
   derived = language_id._derive()
@@ -95,7 +103,7 @@ def test_the_cached_model_is_the_derived_one_and_a_broken_cache_is_rebuilt(tmp_p
     (folder,) = tmp_path.iterdir()
     language_id.model.cache_clear()
     cached = language_id.model()
-    assert isinstance(cached.table, np.memmap)  # read from the files this time
+    assert _mapped(cached.table)  # read from the files this time
     for m in (first, cached):
       assert m._replace(**dict.fromkeys(language_id._ARRAYS)) == derived._replace(**dict.fromkeys(language_id._ARRAYS))
       for name in language_id._ARRAYS:
@@ -103,9 +111,9 @@ def test_the_cached_model_is_the_derived_one_and_a_broken_cache_is_rebuilt(tmp_p
         assert got.dtype == want.dtype and np.array_equal(got, want), name
     (folder / "table.npy").write_bytes((folder / "table.npy").read_bytes()[:1000])  # truncated
     language_id.model.cache_clear()
-    assert np.array_equal(language_id.model().table, derived.table) and not isinstance(language_id.model().table, np.memmap)
+    assert np.array_equal(language_id.model().table, derived.table) and not _mapped(language_id.model().table)
     language_id.model.cache_clear()
-    assert isinstance(language_id.model().table, np.memmap)  # rewritten whole
+    assert _mapped(language_id.model().table)  # rewritten whole
   finally:
     language_id.model.cache_clear()
 
@@ -156,11 +164,14 @@ def test_whitespace_fast_path_matches_the_full_normalisation(text):
 
 # Greek capital sigma lowercases by its neighbours (final or not): a newline between texts must end that context.
 SIGMA_TEXTS = st.text(alphabet=st.sampled_from(list("ΣσςΑα'.\u0345\u00ad a1_\n")), max_size=12)
+# Prompts that the answer repeats, in part or whole, and turns that differ only by case or punctuation.
+REPEATS = st.sampled_from(["Say it: the cold north water.", "the cold north water", "THE COLD, NORTH WATER!", "x"])
 
 
 @settings(max_examples=500, deadline=None)
-@given(st.lists(SIGMA_TEXTS, min_size=1, max_size=4))
+@given(st.lists(SIGMA_TEXTS | REPEATS, min_size=1, max_size=4))
 @example(["ΑΣ", "Σα"])
+@example(["the cold north water", "THE COLD, NORTH WATER!"])
 def test_words_of_the_turns_are_the_words_of_the_whole_text(turns):
   record = records.chat("x:1", "x", [{"role": ("user", "assistant")[i % 2], "content": t} for i, t in enumerate(turns)])
   per_turn = decontaminate.message_words(record)
@@ -171,6 +182,9 @@ def test_words_of_the_turns_are_the_words_of_the_whole_text(turns):
   texts = [records.contents(record), prompt, *(m["content"] for m in messages)]  # each normalised on its own
   expected = list(dict.fromkeys(t for t in map(decontaminate.normalise, texts) if t))
   assert decontaminate.exact_texts(record, eval_side=False, per_message=per_turn) == expected
+  if any(m["role"] == "assistant" for m in messages):  # the SFT rules compare the same words
+    sft = {"min_response_alnum_chars": 1, "refusal_patterns": list(quality.REFUSALS)}
+    assert quality.sft_rules(record, sft, per_turn) == quality.sft_rules(record, sft)
 
 
 def test_workers_pay_for_costly_items_only():
@@ -295,3 +309,29 @@ def test_fingerprints_in_chunks_or_packed_are_those_of_the_whole(pairs, cuts):
         assert np.array_equal(getattr(got, name), getattr(whole, name)), name
   assert [dedup.exact_key(r) for r in ready] == [dedup.exact_key(r) for r in batch]
   assert [dedup.unprepared(r) for r in ready] == batch
+
+
+def _top_ngram_in_full(words, n):
+  grams = collections.Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+  if not grams:
+    return 0.0
+  gram, count = grams.most_common(1)[0]
+  return count * sum(len(w) for w in gram) / max(sum(len(w) for w in words), 1)
+
+
+def _duplicated_ngrams_in_full(words, n):
+  seen, covered = set(), [False] * len(words)
+  for i in range(len(words) - n + 1):
+    gram = tuple(words[i:i + n])
+    if gram in seen:
+      covered[i:i + n] = [True] * n
+    seen.add(gram)
+  return sum(len(w) for w, c in zip(words, covered) if c) / max(sum(len(w) for w in words), 1)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.sampled_from(["a", "bb", "ccc", "a", "dddd", ""]), max_size=40), st.integers(1, 10))
+def test_gopher_ngram_fractions_match_the_plain_loops(words, n):
+  total = sum(map(len, words))
+  assert quality._top_ngram_char_fraction(words, n, total) == _top_ngram_in_full(words, n)
+  assert quality._duplicated_ngram_char_fraction(words, n, total) == _duplicated_ngrams_in_full(words, n)

@@ -27,15 +27,11 @@ import string
 from typing import Any, Iterable
 
 from sft.databuilder import readers, records, templates
+from sft.databuilder.records import message_words, words
 
-_WORD = re.compile(r"\w+")
 EXACT_MIN_WORDS = 3
 NGRAM_REASON = "overlaps eval set"
 EXACT_REASON = "eval item (exact)"
-
-
-def words(text: str) -> list[str]:
-  return _WORD.findall(text.lower())
 
 
 def normalise(text: str) -> str:
@@ -77,15 +73,6 @@ def _template_fields(record: records.Record) -> str:
     if match := pattern.fullmatch(user):
       return "\n".join(match[f] for f in fields)
   return ""
-
-
-def message_words(record: records.Record) -> list[list[str]]:
-  """The words of each text of a record (a chat's turns; a document's text): those of its whole text
-  (`records.contents`, the turns joined by newlines) are theirs one after another, since no word spans a
-  newline and lowercasing does not look across one."""
-  if record["kind"] == "chat":
-    return [words(m["content"]) for m in record["messages"]]
-  return [words(records.contents(record))]
 
 
 def exact_texts(item: str | records.Record, eval_side: bool, per_message: list[list[str]] | None = None) -> list[str]:
@@ -186,8 +173,10 @@ def find_exact(record: records.Record, index: dict[str, Any], per_message: list[
   return None
 
 
-def decontaminate_record(record: records.Record, index: dict[str, Any]) -> records.Record:
-  per_message = message_words(record)  # once, for both matchers
+def decontaminate_record(record: records.Record, index: dict[str, Any], per_message: list[list[str]] | None = None) -> records.Record:
+  """The record, or the record dropped by a matcher (stage "decontaminate"). `per_message`: its
+  records.message_words, if known."""
+  per_message = message_words(record) if per_message is None else per_message  # once, for both matchers
   tokens = [word for seq in per_message for word in seq]
   if match := (find_overlap("", index, tokens) if index["grams"] else None):
     item_id, gram = match

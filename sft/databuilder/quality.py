@@ -23,7 +23,6 @@ from typing import Any, Callable
 
 from sft.databuilder import language_id, records
 
-_WORD = re.compile(r"\w+")
 STOP_WORDS = frozenset({"the", "be", "to", "of", "and", "that", "have", "with"})  # Gopher's
 REFUSALS = (
     r"\bas an ai(?: language)? model\b",
@@ -67,24 +66,32 @@ def _duplicate_fraction(items: list[str]) -> tuple[float, float]:
   return dup_items / max(len(items), 1), dup_chars / total_chars
 
 
-def _top_ngram_char_fraction(words: list[str], n: int) -> float:
-  """Characters covered by the most frequent word n-gram, over all word characters."""
-  grams = collections.Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+def _ngrams(words: list[str], n: int) -> zip:
+  """The word n-grams of `words` as tuples, in order (tuple(words[i:i + n]) for each i), built in C."""
+  return zip(*(words[k:] for k in range(n)))
+
+
+def _top_ngram_char_fraction(words: list[str], n: int, total_chars: int) -> float:
+  """Characters covered by the most frequent word n-gram (the first seen among equals), over all word
+  characters (`total_chars`)."""
+  grams = collections.Counter(_ngrams(words, n))
   if not grams:
     return 0.0
   gram, count = grams.most_common(1)[0]
-  return count * sum(len(w) for w in gram) / max(sum(len(w) for w in words), 1)
+  return count * sum(len(w) for w in gram) / max(total_chars, 1)
 
 
-def _duplicated_ngram_char_fraction(words: list[str], n: int) -> float:
+def _duplicated_ngram_char_fraction(words: list[str], n: int, total_chars: int) -> float:
   """Characters of words inside an n-gram that occurs more than once, over all word characters."""
-  seen, covered = set(), [False] * len(words)
-  for i in range(len(words) - n + 1):
-    gram = tuple(words[i:i + n])
-    if gram in seen:
-      covered[i:i + n] = [True] * n
-    seen.add(gram)
-  return sum(len(w) for w, c in zip(words, covered) if c) / max(sum(len(w) for w in words), 1)
+  grams = list(_ngrams(words, n))
+  if len(set(grams)) == len(grams):  # no n-gram repeats (most texts): nothing is covered
+    return 0.0
+  seen: set = set()
+  repeats = [i for i, gram in enumerate(grams) if gram in seen or seen.add(gram)]  # starts of later occurrences
+  covered = [False] * len(words)
+  for i in repeats:
+    covered[i:i + n] = [True] * n
+  return sum(map(len, itertools.compress(words, covered))) / max(total_chars, 1)
 
 
 def gopher(record: records.Record, p: dict[str, Any]) -> tuple[str, str] | None:
@@ -92,17 +99,17 @@ def gopher(record: records.Record, p: dict[str, Any]) -> tuple[str, str] | None:
   words = text.split()
   if len(words) < p["min_words_to_apply"]:
     return None
-  mean_len = sum(len(w) for w in words) / len(words)
+  mean_len = sum(map(len, words)) / len(words)
   if not p["min_mean_word_length"] <= mean_len <= p["max_mean_word_length"]:
     return "gopher: mean word length", f"{mean_len:.1f} not in [{p['min_mean_word_length']}, {p['max_mean_word_length']}]"
   symbols = (text.count("#") + text.count("...") + text.count("\u2026")) / len(words)
   if symbols > p["max_symbol_word_ratio"]:
     return "gopher: symbol ratio", f"{symbols:.2f} > {p['max_symbol_word_ratio']}"
-  alpha = sum(any(c.isalpha() for c in w) for w in words) / len(words)
+  alpha = sum(1 for w in words if any(map(str.isalpha, w))) / len(words)
   if alpha < p["min_alpha_word_ratio"]:
     return "gopher: non-alphabetic words", f"{alpha:.2f} of words have a letter < {p['min_alpha_word_ratio']}"
   lowered = [w.lower().strip(".,;:!?\"'()") for w in words]
-  stop = sum(w in STOP_WORDS for w in lowered)
+  stop = sum(map(STOP_WORDS.__contains__, lowered))
   if stop < p["min_stop_words"]:
     return "gopher: stop words", f"{stop} < {p['min_stop_words']}"
   lines = [line.strip() for line in text.split("\n") if line.strip()]
@@ -113,12 +120,13 @@ def gopher(record: records.Record, p: dict[str, Any]) -> tuple[str, str] | None:
   para_frac, para_chars = _duplicate_fraction(paragraphs)
   if para_frac > p["max_duplicate_paragraph_fraction"] or para_chars > p["max_duplicate_paragraph_char_fraction"]:
     return "gopher: duplicated paragraphs", f"{para_frac:.2f} of paragraphs, {para_chars:.2f} of characters"
+  total_chars = sum(map(len, lowered))
   for n, limit in p["max_top_ngram_char_fraction"].items():
-    frac = _top_ngram_char_fraction(lowered, int(n))
+    frac = _top_ngram_char_fraction(lowered, int(n), total_chars)
     if frac > limit:
       return "gopher: repeated n-gram", f"top {n}-gram covers {frac:.2f} > {limit}"
   for n, limit in p["max_duplicated_ngram_char_fraction"].items():
-    frac = _duplicated_ngram_char_fraction(lowered, int(n))
+    frac = _duplicated_ngram_char_fraction(lowered, int(n), total_chars)
     if frac > limit:
       return "gopher: duplicated n-grams", f"duplicated {n}-grams cover {frac:.2f} > {limit}"
   return None
@@ -170,7 +178,7 @@ def language_label(record: records.Record, judged: tuple[str, float] | None, p: 
 
 
 def _normalized(text: str) -> str:
-  return " ".join(_WORD.findall(text.lower()))
+  return " ".join(records.words(text))
 
 
 @functools.lru_cache(maxsize=8)
@@ -187,7 +195,8 @@ def _has_alnum(text: str, n: int) -> bool:
   return sum(1 for _ in itertools.islice(_ALNUM.finditer(text), max(n, 0))) >= n
 
 
-def sft_rules(record: records.Record, p: dict[str, Any]) -> tuple[str, str] | None:
+def sft_rules(record: records.Record, p: dict[str, Any], per_message: list[list[str]] | None = None) -> tuple[str, str] | None:
+  """`per_message`: the record's records.message_words, if known (the prompt's and answer's are among them)."""
   if record["kind"] != "chat":
     return None
   prompt, response = records.prompt_and_response(record)
@@ -195,7 +204,13 @@ def sft_rules(record: records.Record, p: dict[str, Any]) -> tuple[str, str] | No
     return "empty response", ""
   if not _has_alnum(response, p["min_response_alnum_chars"]):
     return "trivial response", repr(response[:80])
-  norm_prompt, norm_response = _normalized(prompt), _normalized(response)
+  if per_message is None:
+    norm_prompt, norm_response = _normalized(prompt), _normalized(response)
+  else:
+    messages = record["messages"]
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    norm_prompt = " ".join(w for m, seq in zip(messages[:last], per_message) if m["role"] == "user" for w in seq)
+    norm_response = " ".join(per_message[last])
   if norm_response and (norm_response == norm_prompt or (len(norm_prompt) >= 20 and norm_response.startswith(norm_prompt) and len(norm_response) < 1.2 * len(norm_prompt))):
     return "response repeats prompt", repr(response[:80])
   if p["refusal_patterns"] and (match := _refusal_pattern(tuple(p["refusal_patterns"])).search(response)):
@@ -208,11 +223,11 @@ def filter_record(record: records.Record, params: dict[str, Any], count_tokens=N
   return filter_records([record], params, count_tokens)[0]
 
 
-def _first_failure(record: records.Record, params: dict[str, Any], count_tokens) -> tuple[str, str] | None:
+def _first_failure(record: records.Record, params: dict[str, Any], count_tokens, per_message: list[list[str]] | None = None) -> tuple[str, str] | None:
   """The rules before the language's, in order."""
   checks = (
       lambda: length(record, params["length"], count_tokens),
-      lambda: sft_rules(record, params["sft"]),
+      lambda: sft_rules(record, params["sft"], per_message),
       lambda: gopher(record, params["gopher"]) if params["gopher"]["enabled"] else None,
   )
   for check in checks:
@@ -222,11 +237,12 @@ def _first_failure(record: records.Record, params: dict[str, Any], count_tokens)
   return None
 
 
-def filter_records(batch: list[records.Record], params: dict[str, Any], count_tokens=None) -> list[records.Record]:
-  """filter_record on each record; the language identifier runs once over the texts it judges."""
+def filter_records(batch: list[records.Record], params: dict[str, Any], count_tokens=None, per_message: list | None = None) -> list[records.Record]:
+  """filter_record on each record; the language identifier runs once over the texts it judges.
+  `per_message`: each record's records.message_words, if known."""
   out = []
-  for record in batch:
-    failure = _first_failure(record, params, count_tokens)
+  for record, seqs in zip(batch, per_message or [None] * len(batch), strict=True):
+    failure = _first_failure(record, params, count_tokens, seqs)
     out.append(records.drop(record, "filter", *failure) if failure else record)
   if not params["language"]["enabled"]:
     return out

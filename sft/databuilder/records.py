@@ -16,6 +16,7 @@ stages pass it through untouched, and the report and the accounting read it at t
 from __future__ import annotations
 
 import hashlib
+import re
 from typing import Any
 
 Record = dict[str, Any]
@@ -58,6 +59,23 @@ def contents(record: Record) -> str:
   if record["kind"] == "text":
     return record["text"]
   return record.get("raw", "")
+
+
+_WORD = re.compile(r"\w+")
+
+
+def words(text: str) -> list[str]:
+  """The text's lowercased words (`\\w+`): what decontamination and the SFT rules compare."""
+  return _WORD.findall(text.lower())
+
+
+def message_words(record: Record) -> list[list[str]]:
+  """The words of each text of a record (a chat's turns; a document's text): those of its whole text
+  (`contents`, the turns joined by newlines) are theirs one after another, since no word spans a newline
+  and lowercasing does not look across one."""
+  if record["kind"] == "chat":
+    return [words(m["content"]) for m in record["messages"]]
+  return [words(contents(record))]
 
 
 def prompt_and_response(record: Record) -> tuple[str, str]:

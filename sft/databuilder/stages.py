@@ -104,9 +104,10 @@ def process_records(batch: list[records.Record], params: dict[str, Any], index: 
     out[i] = clean.clean_record(record, params["clean"], tokenizer_control_strings(length["tokenizer"]))
     if not records.is_dropped(out[i]):
       live.append(i)
-  filtered = quality.filter_records([out[i] for i in live], params["filter"], token_counter(length["tokenizer"]))
-  for i, record in zip(live, filtered, strict=True):
-    out[i] = record if records.is_dropped(record) else decontaminate.decontaminate_record(record, index)
+  per_message = [records.message_words(out[i]) for i in live]  # once, for the SFT rules and decontamination
+  filtered = quality.filter_records([out[i] for i in live], params["filter"], token_counter(length["tokenizer"]), per_message)
+  for i, record, seqs in zip(live, filtered, per_message, strict=True):
+    out[i] = record if records.is_dropped(record) else decontaminate.decontaminate_record(record, index, seqs)
   return dedup.prepared(out, params["dedup"])
 
 
