@@ -335,3 +335,20 @@ def test_gopher_ngram_fractions_match_the_plain_loops(words, n):
   total = sum(map(len, words))
   assert quality._top_ngram_char_fraction(words, n, total) == _top_ngram_in_full(words, n)
   assert quality._duplicated_ngram_char_fraction(words, n, total) == _duplicated_ngrams_in_full(words, n)
+
+
+PHONE_TEXTS = st.lists(st.sampled_from(list("0123456789+-()./ x#ext:;,\n\u0661\uff11") + ["tel ", " 2.0 ", "+49", "+683", "011"]), max_size=30).map("".join)
+
+
+@settings(max_examples=400, deadline=None)
+@given(PHONE_TEXTS, st.sampled_from(["US", "DE", "GB", "NU", ""]), st.sampled_from(clean.PHONE_LENIENCIES))
+@example("call +49 30 12 or 030 1234", "DE", "possible")
+@example("tel +683 4002, v2.0", "", "possible")
+def test_phone_matcher_skipping_short_candidates_finds_what_phonenumbers_finds(text, region, leniency):
+  import phonenumbers
+
+  level = getattr(phonenumbers.Leniency, leniency.upper())
+  found = phonenumbers.PhoneNumberMatcher(text, region or None, level, max_tries=sys.maxsize)
+  expected = [(m.start, m.end) for m in found if not clean._is_year_range(m.raw_string)]
+  assert clean._phone_spans(text, region, leniency) == expected
+  assert all(sum(map(str.isdecimal, text[a:b])) >= clean.min_phone_digits(region or None) for a, b in expected)
