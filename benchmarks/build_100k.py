@@ -122,21 +122,15 @@ class TimedRunner(LocalRunner):
   def __init__(self, *args, **kwargs):
     super().__init__(*args, **kwargs)
     self.seconds: dict[str, float] = collections.defaultdict(float)
-    self._inside = False  # a stage's own map_chunks (dedup's keys and fingerprints) counts as that stage's
 
   def _timed(self, method, name, *args):
-    if self._inside:
-      return method(*args, name)
     start = time.perf_counter()
-    self._inside = True
-    try:
-      return method(*args, name)
-    finally:
-      self._inside = False
-      self.seconds[name] += time.perf_counter() - start
+    out = method(*args, name)
+    self.seconds[name] += time.perf_counter() - start
+    return out
 
-  def map_chunks(self, coll, fn, name, *args):  # flat_map runs through it
-    return self._timed(lambda coll, fn, name: super(TimedRunner, self).map_chunks(coll, fn, name, *args), name, coll, fn)
+  def map_chunks(self, coll, fn, name):  # flat_map runs through it
+    return self._timed(super().map_chunks, name, coll, fn)
 
   def group_by(self, coll, key_fn, fn, name):
     return self._timed(super().group_by, name, coll, key_fn, fn)

@@ -5,7 +5,6 @@ decontamination index's first-word filter, and cheap stages kept out of worker p
 import collections
 import mmap
 import multiprocessing
-import operator
 import sys
 
 import ftfy
@@ -256,11 +255,10 @@ def test_costly_stages_go_to_the_same_workers_in_order(monkeypatch):
   items = list(range(runner_local._MIN_PARALLEL))
   with runner_local.LocalRunner(2, progress=False) as runner:
     out = runner.flat_map(items, _double, "costly")
-    rows = [{"id": f"{x:05d}", "key": x % 7} for x in items]
-    keyed = runner.group_by(rows, operator.itemgetter("key"), lambda key, group: [(key, len(group))], "keyed")  # keys in workers
+    again = runner.flat_map(out, _double, "costly again")
     assert runner._workers is not None
   assert out == [y for x in items for y in _double(x)] and used == {"spawn": 1}
-  assert dict(keyed) == collections.Counter(x % 7 for x in items) and runner._workers is None
+  assert again == [z for y in out for z in _double(y)] and runner._workers is None
 
 
 def _facts(n):
@@ -290,23 +288,20 @@ DEDUP = {"num_perm": 16, "bands": 4, "rows": 4, "shingle_size": 2, "threshold": 
 
 @settings(max_examples=100, deadline=None)
 @given(st.lists(st.tuples(WORDS, WORDS), min_size=1, max_size=12), st.lists(st.integers(1, 11), max_size=4))
-def test_fingerprints_in_chunks_or_packed_are_those_of_the_whole(pairs, cuts):
-  """The local runner computes near-dedup fingerprints chunk by chunk (in workers) and joins them."""
+def test_fingerprints_prepared_in_chunks_and_unpacked_are_those_of_the_whole(pairs, cuts):
+  """The clean/filter/decontaminate stage attaches each record's fingerprints, packed, chunk by chunk
+  (in workers); near dedup unpacks them all."""
   from sft.databuilder import dedup
 
   batch = [records.chat(f"x:{i}", "x", [{"role": "user", "content": q}, {"role": "assistant", "content": a}]) for i, (q, a) in enumerate(pairs)]
   bounds = sorted({0, len(batch), *(c for c in cuts if c < len(batch))})
-  parts = [dedup.fingerprints(batch[a:b], DEDUP) for a, b in zip(bounds, bounds[1:])]
-  whole = dedup.fingerprints(batch, DEDUP)
-  # The clean/filter/decontaminate stage attaches each record's, packed; near dedup unpacks them.
-  ready = dedup.prepared(batch, {**DEDUP, "exact": True, "near": True})
-  unpacked = dedup.unpacked([r[dedup.PREPARED][1] for r in ready], DEDUP["num_perm"])
-  for got in (dedup.joined(parts), unpacked):
-    for name in whole._fields:
-      if name in ("shingles", "answer_words"):
-        assert all(np.array_equal(x, y) for x, y in zip(getattr(got, name), getattr(whole, name))), name
-      else:
-        assert np.array_equal(getattr(got, name), getattr(whole, name)), name
+  ready = [r for a, b in zip(bounds, bounds[1:]) for r in dedup.prepared(batch[a:b], {**DEDUP, "exact": True, "near": True})]
+  got, whole = dedup.unpacked([r[dedup.PREPARED][1] for r in ready], DEDUP["num_perm"]), dedup.fingerprints(batch, DEDUP)
+  for name in whole._fields:
+    if name in ("shingles", "answer_words"):
+      assert all(np.array_equal(x, y) for x, y in zip(getattr(got, name), getattr(whole, name))), name
+    else:
+      assert np.array_equal(getattr(got, name), getattr(whole, name)), name
   assert [dedup.exact_key(r) for r in ready] == [dedup.exact_key(r) for r in batch]
   assert [dedup.unprepared(r) for r in ready] == batch
 

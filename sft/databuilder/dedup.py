@@ -162,19 +162,6 @@ def verified(fingerprints_: Fingerprints, pairs_n2: np.ndarray, threshold: float
   return pairs_n2[(whole >= threshold) & (answers >= threshold)]
 
 
-def joined(parts: list[Fingerprints]) -> Fingerprints:
-  """The Fingerprints of consecutive batches as those of one batch (a record's depend on it alone)."""
-  def sets(all_sets: list[minhash.Sets]) -> minhash.Sets:
-    starts = np.cumsum([0] + [len(s.hashes) for s in all_sets[:-1]])
-    offsets = [all_sets[0].offsets[:1]] + [s.offsets[1:] + start for s, start in zip(all_sets, starts)]
-    return minhash.Sets(np.concatenate([s.hashes for s in all_sets]), np.concatenate(offsets))
-
-  return Fingerprints(
-      np.concatenate([p.signatures for p in parts]), np.concatenate([p.keys for p in parts]),
-      sets([p.shingles for p in parts]), sets([p.answer_words for p in parts]),
-  )
-
-
 def near_duplicate_pairs(live: list[records.Record], params: dict[str, Any], fingerprints_: Fingerprints | None = None) -> list[tuple[str, str]]:
   """(smaller id, larger id) near-duplicate pairs among live records, all at once: MinHash LSH candidate
   pairs, then `verified`. `fingerprints_`: those of `live` sorted by id, when the caller has them."""

@@ -119,8 +119,9 @@ def model() -> _Model:
   cached = _load_cached(folder)
   if cached is not None:
     return cached
+  broken = folder.exists()  # there but unreadable (a truncated file): replaced (a folder is renamed in whole)
   derived = _derive()
-  if folder.exists():  # there but unreadable (a truncated file): replaced
+  if broken:
     shutil.rmtree(folder, ignore_errors=True)
   _save_cached(derived, folder)
   return derived

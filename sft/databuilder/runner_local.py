@@ -24,7 +24,6 @@ from sft.databuilder import dedup, records
 
 _MIN_PARALLEL = 4000  # below this many items, sending them to workers costs more than it saves; 0: workers always
 _CHUNK = 500
-_FINGERPRINT_CHUNK = 2000  # records per worker call of near-dedup's fingerprints (numpy work: larger is cheaper)
 _stage: tuple[str, Callable] | None = None  # in a worker: (file, function) of the stage it last ran
 
 
@@ -47,10 +46,6 @@ def _run_chunk(task: tuple[str, list]) -> tuple[list, float]:
 
 def _each(fn: Callable[[Any], list], chunk: list) -> list:
   return [out for item in chunk for out in fn(item)]
-
-
-def _keys(key_fn: Callable[[Any], Any], chunk: list) -> list:
-  return [key_fn(item) for item in chunk]
 
 
 def _workers_pay(seconds: float, transfer_seconds: float, num_items: int, remaining: int, num_workers: int) -> bool:
@@ -124,8 +119,8 @@ class LocalRunner:
   def flat_map(self, coll: list, fn: Callable[[Any], list], name: str) -> list:
     return self.map_chunks(coll, functools.partial(_each, fn), name)
 
-  def map_chunks(self, coll: list, fn: Callable[[list], list], name: str, chunk_size: int = _CHUNK) -> list:
-    chunks = [coll[i:i + chunk_size] for i in range(0, len(coll), chunk_size)]
+  def map_chunks(self, coll: list, fn: Callable[[list], list], name: str) -> list:
+    chunks = [coll[i:i + _CHUNK] for i in range(0, len(coll), _CHUNK)]
     out = []
     with bar(len(coll), name, " inputs" if name == "read" else " records", enabled=self.progress) as progress:
       parallel = self.num_workers > 1 and len(coll) >= _MIN_PARALLEL
@@ -152,7 +147,8 @@ class LocalRunner:
   def group_by(self, coll: list, key_fn: Callable, fn: Callable, name: str) -> list:
     groups: dict[Any, list] = {}
     out = []
-    for item, key in zip(coll, self.map_chunks(coll, functools.partial(_keys, key_fn), f"{name}: keys")):
+    for item in coll:  # (exact dedup's keys were computed by the clean/filter/decontaminate stage's workers)
+      key = key_fn(item)
       if key is None:
         out.append(item)
       else:
@@ -167,11 +163,8 @@ class LocalRunner:
   def near_duplicates(self, coll: list, params: dict[str, Any], name: str) -> list:
     live = sorted((r for r in coll if not records.is_dropped(r)), key=lambda r: r["id"])
     ready = [r.get(dedup.PREPARED, (None, None))[1] for r in live]
-    if live and all(f is not None for f in ready):  # computed by the clean/filter/decontaminate stage
-      fingerprints = dedup.unpacked(ready, params["num_perm"])
-    else:  # each record's depend on it alone: computed in chunks (over the workers), then joined
-      parts = self.map_chunks(live, functools.partial(_fingerprints, params=params), f"{name}: fingerprints", _FINGERPRINT_CHUNK)
-      fingerprints = dedup.joined(parts) if parts else None
+    # Computed by the clean/filter/decontaminate stage's workers; else (records that did not pass it) here.
+    fingerprints = dedup.unpacked(ready, params["num_perm"]) if live and None not in ready else None
     pairs = dedup.near_duplicate_pairs(live, params, fingerprints)
     return dedup.mark_near_duplicates(coll, dedup.drops_from_pairs(pairs))
 
@@ -181,8 +174,3 @@ class LocalRunner:
   def results(self, *colls: list) -> tuple[list, ...]:
     """The collections' contents in this process (for lists: themselves)."""
     return colls
-
-
-def _fingerprints(chunk: list, params: dict[str, Any]) -> list[dedup.Fingerprints]:
-  return [dedup.fingerprints(chunk, params)]
-
