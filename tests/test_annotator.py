@@ -6,6 +6,8 @@ own prompt and seed only; its fingerprint follows the files; it pickles as its p
 import json
 import pickle
 import shutil
+import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -156,6 +158,46 @@ def test_a_sampled_answer_depends_on_its_seed_and_prompt_never_on_its_batch_mate
   reseeded = annotator.generate(SHORT[:3], Decoding(max_new_tokens=NEW, temperature=1.0, top_k=50, seed=12))
   assert reseeded != alone
   assert annotator.generate(SHORT[:3], Decoding(max_new_tokens=NEW)) != alone
+
+
+def test_batches_in_flight_change_no_answer(model, monkeypatch):
+  """Two batches at once on this one-device CPU (CPU_LANES) give the answers of one at a time, greedy or
+  sampled: each batch runs the program it runs alone."""
+  annotator = model[0]
+  greedy, sampled = Decoding(max_new_tokens=NEW), Decoding(max_new_tokens=NEW, temperature=1.0, top_k=50, seed=5)
+  monkeypatch.setattr(annotator, "_lanes", lambda: 2)
+  in_flight = [annotator.generate(CHATS, d) for d in (greedy, sampled)]
+  monkeypatch.setattr(annotator, "_lanes", lambda: 1)
+  assert [annotator.generate(CHATS, d) for d in (greedy, sampled)] == in_flight
+  assert len({g.text for g in in_flight[1]}) > 3
+
+
+def test_lanes_keep_the_order_and_the_callers_settings_and_stop_at_an_error(model, monkeypatch):
+  annotator = model[0]
+  monkeypatch.setattr(annotator, "_lanes", lambda: 2)
+  lock, running, peak, started = threading.Lock(), [0], [0], []
+
+  def batch(i):
+    with lock:
+      running[0] += 1
+      peak[0] = max(peak[0], running[0])
+      started.append(i)
+    time.sleep(0.01 * ((7 * i) % 3))  # finishing out of order
+    with lock:
+      running[0] -= 1
+    if i == 6:
+      raise RuntimeError("batch 6 failed")
+    return i, annotator_local.use_cpu_kernels(), annotator_local.jax.sharding.get_abstract_mesh().shape_tuple
+
+  got = []
+  with annotator_local.cpu_kernels(False), pytest.raises(RuntimeError, match="batch 6 failed"):
+    for item in annotator._in_lanes(batch, range(40)):
+      got.append(item)
+  assert [i for i, _, _ in got] == [0, 1, 2, 3, 4, 5]
+  assert {on_cpu for _, on_cpu, _ in got} == {False}  # the caller's setting, in the lanes' threads
+  mesh_shape = tuple(annotator.model.run.mesh.shape.items())
+  assert {shape for _, _, shape in got} == {mesh_shape}
+  assert peak[0] == 2 and max(started) <= 8  # two at a time; nothing queued behind the error runs
 
 
 def test_the_fingerprint_follows_the_files_without_loading_the_model(workdir, tmp_path):

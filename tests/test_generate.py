@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from sft.evaluator.generate import constrain_cache, make_generate, make_greedy_generate, pad_prompts, prefill
+from sft.evaluator.generate import constrain_cache, decode_copies, make_generate, make_greedy_generate, pad_prompts, prefill
+from sft.model.backend import use_cpu_kernels
 from sft.model import ModelConfig, Transformer
 from sft.model.layers import OUT_IN
 from sft.model.transformer import init_cache, split_cache, split_layers, weights_out_in
@@ -161,9 +162,26 @@ def test_the_token_loop_multiplies_by_weights_stored_out_in_on_cpu():
   (in, out) weights again, ~1.5x slower on CPU at a few rows."""
   model, params = Transformer(CFG), _params()
   tokens, lengths = pad_prompts(PROMPTS, pad_id=0)
-  hlo = make_generate(model, max_new_tokens=5, stop_ids=(), pad_id=0).lower(params, tokens, lengths, jax.random.key(0)).compile().as_text()
-  projections = re.findall(
-      r"dot\(%\S+, %\S+\), lhs_contracting_dims=\{1\}, rhs_contracting_dims=\{(\d)\}, metadata=\{op_name=\"jit\(generate\)/while/body/", hlo
-  )
-  assert len(projections) == 7 * CFG.num_layers + 1, projections  # q, k, v, o, gate, up, down per layer; the unembedding
-  assert set(projections) == {"1"}, projections
+  generate = make_generate(model, max_new_tokens=5, stop_ids=(), pad_id=0)
+  for copies in (None, decode_copies(params)):  # made in the call, or once and passed in
+    hlo = generate.lower(params, tokens, lengths, jax.random.key(0), copies).compile().as_text()
+    projections = re.findall(
+        r"dot\(%\S+, %\S+\), lhs_contracting_dims=\{1\}, rhs_contracting_dims=\{(\d)\}, metadata=\{op_name=\"jit\(generate\)/while/body/", hlo
+    )
+    assert len(projections) == 7 * CFG.num_layers + 1, projections  # q, k, v, o, gate, up, down per layer; the unembedding
+    assert set(projections) == {"1"}, projections
+
+
+def test_copies_made_once_answer_as_the_copies_each_call_makes():
+  """decode_copies(params), passed to many calls, gives every call's tokens bit for bit, and is what the
+  loop multiplies by (zeroed copies change the answers); the accelerators' code takes none."""
+  model, params, key = Transformer(CFG), _params(), jax.random.key(0)
+  tokens, lengths = pad_prompts(PROMPTS, pad_id=0)
+  generate = make_generate(model, max_new_tokens=6, stop_ids=(), pad_id=0)
+  copies = decode_copies(params)
+  assert bool(copies) == use_cpu_kernels()
+  per_call = np.asarray(generate(params, tokens, lengths, key))
+  np.testing.assert_array_equal(generate(params, tokens, lengths, key, copies), per_call)
+  if copies:
+    zeroed = jax.tree.map(jnp.zeros_like, copies)
+    assert not np.array_equal(generate(params, tokens, lengths, key, zeroed), per_call)

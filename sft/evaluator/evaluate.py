@@ -27,6 +27,7 @@ from sft.errors import ConfigError
 from sft.evaluator import choices as choices_lib
 from sft.evaluator import tasks as tasks_lib
 from sft.evaluator.generate import (
+    decode_copies,
     fit_prompts,
     make_generate,
     pad_prompts,
@@ -256,8 +257,9 @@ class Evaluator:
       return {}, []
     tok = self._tokenizer
     tokens_bp, lengths_b = pad_prompts(self._prompts, tok.pad_id)
+    copies = decode_copies(params)  # once for every batch below
     generated_bn = np.concatenate([
-        np.asarray(jax.device_get(self._generate(params, chunk_bp, chunk_lengths_b, jax.random.key(0))))[:n]
+        np.asarray(jax.device_get(self._generate(params, chunk_bp, chunk_lengths_b, jax.random.key(0), copies)))[:n]
         for n, chunk_bp, chunk_lengths_b in track(
             list(_chunks(tokens_bp, lengths_b, self._generation_batch)), "eval: generating", unit=" batches",
             enabled=jax.process_index() == 0,

@@ -100,6 +100,7 @@ def generate(
     prompt_tokens_bp: jax.Array,
     prompt_lengths_b: jax.Array,
     rng: jax.Array,
+    copies: dict | None = None,
     *,
     model: Transformer,
     max_new_tokens: int,
@@ -110,7 +111,8 @@ def generate(
   """Returns (B, max_new_tokens) generated ids: a stop token included, `pad_id` after it.
 
   `rng`: one key for the batch, or (B,) keys, one per row: then a sampled row depends on its own key
-  and prompt only, never on the rows it shares the batch with (see Sampler.per_row)."""
+  and prompt only, never on the rows it shares the batch with (see Sampler.per_row).
+  `copies`: `decode_copies(params)`, made once for many calls; without, a CPU trace makes them per call."""
   batch, prompt_len = prompt_tokens_bp.shape
   cfg = model.cfg
   if cfg.position_embedding == "learned" and prompt_len + max_new_tokens > cfg.max_positions:  # past the table: NaN
@@ -139,11 +141,12 @@ def generate(
 
   # Per-layer weights and cache for the loop: split once here, so no token step copies them out of stacks.
   variables = {"params": split_layers(params)}
-  copies = weights_out_in(variables["params"]) if use_cpu_kernels() else {}
   if copies:
+    variables[OUT_IN] = copies  # an argument: nothing to cancel against
+  elif copies is None and use_cpu_kernels():
     # Each projection reads an (out, in) copy (see weights_out_in); behind a barrier, or XLA cancels
     # the copy's transpose against the product's and multiplies by the (in, out) weight again.
-    variables[OUT_IN] = jax.lax.optimization_barrier(copies)
+    variables[OUT_IN] = jax.lax.optimization_barrier(weights_out_in(variables["params"]))
 
   def body(carry):
     i, last_b, out_bn, done_b, cache = carry
@@ -156,6 +159,16 @@ def generate(
   return jax.lax.while_loop(cond, body, init)[2]
 
 
+def decode_copies(params) -> dict:
+  """The (out, in) weight copies decoding multiplies by on the CPU (see weights_out_in), made once: passed
+  to every `generate` call, they spare each call the copy (a tenth of a 32-row, 64-token call). {} where
+  the traced code is the accelerators' (see sft.model.backend). Held beside the parameters: a second copy
+  of the projections in memory."""
+  if not use_cpu_kernels():
+    return {}
+  return jax.jit(lambda p: weights_out_in(split_layers(p)))(params)
+
+
 def make_generate(
     model: Transformer,
     *,
@@ -165,8 +178,8 @@ def make_generate(
     sampler: Sampler = GREEDY,
     out_sharding: jax.sharding.Sharding | None = None,
 ) -> Callable:
-  """`fn(params, prompt_tokens_bp, prompt_lengths_b, rng) -> (B, max_new_tokens)`, compiled once per shape;
-  `rng` one key, or (B,) keys (one per row: see `generate`).
+  """`fn(params, prompt_tokens_bp, prompt_lengths_b, rng, copies=None) -> (B, max_new_tokens)`, compiled
+  once per shape; `rng` one key, or (B,) keys (one per row: see `generate`); `copies` see `decode_copies`.
 
   `out_sharding`: where the generated ids go. Left to the compiler they follow the batch's sharding,
   which a multi-process run cannot `device_get`; a replicated sharding gives every process all rows.

@@ -152,6 +152,7 @@ class LoadedModel:
   context: int
   score: Any  # (params, placed batch) -> {"loglik_b", "tokens_b"}: the evaluator's score step
   generators: dict = dataclasses.field(default_factory=dict)  # (max_new_tokens, Sampler) -> jitted generate
+  copies: dict = dataclasses.field(default_factory=dict)  # use_cpu_kernels() -> generate.decode_copies(params)
 
 
 def load_model(
