@@ -20,8 +20,9 @@ with a system turn), from a fixed seed.
         generation on CPU does not compile), and the ratio taken against the faster.
 
 Counted on each side: everything from the chats to the answers' texts, after one warm-up call on a
-separate set of chats, one per prompt-length bucket the measured chats use (ours compiles one program per
-bucket there: that call's time is printed as its compile time; the model's load is not timed either). New tokens are the
+separate set of chats, one per shape the measured chats use (ours compiles a decoding program per
+prompt-length bucket and a prefill program per bucket and prefill width there; that call's time is
+printed, not counted; the model's load is not timed either). New tokens are the
 answers' tokens up to and including the stop token (an answer cut off at max_new_tokens has exactly that
 many). Greedy float32 decoding of two implementations may part ways where two logits nearly tie: the
 share of chats whose answers are equal (text and whether it finished) is printed, and should be most.
@@ -54,7 +55,7 @@ import jax  # noqa: E402
 
 from benchmarks import roofline  # noqa: E402
 from sft.annotator import AnnotationCache, CachedAnnotator, Decoding, Generation, open_annotator  # noqa: E402
-from sft.annotator.local import bucket_of  # noqa: E402
+from sft.annotator.local import bucket_of, prefill_width  # noqa: E402
 from sft.evaluator.generate import prompt_room  # noqa: E402
 
 # transformers.LlamaConfig fields; generate_speed.py's BENCH and a toy model.
@@ -305,15 +306,21 @@ def main(argv=None) -> dict:
     return run(args, folder, chats, decoding, pathlib.Path(tmp), threads, torch, transformers)
 
 
-def pick_warmup(chats, tokenizer, room: int, wanted: set[int], measured) -> list:
-  """The first chat of each wanted bucket among `chats`, none of them `measured`."""
+def shapes_of(length: int, room: int) -> tuple[int, int]:
+  """(bucket, prefill width) of a prompt: the decoding program and the prefill program it runs in."""
+  bucket = bucket_of(length, room)
+  return bucket, prefill_width(length, bucket)
+
+
+def pick_warmup(chats, tokenizer, room: int, wanted: set[tuple[int, int]], measured) -> list:
+  """The first chat of each wanted (bucket, prefill width) among `chats`, none of them `measured`."""
   picked, measured = {}, {repr(c) for c in measured}
   for chat in (c for c in chats if repr(c) not in measured):
-    bucket = bucket_of(len(render(tokenizer, chat)), room)
-    if bucket in wanted and bucket not in picked:
-      picked[bucket] = chat
+    shapes = shapes_of(len(render(tokenizer, chat)), room)
+    if shapes in wanted and shapes not in picked:
+      picked[shapes] = chat
   missing = sorted(wanted - set(picked))
-  assert not missing, f"no warm-up chat of the buckets {missing}: draw more"
+  assert not missing, f"no warm-up chat of the (bucket, prefill width) shapes {missing}: draw more"
   return [picked[b] for b in sorted(picked)]
 
 
@@ -328,7 +335,8 @@ def run(args, folder, chats, decoding, tmp, threads, torch, transformers) -> dic
   room = prompt_room(ours.context, n_new, "max_new_tokens")
   prompts = [render(tok, c) for c in chats]
   lengths = [len(p) for p in prompts]
-  used = {bucket_of(n, room) for n in lengths}
+  used = {shapes_of(n, room) for n in lengths}
+  buckets = sorted({b for b, _ in used})
   warm = pick_warmup(make_chats(8 * args.num_prompts + 256, seed=1), tok, room, used, chats)
   theirs = HFAnnotator(folder, args.batch_size, tuple(tok.stop_ids), tok.pad_id)
   same_prompts = sum(a == list(b) for a, b in zip(prompts, theirs.prompt_ids(chats)))
@@ -337,7 +345,7 @@ def run(args, folder, chats, decoding, tmp, threads, torch, transformers) -> dic
       f"model: {n_params / 1e6:.1f}M parameters (vocab {theirs.model.config.vocab_size}, d_model "
       f"{theirs.model.config.hidden_size}, {theirs.model.config.num_hidden_layers} layers), float32; "
       f"{len(chats)} chats, "
-      f"prompts {min(lengths)}-{max(lengths)} tokens (mean {np.mean(lengths):.0f}), buckets {sorted(used)}; greedy, "
+      f"prompts {min(lengths)}-{max(lengths)} tokens (mean {np.mean(lengths):.0f}), buckets {buckets}; greedy, "
       f"max_new_tokens {n_new}, batch {args.batch_size}; jax {jax.__version__} on {jax.devices()[0].platform}, torch "
       f"{torch.__version__}, transformers {transformers.__version__}, torch.set_num_threads({threads}) (the CPUs this "
       f"process may use)",
@@ -345,11 +353,13 @@ def run(args, folder, chats, decoding, tmp, threads, torch, transformers) -> dic
   )
   print(f"prompts: sft's chat rendering equals transformers' apply_chat_template for {same_prompts} of {len(chats)}")
 
-  # Warm-up on a separate set: ours compiles one program per bucket; HF runs once with each cache.
+  # Warm-up on a separate set: ours compiles a decoding program per bucket and a prefill program per
+  # prefill width; HF runs once with each cache.
   _, ours_warm_s = timed(lambda: ours.generate(warm, decoding))
   hf_warm = {c: timed(functools.partial(theirs.generate, warm, n_new, c))[1] for c in HF_CACHES}
   print(
-      f"warm-up ({len(warm)} chats, one per bucket): ours {ours_warm_s:.2f} s (compiling {len(used)} programs: not "
+      f"warm-up ({len(warm)} chats, one per (bucket, prefill width)): ours {ours_warm_s:.2f} s (compiling "
+      f"{len(buckets)} decoding and {len(used)} prefill programs, and running {len(buckets)} padded batches: not "
       f"counted); HF generate {', '.join(f'{c} cache {s:.2f} s' for c, s in hf_warm.items())}",
       flush=True,
   )

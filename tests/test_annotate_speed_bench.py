@@ -37,8 +37,11 @@ def test_quick_run_prints_both_sides_the_ratio_and_a_cache_rerun_that_asks_nothi
   assert "torch.set_num_threads(" in out and "24 chats" in out
   same, total = line(r"^prompts: sft's chat rendering equals .*apply_chat_template for (\d+) of (\d+)$", out)
   assert same == total == "24"
-  (compile_s,) = line(rf"^warm-up \(\d+ chats, one per bucket\): ours {NUMBER} s \(compiling \d+ programs", out)
-  assert float(compile_s) > 0
+  compile_s, decoding, prefill = line(
+      rf"^warm-up \(\d+ chats, one per \(bucket, prefill width\)\): ours {NUMBER} s \(compiling (\d+) decoding and (\d+) "
+      r"prefill programs", out
+  )
+  assert float(compile_s) > 0 and 1 <= int(decoding) <= int(prefill)
   sides = {m[0]: m[1:] for m in re.findall(rf"^{SIDE}", out, re.MULTILINE)}
   assert set(sides) == set(SIDES), out
   for records, seconds, per_s, tokens_per_s in sides.values():

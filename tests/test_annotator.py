@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -97,7 +99,10 @@ def test_generate_is_greedy_decoding_in_input_order_from_one_program_per_bucket(
   assert annotator.prompts_cut - before == len(cut)
   assert len({g.text for g in got}) > 3  # the answers differ: an order mix-up would show
   used = {annotator_local.bucket_of(n, room) for n in lengths}
-  assert annotator.model.generators[(NEW, annotator_local.Sampler())]._cache_size() == len(used) <= 3
+  programs = annotator.model.generators[(NEW, annotator_local.Sampler())]
+  assert programs.decode._cache_size() == len(used) <= 3  # one decoding program per bucket
+  widths = {(b, annotator_local.prefill_width(n, b)) for n in lengths for b in [annotator_local.bucket_of(n, room)]}
+  assert programs.prefill._cache_size() == len(widths)  # one prefill program per bucket and width
   # Equal prompts are answered once, and alike.
   again = annotator.generate([CHATS[1], CHATS[0], CHATS[1]], Decoding(max_new_tokens=NEW))
   assert again == [got[1], got[0], got[1]]
@@ -263,6 +268,18 @@ def test_what_is_no_model_is_a_one_line_error_naming_the_key(workdir, hf_folder,
       open_annotator(str(path), backend)
     assert "\n" not in str(err.value)
     assert backend == "openai" or "annotate.model=" in str(err.value)
+
+
+@given(st.lists(st.integers(1, 2048), max_size=40), st.integers(1, 9))
+def test_prefill_groups_take_every_prompt_once_at_a_width_that_fits_it(lengths, rows):
+  bucket = max([16, *lengths])
+  groups = list(annotator_local.prefill_groups(lengths, bucket, rows))
+  assert sorted(i for _, members in groups for i in members) == list(range(len(lengths)))
+  for width, members in groups:
+    assert 1 <= len(members) <= rows
+    assert all(lengths[i] <= width == annotator_local.prefill_width(lengths[i], bucket) for i in members)
+    assert width == bucket or width % annotator_local.PREFILL_STEP == 0
+    assert width < max(lengths[i] for i in members) + annotator_local.PREFILL_STEP  # no more padding than a step
 
 
 def test_buckets_and_the_hf_context():

@@ -4,6 +4,7 @@ a decoding step moves no cache or weight bytes around, and on CPU multiplies by 
 weights that give the same logits."""
 
 import dataclasses
+import functools
 import math
 import re
 
@@ -14,9 +15,18 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from sft.evaluator.generate import constrain_cache, decode_copies, make_generate, make_greedy_generate, pad_prompts, prefill
-from sft.model.backend import use_cpu_kernels
+from sft.evaluator.generate import (
+    constrain_cache,
+    decode,
+    decode_copies,
+    make_generate,
+    make_greedy_generate,
+    pad_prompts,
+    prefill,
+    prefill_into,
+)
 from sft.model import ModelConfig, Transformer
+from sft.model.backend import use_cpu_kernels
 from sft.model.layers import OUT_IN
 from sft.model.transformer import init_cache, split_cache, split_layers, weights_out_in
 
@@ -185,3 +195,36 @@ def test_copies_made_once_answer_as_the_copies_each_call_makes():
   if copies:
     zeroed = jax.tree.map(jnp.zeros_like, copies)
     assert not np.array_equal(generate(params, tokens, lengths, key, zeroed), per_call)
+
+
+def _prefilled_in_groups(model, params, new):
+  """PROMPTS prefilled into a 4-row batch (room 8 + new) by prefill_into, a group at a time at each
+  group's own width, into rows out of order: prompt 0 to row 2 (a group of 2 naming it twice), prompts
+  1 and 2 to rows 0 and 1; row 3 is left empty. Returns (logits, cache, lengths, where each prompt went)."""
+  fill = jax.jit(functools.partial(prefill_into, model=model), donate_argnums=(1, 2))
+  cache, logits_bv = init_cache(CFG, 4, 8 + new), jnp.zeros((4, CFG.vocab_size), jnp.float32)
+  for group, rows in (([PROMPTS[1], PROMPTS[2]], [0, 1]), ([PROMPTS[0], PROMPTS[0]], [2, 2])):
+    tokens_rw, lengths_r = pad_prompts(group, pad_id=0)
+    cache, logits_bv = fill(params, cache, logits_bv, tokens_rw, lengths_r, np.asarray(rows, np.int32))
+  return logits_bv, cache, np.asarray([2, 4, 7, 1], np.int32), [2, 0, 1]
+
+
+def test_prompts_prefilled_a_group_at_a_time_answer_as_one_batch():
+  """decode over a batch that prefill_into filled group by group gives generate's answers for the same
+  prompts; a row that is not live (empty) never holds the loop."""
+  model, params, new, key = Transformer(CFG), _params(), 6, jax.random.key(0)
+  tokens, lengths = pad_prompts(PROMPTS, pad_id=0)
+  want = np.asarray(make_generate(model, max_new_tokens=new, stop_ids=(), pad_id=0)(params, tokens, lengths, key))
+  logits_bv, cache, lengths_b, rows = _prefilled_in_groups(model, params, new)
+  live_b = np.asarray([True, True, True, False])
+  answer = functools.partial(decode, model=model, max_new_tokens=new, pad_id=0)
+  got = np.asarray(jax.jit(functools.partial(answer, stop_ids=()))(params, logits_bv, cache, lengths_b, key, None, live_b))
+  np.testing.assert_array_equal(got[rows], want)
+  assert len({tuple(r) for r in want}) == len(want)  # distinct answers: a row mix-up would show
+  # Every live row stops at its first token: the loop ends there, whatever the empty row would draw.
+  stops = tuple(int(t) for t in want[:, 0])
+  first_only = jax.jit(functools.partial(answer, stop_ids=stops))
+  ended = np.asarray(first_only(params, logits_bv, cache, lengths_b, key, None, live_b))
+  assert (ended[:, 1:] == 0).all()
+  held = np.asarray(first_only(params, logits_bv, cache, lengths_b, key, None, None))  # the empty row counted
+  assert int(held[3, 0]) not in stops and (held[3, 1:] != 0).any()

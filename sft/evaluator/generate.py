@@ -95,6 +95,12 @@ def prefill(model: Transformer, params, prompt_tokens_bp: jax.Array, prompt_leng
   return model.apply({"params": params}, last_b1d, method=Transformer.unembed)[:, 0], cache
 
 
+def check_positions(cfg, length: int) -> None:
+  """A model with learned positions has none past its table (they would read NaN): a ConfigError."""
+  if cfg.position_embedding == "learned" and length > cfg.max_positions:
+    raise ConfigError(f"a prompt and its new tokens take {length} positions, more than the model's {cfg.max_positions}")
+
+
 def generate(
     params,
     prompt_tokens_bp: jax.Array,
@@ -114,14 +120,35 @@ def generate(
   and prompt only, never on the rows it shares the batch with (see Sampler.per_row).
   `copies`: `decode_copies(params)`, made once for many calls; without, a CPU trace makes them per call."""
   batch, prompt_len = prompt_tokens_bp.shape
-  cfg = model.cfg
-  if cfg.position_embedding == "learned" and prompt_len + max_new_tokens > cfg.max_positions:  # past the table: NaN
-    raise ConfigError(
-        f"a prompt of {prompt_len} tokens plus {max_new_tokens} new ones is more than the model's {cfg.max_positions} positions"
-    )
-  stop_s = jnp.asarray(stop_ids or (-1,), jnp.int32)
+  check_positions(model.cfg, prompt_len + max_new_tokens)
   cache = constrain_cache(init_cache(model.cfg, batch, prompt_len + max_new_tokens))
   logits_bv, cache = prefill(model, params, prompt_tokens_bp, prompt_lengths_b, cache)
+  return decode(
+      params, logits_bv, cache, prompt_lengths_b, rng, copies, model=model, max_new_tokens=max_new_tokens,
+      stop_ids=stop_ids, pad_id=pad_id, sampler=sampler,
+  )
+
+
+def decode(
+    params,
+    logits_bv: jax.Array,
+    cache,
+    prompt_lengths_b: jax.Array,
+    rng: jax.Array,
+    copies: dict | None = None,
+    live_b: jax.Array | None = None,
+    *,
+    model: Transformer,
+    max_new_tokens: int,
+    stop_ids: tuple[int, ...],
+    pad_id: int,
+    sampler: Sampler = GREEDY,
+) -> jax.Array:
+  """`generate` after its prefill: (B, max_new_tokens) ids from the (B, V) logits at each row's last
+  prompt token and the stacked cache holding its prompt (room for max_new_tokens after the longest).
+  `live_b`: (B,) bool, the rows that count; the others are padding that never holds the loop."""
+  batch = logits_bv.shape[0]
+  stop_s = jnp.asarray(stop_ids or (-1,), jnp.int32)
   per_row = jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key) and rng.ndim == 1
 
   def draw(logits_bv, i):
@@ -155,8 +182,24 @@ def generate(
     next_b = jnp.where(done_b, pad_id, draw(logits_b1v[:, 0], i))
     return i + 1, next_b, out_bn.at[:, i].set(next_b), done_b | is_stop(next_b), constrain_cache(cache)
 
-  init = (jnp.int32(1), first_b, out_bn, is_stop(first_b), constrain_cache(split_cache(cache)))
+  done_b = is_stop(first_b) if live_b is None else is_stop(first_b) | ~live_b
+  init = (jnp.int32(1), first_b, out_bn, done_b, constrain_cache(split_cache(cache)))
   return jax.lax.while_loop(cond, body, init)[2]
+
+
+def prefill_into(params, cache, logits_bv, tokens_rw, lengths_r, rows_r, *, model: Transformer):
+  """Prefills R right-padded prompts (R, W) and writes prompt i's keys and values (positions [0, W)) and
+  its last token's logits into row rows_r[i] of a decoding batch's stacked `cache` (room S >= W) and
+  (B, V) `logits_bv`; returns (cache, logits_bv). A row named twice gets the same values twice. A row's
+  numbers depend on its own prompt and the (R, W) shape only."""
+  r, w = tokens_rw.shape
+  logits_rv, (k_rows, v_rows) = prefill(model, params, tokens_rw, lengths_r, constrain_cache(init_cache(model.cfg, r, w)))
+  keys, values = cache  # (L, B, K, H, S), (L, B, K, S, H); the rows' (L, R, K, H, W), (L, R, K, W, H)
+  for i in range(r):
+    keys = jax.lax.dynamic_update_slice(keys, k_rows[:, i : i + 1].astype(keys.dtype), (0, rows_r[i], 0, 0, 0))
+    values = jax.lax.dynamic_update_slice(values, v_rows[:, i : i + 1].astype(values.dtype), (0, rows_r[i], 0, 0, 0))
+    logits_bv = jax.lax.dynamic_update_slice(logits_bv, logits_rv[i : i + 1].astype(logits_bv.dtype), (rows_r[i], 0))
+  return constrain_cache((keys, values)), logits_bv
 
 
 def decode_copies(params) -> dict:
