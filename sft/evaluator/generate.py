@@ -98,7 +98,7 @@ def prefill(model: Transformer, params, prompt_tokens_bp: jax.Array, prompt_leng
 def check_positions(cfg, length: int) -> None:
   """A model with learned positions has none past its table (they would read NaN): a ConfigError."""
   if cfg.position_embedding == "learned" and length > cfg.max_positions:
-    raise ConfigError(f"a prompt and its new tokens take {length} positions, more than the model's {cfg.max_positions}")
+    raise ConfigError(f"a prompt and its new tokens take {length} positions, more than the model's {cfg.max_positions} positions")
 
 
 def generate(
@@ -209,7 +209,12 @@ def decode_copies(params) -> dict:
   of the projections in memory."""
   if not use_cpu_kernels():
     return {}
-  return jax.jit(lambda p: weights_out_in(split_layers(p)))(params)
+  return _out_in_copies(params)
+
+
+@jax.jit
+def _out_in_copies(params) -> dict:
+  return weights_out_in(split_layers(params))
 
 
 def make_generate(
