@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -50,6 +51,9 @@ def stop_after_step(step: int) -> None:
     write(self, done, metrics)
     if done == step:
       os.kill(os.getpid(), signal.SIGSTOP)
+      # Continued: the signal sent while stopped may have landed on another thread, whose C handler only
+      # flags it for the main thread; a moment here lets that happen before the loop polls for a stop.
+      time.sleep(0.2)
 
   MetricsLog.write = write_then_stop
 
