@@ -55,7 +55,7 @@ import jax  # noqa: E402
 
 from benchmarks import roofline  # noqa: E402
 from sft.annotator import AnnotationCache, CachedAnnotator, Decoding, Generation, open_annotator  # noqa: E402
-from sft.annotator.local import bucket_of, prefill_width  # noqa: E402
+from sft.annotator.batches import bucket_of, prefill_width  # noqa: E402
 from sft.evaluator.generate import prompt_room  # noqa: E402
 
 # transformers.LlamaConfig fields; generate_speed.py's BENCH and a toy model.

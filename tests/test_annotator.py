@@ -23,6 +23,7 @@ import serving_util  # noqa: E402
 
 from sft import hf  # noqa: E402
 from sft.annotator import AnnotationCache, CachedAnnotator, Decoding, Generation, open_annotator  # noqa: E402
+from sft.annotator import batches as annotator_batches  # noqa: E402
 from sft.annotator import local as annotator_local  # noqa: E402
 from sft.errors import ConfigError  # noqa: E402
 from sft.evaluator.generate import fit_prompts, make_generate, pad_prompts, prompt_room, strip_generation  # noqa: E402
@@ -98,10 +99,10 @@ def test_generate_is_greedy_decoding_in_input_order_from_one_program_per_bucket(
   ]
   assert annotator.prompts_cut - before == len(cut)
   assert len({g.text for g in got}) > 3  # the answers differ: an order mix-up would show
-  used = {annotator_local.bucket_of(n, room) for n in lengths}
+  used = {annotator_batches.bucket_of(n, room) for n in lengths}
   programs = annotator.model.generators[(NEW, annotator_local.Sampler())]
   assert programs.decode._cache_size() == len(used) <= 3  # one decoding program per bucket
-  widths = {(b, annotator_local.prefill_width(n, b)) for n in lengths for b in [annotator_local.bucket_of(n, room)]}
+  widths = {(b, annotator_batches.prefill_width(n, b)) for n in lengths for b in [annotator_batches.bucket_of(n, room)]}
   assert programs.prefill._cache_size() == len(widths)  # one prefill program per bucket and width
   # Equal prompts are answered once, and alike.
   again = annotator.generate([CHATS[1], CHATS[0], CHATS[1]], Decoding(max_new_tokens=NEW))
@@ -273,19 +274,19 @@ def test_what_is_no_model_is_a_one_line_error_naming_the_key(workdir, hf_folder,
 @given(st.lists(st.integers(1, 2048), max_size=40), st.integers(1, 9))
 def test_prefill_groups_take_every_prompt_once_at_a_width_that_fits_it(lengths, rows):
   bucket = max([16, *lengths])
-  groups = list(annotator_local.prefill_groups(lengths, bucket, rows))
+  groups = list(annotator_batches.prefill_groups(lengths, bucket, rows))
   assert sorted(i for _, members in groups for i in members) == list(range(len(lengths)))
   for width, members in groups:
     assert 1 <= len(members) <= rows
-    assert all(lengths[i] <= width == annotator_local.prefill_width(lengths[i], bucket) for i in members)
-    assert width == bucket or width % annotator_local.PREFILL_STEP == 0
-    assert width < max(lengths[i] for i in members) + annotator_local.PREFILL_STEP  # no more padding than a step
+    assert all(lengths[i] <= width == annotator_batches.prefill_width(lengths[i], bucket) for i in members)
+    assert width == bucket or width % annotator_batches.PREFILL_STEP == 0
+    assert width < max(lengths[i] for i in members) + annotator_batches.PREFILL_STEP  # no more padding than a step
 
 
 def test_buckets_and_the_hf_context():
-  buckets = annotator_local.buckets
+  buckets = annotator_batches.buckets
   assert buckets(100) == [16, 32, 64, 100] and buckets(10) == [10] and buckets(32) == [16, 32]
-  batches = list(annotator_local.by_bucket([40, 3, 17, 16, 2, 100], 100, 2))
+  batches = list(annotator_batches.by_bucket([40, 3, 17, 16, 2, 100], 100, 2))
   assert batches == [(16, [4, 1]), (16, [3]), (32, [2]), (64, [0]), (100, [5])]
 
 

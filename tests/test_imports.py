@@ -26,7 +26,7 @@ LAYERS = [
     ("sft.config_check",),
     ("sft.evaluator",),
     ("sft.trainer",),
-    ("sft.serve", "sft.eval_job", "sft.annotator.local", "sft.audit"),
+    ("sft.serve", "sft.eval_job", "sft.annotator.local", "sft.annotator.batches", "sft.audit"),
     ("sft.jobs",),
     ("sft.cli", "sft.__main__", "sft"),
 ]

@@ -6,48 +6,43 @@ config.json, latest checkpoint and tokenizer, served as trained) or a local Hugg
     annotator.generate([[{"role": "user", "content": "Hi"}]], Decoding(max_new_tokens=64))
     annotator.log_likelihoods([[{"role": "user", "content": "2 + 2?"}]], ["4"])
 
-Prompts are batched by length: a batch holds up to `batch_size` prompts of one bucket (powers of two from
-16, then the prompt room), and its KV cache that bucket plus the new tokens. Its prompts are prefilled
-PREFILL_ROWS at a time, each padded to its own length rounded up to PREFILL_STEP, then decoded together.
-A row's numbers depend on its own prompt and these shapes only, never on its batch mates, so a rerun that
-generates only what a cache lacks answers as the whole run did. A run compiles a decoding program per
-bucket and a prefill program per bucket and width it uses; on a one-device CPU, CPU_LANES batches run at
-once. The object pickles as its path and settings (Beam workers) and loads the model on first use.
+Prompts are batched by length bucket and prefilled a few at a time at about their own length (see
+`batches`: an answer never depends on the prompts batched with it); a run compiles a decoding program
+per bucket and a prefill program per bucket and width it uses. The object pickles as its path and
+settings (Beam workers) and loads the model on first use.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
-import dataclasses
-import functools
-import hashlib
+import contextlib
 import logging
 import os
 import pathlib
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from sft.annotator.base import Chat, Decoding, Generation
+from sft.annotator.batches import (
+    CPU_LANES,
+    PREFILL_ROWS,
+    Programs,
+    by_bucket,
+    dedup,
+    fill_rows,
+    in_lanes,
+    make_programs,
+    prefill_groups,
+    row_keys,
+    score_rows,
+)
 from sft.console import bar
 from sft.errors import ConfigError
-from sft.evaluator.generate import (
-    check_positions,
-    constrain_cache,
-    decode,
-    decode_copies,
-    fit_prompts,
-    prefill_into,
-    prompt_room,
-    strip_generation,
-)
+from sft.evaluator.generate import check_positions, decode_copies, fit_prompts, prompt_room, strip_generation
 from sft.evaluator.sampling import Sampler
 from sft.model.backend import cpu_kernels, use_cpu_kernels
-from sft.model.transformer import init_cache
 from sft.serve import loading
-from sft.serve.engine import bucket_of, buckets  # noqa: F401  (the server's buckets: one set of shapes)
 from sft.trainer import sharding
 
 log = logging.getLogger("sft")
@@ -55,121 +50,6 @@ BACKENDS = loading.BACKENDS
 KEY = "annotate.model"  # the build config's key that names the model, in every error about it
 # A chat ends with the user's turn; the renderer wants the assistant turn its prompt leads into.
 _PLACEHOLDER = {"role": "assistant", "content": "-"}
-# Batches generated at once on a one-device CPU mesh. XLA:CPU multiplies a 32-row decoding step's small
-# products on one thread, so a second batch in flight keeps the second core busy: 1.25-1.3x on 2 cores.
-# Each batch runs the program it runs alone: no answer changes.
-CPU_LANES = 2
-# A batch's prompts are prefilled PREFILL_ROWS at a time, each padded to its length rounded up to
-# PREFILL_STEP (within its bucket): on the benchmark's prompts, 1.3x fewer prompt tokens than padding
-# every row of a batch to the bucket, and no prefill of the rows a batch lacks.
-PREFILL_ROWS = 8
-PREFILL_STEP = 32
-
-
-def by_bucket(lengths: Sequence[int], room: int, batch_size: int) -> Iterator[tuple[int, list[int]]]:
-  """(bucket, indices of at most `batch_size` rows) batches: the indices grouped by the bucket of their
-  length, shortest first. A row's bucket is its own length's, whoever it is batched with."""
-  groups: dict[int, list[int]] = {}
-  for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
-    groups.setdefault(bucket_of(lengths[i], room), []).append(i)
-  for bucket, members in sorted(groups.items()):
-    for start in range(0, len(members), batch_size):
-      yield bucket, members[start:start + batch_size]
-
-
-def prefill_width(length: int, bucket: int) -> int:
-  """The width a prompt of `length` tokens is prefilled at: rounded up to PREFILL_STEP, at most its bucket."""
-  return min(bucket, -(-length // PREFILL_STEP) * PREFILL_STEP)
-
-
-def prefill_groups(lengths: Sequence[int], bucket: int, rows: int) -> Iterator[tuple[int, list[int]]]:
-  """(width, at most `rows` indices into `lengths`) groups: the prompts of one batch by prefill width."""
-  groups: dict[int, list[int]] = {}
-  for i, n in enumerate(lengths):
-    groups.setdefault(prefill_width(n, bucket), []).append(i)
-  for width, members in sorted(groups.items()):
-    for start in range(0, len(members), rows):
-      yield width, members[start:start + rows]
-
-
-@dataclasses.dataclass(frozen=True)
-class Programs:
-  """The jitted programs of one decoding setting: `empty(batch, length)` a zeroed stacked cache and
-  (batch, V) logits; `prefill` (sft.evaluator.generate.prefill_into) writes prompts into them; `decode`
-  (generate.decode) answers from them. Each compiles once per shape."""
-
-  empty: Any
-  prefill: Any
-  decode: Any
-
-
-def make_programs(model, *, max_new_tokens: int, stop_ids: tuple[int, ...], pad_id: int, sampler: Sampler) -> Programs:
-  if max_new_tokens < 1:
-    raise ConfigError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-
-  @functools.partial(jax.jit, static_argnums=(0, 1))
-  def empty(batch: int, length: int):
-    return constrain_cache(init_cache(model.cfg, batch, length)), jnp.zeros((batch, model.cfg.vocab_size), jnp.float32)
-
-  answer = functools.partial(
-      decode, model=model, max_new_tokens=max_new_tokens, stop_ids=tuple(stop_ids), pad_id=pad_id, sampler=sampler
-  )
-  return Programs(
-      empty, jax.jit(functools.partial(prefill_into, model=model), donate_argnums=(1, 2)),
-      jax.jit(answer),
-  )
-
-
-def row_key_data(tokens: Sequence[int]) -> tuple[int, int]:
-  """Two 32-bit words of the digest of a prompt's tokens: what its sampling key is folded from."""
-  digest = hashlib.sha256(np.asarray(tokens, np.int32).tobytes()).digest()
-  return int.from_bytes(digest[:4], "little"), int.from_bytes(digest[4:8], "little")
-
-
-def row_keys(seed: int, prompts: Sequence[Sequence[int]]) -> jax.Array:
-  """(B,) keys, each from `seed` and its row's prompt alone: a sampled answer is the same in any batch."""
-  data = jnp.asarray([row_key_data(p) for p in prompts], jnp.uint32)
-  base = jax.random.key(seed)
-  return jax.vmap(lambda d: jax.random.fold_in(jax.random.fold_in(base, d[0]), d[1]))(data)
-
-
-def fill_rows(rows: Sequence[Sequence[int]], width: int, batch_size: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-  """(batch_size, width) right-padded tokens and (batch_size,) lengths; missing rows copy the first."""
-  rows = [*rows, *[rows[0]] * (batch_size - len(rows))]
-  tokens = np.full((batch_size, width), pad_id, np.int32)
-  for r, row in enumerate(rows):
-    tokens[r, : len(row)] = row
-  return tokens, np.asarray([len(r) for r in rows], np.int32)
-
-
-def score_rows(encoded: Sequence[tuple[np.ndarray, np.ndarray]], width: int, batch_size: int) -> dict[str, np.ndarray]:
-  """One whole (unpacked) row per (tokens, loss mask), laid out as the evaluator's choice rows
-  (sft.evaluator.choices.choice_rows): inputs, targets, loss_mask, segment_ids, positions; `width`
-  columns, `batch_size` rows (the missing ones all padding)."""
-  keys = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
-  batch = {k: np.zeros((batch_size, width), np.int32) for k in keys}
-  for r, (tokens, mask) in enumerate(encoded):
-    n = len(tokens) - 1
-    batch["inputs"][r, :n], batch["targets"][r, :n], batch["loss_mask"][r, :n] = tokens[:-1], tokens[1:], mask[1:]
-    batch["segment_ids"][r, :n] = 1
-    batch["positions"][r, :n] = np.arange(n)
-  return batch
-
-
-def dedup(items: Sequence[Any], key) -> tuple[list[Any], list[int]]:
-  """(the distinct items by `key`, first seen first; each item's index among them): equal prompts are
-  computed once, which changes no answer (a row's answer depends on its own tokens only)."""
-  seen: dict[Any, int] = {}
-  distinct, index = [], []
-  for item in items:
-    k = key(item)
-    if k not in seen:
-      seen[k] = len(distinct)
-      distinct.append(item)
-    index.append(seen[k])
-  return distinct, index
-
-
 def open_annotator(
     path: str, backend: str = "auto", *, batch_size: int = 32, context: int = 0, progress: bool = True,
     key: str = KEY,
@@ -272,29 +152,15 @@ class LocalAnnotator:
     return max(1, min(CPU_LANES, cores))
 
   def _in_lanes(self, fn: Callable, batches: Iterable) -> Iterator:
-    """fn(batch) for each batch, results in order, `_lanes()` batches at a time; each lane's thread runs
-    in this thread's mesh and CPU-kernel setting."""
-    lanes = self._lanes()
-    if lanes == 1:
-      yield from map(fn, batches)
-      return
+    """batches.in_lanes over `_lanes()` lanes, each in this thread's mesh and CPU-kernel setting."""
     on_cpu, run = use_cpu_kernels(), self.model.run
 
-    def in_context(batch):
+    @contextlib.contextmanager
+    def context():
       with run.on_mesh(), cpu_kernels(on_cpu):
-        return fn(batch)
+        yield
 
-    pool = concurrent.futures.ThreadPoolExecutor(lanes, thread_name_prefix="sft-annotate")
-    try:
-      pending: list[concurrent.futures.Future] = []
-      for batch in batches:
-        pending.append(pool.submit(in_context, batch))
-        if len(pending) > lanes:
-          yield pending.pop(0).result()
-      for future in pending:
-        yield future.result()
-    finally:  # an error (or a consumer that stops) leaves no batch queued behind it
-      pool.shutdown(wait=True, cancel_futures=True)
+    return in_lanes(fn, batches, self._lanes(), context)
 
   def _bar(self, total: int, desc: str):
     return bar(total, desc, " records", enabled=self.progress)
