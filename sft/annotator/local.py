@@ -180,16 +180,13 @@ class LocalAnnotator:
     distinct, index = dedup(prompts, tuple)
     out: list[Generation | None] = [None] * len(distinct)
     stops = set(tok.stop_ids)
-    copies = self._copies()
-
-    group_rows = self._prefill_rows()
+    copies, group_rows = self._copies(), self._prefill_rows()
 
     def run_batch(batch: tuple[int, list[int]]) -> tuple[list[int], np.ndarray]:
       """A bucket's batch: its prompts prefilled a group at a time into the batch's cache, then decoded
       together; the rows it lacks are padding (zero cache, not live)."""
       bucket, rows = batch
       prompts = [distinct[r] for r in rows]
-      check_positions(model.run.model.cfg, bucket + decoding.max_new_tokens)
       cache, logits_bv = programs.empty(self.batch_size, bucket + decoding.max_new_tokens)
       for width, members in prefill_groups([len(p) for p in prompts], bucket, group_rows):
         tokens_rw, lengths_r = fill_rows([prompts[m] for m in members], width, group_rows, tok.pad_id)
@@ -202,7 +199,8 @@ class LocalAnnotator:
       out_bn = programs.decode(model.params, logits_bv, cache, lengths_b, keys_b, copies, live_b)
       return rows, np.asarray(jax.device_get(out_bn))
 
-    batches = by_bucket([len(p) for p in distinct], room, self.batch_size)
+    batches = list(by_bucket([len(p) for p in distinct], room, self.batch_size))
+    check_positions(model.run.model.cfg, batches[-1][0] + decoding.max_new_tokens)  # the largest bucket, before any work
     with self._bar(len(distinct), "annotate: generating") as progress, model.run.on_mesh():
       for rows, out_bn in self._in_lanes(run_batch, batches):
         for r, ids in zip(rows, out_bn):

@@ -29,12 +29,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sft.evaluator.generate import constrain_cache
+from sft.evaluator.generate import constrain_cache, decode_copies
 from sft.evaluator.sampling import sample_rows
 from sft.model import Transformer
-from sft.model.backend import use_cpu_kernels
 from sft.model.layers import OUT_IN
-from sft.model.transformer import init_cache, split_cache, split_layers, weights_out_in
+from sft.model.transformer import init_cache, split_cache, split_layers
 from sft.serve.loading import LoadedModel
 from sft.trainer import sharding
 
@@ -322,8 +321,9 @@ def _row_key(seed_2: jax.Array, step: jax.Array) -> jax.Array:
 def _decode_variables(params) -> dict:
   """Per-layer parameters (and, on the CPU, the (out, in) weight copies) for the decoding loop, made once."""
   variables = {"params": split_layers(params)}
-  if use_cpu_kernels():
-    variables[OUT_IN] = jax.jit(weights_out_in)(variables["params"])
+  copies = decode_copies(params)
+  if copies:
+    variables[OUT_IN] = copies
   return variables
 
 
