@@ -185,7 +185,8 @@ class Annotate:
   # Every generation and score is kept in <output folder>/annotations.sqlite, keyed by the annotator's
   # fingerprint, the task, the prompt and the decoding: a build run again regenerates nothing it has.
   cache: bool = key(True)
-  # A build whose annotation drops more than this fraction of what it was given fails (the previous build stays).
+  # A build fails (the previous build stays) when an annotation task (fill, label, self-instruct, the judge)
+  # drops more than this fraction of what it was given; each task is held to it on its own.
   max_drop_fraction: float = key(0.5, FRACTION)
   endpoint: Endpoint = section(Endpoint)
   label: Label = section(Label)

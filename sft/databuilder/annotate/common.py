@@ -4,6 +4,7 @@ guard that stops a build whose annotation mostly failed."""
 from __future__ import annotations
 
 import collections
+import unicodedata
 from typing import Any, Sequence
 
 from sft.annotator.base import Chat, Generation, check_count
@@ -52,6 +53,12 @@ def log_likelihoods(annotator: Any, chats: Sequence[Chat], answers: Sequence[str
   return [float(x) for x in out]
 
 
+def visible(text: str) -> str:
+  """The text without format characters (zero-width spaces, byte-order marks, joiners) and outer
+  whitespace: what a reader sees. An answer of nothing else is empty."""
+  return "".join(ch for ch in text if unicodedata.category(ch) != "Cf").strip()
+
+
 def failure(generation: Generation, max_new_tokens: int) -> tuple[str, str] | None:
   """(reason, detail) when a generation cannot be used as it is; None when it can. An annotator's
   error (a server's request that failed after its retries) comes first: its text is no answer."""
@@ -60,24 +67,50 @@ def failure(generation: Generation, max_new_tokens: int) -> tuple[str, str] | No
     return "annotator error", error
   if not generation.finished:
     return "truncated", f"cut at max_new_tokens={max_new_tokens}: {generation.text[-80:]!r}"
-  if not generation.text.strip():
-    return "empty", "the annotator answered nothing"
+  if not visible(generation.text):
+    return "empty", "the annotator answered nothing" if not generation.text else f"only blanks: {generation.text[:20]!r}"
   return None
 
 
+# A record's `annotated` mark -> the task that made it.
+_TASK_OF_MARK = {"response": "fill", "label": "label", "self-instruct": "self-instruct"}
+
+
+def _tasks(fact: dict[str, Any]) -> list[tuple[str, bool]]:
+  """(task, whether that task dropped the record) for each annotation task that handled it: its
+  annotation (fill, label, self-instruct) and the judge."""
+  tasks, stage = [], fact.get("stage")
+  if fact.get("annotated"):
+    tasks.append((_TASK_OF_MARK.get(fact["annotated"], fact["annotated"]), stage == STAGE))
+  elif stage == STAGE:  # dropped before any annotation was made ("fill: empty" has its mark; this has none)
+    tasks.append((fact["reason"].split(":")[0], True))
+  if "judge_score" in fact or stage == JUDGE_STAGE:
+    tasks.append(("judge", stage == JUDGE_STAGE))
+  return tasks
+
+
 def guard_problem(facts: Sequence[dict[str, Any]], max_drop_fraction: float) -> str | None:
-  """Why a build must stop (None when it need not): annotation dropped more than `max_drop_fraction` of
-  the records it was given. Given: every record an annotation task handled (it carries `annotated` or a
-  `judge_score`, or was dropped by an annotation stage)."""
-  stages = (STAGE, JUDGE_STAGE)
-  given = [f for f in facts if f.get("annotated") or "judge_score" in f or f.get("stage") in stages]
-  dropped = collections.Counter(f"{f['stage']}: {f['reason']}" for f in given if f.get("stage") in stages)
-  total = sum(dropped.values())
-  if not given or total <= max_drop_fraction * len(given):
+  """Why a build must stop (None when it need not): an annotation task (fill, label, self-instruct, the
+  judge) dropped more than `max_drop_fraction` of the records it was given. Each task is held to it on
+  its own, so one that failed outright is never hidden by others that did well."""
+  given: collections.Counter[str] = collections.Counter()
+  dropped: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+  for fact in facts:
+    for task, by_it in _tasks(fact):
+      given[task] += 1
+      if by_it:
+        dropped[task][f"{fact['stage']}: {fact['reason']}"] += 1
+  failed = [task for task in sorted(given) if sum(dropped[task].values()) > max_drop_fraction * given[task]]
+  if not failed:
     return None
-  top = ", ".join(f"{reason} {n}" for reason, n in dropped.most_common(3))
+  parts = []
+  for task in failed:
+    total, top = sum(dropped[task].values()), ", ".join(f"{r} {n}" for r, n in dropped[task].most_common(3))
+    parts.append(
+        f"annotation dropped {total} of the {given[task]} records {task} was given ({total / given[task]:.0%}, more "
+        f"than annotate.max_drop_fraction={max_drop_fraction}): {top}"
+    )
   return (
-      f"annotation dropped {total} of the {len(given)} records it was given ({total / len(given):.0%}, more than "
-      f"annotate.max_drop_fraction={max_drop_fraction}): {top}. The annotator or its settings (annotate.model, "
-      "annotate.max_new_tokens) do not fit this data; the previous build is left as it was"
+      "; ".join(parts) + ". The annotator or its settings (annotate.model, annotate.max_new_tokens) do not fit this "
+      "data; the previous build is left as it was"
   )

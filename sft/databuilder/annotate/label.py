@@ -8,7 +8,8 @@ from the set.
 method "loglik" (the evaluator's candidate ranking): the annotator's log-likelihood of each label as
 the answer; the pick is the most likely, and `label_confidence` is its probability margin over the
 runner-up, the probabilities being the softmax over the set (1.0 for a set of one). Below
-`min_confidence` the record is dropped ("label: unsure"). method "generate": the annotator answers
+`min_confidence` the record is dropped ("label: unsure"); log-likelihoods that rank nothing (NaN, or
+every label impossible) drop it too ("label: bad score"). method "generate": the annotator answers
 freely and the answer is read against the set ("label: off-set" when it names no label or several).
 """
 
@@ -36,20 +37,35 @@ def _norm(text: str) -> str:
 
 
 def parse_label(answer: str, labels: Sequence[str]) -> str | None:
-  """The one label an answer names: the whole answer (case, punctuation and spacing aside), else the
-  only label that appears in it as whole words; None when it names none or several.
+  """The one label an answer names: the whole answer as a label is written (case and spacing aside),
+  else as its words are (punctuation aside too), else the only label found in it as whole words; None
+  when it names none, several, or one that another label of the set cannot be told from.
 
       parse_label("Positive.", ["positive", "negative"]) -> "positive"
       parse_label("It is negative", [...]) -> "negative";  parse_label("not sure", [...]) -> None
+      parse_label("-", ["+", "-"]) -> "-";  parse_label("man, not woman", ["man", "woman"]) -> None
   """
+  said_as_written = answer.strip().casefold()
+  written = [x for x in labels if x.strip().casefold() == said_as_written]
+  if len(written) == 1:
+    return written[0]
   said = _norm(answer)
-  exact = [x for x in labels if _norm(x) == said]
+  exact = [x for x in labels if _norm(x) and _norm(x) == said]
   if exact:
-    return exact[0]
-  found = [x for x in labels if _norm(x) and re.search(rf"(?<!\w){re.escape(_norm(x))}(?!\w)", said)]
-  # A label inside a longer found label ("good" in "very good") is not a second answer.
-  found = [x for x in found if not any(x != y and _norm(x) in _norm(y) for y in found)]
+    return exact[0] if len(exact) == 1 else None  # "C" and "C++" are both "c" once punctuation is gone
+  spans = {x: [m.span() for m in re.finditer(rf"(?<!\w){re.escape(_norm(x))}(?!\w)", said)] for x in labels if _norm(x)}
+  found = [x for x, at in spans.items() if at]
+  # A label seen only inside a longer found label ("good" in "very good") is not a second answer.
+  found = [x for x in found if not all(_inside(span, spans, x) for span in spans[x])]
   return found[0] if len(found) == 1 else None
+
+
+def _inside(span: tuple[int, int], spans: dict[str, list[tuple[int, int]]], label: str) -> bool:
+  """Whether `span` (an occurrence of `label`) lies strictly within an occurrence of another label."""
+  start, end = span
+  return any(
+      a <= start and end <= b and (a, b) != (start, end) for other, at in spans.items() if other != label for a, b in at
+  )
 
 
 def margin(loglik_l: np.ndarray) -> float:
@@ -86,6 +102,13 @@ def label_records(
       labels = batch[i]["labels"]
       loglik_l = np.asarray(scores[start:start + len(labels)], np.float64)
       start += len(labels)
+      if np.isnan(loglik_l).any() or np.isposinf(loglik_l).any() or np.isneginf(loglik_l).all():
+        # No ranking to read (a model that yields NaN, or no label it can say at all): never a pick.
+        scores_text = ", ".join(f"{x!r} {v}" for x, v in zip(labels, loglik_l.tolist()))
+        out[i] = records.drop(
+            {**batch[i], "annotated": "label"}, STAGE, "label: bad score", f"log-likelihoods not usable: {scores_text}"
+        )
+        continue
       pick, confidence = labels[int(np.argmax(loglik_l))], round(margin(loglik_l), 6)
       if confidence < min_confidence:
         out[i] = records.drop(

@@ -50,6 +50,21 @@ def _tokenizer():
   return tokenizers.DefaultTokenizer(use_stemmer=False)
 
 
+# Scripts written without spaces between words (Han, kana, Thai, Lao, Myanmar, Khmer): a token per character.
+_UNSPACED = "\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+_WORD = re.compile(rf"[{_UNSPACED}]|[^\W{_UNSPACED}]+")
+
+
+def tokens(text: str) -> list[str]:
+  """ROUGE-L's tokens of a text: rouge_score's own for ASCII text (lower case, runs of a-z and 0-9);
+  otherwise, where those would drop every letter of other scripts and make any two texts look novel,
+  the case-folded runs of letters and digits of any script, one per character where words are not
+  spaced: tokens("Напиши стихотворение") -> ["напиши", "стихотворение"]; tokens("写诗") -> ["写", "诗"]."""
+  if text.isascii():
+    return _tokenizer().tokenize(text)
+  return _WORD.findall(text.casefold().replace("_", " "))
+
+
 def _lcs(a: Sequence[str], b: Sequence[str]) -> int:
   previous = [0] * (len(b) + 1)
   for x in a:
@@ -62,8 +77,8 @@ def _lcs(a: Sequence[str], b: Sequence[str]) -> int:
 
 def rouge_l(a: str | Sequence[str], b: str | Sequence[str]) -> float:
   """ROUGE-L F-measure of two texts (or token lists), as rouge_score's "rougeL" computes it."""
-  a_tokens = _tokenizer().tokenize(a) if isinstance(a, str) else a
-  b_tokens = _tokenizer().tokenize(b) if isinstance(b, str) else b
+  a_tokens = tokens(a) if isinstance(a, str) else a
+  b_tokens = tokens(b) if isinstance(b, str) else b
   if not a_tokens or not b_tokens:
     return 0.0
   lcs = _lcs(a_tokens, b_tokens)
@@ -90,7 +105,7 @@ def self_instruct(seeds: list[records.Record], annotator: Any, decoding: Any, pa
   if annotator is None:
     raise ValueError("annotate.self_instruct.num_instructions > 0 needs annotate.model")
   written = generate(annotator, [[{"role": "user", "content": p}] for p in prompts], decoding)
-  pool = [(text, _tokenizer().tokenize(text)) for text in (records.prompt_and_response(r)[0] for r in seeds)]
+  pool = [(text, tokens(text)) for text in (records.prompt_and_response(r)[0] for r in seeds)]
   out: dict[int, records.Record] = {}
   accepted: list[tuple[int, str]] = []
   for i, generation in enumerate(written):
@@ -105,13 +120,16 @@ def self_instruct(seeds: list[records.Record], annotator: Any, decoding: Any, pa
     if not whole_line:
       out[i] = _rejected(i, "self-instruct: truncated", f"cut at max_new_tokens={decoding.max_new_tokens}", generation.text)
       continue
-    tokens = _tokenizer().tokenize(instruction)
-    similarity, nearest = _nearest(tokens, pool)
+    instruction_tokens = tokens(instruction)
+    if not instruction_tokens:  # no word to compare, so no novelty to measure: no instruction either
+      out[i] = _rejected(i, "self-instruct: empty", f"no words in the instruction {instruction[:80]!r}", generation.text)
+      continue
+    similarity, nearest = _nearest(instruction_tokens, pool)
     if similarity >= params["max_similarity"]:
       detail = f"ROUGE-L {similarity:.2f} >= {params['max_similarity']} with {nearest[:80]!r}"
       out[i] = _rejected(i, "self-instruct: too similar", detail, instruction)
       continue
-    pool.append((instruction, tokens))
+    pool.append((instruction, instruction_tokens))
     accepted.append((i, instruction))
   answers = generate(annotator, [[{"role": "user", "content": text}] for _, text in accepted], decoding)
   for (i, instruction), answer in zip(accepted, answers, strict=True):
