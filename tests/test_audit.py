@@ -17,7 +17,7 @@ import pytest
 import sft
 from configs import audit as audit_configs
 from sft.annotator.base import Generation
-from sft.audit import data, report, sample
+from sft.audit import data, report, review, sample, score
 from sft.databuilder import build_config, build_dataset
 from sft.errors import ConfigError
 
@@ -208,6 +208,14 @@ def test_precision_error_rate_and_recall_are_the_worked_values(scored):
   assert 0.0 <= recall["low"] <= 0.6 <= recall["high"] <= 1.0
 
 
+def test_the_overall_figures_from_few_records_are_marked(scored):
+  workdir, results, _ = scored
+  # The kept error rate rests on the 8 kept records reviewed, the recall on those and the 4 dropped ones.
+  assert (results["kept_error"]["overall"]["n"], results["recall"]["n"]) == (8, 12)
+  lines = [x for x in (workdir / "report.md").read_text().splitlines() if x.startswith(("- Kept records judged", "- Recall of"))]
+  assert len(lines) == 2 and all("(few items)" in x for x in lines)
+
+
 def test_label_accuracy_and_its_classification_report(scored):
   _, results, _ = scored
   labels = next(a for a in results["annotation_accuracy"] if a["kind"] == "source label")
@@ -258,6 +266,22 @@ def test_agreement_is_cohens_kappa_and_people_outvote_the_machine(built, sampled
     assert pair["agreement"]["value"] == pytest.approx(observed) and pair["machine"] == (second == "machine")
   # ann and bob split evenly on two records: those are left out (the machine does not break a tie).
   assert results["reviews"]["split_evenly"] == 2 and results["reviews"]["records"] == len(rows) - 2
+
+
+def test_an_even_split_on_the_right_label_is_counted():
+  digest = "a" * 64
+  facts = {"stratum": "kept: classification / s", "kept": True, "annotated": None, "label": "positive",
+           "labels": ["positive", "negative"], "response": "positive", "gold": None}
+  known = {f"r{i}": dict(facts, id=f"r{i}") for i in range(3)}
+  given = {"r0": ("positive", "negative"), "r1": ("positive", "positive"), "r2": ("negative", "positive")}  # ann, bob
+  rows = [review.Review(sample.review_id(digest, i), i, who, "keep", label, "f", 1)
+          for i, labels in given.items() for who, label in zip(("ann", "bob"), labels)]
+  results = score.score(score.Index({facts["stratum"]: 3}, known, []), review.resolve(review.Reviews(rows), known), 50, 0)
+  assert (results["reviews"]["split_evenly"], results["reviews"]["label_split_evenly"]) == (0, 2)
+  accuracy = next(a for a in results["annotation_accuracy"] if a["kind"] == "source label")
+  assert (accuracy["k"], accuracy["n"]) == (1, 1)
+  text = report.write_markdown(dict(results, build={"folder": "x", "sha256": digest}))
+  assert "2 left out of label accuracy (split evenly on right_label)" in text
 
 
 # --- gold and the machine reviewer ----------------------------------------------------------------

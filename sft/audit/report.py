@@ -87,7 +87,8 @@ def write_markdown(results: dict[str, Any]) -> str:
       f"Build `{build['folder']}` (manifest sha256 `{build['sha256'][:16]}…`), {sum(results['strata'].values())} records "
       f"in {len(results['strata'])} strata. Reviews: {reviews['used']} rows from {len(reviews['files'])} files by "
       f"{', '.join(reviews['reviewers']) or 'nobody'}, on {reviews['records']} records; {reviews['unfilled']} rows left "
-      f"unfilled, {len(reviews['rejected'])} rejected, {reviews['split_evenly']} records left out (reviewers split evenly).\n",
+      f"unfilled, {len(reviews['rejected'])} rejected, {reviews['split_evenly']} records left out (reviewers split evenly "
+      f"on the verdict), {reviews['label_split_evenly']} left out of label accuracy (split evenly on right_label).\n",
       "How each figure is estimated: docs/audit.md and the docstring of sft/audit/score.py.\n",
       "## Precision of each drop reason\n",
       "The share of the reviewed records a reason dropped that the reviewers would drop too.\n",

@@ -2,16 +2,21 @@
 
 A file is JSONL (.jsonl, .json) or CSV (.csv, as a spreadsheet saves review.csv). What is wrong with one row
 (bad JSON or CSV, a field of the wrong type, a verdict that is not keep or drop, an unknown record, a review
-id that is not its record's, a label outside the record's label set, a second review of a record by the same
-reviewer) rejects that row and is counted; what makes a whole file unusable (missing, not a review file, a
-review of another build) is a ConfigError naming it. Nothing here raises anything else.
+id that is not its record's, a right_label that names no label of the record's set or several, a second
+review of a record by the same reviewer) rejects that row and is counted; what makes a whole file unusable
+(missing, not a review file, a review of another build) is a ConfigError naming it. Nothing here raises
+anything else.
 
 The build's records are read once, for the rows that survive the first pass (`parse`), and the rest is
 checked against them (`resolve`).
+
+A reviewer is known by name whatever its case ("Alice" and "alice" are one person, shown as first
+written), the machine by its exact name, a row with no name by its file.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import dataclasses
 import io
@@ -20,6 +25,7 @@ import pathlib
 from typing import Any, Sequence
 
 from sft.audit import sample
+from sft.audit.judge import MACHINE
 from sft.errors import ConfigError
 
 REQUIRED = ("review_id", "record_id", "verdict")
@@ -87,6 +93,7 @@ def _csv_rows(name: str, raw: bytes, out: Reviews) -> list[tuple[int, dict[str, 
 
 def _jsonl_rows(name: str, raw: bytes, out: Reviews) -> list[tuple[int, dict[str, Any]]]:
   rows = []
+  raw = raw.removeprefix(codecs.BOM_UTF8)  # an editor's byte order mark would spoil the first row's JSON
   for number, line in enumerate(raw.splitlines(), 1):
     if not line.strip():
       continue
@@ -123,6 +130,7 @@ def parse(paths: Sequence[str], build_sha256: str) -> Reviews:
   out = Reviews()
   seen_files: set[pathlib.Path] = set()
   seen: dict[tuple[str, str], str] = {}
+  names: dict[tuple[str, str], str] = {}  # reviewer identity -> the name shown, as first written
   for path in map(pathlib.Path, paths):
     name = str(path)
     if path.resolve() in seen_files:
@@ -139,12 +147,11 @@ def parse(paths: Sequence[str], build_sha256: str) -> Reviews:
     if not rows:
       out.reject(name, 0, "no review rows in the file")
       continue
-    builds = {row.get("build") for _, row in rows if isinstance(row.get("build"), str) and row.get("build")}
+    builds = {row["build"].strip() for _, row in rows if isinstance(row.get("build"), str)} - {""}  # as _fields reads it
     if builds and build_sha256 not in builds:
-      other = sorted(builds)[0]
       raise ConfigError(
-          f"review file {name} reviews another build (manifest sha256 {other[:12]}…), not this one ({build_sha256[:12]}…): "
-          "the build was rebuilt or is another; sample this build again"
+          f"review file {name} reviews another build (manifest sha256 {sorted(builds)[0][:64]}), not this one "
+          f"({build_sha256}): the build was rebuilt or is another; sample this build again"
       )
     for number, row in rows:
       fields = _fields(row)
@@ -158,7 +165,7 @@ def parse(paths: Sequence[str], build_sha256: str) -> Reviews:
       if not fields["verdict"] and not fields["right_label"]:
         out.unfilled += 1
         continue
-      reviewer = fields["reviewer"] or f"unnamed ({path.name})"
+      reviewer = names.setdefault(_identity(fields["reviewer"], name), fields["reviewer"] or f"unnamed ({name})")
       where = f"{name}:{number}"
       if (reviewer, fields["review_id"]) in seen:
         out.reject(name, number, f"{fields['review_id']} reviewed by {reviewer} again (first at {seen[reviewer, fields['review_id']]})")
@@ -169,11 +176,19 @@ def parse(paths: Sequence[str], build_sha256: str) -> Reviews:
   return out
 
 
+def _identity(reviewer: str, file: str) -> tuple[str, str]:
+  """Who wrote a row: a person's name whatever its case, the machine's exact name (a person signing "Machine"
+  is not the model), or, unnamed, the file's path (two unnamed copies of review.csv are two people)."""
+  if not reviewer:
+    return "file", file
+  return ("machine", "") if reviewer == MACHINE else ("person", reviewer.casefold())
+
+
 def _row_problem(fields: dict[str, str], build_sha256: str) -> str | None:
   if not fields["review_id"] or not fields["record_id"]:
     return "no review_id or record_id"
   if fields["build"] != build_sha256:
-    return f"build {fields['build'][:12] or '(empty)'!r} is not this build's"
+    return f"build {fields['build'][:64] or '(empty)'!r} is not this build's"  # whole: a hash cut short shows it
   if fields["verdict"].lower() not in ("", *sample.VERDICTS):
     return f"verdict {fields['verdict'][:40]!r} is not keep or drop"
   if fields["review_id"] != sample.review_id(build_sha256, fields["record_id"]):
@@ -181,11 +196,24 @@ def _row_problem(fields: dict[str, str], build_sha256: str) -> str | None:
   return None
 
 
-def resolve(reviews: Reviews, known: dict[str, dict[str, Any]]) -> Reviews:
-  """The reviews whose record is in the build (`known`: record id -> its facts, see score.index), their
-  right_label checked against its label set and spelled as the set spells it."""
+def label_matches(given: str, labels: Sequence[str]) -> list[str]:
+  """The labels of `labels` that `given` names: those equal to it (spaces stripped), else equal ignoring case,
+  else equal after SQuAD normalisation when that leaves any text. Exactly one is a match; several are
+  ambiguous. Of ["positive", "negative"]: "Positive!" -> ["positive"]. Of ["+", "-"]: "-" -> ["-"], never
+  "+" (both normalise to ""). Of ["A", "B"]: "the" -> [] (normalised, "the" and "A" are both "")."""
   from sft.evaluator.metrics import normalize_answer  # noqa: PLC0415
 
+  for key in (str.strip, lambda x: x.strip().casefold(), normalize_answer):
+    wanted = key(given)
+    hits = [x for x in dict.fromkeys(labels) if wanted and key(x) == wanted]
+    if hits:
+      return hits
+  return []
+
+
+def resolve(reviews: Reviews, known: dict[str, dict[str, Any]]) -> Reviews:
+  """The reviews whose record is in the build (`known`: record id -> its facts, see score.index), their
+  right_label checked against its label set (`label_matches`) and spelled as the set spells it."""
   kept = []
   for review in reviews.reviews:
     facts = known.get(review.record_id)
@@ -196,12 +224,13 @@ def resolve(reviews: Reviews, known: dict[str, dict[str, Any]]) -> Reviews:
       if facts["label"] is None:
         reviews.reject(review.file, review.line, f"right_label given for {review.record_id[:80]!r}, which has no label")
         continue
-      choices = {normalize_answer(x): x for x in facts["labels"] or [review.right_label]}  # no set: any label
-      if normalize_answer(review.right_label) not in choices:
-        allowed = sample.LABEL_SEPARATOR.join(facts["labels"] or [])
-        reviews.reject(review.file, review.line, f"right_label {review.right_label[:40]!r} is not one of the record's labels ({allowed})")
+      hits = label_matches(review.right_label, facts["labels"] or [review.right_label])  # no set: any label
+      if len(hits) != 1:
+        allowed = sample.LABEL_SEPARATOR.join(hits or facts["labels"] or [])
+        what = "could be any of the record's labels" if hits else "is not one of the record's labels"
+        reviews.reject(review.file, review.line, f"right_label {review.right_label[:40]!r} {what} ({allowed}): write it as the label set does")
         continue
-      review = dataclasses.replace(review, right_label=choices[normalize_answer(review.right_label)])
+      review = dataclasses.replace(review, right_label=hits[0])
     kept.append(review)
   reviews.reviews = kept
   return reviews

@@ -1,8 +1,9 @@
 """The figures of an audit, from filled reviews (and, without any review, from gold answers in the build).
 
 A record reviewed by several reviewers counts once: by the people's verdict when any person reviewed it
-(the majority; an even split leaves it out, counted), else by the machine's. Then, with N_s the records of
-stratum s in the build, n_s those reviewed and k_s those judged "drop":
+(the majority; an even split leaves it out, counted), else by the machine's; its right label, for label
+accuracy, likewise. Then, with N_s the records of stratum s in the build, n_s those reviewed and k_s those
+judged "drop":
 
   precision of a drop reason r   p_r = k_r / n_r                       (a dropped record judged "drop" was bad)
   error rate of a kept stratum h e_h = k_h / n_h                       (a kept record judged "drop" is bad)
@@ -28,7 +29,7 @@ import numpy as np
 
 from sft.audit import data
 from sft.audit.judge import MACHINE  # the reviewer name of the judge's rows
-from sft.audit.review import Review, Reviews
+from sft.audit.review import Review, Reviews, label_matches
 
 ANNOTATION_KINDS = ("response", "label", "self-instruct")
 
@@ -125,13 +126,15 @@ def stratified(sizes: dict[str, int], reasons: dict[str, tuple[int, int]], kept:
   dropped_total = sum(n for s, n in sizes.items() if s.startswith("dropped: "))
   kept_total = sum(n for s, n in sizes.items() if not s.startswith("dropped: "))
   r_names, h_names = list(reasons), list(kept)
+  reviewed_r, reviewed_h = sum(n for _, n in reasons.values()), sum(n for _, n in kept.values())
   n_r = np.asarray([sizes[s] for s in r_names], np.float64)
   n_h = np.asarray([sizes[s] for s in h_names], np.float64)
   p_r = np.asarray([k / n for k, n in reasons.values()], np.float64)
   e_h = np.asarray([k / n for k, n in kept.values()], np.float64)
   out: dict[str, Any] = {
-      "kept_error": {"value": None, "low": None, "high": None, "records": int(n_h.sum()), "coverage": _share(n_h.sum(), kept_total)},
-      "recall": {"value": None, "low": None, "high": None, "removed_bad": None, "kept_bad": None,
+      # n: the reviewed records the figure rests on, for the report's "few items" mark.
+      "kept_error": {"value": None, "low": None, "high": None, "n": reviewed_h, "records": int(n_h.sum()), "coverage": _share(n_h.sum(), kept_total)},
+      "recall": {"value": None, "low": None, "high": None, "n": reviewed_r + reviewed_h, "removed_bad": None, "kept_bad": None,
                  "coverage_dropped": _share(n_r.sum(), dropped_total), "coverage_kept": _share(n_h.sum(), kept_total)},
   }
   rng = np.random.default_rng(seed)
@@ -218,10 +221,13 @@ def _label_report(predictions: list[str], references: list[str], label_sets: lis
     return {"error": str(err)}
 
 
-def _same_label(a: str, b: str) -> bool:
-  from sft.evaluator.metrics import normalize_answer  # noqa: PLC0415
-
-  return normalize_answer(a) == normalize_answer(b)
+def _same_label(answer: str, reference: str, labels: Sequence[str] | None) -> bool:
+  """`answer` and `reference` name one and the same label of `labels` (review.label_matches), or, when
+  `reference` names none of them (no set, a gold answer outside it), `answer` names `reference`. "+" is never
+  "-", though SQuAD normalisation makes both ""."""
+  choices = labels if labels and label_matches(reference, labels) else [reference]
+  named = label_matches(answer, choices)
+  return len(named) == 1 and named == label_matches(reference, choices)
 
 
 def annotation_accuracy(verdict: dict[str, str], labels_given: dict[str, str], known: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -239,7 +245,7 @@ def annotation_accuracy(verdict: dict[str, str], labels_given: dict[str, str], k
     ids = [i for i in sorted(labels_given) if known[i]["kept"] and known[i]["annotated"] == kind and known[i]["label"] is not None]
     if ids:
       predictions, references = [known[i]["label"] for i in ids], [labels_given[i] for i in ids]
-      right = sum(_same_label(p, r) for p, r in zip(predictions, references))
+      right = sum(_same_label(p, r, known[i]["labels"]) for p, r, i in zip(predictions, references, ids))
       rows.append({
           "kind": name, "judged_by": "right_label", **proportion(right, len(ids)),
           "classification": _label_report(predictions, references, [known[i]["labels"] for i in ids]),
@@ -257,8 +263,9 @@ def _gold_answers(gold: Any) -> list[str] | None:
 
 def gold_accuracy(gold: Sequence[dict[str, Any]]) -> dict[str, Any]:
   """Per annotation kind, of every kept annotated record with a gold answer: the label (or the response,
-  for the other kinds) equal to one of the gold answers after SQuAD normalisation."""
-  by_kind: dict[str, list[tuple[str, list[str], dict]]] = collections.defaultdict(list)
+  for the other kinds) equal to one of the gold answers, as `_same_label` compares them (a label within its
+  record's label set, a response as text: equal ignoring case, or after SQuAD normalisation)."""
+  by_kind: dict[str, list[tuple[str, list[str], dict]]] = collections.defaultdict(list)  # kind -> (answer, gold answers, facts)
   unusable = collections.Counter()
   for f in gold:
     answers = _gold_answers(f["gold"])
@@ -269,10 +276,11 @@ def gold_accuracy(gold: Sequence[dict[str, Any]]) -> dict[str, Any]:
     by_kind[f["annotated"]].append((answer, answers, f))
   rows = []
   for kind, items in sorted(by_kind.items()):
-    right = [any(_same_label(answer, g) for g in answers) for answer, answers, _ in items]
-    row = {"kind": kind, **proportion(sum(right), len(items))}
+    # A label is compared within its record's label set, a response as text.
+    matched = [next((g for g in answers if _same_label(a, g, f["labels"] if kind == "label" else None)), None) for a, answers, f in items]
+    row = {"kind": kind, **proportion(sum(g is not None for g in matched), len(items))}
     if kind == "label":
-      references = [next((g for g in answers if _same_label(answer, g)), answers[0]) for answer, answers, _ in items]
+      references = [answers[0] if g is None else g for g, (_, answers, _) in zip(matched, items)]
       row["classification"] = _label_report([a for a, _, _ in items], references, [f["labels"] for _, _, f in items])
     rows.append(row)
   return {"kinds": rows, "unusable": dict(unusable)}
@@ -281,7 +289,7 @@ def gold_accuracy(gold: Sequence[dict[str, Any]]) -> dict[str, Any]:
 def score(idx: Index, reviews: Reviews, samples: int, seed: int) -> dict[str, Any]:
   """Every figure of the audit, JSON-ready."""
   verdict, split = _chosen(reviews.reviews, "verdict")
-  labels_given, _ = _chosen(reviews.reviews, "right_label")
+  labels_given, label_split = _chosen(reviews.reviews, "right_label")
   counts = _by_stratum(verdict, idx.known)
   reasons = {s: c for s, c in counts.items() if s.startswith("dropped: ")}
   kept = {s: c for s, c in counts.items() if not s.startswith("dropped: ")}
@@ -289,7 +297,7 @@ def score(idx: Index, reviews: Reviews, samples: int, seed: int) -> dict[str, An
   return {
       "reviews": {
           "files": reviews.files, "used": len(reviews.reviews), "unfilled": reviews.unfilled, "records": len(verdict),
-          "split_evenly": split, "rejected": reviews.rejected,
+          "split_evenly": split, "label_split_evenly": label_split, "rejected": reviews.rejected,
           "rejected_by_reason": dict(collections.Counter(_reason_kind(r["reason"]) for r in reviews.rejected).most_common()),
           "reviewers": sorted({r.reviewer for r in reviews.reviews}),
       },
