@@ -402,3 +402,70 @@ def test_the_judge_and_self_instruct_count_a_failed_request_as_an_annotator_erro
   params = {"num_instructions": 2, "examples_per_prompt": 1, "seed": 0, "max_similarity": 0.7}
   rejected = self_instruct([chat], _Failing(), DECODING, params)
   assert len(rejected) == 2 and all("self-instruct: annotator error" in json.dumps(r) for r in rejected)
+
+
+def _vllm_models(root: str) -> dict:
+  """A vLLM-shaped GET /models: no weights' fingerprint; `created` and the permission ids new per request."""
+  permission = {"id": f"modelperm-{time.monotonic_ns()}", "object": "model_permission", "created": time.time_ns()}
+  entry = {"id": "tiny", "object": "model", "created": time.time_ns(), "owned_by": "vllm", "root": root,
+           "parent": None, "max_model_len": 2048, "permission": [permission]}
+  return {"object": "list", "data": [entry]}
+
+
+def test_other_weights_behind_a_server_that_lists_no_fingerprint_miss_the_cache(server, tmp_path, caplog):
+  caplog.set_level(logging.WARNING)
+  cache = AnnotationCache(tmp_path / "annotations.sqlite")
+  fingerprints = []
+  for root in ("/models/a", "/models/a", "/models/b"):
+    server.models = _vllm_models(root)
+    server.answer = lambda body, root=root: (200, {}, json.dumps(_completion(f"{root} says 4")).encode())
+    cached = CachedAnnotator(open_endpoint(server.url, progress=False), cache, "fill")
+    assert cached.generate([_chat("2+2?")], DECODING)[0].text == f"{root} says 4"  # never the old model's answer
+    fingerprints.append(cached.fingerprint)
+  assert fingerprints[0] == fingerprints[1] != fingerprints[2]  # the same model hits, whatever the request's time
+  assert len(server.posts()) == 2 and len(cache) == 2
+  assert caplog.text.count("lists no weights' fingerprint") == 3 and "/models/b" in caplog.text
+  caplog.clear()
+  server.models = {"data": [{"id": "tiny", "fingerprint": "w1", "max_model_len": 64}]}  # sft serve's
+  open_endpoint(server.url, progress=False).generate([_chat("q")], DECODING)
+  assert "lists no weights' fingerprint" not in caplog.text
+
+
+def test_an_answer_from_other_weights_than_listed_stops_the_call_and_stores_nothing(server, tmp_path):
+  server.models = {"data": [{"id": "tiny", "fingerprint": "w1"}]}
+  weights = {"now": "w1"}
+
+  def answer(body):
+    said = body["messages"][-1]["content"]
+    return 200, {}, json.dumps({**_completion(f"A: {said}"), "system_fingerprint": weights["now"]}).encode()
+
+  server.answer = answer
+  cache = AnnotationCache(tmp_path / "annotations.sqlite")
+  annotator = pickle.loads(pickle.dumps(open_endpoint(server.url, progress=False)))  # a worker's copy
+  cached = CachedAnnotator(annotator, cache, "fill")
+  assert cached.generate([_chat("a")], DECODING) == [Generation("A: a", True)]
+  weights["now"] = "w2"  # the server restarted on other weights
+  with pytest.raises(ConfigError, match=r"answered with the weights 'w2', not the 'w1'.*run the build again") as err:
+    cached.generate([_chat("b"), _chat("c")], DECODING)
+  assert "\n" not in str(err.value) and len(cache) == 1
+  server.answer = echo  # no system_fingerprint in the answer: nothing to compare
+  assert cached.generate([_chat("d")], DECODING) == [Generation("A: d", True)]
+
+
+def test_an_answer_that_is_not_valid_in_its_charset_is_an_error_and_not_cached(server, tmp_path):
+  text = json.dumps(_completion("café"), ensure_ascii=False)
+  bodies = {
+      "utf8": ({}, text.encode()),
+      "broken": ({}, text.encode().replace("é".encode(), b"\xe9\xff")),
+      "latin": ({"Content-Type": "application/json; charset=latin-1"}, text.encode("latin-1")),
+      "unknown": ({"Content-Type": "application/json; charset=no-such-charset"}, text.encode()),
+  }
+  server.answer = lambda body: (200, *bodies[body["messages"][-1]["content"]])
+  cache = AnnotationCache(tmp_path / "annotations.sqlite")
+  out = CachedAnnotator(open_endpoint(server.url, progress=False), cache, "fill").generate(
+      [_chat(name) for name in bodies], DECODING
+  )
+  assert out[0] == out[2] == Generation("café", True)
+  assert "not valid UTF-8" in out[1].error and out[1].text == "" and "\ufffd" not in out[1].error
+  assert "not valid no-such-charset" in out[3].error
+  assert failure(out[1], 16) == ("annotator error", out[1].error) and len(cache) == 2

@@ -13,6 +13,7 @@ OpenAI-compatible server (`sft.annotator.endpoint`), which cannot score (no `log
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Protocol, Sequence
 
 Chat = Sequence[dict[str, str]]
@@ -29,6 +30,17 @@ class Decoding:
   top_p: float = 1.0
   top_k: int = 0
   seed: int = 0
+
+  def __post_init__(self):
+    # Checked, never coerced: the cache key must read the value a backend is sent (16.9 is not 16).
+    for name in ("max_new_tokens", "top_k", "seed"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"Decoding.{name} must be an integer, got {value!r}")
+    for name in ("temperature", "top_p"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"Decoding.{name} must be a finite number, got {value!r}")
 
   def as_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)

@@ -13,10 +13,18 @@ What fails, and how:
   the server cannot be reached on first use (`GET /models`)      ConfigError naming the URL
   401 / 403 / 404 (a wrong key, URL or model name: every
   request would fail alike)                                       ConfigError naming the key to change
+  an answer from other weights than `GET /models` listed on
+  first use (its `system_fingerprint`: the server restarted)      ConfigError: so would every later answer be
   a request still failing after its retries, or an answer
-  that breaks the API's shape (no choices, no text, not JSON)     that chat's Generation carries the error:
+  that breaks the API's shape (no choices, no text, not JSON,
+  not valid in its charset)                                       that chat's Generation carries the error:
                                                                   a counted drop ("annotator error")
   log_likelihoods                                                 ConfigError: a chat API scores no given answer
+
+The fingerprint the cache is keyed by: the URL, the model name and what `GET /models` lists of the model
+(`sft serve` lists its weights' fingerprint; vLLM its path and context; the fields a server makes anew for
+each request left out). A server that lists no weights' fingerprint is warned about once: new weights under
+the same path and name would be served the old model's cached answers.
 
 The API key is read from the environment variable `api_key_env` names (sent as `Authorization: Bearer`),
 in each process when its client is made: it is never a setting, never pickled, never logged. The
@@ -44,6 +52,9 @@ SETTINGS = "annotate.endpoint"  # the section of the other settings
 URL_SCHEMES = ("http://", "https://")
 DEFAULT_API_KEY_ENV = "SFT_API_KEY"  # not OPENAI_API_KEY: an OpenAI key is sent to the URL only when asked
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# Fields of a GET /models entry left out of the fingerprint: the name (hashed already), a constant, and what
+# vLLM and TGI make anew for each request (the time, random permission ids).
+UNSTABLE = ("id", "object", "created", "permission")
 # A finish_reason that means the model ended its turn (TGI's older names beside the API's "stop").
 FINISHED = ("stop", "eos_token", "stop_sequence")
 CUT = "length"  # stopped at max_tokens: a truncated answer
@@ -95,9 +106,35 @@ def open_endpoint(
 
 
 def fingerprint_of(url: str, model: str, served: str = "") -> str:
-  """16 hex digits of the sha256 over "endpoint", the base URL, the model name and the fingerprint the
-  server lists for the model (`sft serve` lists its weights'; other servers none: "")."""
+  """16 hex digits of the sha256 over "endpoint", the base URL, the model name and `served`, what the
+  server lists of the model (`served_of`)."""
   return hashlib.sha256(f"sft.annotator/endpoint\n{url}\n{model}\n{served}\n".encode()).hexdigest()[:16]
+
+
+def weights_of(entry: dict[str, Any]) -> str:
+  """The weights' fingerprint a `GET /models` entry lists (`sft serve`'s); "" when it lists none."""
+  value = entry.get("fingerprint")
+  return value if isinstance(value, str) else ""
+
+
+def served_of(entry: dict[str, Any]) -> str:
+  """What a `GET /models` entry tells of the model behind the name: its weights' fingerprint where it
+  lists one; else its stable fields as canonical JSON, e.g. vLLM's {"max_model_len":2048,"owned_by":"vllm",
+  "parent":null,"root":"/models/a"}; "" when it holds none ({"id": "m", "object": "model"})."""
+  if weights_of(entry):
+    return weights_of(entry)
+  stable = {k: v for k, v in entry.items() if k not in UNSTABLE}
+  return json.dumps(stable, ensure_ascii=True, sort_keys=True, separators=(",", ":"), default=str) if stable else ""
+
+
+def system_fingerprint_of(text: str) -> str:
+  """The `system_fingerprint` a `POST /chat/completions` answer names; "" when it names none."""
+  try:
+    body = json.loads(text)
+  except ValueError:
+    return ""
+  value = body.get("system_fingerprint") if isinstance(body, dict) else None
+  return value if isinstance(value, str) else ""
 
 
 def listed_models(body: Any) -> list[dict[str, Any]]:
@@ -155,6 +192,7 @@ class EndpointAnnotator:
     self.progress, self.key = progress, key
     self._model: str | None = None  # the name asked for, once the server was probed
     self._fingerprint: str | None = None
+    self._weights = ""  # the weights' fingerprint GET /models listed ("": none), each answer's must match
     self._client: Any = None
 
   def __getstate__(self):  # settings and what the probe learnt; the client (and the key in it) is made anew
@@ -219,12 +257,20 @@ class EndpointAnnotator:
     if not name:
       raise ConfigError(f"{self.where} lists no model at GET /models: set {SETTINGS}.model to the name it serves")
     entry = next((m for m in listed if m["id"] == name), {})
-    served = entry.get("fingerprint") if isinstance(entry.get("fingerprint"), str) else ""
-    self._model, self._fingerprint = name, fingerprint_of(self.url, name, served)
+    self._model, self._weights = name, weights_of(entry)
+    self._fingerprint = fingerprint_of(self.url, name, served_of(entry))
     log.info(
         "annotator: %s, model %r (%s)", self.url, name,
         f"API key from ${self.api_key_env}" if self.client.api_key else "no API key",
     )
+    if not self._weights:
+      listed_of = served_of(entry)
+      log.warning(
+          "annotator: %s lists no weights' fingerprint for %r at GET /models, so the annotation cache tells its "
+          "models apart by %s only: after putting other weights behind them, use another build folder (or delete "
+          "annotations.sqlite)", self.url, name,
+          f"the URL, the name and what it lists of the model ({listed_of})" if listed_of else "the URL and the name",
+      )
 
   def _refused(self, err: Any, what: str) -> ConfigError:
     """The ConfigError of an answer that every request would get alike."""
@@ -251,7 +297,18 @@ class EndpointAnnotator:
       return _broken(_described(err))
     except openai.APIError as err:  # a connection or timeout still failing after its retries
       return _broken(_described(err))
-    return generation_of(raw.text)
+    charset = raw.http_response.charset_encoding or "UTF-8"
+    try:  # strictly: U+FFFD in the place of what the model said would be stored as its answer
+      text = raw.content.decode(charset)
+    except (LookupError, UnicodeDecodeError) as err:  # an unknown charset, or bytes it does not read
+      return _broken(f"the answer is not valid {charset} ({err})"[:_SHOWN])
+    answered = system_fingerprint_of(text)
+    if self._weights and answered and answered != self._weights:
+      raise ConfigError(
+          f"{self.where} answered with the weights {answered!r}, not the {self._weights!r} GET /models listed on first "
+          "use (the server was restarted on other weights): run the build again to annotate with the new ones"
+      )
+    return generation_of(text)
 
   def generate(self, chats: Sequence[Chat], decoding: Decoding) -> list[Generation]:
     """One Generation per chat, in order; equal chats are asked once. A chat whose request fails (after

@@ -96,7 +96,9 @@ class LocalAnnotator:
   @property
   def fingerprint(self) -> str:
     if self._fingerprint is None:
-      self._fingerprint = loading.fingerprint_of(pathlib.Path(self.path), self.backend)
+      files = loading.fingerprint_of(pathlib.Path(self.path), self.backend)
+      # A given context cuts long prompts elsewhere than the model's own: other answers, another key.
+      self._fingerprint = f"{files}/context={self.context_setting}" if self.context_setting else files
     return self._fingerprint
 
   @property
