@@ -94,7 +94,7 @@ def test_generate_is_greedy_decoding_in_input_order_from_one_program_per_bucket(
   want = _greedy(reference, params, tok, prompts, NEW)
   stops = set(tok.stop_ids)
   assert got == [
-      Generation(tok.decode(strip_generation(row, tok.stop_ids, tok.pad_id)), bool(set(row.tolist()) & stops))
+      Generation(tok.decode(strip_generation(row, tok.stop_ids)), bool(set(row.tolist()) & stops))
       for row in want
   ]
   assert annotator.prompts_cut - before == len(cut)
@@ -139,7 +139,14 @@ def test_log_likelihoods_are_the_models_own(model):
   before = annotator.prompts_cut
   got = annotator.log_likelihoods(chats, answers)
   # The full forward pass over each chat and answer (the last 65 tokens), right-padded to one (5, 64) batch.
-  rows = [tok.tokenize_chat([*chat, {"role": "assistant", "content": a}]) for chat, a in zip(chats, answers)]
+  rows = []
+  for chat, a in zip(chats, answers):
+    turns = [*chat, {"role": "assistant", "content": a}]
+    tokens, mask = tok.tokenize_chat(turns)
+    prompt = tok.render_prompt(turns)[0]  # the answer's turn starts here: the chat's own "Yes." turn is context
+    assert list(tokens[: len(prompt)]) == list(prompt)
+    rows.append((tokens, [0] * len(prompt) + list(mask[len(prompt):])))
+  assert sum(rows[1][1]) < sum(tok.tokenize_chat([*chats[1], {"role": "assistant", "content": answers[1]}])[1])
   long = sum(len(tokens) - 1 > SEQ_LEN for tokens, _ in rows)
   rows = [(tokens[-(SEQ_LEN + 1):], mask[-(SEQ_LEN + 1):]) for tokens, mask in rows]
   ids = np.zeros((len(rows), SEQ_LEN), np.int32)

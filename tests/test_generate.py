@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from jax.sharding import Mesh
 
 from sft.evaluator.generate import (
@@ -24,6 +26,7 @@ from sft.evaluator.generate import (
     pad_prompts,
     prefill,
     prefill_into,
+    strip_generation,
 )
 from sft.model import ModelConfig, Transformer
 from sft.model.backend import use_cpu_kernels
@@ -228,3 +231,12 @@ def test_prompts_prefilled_a_group_at_a_time_answer_as_one_batch():
   assert (ended[:, 1:] == 0).all()
   held = np.asarray(first_only(params, logits_bv, cache, lengths_b, key, None, None))  # the empty row counted
   assert int(held[3, 0]) not in stops and (held[3, 1:] != 0).any()
+
+
+@given(st.lists(st.integers(0, 9), max_size=20), st.sets(st.integers(0, 9), max_size=3))
+def test_an_answer_is_every_id_before_its_first_stop_pad_ids_included(ids, stops):
+  """Decoding pads only after a row's stop, so an id equal to the pad id before it is the model's own
+  (id 0 is "!" in GPT-2-style vocabularies, and the pad of a tokenizer that names none)."""
+  first = next((i for i, t in enumerate(ids) if t in stops), len(ids))
+  assert strip_generation(np.asarray(ids, np.int32), tuple(stops)) == ids[:first]
+  assert strip_generation([5, 0, 7, 2, 0, 0], 2) == [5, 0, 7]

@@ -282,3 +282,20 @@ def test_the_builtin_tokenizer_stops_at_its_end_of_turn_and_eos(tokenizer):
   learned = [int(t) for t, m in zip(tokens, mask) if m]
   assert tokenizer.decode(learned[:-1]) == "an answer" and learned[-1] in tokenizer.stop_ids
   assert set(tokenizer.stop_ids) == {tokenizer.end_id, EOS_ID}
+
+
+def test_special_tokens_named_only_in_special_tokens_map_are_read(tmp_path):
+  """Older folders name eos and pad in special_tokens_map.json alone; tokenizer_config.json wins where both do."""
+  folder = make_folder(tmp_path / "map", CHATML, specials=FAMILIES["qwen"][2])
+  (folder / "special_tokens_map.json").write_text(
+      json.dumps({"eos_token": {"content": "<|endoftext|>", "special": True}, "pad_token": "<|im_end|>"})
+  )
+  tok = HFTokenizer(folder)
+  assert tok.eos_id == tok.token_id("<|endoftext|>") and tok.pad_id == tok.token_id("<|im_end|>")
+  assert tok.eos_id in tok.stop_ids
+  both = make_folder(tmp_path / "both", CHATML, specials=FAMILIES["qwen"][2], eos_token="<|im_end|>")
+  (both / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+  assert HFTokenizer(both).eos_id == HFTokenizer(both).token_id("<|im_end|>")
+  (both / "special_tokens_map.json").write_text(json.dumps({"pad_token": ["not", "a token"]}))
+  with pytest.raises(ConfigError, match="pad_token must be a string"):
+    HFTokenizer(both)

@@ -108,7 +108,7 @@ def test_generation_stops_at_the_template_end_of_turn_not_only_at_eos(tmp_path):
   def answer(stop_ids):
     fn = make_generate(model, max_new_tokens=len(script) - len(prompt), stop_ids=stop_ids, pad_id=tok.pad_id)
     rows = np.asarray(fn({}, tokens_bp, lengths_b, jax.random.key(0)))
-    return rows[0], tok.decode(strip_generation(rows[0], stop_ids, tok.pad_id))
+    return rows[0], tok.decode(strip_generation(rows[0], stop_ids))
 
   row, text = answer(tok.stop_ids)
   end = list(row).index(tok.token_id("<|im_end|>"))

@@ -62,7 +62,7 @@ def _reference(model, prompt, max_tokens):
   tokens_bp, lengths_b = pad_prompts([prompt], tok.pad_id)
   with model.run.on_mesh():
     row = np.asarray(generate(model.params, tokens_bp, lengths_b, jax.random.key(0)))[0]
-  return strip_generation(row, tok.stop_ids, tok.pad_id)
+  return strip_generation(row, tok.stop_ids)
 
 
 def test_greedy_answers_are_the_evaluators_alone_or_batched_in_any_slot(model):

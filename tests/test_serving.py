@@ -92,7 +92,7 @@ def test_keys_not_given_serve_the_model_as_trained_with_its_own_logits(trained, 
   want = generate_lib.make_generate(trained_model, max_new_tokens=8, stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id)
   tokens_bp, lengths_b = generate_lib.pad_prompts([prompt], tokenizer.pad_id)
   row = np.asarray(want(saved, tokens_bp, lengths_b, jax.random.key(0)))[0]
-  assert answers == [tokenizer.decode(generate_lib.strip_generation(row, tokenizer.stop_ids, tokenizer.pad_id))]
+  assert answers == [tokenizer.decode(generate_lib.strip_generation(row, tokenizer.stop_ids))]
 
 
 def test_a_given_runtime_key_is_used_and_an_empty_workdir_is_a_clear_error(trained, tmp_path):

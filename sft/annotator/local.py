@@ -207,7 +207,7 @@ class LocalAnnotator:
       for rows, out_bn in self._in_lanes(run_batch, batches):
         for r, ids in zip(rows, out_bn):
           out[r] = Generation(
-              tok.decode(strip_generation(ids, tok.stop_ids, tok.pad_id)), any(int(t) in stops for t in ids)
+              tok.decode(strip_generation(ids, tok.stop_ids)), any(int(t) in stops for t in ids)
           )
         progress.update(len(rows))
     return [out[i] for i in index]
@@ -246,8 +246,23 @@ def _render(tokenizer, chat: Chat, index: int) -> list[int]:
 
 
 def _encode(tokenizer, chat: Chat, answer: str, index: int) -> tuple[np.ndarray, np.ndarray]:
+  """(tokens, loss mask) of the chat with the answer as its assistant turn: the mask the answer's turn
+  alone (tokenize_chat's last run of trained tokens: its text and end of turn), never an earlier
+  assistant turn of the chat, which is context, not the answer scored."""
   try:
     tokens, mask = tokenizer.tokenize_chat([*chat, {"role": "assistant", "content": answer}])
   except (ValueError, TypeError, KeyError) as err:
     raise ConfigError(f"annotator: chat {index + 1} with its answer cannot be tokenized: {err}") from None
-  return np.asarray(tokens, np.int32), np.asarray(mask, np.int32)
+  return np.asarray(tokens, np.int32), last_run(np.asarray(mask, np.int32))
+
+
+def last_run(mask_t: np.ndarray) -> np.ndarray:
+  """The mask with its last run of ones kept and every earlier one zeroed: [1, 1, 0, 1, 1] -> [0, 0, 0, 1, 1]."""
+  ones_t = np.flatnonzero(mask_t)
+  if not len(ones_t):
+    return mask_t
+  gaps = np.flatnonzero(np.diff(ones_t) > 1)
+  start = ones_t[gaps[-1] + 1] if len(gaps) else ones_t[0]
+  out_t = np.zeros_like(mask_t)
+  out_t[start:] = mask_t[start:]
+  return out_t

@@ -265,7 +265,7 @@ class Evaluator:
             enabled=jax.process_index() == 0,
         )
     ])
-    predictions = [tok.decode(strip_generation(row, self._stop_ids, tok.pad_id)) for row in generated_bn]
+    predictions = [tok.decode(strip_generation(row, self._stop_ids)) for row in generated_bn]
     samples = [
         Sample(
             tok.decode(p), ref, pred, tasks_lib.task_of(self._records[i]),

@@ -246,13 +246,14 @@ def make_greedy_generate(model: Transformer, *, max_new_tokens: int, stop_id: in
   return lambda params, tokens_bp, lengths_b: fn(params, tokens_bp, lengths_b, jax.random.key(0))
 
 
-def strip_generation(ids: Sequence[int], stop_ids: int | Sequence[int], pad_id: int) -> list[int]:
-  """Generated ids up to (not including) the first stop token, without padding."""
+def strip_generation(ids: Sequence[int], stop_ids: int | Sequence[int]) -> list[int]:
+  """Generated ids up to (not including) the first stop token. Decoding writes its pad id only after a
+  row's stop, so every id before it is the model's: one equal to the pad id (often a real token, "!" at
+  id 0 of GPT-2-style vocabularies) is kept."""
   stops = {stop_ids} if isinstance(stop_ids, int) else set(stop_ids)
   out = []
   for token in ids:
-    if token in stops:
+    if int(token) in stops:
       break
-    if token != pad_id:
-      out.append(int(token))
+    out.append(int(token))
   return out

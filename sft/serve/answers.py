@@ -120,7 +120,7 @@ def load_responder(
     tokens_bp, lengths_b = pad_prompts(fit(prompts), tokenizer.pad_id)
     with run.on_mesh():
       out_bn = np.asarray(jax.device_get(generate(params, tokens_bp, lengths_b, jax.random.key(sc.seed))))
-    return [tokenizer.decode(strip_generation(row, tokenizer.stop_ids, tokenizer.pad_id)) for row in out_bn]
+    return [tokenizer.decode(strip_generation(row, tokenizer.stop_ids)) for row in out_bn]
 
   return answer
 
