@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sft.audit import judge, review, sample, score
+from sft.annotator.base import Generation
+from sft.audit import judge, report, review, sample, score
 from sft.errors import ConfigError
 
 
@@ -185,3 +186,132 @@ def test_a_reviewer_is_one_person_whatever_the_case_of_the_name(names, tmp_path_
   assert all("reviewed by" in r["reason"] and "again" in r["reason"] for r in reviews.rejected)
   first = {n.strip().casefold(): n.strip() for n in reversed(names) if n != "machine"}
   assert sorted(r.reviewer for r in reviews.reviews) == sorted(first.values()) + ["machine"] * ("machine" in names)
+
+
+# --- the machine reviewer's answers: a verdict only from an answer that is one, and nothing that negates it ----
+
+NEGATIONS = ["not", "no", "never", "don't", "Don’t", "isn't", "n't", "cannot", "NOT", "No.", "won't", "nor", "neither"]
+_ANY_TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=30)
+
+
+def test_negated_answers_give_no_verdict_and_plain_ones_do():
+  for answer in ("I would not keep it.", "Keep? No.", "Don't keep this one.", "Definitely not keep", "Do not drop it.",
+                 "Keep? No - drop.", "keep or drop", "raindrop", "keeps", ""):
+    assert judge.parse_verdict(answer) is None, answer
+  for answer, verdict in (("Keep.", "keep"), ("DROP it", "drop"), ("Verdict: drop", "drop"), ("keep, it is fine", "keep")):
+    assert judge.parse_verdict(answer) == verdict
+  labels = ["positive", "negative"]
+  assert judge.parse_label("Not positive.", labels) is None and judge.parse_label("Not positive; it reads negatively", labels) is None
+  assert judge.parse_label("Positive.", labels) == "positive"
+  # A negation that is a label's own word is the label, not a negation of it.
+  assert judge.parse_label("Not spam.", ["spam", "not spam"]) == "not spam" and judge.parse_label("No", ["yes", "no"]) == "no"
+  assert judge.parse_label("not not spam", ["spam", "not spam"]) is None and judge.parse_label("not yes", ["yes", "no"]) is None
+
+
+@settings(max_examples=100, deadline=None)
+@given(before=_ANY_TEXT, negation=st.sampled_from(NEGATIONS), after=_ANY_TEXT, verdict=st.sampled_from(["keep", "drop", "positive"]))
+def test_an_answer_holding_a_negation_never_gives_a_verdict_or_a_label(before, negation, after, verdict):
+  answer = f"{before} {verdict} {negation} {after}"
+  assert judge.parse_verdict(answer) is None
+  assert judge.parse_label(answer, ["positive", "negative"]) is None
+  assert judge.parse_verdict(f"{before} {negation} {verdict} {after}") is None
+
+
+@settings(max_examples=100, deadline=None)
+@given(verdict=st.sampled_from(["keep", "drop"]), upper=st.lists(st.booleans(), min_size=4, max_size=4),
+       left=st.text(" \t\n.,:;!?*\"'()[]-", max_size=4), right=st.text(" \t\n.,:;!?*\"'()[]-", max_size=4),
+       prefix=st.sampled_from(["", "verdict:", "Verdict -", "VERDICT "]))
+def test_the_verdict_word_alone_always_gives_the_verdict(verdict, upper, left, right, prefix):
+  word = "".join(c.upper() if u else c for c, u in zip(verdict, upper))
+  assert judge.parse_verdict(f"{left}{prefix} {word}{right}") == verdict
+
+
+def test_an_answer_cut_short_or_failed_fills_no_row_and_is_counted():
+  from sft.annotator.base import Decoding
+
+  chat_record = {"kind": "chat", "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+  film = {"kind": "chat", "labels": ["positive", "negative"],
+          "messages": [{"role": "user", "content": "Good film"}, {"role": "assistant", "content": "positive"}]}
+  answers = {"c0": Generation("keep", False), "f1": Generation("", False, error="HTTP 503"), "f2": Generation("Not positive.", True),
+             "c3": Generation("Don't keep it", True), "c4": Generation("", True), "c5": Generation("Keep.", True),
+             "f6": Generation("Positive", True)}
+  found = {i: dict(film if i.startswith("f") else chat_record, id=i) for i in answers}
+
+  class Answers:
+    def generate(self, chats, decoding):
+      return list(answers.values())
+
+  rows, unfilled = judge.fill([{"record_id": i, "note": ""} for i in answers], found, Answers(), "rubric", Decoding(max_new_tokens=5), 10)
+  assert unfilled == {"unparseable": 3, "truncated": 1, "annotator error": 1}
+  assert [r.get("verdict", "") for r in rows] == ["", "", "", "", "", "keep", "keep"] and rows[6]["right_label"] == "positive"
+  assert rows[0]["note"].startswith("truncated: cut at max_new_tokens=5") and rows[1]["note"] == "annotator error: HTTP 503"
+  assert all("unparseable" in r["note"] for r in rows[2:5]) and all(r["reviewer"] == "machine" for r in rows)
+
+
+# --- the recall of a build with no dropped (or no kept) record ------------------------------------------
+
+
+def test_the_recall_of_a_build_without_one_side_is_exact():
+  # No dropped record: the filters removed no bad record, so the recall is 0 once a kept record is bad.
+  none_dropped = score.stratified({"kept: chat / a": 10}, {}, {"kept: chat / a": (5, 5)}, 50, 0)["recall"]
+  assert (none_dropped["removed_bad"], none_dropped["kept_bad"]) == (0.0, 10.0)
+  assert (none_dropped["value"], none_dropped["low"], none_dropped["high"]) == (0.0, 0.0, 0.0)
+  # No kept record: every bad record was removed.
+  none_kept = score.stratified({"dropped: f: r": 8}, {"dropped: f: r": (2, 4)}, {}, 50, 0)["recall"]
+  assert (none_kept["removed_bad"], none_kept["kept_bad"], none_kept["value"], none_kept["low"], none_kept["high"]) == (4.0, 0.0, 1.0, 1.0, 1.0)
+  # No bad record at all, or a side the build has but nobody reviewed: no recall.
+  assert score.stratified({"kept: chat / a": 10}, {}, {"kept: chat / a": (0, 5)}, 50, 0)["recall"]["value"] is None
+  unreviewed = score.stratified({"kept: chat / a": 10, "dropped: f: r": 3}, {}, {"kept: chat / a": (5, 5)}, 50, 0)["recall"]
+  assert (unreviewed["value"], unreviewed["removed_bad"]) == (None, None)
+
+
+# --- record ids and reviewer names as written ----------------------------------------------------------
+
+_ID = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), min_size=1, max_size=12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(text=st.text(st.sampled_from("'=+-@\t\ra"), max_size=4) | st.text(st.characters(blacklist_categories=("Cs",)), max_size=8))
+def test_a_csv_cell_reads_back_as_written(text):
+  assert review._uncell(sample._cell(text)) == text
+
+
+@settings(max_examples=40, deadline=None)
+@given(ids=st.lists(_ID, min_size=1, max_size=4, unique=True), suffix=st.sampled_from([".jsonl", ".csv"]))
+def test_any_record_id_survives_the_review_file(ids, suffix, tmp_path_factory):
+  """A record id is read back as written (" lead.jsonl:1" with its space, "'=q.jsonl:1" with its quote), so
+  the review of any record is its record's."""
+  ids = [*ids, " lead.jsonl:1", "'=q.jsonl:1", "''x"]
+  path = tmp_path_factory.mktemp("ids") / f"review{suffix}"
+  text = (sample.jsonl_text if suffix == ".jsonl" else sample.csv_text)([filled_row(i, reviewer="ann") for i in dict.fromkeys(ids)])
+  path.write_text(text, encoding="utf-8", newline="")
+  reviews = review.parse([str(path)], DIGEST)
+  assert reviews.rejected == [] and [r.record_id for r in reviews.reviews] == list(dict.fromkeys(ids))
+
+
+def quality_results(reviewers):
+  results = score.score(score.Index({"kept: chat / a": 1}, {}, []), review.Reviews(), 10, 0)
+  return dict(results, reviews=dict(results["reviews"], reviewers=reviewers), build={"folder": "b\n## x", "sha256": DIGEST})
+
+
+@settings(max_examples=60, deadline=None)
+@given(names=st.lists(st.text(st.sampled_from("ab #*_`[]<>|\n\r\t-=."), max_size=12), max_size=3),
+       path=st.text(st.sampled_from("a/`#\n "), min_size=1, max_size=8))
+def test_a_reviewers_name_adds_no_heading_to_the_report(names, path):
+  """Whatever the names (or the report's path), the section is one heading and what follows it on lines
+  that start no heading; scoring again leaves one section, and the audit's own report one line per title."""
+  names = [" ".join(n.split()) for n in names]  # as review.parse reads them
+  section = report.quality_section(quality_results(names), path)
+  assert [x for x in section.splitlines() if x.startswith("#")] == [report.SECTION]
+  build_report = report.with_section(report.with_section("# Build\n\ntext\n", section), section)
+  assert build_report.count(report.SECTION) == 1 and build_report.startswith("# Build\n\ntext\n")
+  headings = [x for x in report.write_markdown(quality_results(names)).splitlines() if x.startswith("#")]
+  assert len(headings) == len(set(headings)) and report.SECTION not in headings
+
+
+def test_a_reviewers_name_is_read_on_one_line_and_an_old_duplicate_section_goes(tmp_path):
+  path = tmp_path / "review.jsonl"
+  path.write_text(sample.jsonl_text([filled_row("a", reviewer="eve\n## Data quality\r\nstale ")]))
+  assert [r.reviewer for r in review.parse([str(path)], DIGEST).reviews] == ["eve ## Data quality stale"]
+  split = "# R\n\n## Data quality\n\nold\n\n## Data quality\nstale\n\n## B\n\nb\n"
+  assert report.with_section(split, "## Data quality\n\nnew\n") == "# R\n\n## Data quality\n\nnew\n\n## B\n\nb\n"

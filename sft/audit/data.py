@@ -37,24 +37,40 @@ class Build:
 
 
 def open_build(folder: str | pathlib.Path) -> Build:
-  """The finished build in `folder` (a ConfigError when it is none, or its files changed since)."""
-  folder = pathlib.Path(folder)
+  """The finished build in `folder`, its path resolved (reports name it from elsewhere). A ConfigError when
+  it is none, a file is missing or of another size; a file changed since the build but of the same size is
+  one as `records` reads it (hashing every shard here too would read each twice)."""
+  folder = pathlib.Path(folder).resolve()
   manifest = check_outputs(folder)
   return Build(folder, manifest, hashlib.sha256((folder / MANIFEST).read_bytes()).hexdigest())
 
 
 def records(build: Build) -> Iterator[dict[str, Any]]:
-  """Every record of the build, kept and dropped."""
+  """Every record of the build, kept and dropped. Each file is hashed as it is read: one whose sha256 is not
+  the manifest's is a ConfigError once its last line is read, before any caller has written a thing."""
+  digests = {e["file"]: e.get("sha256") for e in build.manifest["outputs"]}
   for path in build.files():
-    with path.open(encoding="utf-8") as lines:
+    digest = hashlib.sha256()  # as sft.databuilder.write.sha256: of the file's bytes
+    with path.open("rb") as lines:
       for number, line in enumerate(lines, 1):
-        try:
-          record = json.loads(line)
-        except json.JSONDecodeError as err:
-          raise ConfigError(f"{path}:{number} is not JSON ({err}): not a finished data build's file") from None
-        if not isinstance(record, dict) or not isinstance(record.get("id"), str):
-          raise ConfigError(f"{path}:{number} is not a record with an id: not a finished data build's file")
-        yield record
+        digest.update(line)
+        yield _record(path, number, line)
+    if digests.get(path.name) and digest.hexdigest() != digests[path.name]:
+      raise ConfigError(
+          f"{path} has sha256 {digest.hexdigest()}, {MANIFEST} says {digests[path.name]}: changed since the build"
+      )
+
+
+def _record(path: pathlib.Path, number: int, line: bytes) -> dict[str, Any]:
+  try:
+    record = json.loads(line.decode("utf-8"))
+  except UnicodeDecodeError as err:
+    raise ConfigError(f"{path}:{number} is not UTF-8 ({err.reason} at byte {err.start}): not a finished data build's file") from None
+  except json.JSONDecodeError as err:
+    raise ConfigError(f"{path}:{number} is not JSON ({err}): not a finished data build's file") from None
+  if not isinstance(record, dict) or not isinstance(record.get("id"), str):
+    raise ConfigError(f"{path}:{number} is not a record with an id: not a finished data build's file")
+  return record
 
 
 def is_dropped(record: dict[str, Any]) -> bool:

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import pathlib
 from typing import Any
@@ -28,6 +29,7 @@ SAMPLE = "review"
 MACHINE_SAMPLE = "review-machine"
 INSTRUCTIONS = "instructions.md"
 RESULTS = "results.json"
+_FILLED = ("verdict", "right_label", "reviewer", "note")  # the columns a review fills
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, annotator: Any = None) -> dict[str, Any]:
@@ -35,20 +37,20 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, annot
   mode "judge" needs. Returns what it wrote (sample, judge) or the figures (score)."""
   ensure_console_handler()
   check_audit_config(config)  # every key, before a file is read
-  workdir = pathlib.Path(workdir)
+  workdir = pathlib.Path(workdir).resolve()  # recorded in reports read from elsewhere (the build's report.md)
   if config.mode == "judge" and annotator is None:
     annotator = _open_annotator(config.judge)
   build = data.open_build(config.build_dir)
-  if workdir.resolve() == build.folder.resolve():
+  if workdir == build.folder:
     raise ConfigError(f"--workdir {workdir} is the build's own folder: give the audit a workdir of its own")
-  workdir.mkdir(parents=True, exist_ok=True)
+  _make_workdir(workdir)
   if config.mode == "score":
     return _score(config, build, workdir)
   tokenizer = _tokenizer(config.tokenizer)
   sizes, picked = sample.sample_records(build, config.per_stratum, config.seed)
   rows = [sample.review_row(build, name, sizes[name], record, tokenizer, config.max_text_chars) for name, record in picked]
   if config.mode == "sample":
-    _refuse_other_sample(workdir, SAMPLE, rows)
+    _refuse_other_sample(workdir, SAMPLE, rows, "sampling")
     paths = sample.write_rows(workdir, SAMPLE, rows)
     atomic_write_text(workdir / INSTRUCTIONS, sample.instructions(build, rows, config.per_stratum, config.seed))
     log.info("audit: %d records from %d strata to review in %s (how: %s)", len(rows), len(sizes), paths[1], workdir / INSTRUCTIONS)
@@ -80,16 +82,43 @@ def _tokenizer(path: str) -> Any:
   return load_tokenizer(path)
 
 
-def _refuse_other_sample(workdir: pathlib.Path, stem: str, rows: list[dict[str, Any]]) -> None:
+def _make_workdir(workdir: pathlib.Path) -> None:
+  if workdir.exists() and not workdir.is_dir():
+    raise ConfigError(f"--workdir {workdir} is a file, not a folder: give the audit a folder of its own")
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+  except (FileExistsError, NotADirectoryError) as err:  # a file where a parent folder should be
+    raise ConfigError(f"--workdir {workdir} cannot be made ({err.strerror}): give the audit a folder of its own") from None
+
+
+def _refuse_other_sample(workdir: pathlib.Path, stem: str, rows: list[dict[str, Any]], step: str) -> None:
   """A workdir whose review files hold anything but these rows (another sample, or rows being filled)."""
   expected = {f"{stem}.jsonl": sample.jsonl_text(rows), f"{stem}.csv": sample.csv_text(rows)}
   for name, text in expected.items():
     path = workdir / name
     if path.exists() and path.read_bytes() != text.encode("utf-8"):
-      raise ConfigError(
-          f"{path} holds another sample (or one being filled), which sampling again would replace: "
-          "give the audit another --workdir, or move that file away"
-      )
+      raise _other_sample(path, step)
+
+
+def _other_sample(path: pathlib.Path, step: str) -> ConfigError:
+  return ConfigError(
+      f"{path} holds another sample (or one being filled), which {step} again would replace: "
+      "give the audit another --workdir, or move that file away"
+  )
+
+
+def _refuse_other_machine_sample(workdir: pathlib.Path, rows: list[dict[str, Any]]) -> None:
+  """Before the model runs: review-machine.jsonl of another sample (its filled columns aside) would be replaced.
+  Hand corrections of this sample are caught once the model's answers are known (_refuse_other_sample)."""
+  path = workdir / f"{MACHINE_SAMPLE}.jsonl"
+  if not path.exists():
+    return
+  try:
+    held = [{**json.loads(line), **dict.fromkeys(_FILLED, "")} for line in path.read_bytes().splitlines()]
+  except (ValueError, TypeError, RecursionError):  # not JSON lines of objects: not a sample this step wrote
+    held = None
+  if held is None or sample.jsonl_text(held) != sample.jsonl_text(rows):
+    raise _other_sample(path, "judging")
 
 
 def _judge(config, workdir: pathlib.Path, picked, rows: list[dict[str, Any]], annotator: Any) -> dict[str, Any]:
@@ -97,12 +126,17 @@ def _judge(config, workdir: pathlib.Path, picked, rows: list[dict[str, Any]], an
 
   found = {record["id"]: record for _, record in picked}
   decoding = Decoding(max_new_tokens=config.judge.max_new_tokens)
-  filled, unparseable = judge.fill(rows, found, annotator, config.judge.rubric, decoding, config.judge.batch_size)
+  _refuse_other_machine_sample(workdir, rows)
+  filled, unfilled = judge.fill(rows, found, annotator, config.judge.rubric, decoding, config.judge.batch_size)
+  _refuse_other_sample(workdir, MACHINE_SAMPLE, filled, "judging")  # hand corrections, another model's answers
   paths = sample.write_rows(workdir, MACHINE_SAMPLE, filled)
-  if unparseable:
-    log.warning("audit: %d of %d answers of the machine reviewer were unparseable; their rows stay unfilled (see note)", unparseable, len(rows))
-  log.info("audit: the machine reviewer filled %d of %d rows: %s", len(rows) - unparseable, len(rows), paths[0])
-  return {"rows": len(rows), "unparseable": unparseable, "files": [str(p) for p in paths]}
+  left = sum(unfilled.values())
+  if left:
+    counts = ", ".join(f"{n} {reason}" for reason, n in unfilled.items())
+    log.warning("audit: %d of %d answers of the machine reviewer filled no row (%s); those rows stay unfilled (see note)", left, len(rows), counts)
+  log.info("audit: the machine reviewer filled %d of %d rows: %s", len(rows) - left, len(rows), paths[0])
+  # "unparseable": every answer that filled no row, whatever the reason; "unfilled": by reason.
+  return {"rows": len(rows), "unparseable": left, "unfilled": unfilled, "files": [str(p) for p in paths]}
 
 
 def _score(config, build: data.Build, workdir: pathlib.Path) -> dict[str, Any]:

@@ -6,6 +6,7 @@ records is marked "few items".
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from sft.evaluator.stats import FEW_ITEMS
@@ -15,8 +16,25 @@ SECTION = "## Data quality"
 
 def _table(header: list[str], rows: list[list[Any]]) -> str:
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-  lines += ["| " + " | ".join(str(x).replace("|", "\\|").replace("\n", " ") for x in row) + " |" for row in rows]
+  lines += ["| " + " | ".join(" ".join(str(x).split()).replace("|", "\\|") for x in row) + " |" for row in rows]
   return "\n".join(lines)
+
+
+def _text(value: Any) -> str:
+  r"""Text from outside (a reviewer's name) as Markdown shows it within a line: on one line, so it starts no
+  heading or list, its emphasis, code, link and HTML characters escaped. "eve\n## x" -> "eve \#\# x"."""
+  return re.sub(r"([\\`*_\[\]<>#~])", r"\\\1", " ".join(str(value).split()))
+
+
+def _code(value: Any) -> str:
+  """A path as inline code, on one line; fenced with more backticks than it holds."""
+  text = " ".join(str(value).split())
+  fence = "`" * (max(map(len, re.findall("`+", text)), default=0) + 1)
+  return f"{fence} {text} {fence}" if "`" in text else f"`{text}`"
+
+
+def _names(names: list[str]) -> str:
+  return ", ".join(map(_text, names)) or "nobody"
 
 
 def figure(f: dict[str, Any]) -> str:
@@ -84,9 +102,9 @@ def write_markdown(results: dict[str, Any]) -> str:
   reviews, build = results["reviews"], results["build"]
   md = [
       "# Data audit\n",
-      f"Build `{build['folder']}` (manifest sha256 `{build['sha256'][:16]}…`), {sum(results['strata'].values())} records "
+      f"Build {_code(build['folder'])} (manifest sha256 `{build['sha256'][:16]}…`), {sum(results['strata'].values())} records "
       f"in {len(results['strata'])} strata. Reviews: {reviews['used']} rows from {len(reviews['files'])} files by "
-      f"{', '.join(reviews['reviewers']) or 'nobody'}, on {reviews['records']} records; {reviews['unfilled']} rows left "
+      f"{_names(reviews['reviewers'])}, on {reviews['records']} records; {reviews['unfilled']} rows left "
       f"unfilled, {len(reviews['rejected'])} rejected, {reviews['split_evenly']} records left out (reviewers split evenly "
       f"on the verdict), {reviews['label_split_evenly']} left out of label accuracy (split evenly on right_label).\n",
       "How each figure is estimated: docs/audit.md and the docstring of sft/audit/score.py.\n",
@@ -106,7 +124,7 @@ def write_markdown(results: dict[str, Any]) -> str:
   md.append("\n## Agreement between reviewers\n")
   pairs = results["agreement"]
   md.append(_table(["reviewers", "answer", "shared records", "agreement [95% interval]", "Cohen's kappa [95% interval]"], [
-      [f"{p['a']} vs {p['b']}" + (" (machine vs person)" if p["machine"] else ""), p["what"], p["kappa"]["n"],
+      [f"{_text(p['a'])} vs {_text(p['b'])}" + (" (machine vs person)" if p["machine"] else ""), p["what"], p["kappa"]["n"],
        figure(p["agreement"]), figure(p["kappa"]) if p["kappa"]["value"] is not None else "undefined (one answer only)"]
       for p in pairs
   ]) if pairs else "No record was reviewed by two reviewers.")
@@ -133,7 +151,7 @@ def _rejected_lines(reviews: dict[str, Any]) -> list[str]:
     return ["None."]
   md = [_table(["reason", "rows"], [[k, v] for k, v in reviews["rejected_by_reason"].items()])]
   md.append("")
-  md += [f"- {r['file']}:{r['line']}: {r['reason']}" for r in reviews["rejected"][:50]]
+  md += [f"- {_text(r['file'])}:{r['line']}: {_text(r['reason'])}" for r in reviews["rejected"][:50]]
   if len(reviews["rejected"]) > 50:
     md.append(f"- … {len(reviews['rejected']) - 50} more in results.json")
   return md
@@ -144,8 +162,8 @@ def quality_section(results: dict[str, Any], audit_report: str) -> str:
   reviews = results["reviews"]
   md = [
       f"{SECTION}\n",
-      f"From an audit of {reviews['records']} reviewed records (by {', '.join(reviews['reviewers']) or 'nobody'}); "
-      f"every figure, agreement between reviewers and the rejected review rows: {audit_report}.\n",
+      f"From an audit of {reviews['records']} reviewed records (by {_names(reviews['reviewers'])}); "
+      f"every figure, agreement between reviewers and the rejected review rows: {_code(audit_report)}.\n",
       *_overall_lines(results),
       "",
       _precision_table(results),
@@ -157,11 +175,16 @@ def quality_section(results: dict[str, Any], audit_report: str) -> str:
 
 def with_section(text: str, section: str) -> str:
   """`text` with its SECTION (from its heading to the next "## " heading) replaced by `section`, or with
-  `section` appended; the rest of `text` byte for byte as it was."""
+  `section` appended; any later copy of SECTION (an older audit's, which a reviewer's name once split) removed,
+  the rest of `text` byte for byte as it was."""
   lines = text.splitlines(keepends=True)
-  start = next((i for i, line in enumerate(lines) if line.rstrip("\r\n") == SECTION), None)
-  if start is None:
+  starts = [i for i, line in enumerate(lines) if line.rstrip("\r\n") == SECTION]
+  if not starts:
     gap = "" if not text or text.endswith("\n\n") else "\n" if text.endswith("\n") else "\n\n"
     return text + gap + section
-  end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-  return "".join(lines[:start]) + section + ("\n" if end < len(lines) else "") + "".join(lines[end:])
+  out, at = [], 0
+  for n, start in enumerate(starts):  # a section ends at the next "## " heading: at or before the next copy
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    out += [*lines[at:start], *([section, "\n" if end < len(lines) else ""] if n == 0 else [])]
+    at = end
+  return "".join(out + lines[at:])

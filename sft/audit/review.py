@@ -57,8 +57,8 @@ class Reviews:
 
 
 def _uncell(text: str) -> str:
-  """A CSV cell as the sample wrote it: the quote that kept a spreadsheet from running it removed."""
-  return text[1:] if text.startswith("'") and text[1:].startswith(sample._FORMULA) else text
+  """A CSV cell as the sample wrote it: the one quote sample._cell put before it removed."""
+  return text.removeprefix("'")
 
 
 def _csv_rows(name: str, raw: bytes, out: Reviews) -> list[tuple[int, dict[str, Any]]]:
@@ -113,7 +113,9 @@ def _jsonl_rows(name: str, raw: bytes, out: Reviews) -> list[tuple[int, dict[str
 
 
 def _fields(row: dict[str, Any]) -> dict[str, str] | str:
-  """The row's text fields (absent ones "") or why it has none: a field of another type."""
+  r"""The row's text fields (absent ones "") or why it has none: a field of another type. A record id is
+  kept exactly (" a.jsonl:1" is not "a.jsonl:1"), a reviewer's name made one line ("eve\n## x" is "eve ## x"),
+  the rest stripped."""
   fields = {}
   for key in _TEXT_FIELDS:
     value = row.get(key)
@@ -121,7 +123,7 @@ def _fields(row: dict[str, Any]) -> dict[str, str] | str:
       value = ""
     if not isinstance(value, str):
       return f"{key} is a {type(value).__name__}, not text"
-    fields[key] = value.strip()
+    fields[key] = value if key == "record_id" else " ".join(value.split()) if key == "reviewer" else value.strip()
   return fields
 
 

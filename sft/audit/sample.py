@@ -73,9 +73,10 @@ def jsonl_text(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def _cell(value: Any) -> str:
-  """A CSV cell that a spreadsheet shows as text: one that would start a formula gets a leading quote."""
+  """A CSV cell that a spreadsheet shows as text: one that would start a formula gets a leading quote, and so
+  does one that starts with a quote, so that reading a cell back (review._uncell) removes exactly one."""
   text = str(value)
-  return "'" + text if text.startswith(_FORMULA) else text
+  return "'" + text if text.startswith((*_FORMULA, "'")) else text
 
 
 def csv_text(rows: Sequence[dict[str, Any]]) -> str:

@@ -15,6 +15,9 @@ Proportions get Wilson's 95% interval (sft.evaluator.stats). E and R combine str
 stratified parametric bootstrap, each stratum's rate drawn from Beta(k + 1/2, n - k + 1/2) (Jeffreys), the
 figure recomputed per draw, the 2.5th and 97.5th percentiles taken (widened to hold the estimate). Strata
 without reviews are left out of E and R; `coverage` says what share of the records the reviewed strata hold.
+A build with no dropped record has B_removed = 0 exactly (R = 0 when any kept record is bad), one with no
+kept record B_kept = 0 (R = 1 when any dropped record was bad); R is unknown when a side the build has was
+not reviewed, or when no record is bad.
 """
 
 from __future__ import annotations
@@ -144,7 +147,9 @@ def stratified(sizes: dict[str, int], reasons: dict[str, tuple[int, int]], kept:
     estimate = float(n_h @ e_h / n_h.sum())
     low, high = _interval(draw_h @ n_h / n_h.sum(), estimate)
     out["kept_error"].update(value=estimate, low=low, high=high)
-  if r_names and h_names:
+  # A side the build lacks holds no bad record, exactly (its sums are 0, its draws all 0); a side it has
+  # but nobody reviewed leaves the recall unknown.
+  if (r_names or not dropped_total) and (h_names or not kept_total):
     removed, left = float(n_r @ p_r), float(n_h @ e_h)
     out["recall"].update(removed_bad=removed, kept_bad=left)
     if removed + left > 0:
