@@ -183,3 +183,40 @@ def test_the_guard_holds_each_task_to_its_limit():
   assert guard_problem(judged, 0.75) is None and guard_problem([_fact("label")], 0.0) is None
   # Dropped before any annotation mark (no annotator): its task is its reason's.
   assert "label was given" in guard_problem([_fact(None, "annotate", "label: unsure")], 0.5)
+
+
+def _seeds(n):
+  return [_chat(f"Seed task {i}?", "ok", f"s:{i}") for i in range(n)]
+
+
+def test_self_instruct_prompts_differ_beyond_the_number_of_seeds():
+  """Prompt i shows seeds in an order seeded by i: a fixed rotation of 10 seeds, 3 at a time, repeated
+  itself after 10 prompts, and a repeated prompt's answer is a copy, dropped as too similar."""
+  params = {"num_instructions": 40, "examples_per_prompt": 3, "seed": 0, "max_similarity": 0.7}
+  prompts = annotate.self_instruct_prompts(_seeds(10), params)
+  assert len(prompts) == 40 and len(set(prompts)) >= 36
+  assert annotate.self_instruct_prompts(_seeds(10), params) == prompts  # seeded: the same build asks the same
+  assert annotate.self_instruct_prompts(_seeds(10), {**params, "seed": 1}) != prompts
+
+
+def test_self_instruct_says_when_its_seeds_cannot_give_what_was_asked(caplog):
+  params = {"num_instructions": 4, "examples_per_prompt": 3, "seed": 0, "max_similarity": 0.7}
+  with caplog.at_level("WARNING", logger="sft"):
+    assert annotate.self_instruct([], Answers([]), DECODING, params) == []
+  assert "no kept chat is left to show as a seed" in caplog.text
+  caplog.clear()
+  with caplog.at_level("WARNING", logger="sft"):
+    annotate.self_instruct(_seeds(1), Answers([Generation("Write a limerick.", True)] * 5), DECODING, params)
+  assert "1 seeds make 1 distinct prompts of the 4 asked for" in caplog.text
+
+
+def test_the_stage_table_counts_generated_records_where_they_join():
+  from sft.databuilder import report
+
+  facts = [{"source": "a"} for _ in range(5)] + [{"source": "a", "stage": "filter", "reason": "x"}]
+  facts += [{"source": "self-instruct", "annotated": "self-instruct"} for _ in range(3)]
+  facts += [{"source": "self-instruct", "annotated": "self-instruct", "stage": "annotate", "reason": "self-instruct: too similar"}]
+  rows = {r["stage"]: r for r in report.funnel(facts)}
+  assert (rows["read"]["in"], rows["read"]["out"]) == (6, 6)
+  assert (rows["annotate"]["in"], rows["annotate"]["added"], rows["annotate"]["dropped"], rows["annotate"]["out"]) == (10, 4, 1, 9)
+  assert rows["judge"]["out"] == 8 == len(facts) - 2

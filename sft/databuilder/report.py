@@ -86,11 +86,15 @@ def accounting(facts: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def funnel(facts: list[dict[str, Any]]) -> list[dict[str, Any]]:
-  """Records in and out of each stage, in stage order."""
+  """Records in and out of each stage, in stage order: what was read enters at "read", what a model wrote
+  whole (self-instruct, `added`) at "annotate"."""
   dropped = collections.Counter(f["stage"] for f in facts if "stage" in f)
-  remaining, rows = len(facts), []
+  generated = sum(1 for f in facts if f.get("annotated") == GENERATED)
+  remaining, rows = len(facts) - generated, []
   for stage in STAGES:
-    rows.append({"stage": stage, "in": remaining, "dropped": dropped[stage], "out": remaining - dropped[stage]})
+    added = generated if stage == "annotate" else 0
+    remaining += added
+    rows.append({"stage": stage, "in": remaining, "added": added, "dropped": dropped[stage], "out": remaining - dropped[stage]})
     remaining -= dropped[stage]
   return rows
 
@@ -227,7 +231,10 @@ def write_report(
   ]))
   md.append("\n## Stages\n")
   rows = funnel(facts)
-  md.append(_table(["stage", "in", "dropped", "out"], [[r["stage"], r["in"], r["dropped"], r["out"]] for r in rows]))
+  md.append(_table(
+      ["stage", "in", "of them generated here", "dropped", "out"],
+      [[r["stage"], r["in"], r["added"] or "", r["dropped"], r["out"]] for r in rows],
+  ))
   if manifest.get("eval_sets"):
     from sft.databuilder import decontaminate  # noqa: PLC0415 (its reasons only)
 
@@ -321,7 +328,7 @@ def annotation_section(facts: list[dict[str, Any]], annotation: dict[str, Any] |
     rows.append([kind, len(of_kind), len(of_kind) - sum(dropped.values()) - later, later,
                  ", ".join(f"{r} {n}" for r, n in dropped.most_common()) or "-"])
   if rows:
-    md.append(_table(["annotation", "records", "kept", "dropped later (filters, dedup)", "dropped by annotation"], rows))
+    md.append(_table(["annotation", "records", "kept", "dropped later (filters, dedup, judge)", "dropped by annotation"], rows))
   scores = collections.Counter(f["judge_score"] for f in facts if "judge_score" in f)
   unreadable = sum(1 for f in facts if f.get("stage") == "judge" and f["reason"] == "unreadable score")
   if scores or unreadable:

@@ -12,6 +12,8 @@ deduplication as what was read.
 from __future__ import annotations
 
 import functools
+import heapq
+import logging
 import re
 from typing import Any, Sequence
 
@@ -20,18 +22,22 @@ from sft.databuilder.annotate.common import STAGE, failure, generate
 
 SELF_INSTRUCT_SOURCE = "self-instruct"
 KIND = "self-instruct"  # the `annotated` mark of a generated record
+log = logging.getLogger("sft")
 _TASK_PREFIX = re.compile(r"^\s*(?:task\s*\d*\s*[:.)-]|\d+\s*[:.)-])\s*", re.IGNORECASE)
 
 
 def self_instruct_prompts(seeds: list[records.Record], params: dict[str, Any]) -> list[str]:
-  """`num_instructions` prompts, each showing `examples_per_prompt` seed instructions and asking for a new one."""
+  """`num_instructions` prompts, each showing `examples_per_prompt` seed instructions and asking for a new
+  one: prompt i's examples are the seeds first in an order seeded by (seed, i), so prompts differ whatever
+  the number of seeds (a fixed rotation repeated itself after a few, and an annotator answers a repeated
+  prompt alike: a copy, dropped as too similar)."""
   if not seeds or params["num_instructions"] <= 0:
     return []
-  order = sorted(seeds, key=lambda r: records.stable_hash(f"{params['seed']}:{r['id']}"))
-  k = min(params["examples_per_prompt"], len(order))
+  k = min(params["examples_per_prompt"], len(seeds))
   prompts = []
   for i in range(params["num_instructions"]):
-    examples = [records.prompt_and_response(order[(i * k + j) % len(order)])[0] for j in range(k)]
+    chosen = heapq.nsmallest(k, seeds, key=lambda r: records.stable_hash(f"{params['seed']}:{i}:{r['id']}"))
+    examples = [records.prompt_and_response(r)[0] for r in chosen]
     shown = "\n\n".join(f"Task {j + 1}: {text}" for j, text in enumerate(examples))
     prompts.append(f"Here are some tasks.\n\n{shown}\n\nWrite one new task that is different from these.\n\nTask {k + 1}:")
   return prompts
@@ -100,6 +106,14 @@ def self_instruct(seeds: list[records.Record], annotator: Any, decoding: Any, pa
   """New chat records (instruction, then its answer) written from the seeds, and one counted rejection per
   prompt that gave none."""
   prompts = self_instruct_prompts(seeds, params)
+  if params["num_instructions"] > 0 and not seeds:
+    log.warning("annotate: self-instruct asked for %d instructions, but no kept chat is left to show as a seed: none written", params["num_instructions"])
+  distinct = len(set(prompts))
+  if distinct < len(prompts):  # few seeds: a repeated prompt is answered alike, and dropped as too similar
+    log.warning(
+        "annotate: self-instruct: %d seeds make %d distinct prompts of the %d asked for: the repeats' answers will "
+        "be dropped as too similar; add seeds or lower annotate.self_instruct.num_instructions", len(seeds), distinct, len(prompts),
+    )
   if not prompts:
     return []
   if annotator is None:
