@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sft.annotator import Decoding, Generation
+from sft.annotator.base import AnnotatorError
 from sft.databuilder import annotate, records
 from sft.databuilder.annotate.common import guard_problem
 
@@ -220,3 +222,31 @@ def test_the_stage_table_counts_generated_records_where_they_join():
   assert (rows["read"]["in"], rows["read"]["out"]) == (6, 6)
   assert (rows["annotate"]["in"], rows["annotate"]["added"], rows["annotate"]["dropped"], rows["annotate"]["out"]) == (10, 4, 1, 9)
   assert rows["judge"]["out"] == 8 == len(facts) - 2
+
+
+@pytest.mark.parametrize(
+    "answers, message",
+    [
+        (["4"], "answers 1 of 1 is str '4', not a Generation"),
+        (None, "returned NoneType for 1 prompts"),
+        ([Generation(None, True)], "not a Generation"),
+        ([Generation("4", "yes")], "not a Generation"),
+    ],
+)
+def test_an_annotator_that_answers_the_wrong_type_is_an_error_naming_it(answers, message):
+  class Odd(Answers):
+    def generate(self, chats, decoding):
+      return answers
+
+  with pytest.raises(AnnotatorError, match=message):
+    annotate.judge_batch([_chat("q", "a")], Odd([]), DECODING, "rubric", min_score=3)
+
+
+@pytest.mark.parametrize("scores", [["-1.0", "-2.0"], [True, False], [-1.0, None], np.asarray([-1.0])])
+def test_log_likelihoods_of_the_wrong_type_are_an_error_naming_them(scores):
+  class Odd(Answers):
+    def log_likelihoods(self, chats, answers):
+      return scores[: len(chats)] if len(scores) >= len(chats) else scores
+
+  with pytest.raises(AnnotatorError, match="log-likelihoods"):
+    annotate.label_records(_unlabelled(["yes", "no"]), Odd([]), DECODING, "loglik", 0.0)

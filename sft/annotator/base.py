@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Any, Protocol, Sequence
 
 Chat = Sequence[dict[str, str]]
@@ -75,6 +76,33 @@ class AnnotatorError(RuntimeError):
   """A backend broke its contract (e.g. returned fewer answers than it was given prompts): never a silent skip."""
 
 
-def check_count(what: str, got: Sequence[Any], expected: int) -> None:
+def _is_generation(x: Any) -> bool:
+  return (
+      isinstance(getattr(x, "text", None), str) and isinstance(getattr(x, "finished", None), bool)
+      and isinstance(getattr(x, "error", ""), str)
+  )
+
+
+def _is_number(x: Any) -> bool:
+  return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+# What each kind of output must be, and how to say so.
+_KINDS = {
+    "answers": (_is_generation, "a Generation(text, finished)"),
+    "generations": (_is_generation, "a Generation(text, finished)"),
+    "log-likelihoods": (_is_number, "a number"),
+}
+
+
+def check_count(what: str, got: Any, expected: int) -> None:
+  """An AnnotatorError unless `got` holds exactly `expected` outputs of the kind `what` names (an
+  annotator written by a user may return anything; its answers are read only once they pass)."""
+  if not (hasattr(got, "__len__") and hasattr(got, "__getitem__")) or isinstance(got, (str, bytes, dict)):
+    raise AnnotatorError(f"the annotator returned {type(got).__name__} for {expected} prompts, not a list of {what}")
   if len(got) != expected:
     raise AnnotatorError(f"the annotator returned {len(got)} {what} for {expected} prompts")
+  is_kind, described = _KINDS.get(what, (lambda x: True, ""))
+  bad = next((i for i, x in enumerate(got) if not is_kind(x)), None)
+  if bad is not None:
+    raise AnnotatorError(f"the annotator's {what} {bad + 1} of {expected} is {type(got[bad]).__name__} {got[bad]!r:.60}, not {described}")
