@@ -297,5 +297,5 @@ def test_special_tokens_named_only_in_special_tokens_map_are_read(tmp_path):
   (both / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
   assert HFTokenizer(both).eos_id == HFTokenizer(both).token_id("<|im_end|>")
   (both / "special_tokens_map.json").write_text(json.dumps({"pad_token": ["not", "a token"]}))
-  with pytest.raises(ConfigError, match="pad_token must be a string"):
+  with pytest.raises(ConfigError, match="special_tokens_map.json: pad_token must be a string"):
     HFTokenizer(both)

@@ -149,11 +149,12 @@ class HFTokenizer:
     self.folder = pathlib.Path(folder)
     config_path = self.folder / "tokenizer_config.json"
     self.config = _json_object(config_path) if config_path.exists() else {}
+    named_in = dict.fromkeys(SPECIAL_KEYS, config_path)  # the file each special token is read from
     special_map = self.folder / "special_tokens_map.json"
     if special_map.exists():  # older folders name their special tokens there only (transformers reads both)
       for key, value in _json_object(special_map).items():
         if key in SPECIAL_KEYS and self.config.get(key) is None:
-          self.config[key] = value
+          self.config[key], named_in[key] = value, special_map
     self._normalizer = None
     if (self.folder / "tokenizer.json").exists():
       self._tok, self._plain_tok = self._load_tokenizer_json(self.folder / "tokenizer.json")
@@ -174,7 +175,7 @@ class HFTokenizer:
       raise _NoTokenizer(f"{self.folder} has neither tokenizer.json nor tokenizer.model: not a Hugging Face folder")
     for key in SPECIAL_KEYS:
       if not isinstance(_token_text(self.config.get(key)), (str, type(None))):
-        raise ConfigError(f"{config_path} (or special_tokens_map.json): {key} must be a string or {{\"content\": ...}}, not {self.config[key]!r:.80}")
+        raise ConfigError(f"{named_in[key]}: {key} must be a string or {{\"content\": ...}}, not {self.config[key]!r:.80}")
     self.chat_template = self._find_template()
     self.bos_token = _token_text(self.config.get("bos_token"))
     self.eos_token = _token_text(self.config.get("eos_token"))
